@@ -1,0 +1,198 @@
+"""The run configuration: one typed dataclass per concern.
+
+A run is described by YAML files (``configs/*.yaml``) plus ``--set section.key=value`` overrides; ``loader.py``
+turns them into a :class:`Config` and rejects unknown keys, wrong types and out-of-range values before any
+expensive work. Each dataclass checks its own ranges in ``check()``; checks that need the world size (batch
+arithmetic) live in ``loader.check_batch_arithmetic``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+
+class ConfigError(ValueError):
+    """A configuration problem, always naming the offending key (``section.key``) and value."""
+
+
+def _require(ok: bool, key: str, value: Any, why: str) -> None:
+    if not ok:
+        raise ConfigError(f"config key '{key}' = {value!r}: {why}")
+
+
+@dataclass
+class ModelConfig:
+    """Which network to train (``mdm_scale/models``)."""
+
+    preset: str = "tiny"
+    """Built-in bidirectional transformer preset (``models/presets.py``); used when ``path`` is not set."""
+    path: str | None = None
+    """Local Hugging Face directory: an mdm-scale export, any masked LM (BERT, ModernBERT, ...), or LLaDA."""
+    trust_remote_code: bool = False
+    """Run modelling code shipped inside ``path`` (needed for LLaDA checkpoints). Off unless you ask."""
+    mask_token_id: int | None = None
+    """[MASK] id; by default the tokenizer's mask token, then the model config's ``mask_token_id``."""
+    overrides: dict[str, Any] = field(default_factory=dict)
+    """Architecture fields to change on top of the preset, e.g. ``{num_hidden_layers: 4}``."""
+    activation_checkpointing: bool = False
+    """Recompute each transformer block in the backward pass (less memory, about 1/3 more compute)."""
+    attn_implementation: Literal["sdpa", "eager"] = "sdpa"
+    """Attention kernel of the built-in model; ``sdpa`` dispatches to flash attention where it can."""
+
+    def check(self) -> None:
+        from mdm_scale.models.presets import PRESETS
+
+        if self.path is None:
+            _require(self.preset in PRESETS, "model.preset", self.preset, f"choose one of {sorted(PRESETS)}")
+        _require(self.mask_token_id is None or self.mask_token_id >= 0, "model.mask_token_id",
+                 self.mask_token_id, "must be >= 0")
+
+
+@dataclass
+class DataConfig:
+    """Where the text comes from and how it becomes token blocks (``mdm_scale/data``)."""
+
+    train_file: str = "data/synth/train.jsonl"
+    """Local JSONL or parquet. SFT records ``{"prompt", "response"}``; pretraining records ``{"text"}``."""
+    eval_file: str | None = None
+    """Held-out file in the same format; if unset, ``eval_fraction`` of the training records is held out."""
+    eval_fraction: float = 0.0
+    format: Literal["auto", "jsonl", "parquet"] = "auto"
+    task: Literal["auto", "sft", "pretrain"] = "auto"
+    """``auto`` picks ``sft`` when the first record has ``prompt``/``response`` and ``pretrain`` for ``text``."""
+    tokenizer: str = "char"
+    """A local HF tokenizer directory, or ``char`` to build a character tokenizer from the training file."""
+    seq_len: int = 256
+    """Maximum tokens per sequence (SFT) or block length (pretraining)."""
+    overlong: Literal["truncate", "drop"] = "truncate"
+    """SFT records longer than ``seq_len``: cut the response, or drop the record. Both are counted."""
+    on_bad_record: Literal["error", "skip"] = "error"
+    """A malformed, empty or over-long-prompt record stops the run with file and line, or is skipped and counted."""
+    chat_template: bool = False
+    """Wrap SFT prompts with the tokenizer's chat template (the tokenizer must have one)."""
+    pad_to_multiple_of: int = 8
+    """Right-pad each SFT micro-batch to a multiple of this (pretraining blocks are never padded)."""
+
+    def check(self) -> None:
+        _require(0.0 <= self.eval_fraction < 1.0, "data.eval_fraction", self.eval_fraction, "must be in [0, 1)")
+        _require(self.seq_len >= 8, "data.seq_len", self.seq_len, "must be >= 8")
+        _require(self.pad_to_multiple_of >= 1, "data.pad_to_multiple_of", self.pad_to_multiple_of, "must be >= 1")
+        _require(bool(self.train_file), "data.train_file", self.train_file, "must name a file")
+
+
+@dataclass
+class TrainConfig:
+    """The optimisation loop (``mdm_scale/training``)."""
+
+    objective: Literal["mdm", "arm"] = "mdm"
+    """``mdm``: the masked-diffusion loss (SPEC section 1). ``arm``: next-token loss with causal attention."""
+    max_steps: int = 100
+    output_dir: str = "runs/default"
+    micro_batch_size: int = 8
+    """Sequences per rank per forward (before MIRROR doubles the rows)."""
+    grad_accum: int = 1
+    global_batch_size: int | None = None
+    """If set, must equal micro_batch_size x grad_accum x world size; checked before any model is built."""
+    lr: float = 3e-4
+    lr_schedule: Literal["linear", "cosine", "constant"] = "cosine"
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0
+    """Final learning rate as a fraction of ``lr`` (linear and cosine schedules)."""
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    grad_clip: float = 1.0
+    """Global gradient-norm clip; 0 turns clipping off."""
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    """``auto``: bf16 on GPU, fp32 on CPU."""
+    zero_stage: int = 3
+    offload_optimizer: bool = False
+    offload_params: bool = False
+    eval_every: int = 50
+    """Steps between evaluations of the held-out diffusion loss; 0 evaluates only at the end."""
+    eval_samples: int = 256
+    """Held-out sequences per evaluation (the first ones of the eval set, split over ranks); 0 uses all."""
+    log_every: int = 10
+    save_every: int = 0
+    """Steps between checkpoints; 0 saves only at the end."""
+    keep_last: int = 2
+    """How many complete checkpoints to keep (older ones are deleted after a new one is complete)."""
+    resume: str = "auto"
+    """``auto``: continue from the newest complete checkpoint in output_dir if there is one; ``never``;
+    or a checkpoint directory."""
+
+    def check(self) -> None:
+        _require(self.max_steps >= 1, "train.max_steps", self.max_steps, "must be >= 1")
+        _require(self.micro_batch_size >= 1, "train.micro_batch_size", self.micro_batch_size, "must be >= 1")
+        _require(self.grad_accum >= 1, "train.grad_accum", self.grad_accum, "must be >= 1")
+        _require(self.global_batch_size is None or self.global_batch_size >= 1, "train.global_batch_size",
+                 self.global_batch_size, "must be >= 1")
+        _require(self.lr > 0, "train.lr", self.lr, "must be > 0")
+        _require(0 <= self.warmup_steps < self.max_steps or self.warmup_steps == 0, "train.warmup_steps",
+                 self.warmup_steps, "must be smaller than train.max_steps")
+        _require(0.0 <= self.min_lr_ratio <= 1.0, "train.min_lr_ratio", self.min_lr_ratio, "must be in [0, 1]")
+        _require(self.weight_decay >= 0, "train.weight_decay", self.weight_decay, "must be >= 0")
+        for key in ("adam_beta1", "adam_beta2"):
+            value = getattr(self, key)
+            _require(0.0 <= value < 1.0, f"train.{key}", value, "must be in [0, 1)")
+        _require(self.adam_eps > 0, "train.adam_eps", self.adam_eps, "must be > 0")
+        _require(self.grad_clip >= 0, "train.grad_clip", self.grad_clip, "must be >= 0")
+        _require(self.zero_stage in (0, 1, 2, 3), "train.zero_stage", self.zero_stage, "must be 0, 1, 2 or 3")
+        _require(not self.offload_params or self.zero_stage == 3, "train.offload_params", self.offload_params,
+                 "parameter offload needs train.zero_stage = 3")
+        _require(not self.offload_optimizer or self.zero_stage >= 1, "train.offload_optimizer",
+                 self.offload_optimizer, "optimizer offload needs train.zero_stage >= 1")
+        for key in ("eval_every", "eval_samples", "save_every"):
+            value = getattr(self, key)
+            _require(value >= 0, f"train.{key}", value, "must be >= 0")
+        _require(self.log_every >= 1, "train.log_every", self.log_every, "must be >= 1")
+        _require(self.keep_last >= 1, "train.keep_last", self.keep_last, "must be >= 1")
+        _require(bool(self.output_dir), "train.output_dir", self.output_dir, "must name a directory")
+
+
+@dataclass
+class VarianceConfig:
+    """The diffusion noise: how t and the masks are drawn (``mdm_scale/diffusion``, SPEC sections 1-3)."""
+
+    t_sampler: Literal["uniform"] = "uniform"
+    """Distribution of the masking rate t per sequence."""
+    mirror: bool = False
+    """MIRROR antithetic mask pairs (SPEC section 3.2)."""
+    eps: float = 1e-3
+    """Mask probability floor: pi(t) = (1 - eps) t + eps."""
+
+    def check(self) -> None:
+        _require(0.0 <= self.eps < 1.0, "variance.eps", self.eps, "must be in [0, 1)")
+
+
+@dataclass
+class LoggingConfig:
+    """Console and TensorBoard output (``training/metrics.py``)."""
+
+    tensorboard: bool = True
+    tensorboard_dir: str | None = None
+    """Default: ``<train.output_dir>/tensorboard``."""
+    progress_bar: Literal["auto", "always", "never"] = "auto"
+    """``auto`` shows a progress bar only when rank 0's stderr is a terminal."""
+
+
+@dataclass
+class Config:
+    """A whole run. ``deepspeed`` holds extra DeepSpeed JSON keys, merged last over the generated config."""
+
+    seed: int = 42
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    variance: VarianceConfig = field(default_factory=VarianceConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    deepspeed: dict[str, Any] = field(default_factory=dict)
+
+    def check(self) -> None:
+        _require(0 <= self.seed < 2**63, "seed", self.seed, "must be in [0, 2^63)")
+        for section in (self.model, self.data, self.train, self.variance):
+            section.check()
+        _require(self.train.objective == "mdm" or not self.variance.mirror, "variance.mirror", self.variance.mirror,
+                 "MIRROR masks apply to the mdm objective only (train.objective = arm)")

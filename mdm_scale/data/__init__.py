@@ -1,0 +1,1 @@
+"""Data: local JSONL/parquet records -> tokenizer -> token sequences -> rank-sharded micro-batches."""

@@ -1,0 +1,116 @@
+"""Which examples each rank trains on, and how they become padded tensors.
+
+The data is one endless stream: stream position ``s`` is example ``perm_e[s mod N]`` of epoch ``e = s // N``,
+with ``perm_e`` a permutation keyed by (seed, epoch). Optimiser step ``k`` consumes positions
+``[k G, (k+1) G)`` with ``G = micro x accumulation x world``; micro-step ``a`` of rank ``r`` takes the
+``micro`` positions starting at ``k G + (a W + r) micro``. The stream position is also the sample's noise key
+(``diffusion/noise.py``), so the set of (example, noise) pairs per step is the same for every world size with
+the same global batch, and a resume only needs the step number.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+
+import torch
+
+from mdm_scale.data.dataset import TokenizedData
+from mdm_scale.diffusion.noise import Stream, keyed_generator
+
+
+@dataclass
+class Batch:
+    """A micro-batch of clean sequences.
+
+    ``loss_mask`` marks eligible positions (response and EOS for SFT, everything for pretraining blocks);
+    ``attention_mask`` is None when no row is padded; ``valid`` is False for filler rows (eval only).
+    """
+
+    input_ids: torch.Tensor
+    loss_mask: torch.Tensor
+    sample_index: torch.Tensor
+    attention_mask: torch.Tensor | None = None
+    valid: torch.Tensor | None = None
+
+    def to(self, device) -> Batch:
+        return Batch(**{f.name: None if getattr(self, f.name) is None else getattr(self, f.name).to(device)
+                        for f in fields(self)})
+
+
+class DataStream:
+    """Stream position -> example index, reshuffled each epoch with a permutation keyed by (seed, epoch)."""
+
+    def __init__(self, size: int, seed: int, shuffle: bool = True):
+        self.size, self.seed, self.shuffle = size, seed, shuffle
+        self._epoch, self._perm = -1, None
+
+    def example_ids(self, positions: range) -> list[int]:
+        out = []
+        for s in positions:
+            epoch, offset = divmod(s, self.size)
+            if not self.shuffle:
+                out.append(offset)
+                continue
+            if epoch != self._epoch:
+                self._perm = torch.randperm(self.size, generator=keyed_generator(self.seed, Stream.DATA_ORDER,
+                                                                                 epoch)).tolist()
+                self._epoch = epoch
+            out.append(self._perm[offset])
+        return out
+
+
+def micro_batch_positions(step: int, micro: int, rank: int, world: int, micro_batch: int, grad_accum: int
+                          ) -> range:
+    start = step * micro_batch * grad_accum * world + (micro * world + rank) * micro_batch
+    return range(start, start + micro_batch)
+
+
+def collate(data: TokenizedData, example_ids: list[int], sample_index: list[int], pad_id: int,
+            pad_to_multiple_of: int, seq_len: int) -> Batch:
+    examples = [data.example(i) for i in example_ids]
+    longest = max(len(ids) for ids, _ in examples)
+    width = min(seq_len, math.ceil(longest / pad_to_multiple_of) * pad_to_multiple_of) if longest < seq_len \
+        else longest
+    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.int64)
+    real = torch.zeros((len(examples), width), dtype=torch.bool)
+    loss_mask = torch.zeros((len(examples), width), dtype=torch.bool)
+    for row, (ids, prompt_len) in enumerate(examples):
+        input_ids[row, :len(ids)] = torch.from_numpy(ids)
+        real[row, :len(ids)] = True
+        loss_mask[row, prompt_len:len(ids)] = True
+    return Batch(input_ids=input_ids, loss_mask=loss_mask, sample_index=torch.tensor(sample_index),
+                 attention_mask=None if bool(real.all()) else real)
+
+
+class TrainLoader:
+    """Micro-batches of the training stream for one rank."""
+
+    def __init__(self, data: TokenizedData, seed: int, rank: int, world: int, micro_batch: int, grad_accum: int,
+                 pad_id: int, pad_to_multiple_of: int, seq_len: int):
+        self.data, self.rank, self.world = data, rank, world
+        self.micro_batch, self.grad_accum = micro_batch, grad_accum
+        self.pad_id, self.pad_to_multiple_of, self.seq_len = pad_id, pad_to_multiple_of, seq_len
+        self.stream = DataStream(len(data), seed)
+
+    def micro_batch_at(self, step: int, micro: int) -> Batch:
+        positions = micro_batch_positions(step, micro, self.rank, self.world, self.micro_batch, self.grad_accum)
+        return collate(self.data, self.stream.example_ids(positions), list(positions), self.pad_id,
+                       self.pad_to_multiple_of, self.seq_len)
+
+
+def eval_batches(data: TokenizedData, rank: int, world: int, micro_batch: int, max_samples: int, pad_id: int,
+                 pad_to_multiple_of: int, seq_len: int):
+    """This rank's share of the first ``max_samples`` eval examples (all if 0), in fixed order.
+
+    Every rank runs the same number of micro-batches (ZeRO-3 needs every rank in every forward), so the last
+    ones are filled by wrapping around and marked ``valid = False``.
+    """
+    total = len(data) if max_samples == 0 else min(max_samples, len(data))
+    per_round = micro_batch * world
+    for round_ in range(math.ceil(total / per_round)):
+        start = round_ * per_round + rank * micro_batch
+        positions = list(range(start, start + micro_batch))
+        batch = collate(data, [p % total for p in positions], positions, pad_id, pad_to_multiple_of, seq_len)
+        batch.valid = torch.tensor([p < total for p in positions])
+        yield batch

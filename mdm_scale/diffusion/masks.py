@@ -1,0 +1,69 @@
+"""Mask generators: which eligible tokens of each sequence are replaced by [MASK] at rate t.
+
+SPEC section 1: pi(t) = (1 - eps) t + eps, and M_i ~ Bernoulli(pi) independently for every eligible position
+(response, non-pad); prompt and padding are never masked. A generator may emit several corrupted rows per
+sequence (MIRROR emits two); ``row_scale`` is each row's share of its sequence's loss, and ``inclusion`` is the
+probability with which each token was masked, so the objective can weight CE_i by 1/inclusion_i
+(Horvitz-Thompson) and stay unbiased for any generator.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from mdm_scale.diffusion.noise import keyed_uniform
+
+
+def mask_probability(t: torch.Tensor, eps: float) -> torch.Tensor:
+    return (1.0 - eps) * t + eps
+
+
+@dataclass
+class MaskDraw:
+    """R corrupted rows for B sequences; row r corrupts sequence ``row_sample[r]``."""
+
+    masked: torch.Tensor  # (R, L) bool
+    inclusion: torch.Tensor  # (R, L) float32: P(token masked)
+    row_sample: torch.Tensor  # (R,) int64
+    row_scale: torch.Tensor  # (R,) float32, sums to 1 over the rows of one sequence
+
+
+class BernoulliMasks:
+    """One row per sequence: M_i = [u_i < pi(t)] with u_i keyed by (seed, sample, position)."""
+
+    rows_per_sample = 1
+
+    def __init__(self, seed: int, eps: float):
+        self.seed, self.eps = seed, eps
+
+    def draw(self, sample_index: torch.Tensor, t: torch.Tensor, eligible: torch.Tensor, stream: int) -> MaskDraw:
+        pi = mask_probability(t, self.eps)[:, None]
+        u = keyed_uniform(self.seed, sample_index, stream, eligible.shape[1])
+        rows = torch.arange(len(t))
+        return MaskDraw(masked=(u < pi) & eligible, inclusion=pi.expand_as(u), row_sample=rows,
+                        row_scale=torch.ones(len(t)))
+
+
+class MirrorMasks(BernoulliMasks):
+    """MIRROR (SPEC section 3.2): two antithetic rows per sequence from one shared uniform per token.
+
+    Row 1 masks {u_i < pi}, row 2 masks {u_i > 1 - pi}. Each row is marginally Bernoulli(pi) (``noise.py``
+    makes u and 1 - u equally distributed); per token the indicators have covariance -pi^2 for pi <= 1/2 and
+    -(1 - pi)^2 above, so the averaged loss has at most half the masking-pattern variance of one mask. The two
+    rows of a sequence are adjacent in the same micro-batch, so both halves enter the same gradient.
+    """
+
+    rows_per_sample = 2
+
+    def draw(self, sample_index: torch.Tensor, t: torch.Tensor, eligible: torch.Tensor, stream: int) -> MaskDraw:
+        pi = mask_probability(t, self.eps)[:, None]
+        u = keyed_uniform(self.seed, sample_index, stream, eligible.shape[1])
+        masked = torch.stack([(u < pi) & eligible, (u > 1.0 - pi) & eligible], dim=1).flatten(0, 1)
+        return MaskDraw(masked=masked, inclusion=pi.expand_as(u).repeat_interleave(2, dim=0),
+                        row_sample=torch.arange(len(t)).repeat_interleave(2), row_scale=torch.full((2 * len(t),), 0.5))
+
+
+def build_masks(mirror: bool, seed: int, eps: float) -> BernoulliMasks:
+    return (MirrorMasks if mirror else BernoulliMasks)(seed, eps)

@@ -1,0 +1,123 @@
+"""Training objectives: turn a clean micro-batch into model inputs with per-token loss weights.
+
+MDM (SPEC section 1). For sequence b with eligible positions R_b (n_b = |R_b|), masking rate t_b ~ p with
+importance weight w_b = 1/p(t_b), and corrupted rows r of b (one, or two for MIRROR) with row shares s_r:
+
+    l_b  = w_b * sum_r s_r * (1/n_b) * sum_{i in R_b} M_ri * CE_ri / q_ri          (q_ri = P(M_ri = 1) = pi(t_b))
+    loss = (1/B) * sum_b l_b
+
+so each masked token enters the model's fused head with coefficient ``w_b s_r / (q_ri n_b B)``. Sequences with
+no masked token contribute 0 and are still run (ZeRO-3 needs every rank in every forward). Everything here is
+computed on the host from keyed noise (no device synchronisation) and moved to the device once.
+
+ARM (the autoregressive baseline): the same data, causal attention, and the next-token loss
+``(1/B) sum_b (1/n_b) sum_{i in R_b} CE(x_i | x_<i)``, with position i-1 predicting token i.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+
+from mdm_scale.data.loader import Batch
+from mdm_scale.diffusion.masks import BernoulliMasks
+from mdm_scale.diffusion.noise import Stream
+from mdm_scale.diffusion.t_samplers import TSampler
+
+
+@dataclass
+class NoisyBatch:
+    """Model inputs (first five fields) plus what statistics need to map token losses back to sequences."""
+
+    input_ids: torch.Tensor  # (R, L)
+    attention_mask: torch.Tensor | None  # (R, L) bool, None when unpadded
+    loss_positions: torch.Tensor  # (N,) flat indices into the (R, L) batch
+    loss_targets: torch.Tensor  # (N,)
+    loss_coef: torch.Tensor  # (N,) float32
+    token_row: torch.Tensor  # (N,) row of each loss position
+    token_scale: torch.Tensor  # (N,) 1 / (q n_b): row loss = sum over the row of token_scale * CE
+    row_sample: torch.Tensor  # (R,) sequence of each row
+    row_scale: torch.Tensor  # (R,) share of the sequence's loss carried by each row
+    t: torch.Tensor  # (B,) masking rate (0 for ARM)
+    weight: torch.Tensor  # (B,) importance weight, 0 for filler rows
+    eligible_tokens: int
+    rows: int
+
+    MODEL_FIELDS = ("input_ids", "attention_mask", "loss_positions", "loss_targets", "loss_coef")
+
+    def model_inputs(self) -> dict[str, torch.Tensor | None]:
+        return {name: getattr(self, name) for name in self.MODEL_FIELDS}
+
+    def to(self, device, non_blocking: bool = False) -> NoisyBatch:
+        moved = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            moved[f.name] = value.to(device, non_blocking=non_blocking) if isinstance(value, torch.Tensor) else value
+        return NoisyBatch(**moved)
+
+    @property
+    def masked_tokens(self) -> int:
+        return int(self.loss_positions.numel())
+
+    def row_losses(self, token_ce: torch.Tensor) -> torch.Tensor:
+        """Unweighted loss of each row, sum_i M_i CE_i / (q_i n_b): the quantity whose mean over masks and t
+        is the per-token NELBO. Shape (R,), on the device of ``token_ce``."""
+        out = torch.zeros(self.rows, dtype=torch.float32, device=token_ce.device)
+        return out.index_add_(0, self.token_row, token_ce * self.token_scale)
+
+    def sample_losses(self, row_loss: torch.Tensor) -> torch.Tensor:
+        """Unweighted loss of each sequence (its rows combined by ``row_scale``), shape (B,)."""
+        out = torch.zeros(len(self.t), dtype=torch.float32, device=row_loss.device)
+        return out.index_add_(0, self.row_sample, row_loss * self.row_scale)
+
+
+def _flat_loss_tokens(input_ids: torch.Tensor, selected: torch.Tensor, target_ids: torch.Tensor):
+    rows, cols = selected.nonzero(as_tuple=True)
+    positions = rows * input_ids.shape[1] + cols
+    return rows, positions, target_ids.reshape(-1)[positions]
+
+
+class MDMObjective:
+    """Masked-diffusion loss with pluggable t-sampler and mask generator (SPEC sections 1-3)."""
+
+    def __init__(self, t_sampler: TSampler, masks: BernoulliMasks, mask_token_id: int):
+        self.t_sampler, self.masks, self.mask_token_id = t_sampler, masks, mask_token_id
+
+    def corrupt(self, batch: Batch, t_stream: int = Stream.T, mask_stream: int = Stream.MASK,
+                t_sampler: TSampler | None = None) -> NoisyBatch:
+        sampler = t_sampler or self.t_sampler
+        t, weight = sampler.sample(batch.sample_index, t_stream)
+        if batch.valid is not None:
+            weight = weight * batch.valid
+        draw = self.masks.draw(batch.sample_index, t, batch.loss_mask, mask_stream)
+        source = draw.row_sample
+        clean = batch.input_ids[source]
+        noisy_ids = clean.masked_fill(draw.masked, self.mask_token_id)
+        rows, positions, targets = _flat_loss_tokens(noisy_ids, draw.masked, clean)
+        n_eligible = batch.loss_mask.sum(1).clamp(min=1).to(torch.float32)
+        sample_of_token = source[rows]
+        token_scale = 1.0 / (draw.inclusion[draw.masked] * n_eligible[sample_of_token])
+        coef = weight[sample_of_token] * draw.row_scale[rows] * token_scale / len(weight)
+        mask = None if batch.attention_mask is None else batch.attention_mask[source]
+        return NoisyBatch(noisy_ids, mask, positions, targets, coef, rows, token_scale, source, draw.row_scale, t,
+                          weight, int(batch.loss_mask.sum()), len(source))
+
+
+class ARMObjective:
+    """Next-token loss on the eligible positions (run with ``causal = True``)."""
+
+    def corrupt(self, batch: Batch, *_, **__) -> NoisyBatch:
+        ids = batch.input_ids
+        predicts = torch.zeros_like(batch.loss_mask)
+        predicts[:, :-1] = batch.loss_mask[:, 1:]  # position i-1 predicts token i
+        shifted = torch.zeros_like(ids)
+        shifted[:, :-1] = ids[:, 1:]
+        rows, positions, targets = _flat_loss_tokens(ids, predicts, shifted)
+        n_targets = predicts.sum(1).clamp(min=1).to(torch.float32)
+        valid = torch.ones(len(ids)) if batch.valid is None else batch.valid.to(torch.float32)
+        token_scale = 1.0 / n_targets[rows]
+        coef = valid[rows] * token_scale / len(ids)
+        return NoisyBatch(ids, batch.attention_mask, positions, targets, coef, rows, token_scale,
+                          torch.arange(len(ids)), torch.ones(len(ids)), torch.zeros(len(ids)), valid,
+                          int(predicts.sum()), len(ids))

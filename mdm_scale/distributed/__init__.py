@@ -1,0 +1,1 @@
+"""Distributed set-up: process groups on GPU or CPU, and small collectives."""

@@ -1,0 +1,84 @@
+"""Process-group set-up and the few collectives the rest of the code needs.
+
+Works the same under the ``deepspeed`` launcher (any number of GPUs and nodes), ``srun``/``mpirun`` (DeepSpeed's
+MPI discovery fills RANK/WORLD_SIZE from mpi4py when they are missing) and as one plain process. Without CUDA
+it selects DeepSpeed's CPU accelerator and the gloo backend.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.device.type == "cuda"
+
+
+def select_accelerator() -> bool:
+    """Tell DeepSpeed to use its CPU accelerator when there is no GPU; call before importing deepspeed."""
+    on_gpu = torch.cuda.is_available()
+    if not on_gpu:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    return on_gpu
+
+
+def init_distributed() -> DistEnv:
+    on_gpu = select_accelerator()
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo", auto_mpi_discovery=True,
+                               verbose=False)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    local_rank = int(os.environ.get("LOCAL_RANK", rank % max(torch.cuda.device_count(), 1) if on_gpu else 0))
+    if on_gpu:
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", world)))
+        if "OMP_NUM_THREADS" not in os.environ:
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(local_world, 1)))
+    return DistEnv(rank, world, local_rank, device)
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def check_ranks_agree(what: str, text: str, env: DistEnv) -> None:
+    """Fail on every rank if ranks hold different ``text`` (config, data files, ...)."""
+    digest = int.from_bytes(hashlib.sha256(text.encode()).digest()[:7], "big")
+    mine = torch.tensor([digest], dtype=torch.int64, device=env.device)
+    if env.world_size == 1:
+        return
+    gathered = [torch.zeros_like(mine) for _ in range(env.world_size)]
+    dist.all_gather(gathered, mine)
+    values = [int(g.item()) for g in gathered]
+    if len(set(values)) > 1:
+        differing = [r for r, v in enumerate(values) if v != values[0]]
+        raise RuntimeError(f"ranks disagree on {what}: ranks {differing} differ from rank 0 "
+                           f"(same config files and data on every node?)")

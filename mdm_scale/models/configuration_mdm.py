@@ -1,0 +1,65 @@
+"""Hugging Face config class of the built-in model (``model_type = "mdm_scale"``)."""
+
+from __future__ import annotations
+
+from transformers import PretrainedConfig
+
+
+class MDMConfig(PretrainedConfig):
+    """Shape of a LLaMA/LLaDA-style transformer: RMSNorm, RoPE, SwiGLU, SDPA attention.
+
+    ``causal = False`` is the masked-diffusion model (every position sees every other); ``causal = True`` is the
+    autoregressive baseline on the same architecture. ``head_chunk_tokens`` bounds the logits the masked-only
+    LM head materialises at once (``masked_head.py``); it changes memory, never results.
+    """
+
+    model_type = "mdm_scale"
+
+    def __init__(
+        self,
+        vocab_size: int = 256,
+        hidden_size: int = 128,
+        intermediate_size: int | None = None,
+        num_hidden_layers: int = 2,
+        num_attention_heads: int = 4,
+        num_key_value_heads: int | None = None,
+        max_position_embeddings: int = 4096,
+        rope_theta: float = 10000.0,
+        rms_norm_eps: float = 1e-5,
+        initializer_range: float = 0.02,
+        causal: bool = False,
+        mask_token_id: int | None = None,
+        head_chunk_tokens: int = 8192,
+        tie_word_embeddings: bool = False,
+        **kwargs,
+    ):
+        self.vocab_size = vocab_size
+        self.hidden_size = hidden_size
+        self.intermediate_size = intermediate_size or _swiglu_width(hidden_size)
+        self.num_hidden_layers = num_hidden_layers
+        self.num_attention_heads = num_attention_heads
+        self.num_key_value_heads = num_key_value_heads or num_attention_heads
+        self.max_position_embeddings = max_position_embeddings
+        self.rope_theta = rope_theta
+        self.rms_norm_eps = rms_norm_eps
+        self.initializer_range = initializer_range
+        self.causal = causal
+        self.mask_token_id = mask_token_id
+        self.head_chunk_tokens = head_chunk_tokens
+        if hidden_size % num_attention_heads:
+            raise ValueError(f"hidden_size {hidden_size} is not a multiple of num_attention_heads "
+                             f"{num_attention_heads}")
+        if num_attention_heads % self.num_key_value_heads:
+            raise ValueError(f"num_attention_heads {num_attention_heads} is not a multiple of "
+                             f"num_key_value_heads {self.num_key_value_heads}")
+        super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+
+def _swiglu_width(hidden_size: int) -> int:
+    """LLaMA's rule: 2/3 of 4d, rounded up to a multiple of 64."""
+    width = int(8 * hidden_size / 3)
+    return 64 * ((width + 63) // 64)

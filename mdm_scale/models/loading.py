@@ -1,0 +1,163 @@
+"""Build or load the model a run trains, already partitioned under ZeRO-3.
+
+Three sources:
+- ``model.path`` unset: the built-in model from ``model.preset`` + ``model.overrides`` (vocabulary from the
+  tokenizer, causal attention for the ARM objective);
+- ``model.path`` holding an mdm-scale model (``model_type = "mdm_scale"``): loaded with ``from_pretrained``;
+- any other local Hugging Face masked LM (BERT, ModernBERT, ...) or a LLaDA checkpoint (``trust_remote_code``
+  must be set for LLaDA, never implied): wrapped by :class:`HFMaskedLMAdapter`.
+
+Under ZeRO-3 the built-in model is constructed inside ``deepspeed.zero.Init`` and initialised module by module
+through ``GatheredParameters`` (rank 0's values are broadcast, so initial weights do not depend on the world
+size); Hugging Face models load through ``HfDeepSpeedConfig``, which makes ``from_pretrained`` partition as it
+loads. No process ever holds the whole model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, PretrainedConfig, PreTrainedTokenizerBase
+
+from mdm_scale.config.schema import Config, ConfigError
+from mdm_scale.models.configuration_mdm import MDMConfig
+from mdm_scale.models.modeling_mdm import MDMForMaskedDiffusion, MDMOutput
+from mdm_scale.models.presets import PRESETS
+
+
+class HFMaskedLMAdapter(nn.Module):
+    """Gives a Hugging Face masked LM the built-in model's forward signature (full logits, then CE)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    @property
+    def config(self) -> PretrainedConfig:
+        return self.model.config
+
+    def forward(self, input_ids, attention_mask=None, loss_positions=None, loss_targets=None, loss_coef=None,
+                **_unused) -> MDMOutput:
+        mask = None if attention_mask is None else attention_mask.long()
+        logits = self.model(input_ids=input_ids, attention_mask=mask).logits
+        if loss_positions is None:
+            return MDMOutput(logits=logits)
+        selected = logits.reshape(-1, logits.shape[-1]).index_select(0, loss_positions).float()
+        ce = F.cross_entropy(selected, loss_targets, reduction="none")
+        return MDMOutput(loss=(ce * loss_coef).sum(), token_ce=ce.detach())
+
+
+def load_hf_config(cfg: Config) -> PretrainedConfig | None:
+    """The local model's config (cheap: no weights), or None for a preset."""
+    if cfg.model.path is None:
+        return None
+    path = Path(cfg.model.path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"config key 'model.path' = {cfg.model.path!r}: no config.json there "
+                                f"(mdm-scale loads local directories only)")
+    try:
+        return AutoConfig.from_pretrained(str(path), trust_remote_code=cfg.model.trust_remote_code)
+    except ValueError as err:
+        if "trust_remote_code" in str(err):
+            raise ConfigError(f"config key 'model.path' = {cfg.model.path!r} ships its own modelling code "
+                              f"(e.g. LLaDA); set model.trust_remote_code=true if you trust it") from None
+        raise
+
+
+def resolve_mask_token_id(cfg: Config, tokenizer: PreTrainedTokenizerBase, hf_config: PretrainedConfig | None
+                          ) -> int | None:
+    """model.mask_token_id, else the tokenizer's mask token, else the model config's; None only for ARM."""
+    candidates = [cfg.model.mask_token_id, tokenizer.mask_token_id,
+                  getattr(hf_config, "mask_token_id", None) if hf_config is not None else None]
+    found = next((c for c in candidates if c is not None), None)
+    if found is None and cfg.train.objective == "mdm":
+        raise ConfigError("no [MASK] token: the tokenizer has no mask token and the model config has no "
+                          "mask_token_id; set model.mask_token_id")
+    if found is not None and found >= len(tokenizer) and hf_config is None:
+        raise ConfigError(f"config key 'model.mask_token_id' = {found}: outside the vocabulary "
+                          f"({len(tokenizer)} tokens)")
+    return found
+
+
+def builtin_config(cfg: Config, vocab_size: int, mask_token_id: int | None) -> MDMConfig:
+    fields = {**PRESETS[cfg.model.preset], **cfg.model.overrides}
+    fields.update(vocab_size=vocab_size, causal=cfg.train.objective == "arm", mask_token_id=mask_token_id)
+    try:
+        return MDMConfig(**fields)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"config key 'model.overrides' = {cfg.model.overrides!r}: {err}") from None
+
+
+def build_model(cfg: Config, tokenizer: PreTrainedTokenizerBase, mask_token_id: int | None,
+                hf_config: PretrainedConfig | None, ds_config: dict, seed: int) -> nn.Module:
+    zero3 = ds_config.get("zero_optimization", {}).get("stage", 0) == 3
+    if hf_config is None:
+        model = _build_builtin(builtin_config(cfg, len(tokenizer), mask_token_id), ds_config, zero3, seed)
+    else:
+        _check_vocab(cfg, hf_config, tokenizer)
+        model = _load_pretrained(cfg, hf_config, ds_config, zero3)
+    if cfg.model.activation_checkpointing:
+        enable_activation_checkpointing(model)
+    return model
+
+
+def _build_builtin(config: MDMConfig, ds_config: dict, zero3: bool, seed: int) -> nn.Module:
+    import deepspeed
+
+    if zero3:
+        with deepspeed.zero.Init(config_dict_or_path=ds_config):
+            model = MDMForMaskedDiffusion(config)
+    else:
+        model = MDMForMaskedDiffusion(config)
+    torch.manual_seed(seed)
+    for module in model.modules():  # same initial weights for every world size and ZeRO stage
+        params = list(module.parameters(recurse=False))
+        if params:
+            with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
+                model._init_weights(module)
+    return model
+
+
+def _load_pretrained(cfg: Config, hf_config: PretrainedConfig, ds_config: dict, zero3: bool) -> nn.Module:
+    keep_alive = None
+    if zero3:  # makes from_pretrained construct under zero.Init and load shard by shard
+        from transformers.integrations import HfDeepSpeedConfig
+
+        keep_alive = HfDeepSpeedConfig(ds_config)  # transformers holds only a weak reference
+    path, remote = str(cfg.model.path), cfg.model.trust_remote_code
+    if hf_config.model_type == MDMConfig.model_type:
+        model = MDMForMaskedDiffusion.from_pretrained(path)
+        del keep_alive
+        return model
+    try:
+        model = AutoModelForMaskedLM.from_pretrained(path, trust_remote_code=remote)
+    except ValueError:  # LLaDA registers its LM head model only as AutoModel
+        model = AutoModel.from_pretrained(path, trust_remote_code=remote)
+    del keep_alive
+    return HFMaskedLMAdapter(model)
+
+
+def _check_vocab(cfg: Config, hf_config: PretrainedConfig, tokenizer: PreTrainedTokenizerBase) -> None:
+    vocab = getattr(hf_config, "vocab_size", None)
+    if vocab is not None and len(tokenizer) > vocab:
+        raise ConfigError(f"data.tokenizer has {len(tokenizer)} tokens but the model at model.path "
+                          f"{cfg.model.path!r} has only {vocab} embeddings")
+    max_len = getattr(hf_config, "max_position_embeddings", None)
+    if max_len is not None and cfg.data.seq_len > max_len:
+        raise ConfigError(f"config key 'data.seq_len' = {cfg.data.seq_len}: the model at model.path supports "
+                          f"at most {max_len} positions")
+
+
+def enable_activation_checkpointing(model: nn.Module) -> None:
+    if isinstance(model, MDMForMaskedDiffusion):
+        model.set_activation_checkpointing(True)
+    else:
+        model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def parameter_shapes(model: nn.Module) -> dict[str, list[int]]:
+    """Full (unpartitioned) shape of every parameter; identifies a model for checkpoint compatibility."""
+    return {name: list(getattr(p, "ds_shape", p.shape)) for name, p in model.named_parameters()}

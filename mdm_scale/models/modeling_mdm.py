@@ -1,0 +1,185 @@
+"""The built-in transformer (LLaMA/LLaDA style) as a ``transformers`` ``PreTrainedModel``.
+
+Pre-norm blocks of RMSNorm -> attention with rotary position embeddings -> RMSNorm -> SwiGLU MLP. Attention is
+``torch.nn.functional.scaled_dot_product_attention`` with no causal mask (``config.causal = False``, the masked
+diffusion model) or a causal one (the autoregressive baseline). Padding keys are masked out; with no padding
+the call carries no mask at all, which lets SDPA pick the flash kernel.
+
+``MDMForMaskedDiffusion.forward`` has two modes:
+- ``loss_positions`` given: returns the weighted loss (and per-position CE) at those flat positions through the
+  masked-only head (``masked_head.py``); logits are never materialised for the whole batch;
+- otherwise: returns full logits, for generation and export checks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, PreTrainedModel
+from transformers.utils import ModelOutput
+
+from mdm_scale.models.configuration_mdm import MDMConfig
+from mdm_scale.models.masked_head import MaskedLMHead
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (x32 * self.weight.float()).to(x.dtype)
+
+
+def rotary_tables(seq_len: int, head_dim: int, theta: float, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin of angle pos * theta^(-2i/d), shaped (L, head_dim) with the half-split (LLaMA) layout."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
+    angles = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, config: MDMConfig):
+        super().__init__()
+        self.n_heads = config.num_attention_heads
+        self.n_kv = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.causal = config.causal
+        self.q_proj = nn.Linear(config.hidden_size, self.n_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(config.hidden_size, self.n_kv * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(config.hidden_size, self.n_kv * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, config.hidden_size, bias=False)
+
+    def forward(self, x, cos, sin, key_mask):
+        b, length, _ = x.shape
+        q = self.q_proj(x).view(b, length, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, length, self.n_kv, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, length, self.n_kv, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if self.n_kv != self.n_heads:
+            repeat = self.n_heads // self.n_kv
+            k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
+        # Right padding: causal queries never see the pads after them, so only bidirectional attention needs
+        # the key mask (True = attend). No mask at all lets SDPA choose flash attention.
+        mask = None if (self.causal or key_mask is None) else key_mask[:, None, None, :]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=self.causal and mask is None)
+        return self.o_proj(out.transpose(1, 2).reshape(b, length, -1))
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, config: MDMConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, config: MDMConfig):
+        super().__init__()
+        self.attn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.attn = Attention(config)
+        self.mlp_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = SwiGLU(config)
+
+    def forward(self, x, cos, sin, key_mask):
+        x = x + self.attn(self.attn_norm(x), cos, sin, key_mask)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+@dataclass
+class MDMOutput(ModelOutput):
+    loss: torch.Tensor | None = None
+    token_ce: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+
+
+class MDMPreTrainedModel(PreTrainedModel):
+    config_class = MDMConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["Block"]
+    _supports_sdpa = True
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        std = self.config.initializer_range
+        if isinstance(module, (nn.Linear, nn.Embedding, MaskedLMHead)):
+            module.weight.data.normal_(0.0, std)
+        elif isinstance(module, RMSNorm):
+            module.weight.data.fill_(1.0)
+
+
+class MDMModel(MDMPreTrainedModel):
+    """Embeddings and transformer blocks; returns the final-normed hidden states (B, L, D)."""
+
+    def __init__(self, config: MDMConfig):
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.activation_checkpointing = False
+        self.post_init()
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.embed_tokens(input_ids)
+        cos, sin = rotary_tables(input_ids.shape[1], self.config.head_dim, self.config.rope_theta, x.device, x.dtype)
+        key_mask = None if attention_mask is None else attention_mask.bool()  # callers pass None when unpadded
+        for layer in self.layers:
+            if self.activation_checkpointing and self.training:
+                x = checkpoint(layer, x, cos, sin, key_mask, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, key_mask)
+        return self.norm(x)
+
+
+class MDMForMaskedDiffusion(MDMPreTrainedModel):
+    """The trainable model: ``MDMModel`` plus the masked-only LM head."""
+
+    def __init__(self, config: MDMConfig):
+        super().__init__(config)
+        self.model = MDMModel(config)
+        self.lm_head = MaskedLMHead(config.hidden_size, config.vocab_size, config.head_chunk_tokens)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.model.embed_tokens
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.lm_head
+
+    def set_activation_checkpointing(self, enabled: bool) -> None:
+        self.model.activation_checkpointing = enabled
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                loss_positions: torch.Tensor | None = None, loss_targets: torch.Tensor | None = None,
+                loss_coef: torch.Tensor | None = None, **_unused) -> MDMOutput:
+        """``loss_positions`` index the flattened (B*L) batch; ``loss = sum coef * CE`` over them."""
+        hidden = self.model(input_ids, attention_mask)
+        if loss_positions is None:
+            return MDMOutput(logits=self.lm_head(hidden))
+        selected = hidden.reshape(-1, hidden.shape[-1]).index_select(0, loss_positions)
+        loss, token_ce = self.lm_head(selected, loss_targets, loss_coef)
+        return MDMOutput(loss=loss, token_ce=token_ce)
+
+
+AutoConfig.register(MDMConfig.model_type, MDMConfig, exist_ok=True)
+AutoModel.register(MDMConfig, MDMModel, exist_ok=True)
+AutoModelForMaskedLM.register(MDMConfig, MDMForMaskedDiffusion, exist_ok=True)

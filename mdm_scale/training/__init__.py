@@ -1,0 +1,1 @@
+"""Training: the DeepSpeed engine loop, learning-rate schedule, metrics and checkpoints."""

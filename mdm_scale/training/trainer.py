@@ -1,0 +1,259 @@
+"""The training loop, top to bottom: config -> data -> model -> objective -> DeepSpeed engine -> steps ->
+logging, evaluation and checkpoints.
+
+One optimiser step = ``grad_accum`` micro-batches per rank. For each micro-batch the objective corrupts the
+clean batch on the host (keyed noise, no device sync), the engine runs forward and backward, and
+``engine.step()`` applies the update at the accumulation boundary (DeepSpeed scales the loss by
+1/grad_accum and averages gradients over ranks, so the update follows the mean loss over the global batch).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from mdm_scale.config.deepspeed_json import build_deepspeed_config
+from mdm_scale.config.loader import check_batch_arithmetic
+from mdm_scale.config.schema import Config, ConfigError
+from mdm_scale.data.build import build_data
+from mdm_scale.data.loader import TrainLoader, eval_batches
+from mdm_scale.data.tokenizer import special_ids
+from mdm_scale.diffusion.masks import BernoulliMasks, build_masks
+from mdm_scale.diffusion.noise import Stream
+from mdm_scale.diffusion.objective import ARMObjective, MDMObjective
+from mdm_scale.diffusion.t_samplers import UniformT, build_t_sampler
+from mdm_scale.distributed.env import DistEnv, all_reduce_sum, barrier, check_ranks_agree, init_distributed
+from mdm_scale.models.loading import build_model, load_hf_config, parameter_shapes, resolve_mask_token_id
+from mdm_scale.training.checkpoint import CheckpointManager, write_atomic
+from mdm_scale.training.lr_schedule import scheduler_factory
+from mdm_scale.training.metrics import MetricLogger, Throughput
+
+# Config keys that define a run: an output directory with checkpoints of a run that differs in one of these
+# holds another run. Everything else (max_steps, lr, logging, ...) may change when a run is continued.
+RUN_IDENTITY = ("seed", "model", "data.train_file", "data.tokenizer", "data.task", "data.seq_len",
+                "train.objective", "variance")
+
+
+class Trainer:
+    def __init__(self, cfg: Config, env: DistEnv | None = None):
+        self.cfg = cfg
+        self.env = env or init_distributed()
+        self.global_batch = check_batch_arithmetic(cfg, self.env.world_size)
+        self.out = Path(cfg.train.output_dir)
+        self.checkpoints = CheckpointManager(self.out / "checkpoints", self.env, cfg.train.keep_last, self.info)
+        self.resume_from = self._resume_point()
+        self._check_run_identity()
+        check_ranks_agree("the configuration", json.dumps(asdict(cfg), sort_keys=True), self.env)
+
+        self.data = build_data(cfg.data, cfg.seed, self.out / "tokenizer")
+        self.info(f"data: {self.data.summary()}")
+        check_ranks_agree("the data", f"{self.data.train.num_tokens}/{int(self.data.train.tokens.sum())}", self.env)
+        self.pad_id, _ = special_ids(self.data.tokenizer)
+
+        hf_config = load_hf_config(cfg)
+        self.mask_token_id = resolve_mask_token_id(cfg, self.data.tokenizer, hf_config)
+        self.ds_config = build_deepspeed_config(cfg, self.env.world_size, self.env.on_gpu)
+        self._write_run_files()
+        model = build_model(cfg, self.data.tokenizer, self.mask_token_id, hf_config, self.ds_config, cfg.seed)
+        self.shapes = parameter_shapes(model)
+        self.engine = self._initialize_engine(model)
+        self.info(f"model: {sum(_numel(s) for s in self.shapes.values()) / 1e6:.2f}M parameters, "
+                  f"ZeRO stage {cfg.train.zero_stage}, {self.env.world_size} rank(s) on {self.env.device.type}, "
+                  f"global batch {self.global_batch}")
+
+        self.objective, self.eval_objective = self._objectives()
+        self.loader = TrainLoader(self.data.train, cfg.seed, self.env.rank, self.env.world_size,
+                                  cfg.train.micro_batch_size, cfg.train.grad_accum, self.pad_id,
+                                  cfg.data.pad_to_multiple_of, cfg.data.seq_len)
+        self.step = 0
+        if self.resume_from is not None:
+            self._restore(self.resume_from)
+
+    # ---- set-up -------------------------------------------------------------------------------------------
+    def info(self, text: str) -> None:
+        if self.env.is_main:
+            print(text, flush=True)
+
+    def _resume_point(self) -> Path | None:
+        mode = self.cfg.train.resume
+        if mode == "never":
+            if self.checkpoints.complete():
+                raise ConfigError(f"train.output_dir '{self.out}' already holds checkpoints and train.resume=never; "
+                                  f"choose a new output_dir or set train.resume=auto")
+            return None
+        if mode == "auto":
+            return self.checkpoints.find_resumable()
+        path = Path(mode)
+        problem = self.checkpoints.verify(path)
+        if problem is not None:
+            raise ConfigError(f"config key 'train.resume' = {mode!r}: not a usable checkpoint ({problem})")
+        return path
+
+    def _check_run_identity(self) -> None:
+        run_file = self.out / "run.json"
+        if not run_file.is_file() or not self.checkpoints.complete():
+            return
+        previous = json.loads(run_file.read_text())["config"]
+        current = asdict(self.cfg)
+        for key in RUN_IDENTITY:
+            before, now = _dotted(previous, key), _dotted(current, key)
+            if before != now:
+                raise ConfigError(f"train.output_dir '{self.out}' holds another run ({key}: {before!r} there, "
+                                  f"{now!r} here); choose a new train.output_dir")
+
+    def _write_run_files(self) -> None:
+        if self.env.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            if not (self.out / "tokenizer").is_dir():
+                self.data.tokenizer.save_pretrained(str(self.out / "tokenizer"))
+            write_atomic(self.out / "run.json", json.dumps(
+                {"config": asdict(self.cfg), "world_size": self.env.world_size, "deepspeed": self.ds_config},
+                indent=2))
+        barrier()
+
+    def _initialize_engine(self, model):
+        import deepspeed
+
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        matrices = [p for p in trainable if len(getattr(p, "ds_shape", p.shape)) >= 2]  # norms: no weight decay
+        vectors = [p for p in trainable if len(getattr(p, "ds_shape", p.shape)) < 2]
+        groups = [{"params": matrices, "weight_decay": self.cfg.train.weight_decay},
+                  {"params": vectors, "weight_decay": 0.0}]
+        scheduler = None if "scheduler" in self.ds_config else scheduler_factory(self.cfg.train)
+        engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=self.ds_config,
+                                               lr_scheduler=scheduler)
+        return engine
+
+    def _objectives(self):
+        cfg = self.cfg
+        if cfg.train.objective == "arm":
+            return ARMObjective(), ARMObjective()
+        train = MDMObjective(build_t_sampler(cfg.variance.t_sampler, cfg.seed),
+                             build_masks(cfg.variance.mirror, cfg.seed, cfg.variance.eps), self.mask_token_id)
+        # The held-out loss always uses uniform t and one Bernoulli mask with fixed keys, so it is the same
+        # estimate of the NELBO whatever variance-reduction method trains the model.
+        evaluation = MDMObjective(UniformT(cfg.seed), BernoulliMasks(cfg.seed, cfg.variance.eps), self.mask_token_id)
+        return train, evaluation
+
+    def _client_state(self) -> dict:
+        sampler = getattr(self.objective, "t_sampler", None)
+        return {"step": self.step, "samples_seen": self.step * self.global_batch,
+                "t_sampler": sampler.state_dict() if sampler is not None else {}}
+
+    def _restore(self, path: Path) -> None:
+        client = self.checkpoints.load(self.engine, path, self.shapes)
+        self.step = int(client["step"])
+        sampler = getattr(self.objective, "t_sampler", None)
+        if sampler is not None:
+            sampler.load_state_dict(client.get("t_sampler", {}))
+        self.info(f"resumed from {path} at step {self.step}")
+
+    # ---- the loop -----------------------------------------------------------------------------------------
+    def train_step(self) -> torch.Tensor:
+        """One optimiser step; returns device sums [loss, micro-batches, masked, eligible, tokens]."""
+        self.lr = self.engine.get_lr()[0]  # the rate this step applies (the scheduler moves on after it)
+        totals = torch.zeros(5, dtype=torch.float64, device=self.env.device)
+        for micro in range(self.cfg.train.grad_accum):
+            batch = self.loader.micro_batch_at(self.step, micro)
+            noisy = self.objective.corrupt(batch).to(self.env.device, non_blocking=True)
+            out = self.engine(**noisy.model_inputs())
+            self.engine.backward(out.loss)
+            self.engine.step()
+            sampler = getattr(self.objective, "t_sampler", None)
+            if sampler is not None:
+                rows = noisy.row_losses(out.token_ce)
+                sampler.observe(noisy.t, noisy.sample_losses(rows), None)
+            tokens = batch.input_ids.numel() if batch.attention_mask is None else int(batch.attention_mask.sum())
+            maskable = noisy.eligible_tokens * noisy.rows / len(batch.input_ids)  # eligible tokens of all rows
+            totals += torch.tensor([0.0, 1.0, noisy.masked_tokens, maskable, tokens], dtype=torch.float64,
+                                   device=self.env.device)
+            totals[0] += out.loss.detach().double()
+        self.step += 1
+        return totals
+
+    @torch.no_grad()
+    def evaluate(self) -> float | None:
+        if self.data.eval is None:
+            return None
+        self.engine.eval()
+        sums = torch.zeros(2, dtype=torch.float64, device=self.env.device)
+        for batch in eval_batches(self.data.eval, self.env.rank, self.env.world_size, self.cfg.train.micro_batch_size,
+                                  self.cfg.train.eval_samples, self.pad_id, self.cfg.data.pad_to_multiple_of,
+                                  self.cfg.data.seq_len):
+            noisy = self.eval_objective.corrupt(batch, Stream.EVAL_T, Stream.EVAL_MASK).to(self.env.device)
+            out = self.engine(**noisy.model_inputs())
+            per_sample = noisy.sample_losses(noisy.row_losses(out.token_ce))
+            valid = batch.valid.to(self.env.device)
+            sums += torch.stack([(per_sample * valid).sum().double(), valid.sum().double()])
+        self.engine.train()
+        all_reduce_sum(sums)
+        return float(sums[0] / sums[1].clamp(min=1))
+
+    def save(self) -> Path:
+        return self.checkpoints.save(self.engine, self.step, self._client_state(), self.shapes)
+
+    def fit(self) -> dict:
+        cfg = self.cfg.train
+        tb_dir = Path(self.cfg.logging.tensorboard_dir or self.out / "tensorboard") if self.cfg.logging.tensorboard \
+            else None
+        logger = MetricLogger(self.env.is_main, tb_dir, self.cfg.logging.progress_bar, cfg.max_steps, self.step)
+        window = torch.zeros(5, dtype=torch.float64, device=self.env.device)
+        throughput, eval_loss, last_eval_step = Throughput(), None, -1
+        start = time.perf_counter()
+        self.engine.train()
+        while self.step < cfg.max_steps:
+            window += self.train_step()
+            logger.advance()
+            if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
+                all_reduce_sum(window)
+                loss, micro, masked, eligible, tokens = window.tolist()
+                values = {"loss": loss / micro, "lr": self.lr,
+                          "tokens_per_s": throughput.rate(tokens), "masked_fraction": masked / max(eligible, 1)}
+                grad_norm = self.engine.get_global_grad_norm()
+                if grad_norm is not None:
+                    values["grad_norm"] = float(grad_norm)
+                logger.log(self.step, "train", values)
+                window.zero_()
+            if cfg.eval_every and self.step % cfg.eval_every == 0:
+                eval_loss, last_eval_step = self._log_eval(logger), self.step
+            if cfg.save_every and self.step % cfg.save_every == 0:
+                self.save()
+        if last_eval_step != self.step:
+            eval_loss = self._log_eval(logger)
+        path = self.save()
+        logger.close()
+        summary = {"step": self.step, "eval_loss": eval_loss, "checkpoint": str(path),
+                   "tensorboard_dir": str(tb_dir) if tb_dir else None, "seconds": time.perf_counter() - start}
+        if eval_loss is not None:
+            self.info(f"final eval loss: {eval_loss:.4f} (step {self.step})")
+        if tb_dir is not None:
+            self.info(f"TensorBoard logs: {tb_dir}  (view with: tensorboard --logdir {tb_dir})")
+        return summary
+
+    def _log_eval(self, logger: MetricLogger) -> float | None:
+        loss = self.evaluate()
+        if loss is not None:
+            logger.log(self.step, "eval", {"loss": loss})
+            logger.flush()
+        return loss
+
+
+def _dotted(tree: dict, key: str):
+    for part in key.split("."):
+        tree = tree.get(part) if isinstance(tree, dict) else None
+    return tree
+
+
+def _numel(shape: list[int]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def train(cfg: Config) -> dict:
+    return Trainer(cfg).fit()

@@ -1,0 +1,81 @@
+"""Shared fixtures: a small synthetic task, one in-process rank, and a launcher for multi-rank runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def synth_dir(tmp_path_factory) -> Path:
+    from mdm_scale.data.synthetic import write_synthetic_task
+
+    out = tmp_path_factory.mktemp("synth")
+    write_synthetic_task(out, train=600, eval=64, seed=0, pretrain=200)
+    return out
+
+
+@pytest.fixture(scope="session")
+def dist_env():
+    """This pytest process as a world of one rank (gloo), shared by every in-process training test."""
+    from mdm_scale.distributed.env import init_distributed
+
+    for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": str(free_port())}.items():
+        os.environ.setdefault(key, value)
+    return init_distributed()
+
+
+def tiny_overrides(synth: Path, out: Path, **extra) -> list[str]:
+    """``--set`` items for a seconds-long run of the tiny model on the synthetic task."""
+    items = {
+        "model.preset": "tiny", "data.train_file": str(synth / "train.jsonl"),
+        "data.eval_file": str(synth / "eval.jsonl"), "data.seq_len": 192, "train.output_dir": str(out),
+        "train.max_steps": 6, "train.micro_batch_size": 4, "train.lr": 3e-3, "train.warmup_steps": 0,
+        "train.log_every": 1, "train.eval_every": 0, "train.eval_samples": 32, "logging.progress_bar": "never",
+    }
+    items.update(extra)
+    return [f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in items.items()]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_deepspeed(args: list[str], ranks: int = 2, timeout: int = 600, env: dict | None = None
+                  ) -> subprocess.CompletedProcess:
+    """``deepspeed --num_gpus N --module mdm_scale.cli ARGS`` on CPU; returns the finished process."""
+    deepspeed = Path(sys.executable).with_name("deepspeed")
+    cmd = [str(deepspeed), "--num_gpus", str(ranks), "--master_port", str(free_port()), "--module",
+           "mdm_scale.cli", *args]
+    full_env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", **(env or {})}
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        full_env.pop(key, None)  # the launcher sets these per rank
+    return subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+def final_summary(stdout: str) -> dict:
+    lines = [line for line in stdout.splitlines() if line.startswith('{"final"')]
+    assert lines, f"no final summary in output:\n{stdout[-3000:]}"
+    return json.loads(lines[-1])["final"]
+
+
+def read_scalars(tb_dir: str | Path, tag: str) -> dict[int, float]:
+    """Scalars of one tag read back with TensorBoard's own EventAccumulator."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tb_dir))
+    acc.Reload()
+    return {event.step: event.value for event in acc.Scalars(tag)}

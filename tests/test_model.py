@@ -1,0 +1,64 @@
+"""The built-in model: Hugging Face save/load round trip, attention direction, padding, presets."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForMaskedLM
+
+from mdm_scale.models.configuration_mdm import MDMConfig
+from mdm_scale.models.modeling_mdm import MDMForMaskedDiffusion
+from mdm_scale.models.presets import PRESETS
+
+
+def tiny(**kw) -> MDMForMaskedDiffusion:
+    torch.manual_seed(0)
+    return MDMForMaskedDiffusion(MDMConfig(vocab_size=40, hidden_size=32, num_hidden_layers=2,
+                                           num_attention_heads=4, num_key_value_heads=2, **kw)).eval()
+
+
+def test_hf_save_load_round_trip(tmp_path):
+    model = tiny(mask_token_id=3)
+    x = torch.randint(0, 40, (2, 12))
+    model.save_pretrained(str(tmp_path))
+    config = AutoConfig.from_pretrained(str(tmp_path))
+    assert config.model_type == "mdm_scale" and config.mask_token_id == 3 and config.num_key_value_heads == 2
+    loaded = AutoModelForMaskedLM.from_pretrained(str(tmp_path)).eval()
+    assert isinstance(loaded, MDMForMaskedDiffusion)
+    for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), name
+    assert torch.equal(model(x).logits, loaded(x).logits)
+
+
+def test_bidirectional_sees_the_future_and_causal_does_not():
+    x = torch.randint(0, 40, (1, 10))
+    y = x.clone()
+    y[0, 7] = (y[0, 7] + 1) % 40
+    for causal in (False, True):
+        model = tiny(causal=causal)
+        with torch.no_grad():
+            changed = (model(x).logits - model(y).logits).abs().amax(-1)[0]
+        assert changed[7:].gt(0).all()
+        assert changed[:7].gt(0).all() != causal  # bidirectional: earlier positions change too
+
+
+def test_padding_keys_do_not_affect_real_positions():
+    model = tiny()
+    x = torch.randint(0, 40, (1, 8))
+    padded = torch.cat([x, torch.full((1, 4), 0)], dim=1)
+    mask = torch.tensor([[True] * 8 + [False] * 4])
+    with torch.no_grad():
+        alone = model(x).logits
+        with_pads = model(padded, mask).logits[:, :8]
+    assert torch.allclose(alone, with_pads, atol=1e-5)
+
+
+@pytest.mark.parametrize("name, low, high", [("1b", 1.0e9, 1.2e9), ("8b", 7.5e9, 8.5e9)])
+def test_large_presets_have_the_documented_size(name, low, high):
+    config = MDMConfig(**PRESETS[name])
+    d, f, layers, v = config.hidden_size, config.intermediate_size, config.num_hidden_layers, config.vocab_size
+    params = layers * (4 * d * d + 3 * d * f + 2 * d) + 2 * v * d + d
+    assert low < params < high
+    with torch.device("meta"):  # the real module, without allocating 8B parameters
+        model = MDMForMaskedDiffusion(config)
+    assert sum(p.numel() for p in model.parameters()) == params
