@@ -15,14 +15,15 @@ import argparse
 import json
 import os
 import sys
-import warnings
 
 
 def _train(args: argparse.Namespace) -> int:
     from mdm_scale.config.loader import load_config
 
     config = load_config(args.config, args.set)  # fails on bad keys before anything heavy is imported
-    _quiet_libraries()
+    from mdm_scale.training.metrics import quiet_third_party_logs
+
+    quiet_third_party_logs()
     from mdm_scale.training.trainer import train
 
     summary = train(config)
@@ -76,18 +77,6 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, CheckpointError, FileNotFoundError) as err:
         print(f"mdm-scale: error: {err}", file=sys.stderr, flush=True)
         return 2
-
-
-def _quiet_libraries() -> None:
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    # DeepSpeed still calls the torch.distributed names that torch 2.13 deprecates, once per collective.
-    warnings.filterwarnings("ignore", message=r".*torch\.distributed\.\w+` is deprecated", category=FutureWarning)
-    import datasets
-    import transformers
-
-    datasets.disable_progress_bars()
-    transformers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.set_verbosity_error()
 
 
 if __name__ == "__main__":

@@ -60,3 +60,6 @@ def test_model_masked_path_equals_full_logits_path():
     assert torch.allclose(masked, full, rtol=1e-6)
     for a, b in zip(grads, ref):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
+    model.config.loss_head = "full"  # the switch used for comparisons computes the same loss
+    switched = model(x, loss_positions=positions, loss_targets=targets, loss_coef=coef).loss
+    assert torch.allclose(switched, full, rtol=1e-6)

@@ -37,8 +37,11 @@ class ModelConfig:
     """Architecture fields to change on top of the preset, e.g. ``{num_hidden_layers: 4}``."""
     activation_checkpointing: bool = False
     """Recompute each transformer block in the backward pass (less memory, about 1/3 more compute)."""
-    attn_implementation: Literal["sdpa", "eager"] = "sdpa"
-    """Attention kernel of the built-in model; ``sdpa`` dispatches to flash attention where it can."""
+    fused_kernels: bool | None = None
+    """Built-in model: fuse RMSNorm, rotary and SwiGLU with torch.compile (``models/kernels.py``);
+    ``null`` = on with CUDA, off on CPU."""
+    attention_backend: Literal["auto", "flash", "cudnn", "efficient", "math"] = "auto"
+    """Built-in model: the scaled-dot-product-attention kernel; ``auto`` lets PyTorch choose."""
 
     def check(self) -> None:
         from mdm_scale.models.presets import PRESETS

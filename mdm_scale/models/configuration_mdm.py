@@ -10,7 +10,8 @@ class MDMConfig(PretrainedConfig):
 
     ``causal = False`` is the masked-diffusion model (every position sees every other); ``causal = True`` is the
     autoregressive baseline on the same architecture. ``head_chunk_tokens`` bounds the logits the masked-only
-    LM head materialises at once (``masked_head.py``); it changes memory, never results.
+    LM head materialises at once (``masked_head.py``); it changes memory, never results. ``loss_head = "full"``
+    computes the training loss from full ``B x L x V`` logits instead (same values; for comparisons).
     """
 
     model_type = "mdm_scale"
@@ -30,6 +31,7 @@ class MDMConfig(PretrainedConfig):
         causal: bool = False,
         mask_token_id: int | None = None,
         head_chunk_tokens: int = 8192,
+        loss_head: str = "masked",
         tie_word_embeddings: bool = False,
         **kwargs,
     ):
@@ -46,6 +48,9 @@ class MDMConfig(PretrainedConfig):
         self.causal = causal
         self.mask_token_id = mask_token_id
         self.head_chunk_tokens = head_chunk_tokens
+        if loss_head not in ("masked", "full"):
+            raise ValueError(f"loss_head must be 'masked' or 'full', got {loss_head!r}")
+        self.loss_head = loss_head
         if hidden_size % num_attention_heads:
             raise ValueError(f"hidden_size {hidden_size} is not a multiple of num_attention_heads "
                              f"{num_attention_heads}")

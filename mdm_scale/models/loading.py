@@ -18,13 +18,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, PretrainedConfig, PreTrainedTokenizerBase
 
 from mdm_scale.config.schema import Config, ConfigError
 from mdm_scale.models.configuration_mdm import MDMConfig
-from mdm_scale.models.modeling_mdm import MDMForMaskedDiffusion, MDMOutput
+from mdm_scale.models.modeling_mdm import MDMForMaskedDiffusion, MDMOutput, full_logits_loss
 from mdm_scale.models.presets import PRESETS
 
 
@@ -45,9 +44,7 @@ class HFMaskedLMAdapter(nn.Module):
         logits = self.model(input_ids=input_ids, attention_mask=mask).logits
         if loss_positions is None:
             return MDMOutput(logits=logits)
-        selected = logits.reshape(-1, logits.shape[-1]).index_select(0, loss_positions).float()
-        ce = F.cross_entropy(selected, loss_targets, reduction="none")
-        return MDMOutput(loss=(ce * loss_coef).sum(), token_ce=ce.detach())
+        return full_logits_loss(logits, loss_positions, loss_targets, loss_coef)
 
 
 def load_hf_config(cfg: Config) -> PretrainedConfig | None:
@@ -99,6 +96,9 @@ def build_model(cfg: Config, tokenizer: PreTrainedTokenizerBase, mask_token_id: 
     else:
         _check_vocab(cfg, hf_config, tokenizer)
         model = _load_pretrained(cfg, hf_config, ds_config, zero3)
+    if isinstance(model, MDMForMaskedDiffusion):
+        fused = cfg.model.fused_kernels if cfg.model.fused_kernels is not None else torch.cuda.is_available()
+        model.set_kernels(fused, cfg.model.attention_backend)
     if cfg.model.activation_checkpointing:
         enable_activation_checkpointing(model)
     return model

@@ -3,7 +3,8 @@
 Pre-norm blocks of RMSNorm -> attention with rotary position embeddings -> RMSNorm -> SwiGLU MLP. Attention is
 ``torch.nn.functional.scaled_dot_product_attention`` with no causal mask (``config.causal = False``, the masked
 diffusion model) or a causal one (the autoregressive baseline). Padding keys are masked out; with no padding
-the call carries no mask at all, which lets SDPA pick the flash kernel.
+the call carries no mask at all, which lets SDPA pick the flash kernel. The elementwise pieces (RMSNorm,
+rotary, SwiGLU) come from ``kernels.py``, eager or fused (``set_kernels``).
 
 ``MDMForMaskedDiffusion.forward`` has two modes:
 - ``loss_positions`` given: returns the weighted loss (and per-position CE) at those flat positions through the
@@ -13,16 +14,20 @@ the call carries no mask at all, which lets SDPA pick the flash kernel.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, PreTrainedModel
 from transformers.utils import ModelOutput
 
 from mdm_scale.models.configuration_mdm import MDMConfig
+from mdm_scale.models.kernels import EAGER
+from mdm_scale.models.kernels import fused as fused_kernels
 from mdm_scale.models.masked_head import MaskedLMHead
 
 
@@ -31,11 +36,10 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(size))
         self.eps = eps
+        self.kernels = EAGER
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (x32 * self.weight.float()).to(x.dtype)
+        return self.kernels.rms_norm(x, self.weight, self.eps)
 
 
 def rotary_tables(seq_len: int, head_dim: int, theta: float, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -46,10 +50,8 @@ def rotary_tables(seq_len: int, head_dim: int, theta: float, device, dtype) -> t
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos + rotated * sin
+SDPA_BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
+                 "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
 
 
 class Attention(nn.Module):
@@ -63,20 +65,24 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(config.hidden_size, self.n_kv * self.head_dim, bias=False)
         self.v_proj = nn.Linear(config.hidden_size, self.n_kv * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, config.hidden_size, bias=False)
+        self.kernels = EAGER
+        self.sdpa_backend: str = "auto"
 
     def forward(self, x, cos, sin, key_mask):
         b, length, _ = x.shape
         q = self.q_proj(x).view(b, length, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, length, self.n_kv, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(b, length, self.n_kv, self.head_dim).transpose(1, 2)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k = self.kernels.rotary(q, k, cos, sin)
         if self.n_kv != self.n_heads:
             repeat = self.n_heads // self.n_kv
             k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
         # Right padding: causal queries never see the pads after them, so only bidirectional attention needs
         # the key mask (True = attend). No mask at all lets SDPA choose flash attention.
         mask = None if (self.causal or key_mask is None) else key_mask[:, None, None, :]
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=self.causal and mask is None)
+        backend = nullcontext() if self.sdpa_backend == "auto" else sdpa_kernel(SDPA_BACKENDS[self.sdpa_backend])
+        with backend:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=self.causal and mask is None)
         return self.o_proj(out.transpose(1, 2).reshape(b, length, -1))
 
 
@@ -86,9 +92,10 @@ class SwiGLU(nn.Module):
         self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.kernels = EAGER
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self.kernels.swiglu(self.gate_proj(x), self.up_proj(x)))
 
 
 class Block(nn.Module):
@@ -168,6 +175,16 @@ class MDMForMaskedDiffusion(MDMPreTrainedModel):
     def set_activation_checkpointing(self, enabled: bool) -> None:
         self.model.activation_checkpointing = enabled
 
+    def set_kernels(self, fused: bool, sdpa_backend: str = "auto") -> None:
+        """Fused (compiled) or eager elementwise kernels (``kernels.py``), and the SDPA backend (``auto`` lets
+        PyTorch choose; ``flash``, ``cudnn``, ``efficient`` or ``math`` force one)."""
+        kernels = fused_kernels() if fused else EAGER
+        for module in self.modules():
+            if hasattr(module, "kernels"):
+                module.kernels = kernels
+            if isinstance(module, Attention):
+                module.sdpa_backend = sdpa_backend
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 loss_positions: torch.Tensor | None = None, loss_targets: torch.Tensor | None = None,
                 loss_coef: torch.Tensor | None = None, **_unused) -> MDMOutput:
@@ -175,9 +192,19 @@ class MDMForMaskedDiffusion(MDMPreTrainedModel):
         hidden = self.model(input_ids, attention_mask)
         if loss_positions is None:
             return MDMOutput(logits=self.lm_head(hidden))
+        if self.config.loss_head == "full":
+            return full_logits_loss(self.lm_head(hidden), loss_positions, loss_targets, loss_coef)
         selected = hidden.reshape(-1, hidden.shape[-1]).index_select(0, loss_positions)
         loss, token_ce = self.lm_head(selected, loss_targets, loss_coef)
         return MDMOutput(loss=loss, token_ce=token_ce)
+
+
+def full_logits_loss(logits: torch.Tensor, positions: torch.Tensor, targets: torch.Tensor, coef: torch.Tensor
+                     ) -> MDMOutput:
+    """``sum coef * CE`` at flat ``positions`` of full ``(B, L, V)`` logits (the conventional path)."""
+    selected = logits.reshape(-1, logits.shape[-1]).index_select(0, positions).float()
+    ce = F.cross_entropy(selected, targets, reduction="none")
+    return MDMOutput(loss=(ce * coef).sum(), token_ce=ce.detach())
 
 
 AutoConfig.register(MDMConfig.model_type, MDMConfig, exist_ok=True)

@@ -7,8 +7,10 @@ Tensorboard's own ``EventAccumulator`` reads the files back (``tests/test_traini
 
 from __future__ import annotations
 
+import os
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -90,3 +92,16 @@ class Throughput:
         now = time.perf_counter()
         elapsed, self.last = now - self.last, now
         return tokens / max(elapsed, 1e-9)
+
+
+def quiet_third_party_logs() -> None:
+    """No progress bars or deprecation chatter from libraries: a run's console shows mdm-scale's lines."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # DeepSpeed 0.19 still calls the torch.distributed names that torch 2.13 deprecates, once per collective.
+    warnings.filterwarnings("ignore", message=r".*torch\.distributed\.\w+` is deprecated", category=FutureWarning)
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()

@@ -19,7 +19,7 @@ import torch
 from mdm_scale.config.deepspeed_json import build_deepspeed_config
 from mdm_scale.config.loader import check_batch_arithmetic
 from mdm_scale.config.schema import Config, ConfigError
-from mdm_scale.data.build import build_data
+from mdm_scale.data.build import RunData, build_data
 from mdm_scale.data.loader import TrainLoader, eval_batches
 from mdm_scale.data.tokenizer import special_ids
 from mdm_scale.diffusion.masks import BernoulliMasks, build_masks
@@ -31,6 +31,7 @@ from mdm_scale.models.loading import build_model, load_hf_config, parameter_shap
 from mdm_scale.training.checkpoint import CheckpointManager, write_atomic
 from mdm_scale.training.lr_schedule import scheduler_factory
 from mdm_scale.training.metrics import MetricLogger, Throughput
+from mdm_scale.training.step_timer import NoTimer
 
 # Config keys that define a run: an output directory with checkpoints of a run that differs in one of these
 # holds another run. Everything else (max_steps, lr, logging, ...) may change when a run is continued.
@@ -39,7 +40,9 @@ RUN_IDENTITY = ("seed", "model", "data.train_file", "data.tokenizer", "data.task
 
 
 class Trainer:
-    def __init__(self, cfg: Config, env: DistEnv | None = None):
+    """``data`` may be given instead of read from ``cfg.data`` files (benchmarks, programmatic use)."""
+
+    def __init__(self, cfg: Config, env: DistEnv | None = None, data: RunData | None = None):
         self.cfg = cfg
         self.env = env or init_distributed()
         self.global_batch = check_batch_arithmetic(cfg, self.env.world_size)
@@ -49,7 +52,7 @@ class Trainer:
         self._check_run_identity()
         check_ranks_agree("the configuration", json.dumps(asdict(cfg), sort_keys=True), self.env)
 
-        self.data = build_data(cfg.data, cfg.seed, self.out / "tokenizer")
+        self.data = data or build_data(cfg.data, cfg.seed, self.out / "tokenizer")
         self.info(f"data: {self.data.summary()}")
         check_ranks_agree("the data", f"{self.data.train.num_tokens}/{int(self.data.train.tokens.sum())}", self.env)
         self.pad_id, _ = special_ids(self.data.tokenizer)
@@ -70,6 +73,7 @@ class Trainer:
                                   cfg.train.micro_batch_size, cfg.train.grad_accum, self.pad_id,
                                   cfg.data.pad_to_multiple_of, cfg.data.seq_len)
         self.step = 0
+        self.timer = NoTimer()  # a StepTimer here splits each step's time into sections (diagnostics)
         if self.resume_from is not None:
             self._restore(self.resume_from)
 
@@ -154,23 +158,30 @@ class Trainer:
 
     # ---- the loop -----------------------------------------------------------------------------------------
     def train_step(self) -> torch.Tensor:
-        """One optimiser step; returns device sums [loss, micro-batches, masked, eligible, tokens]."""
+        """One optimiser step; returns device sums [loss, micro-batches, masked, eligible, tokens].
+
+        ``tokens`` counts the non-pad tokens the model processed (MIRROR's two rows per sequence both count).
+        """
         self.lr = self.engine.get_lr()[0]  # the rate this step applies (the scheduler moves on after it)
         totals = torch.zeros(5, dtype=torch.float64, device=self.env.device)
+        sampler = getattr(self.objective, "t_sampler", None)
         for micro in range(self.cfg.train.grad_accum):
-            batch = self.loader.micro_batch_at(self.step, micro)
-            noisy = self.objective.corrupt(batch).to(self.env.device, non_blocking=True)
-            out = self.engine(**noisy.model_inputs())
-            self.engine.backward(out.loss)
-            self.engine.step()
-            sampler = getattr(self.objective, "t_sampler", None)
-            if sampler is not None:
-                rows = noisy.row_losses(out.token_ce)
-                sampler.observe(noisy.t, noisy.sample_losses(rows), None)
-            tokens = batch.input_ids.numel() if batch.attention_mask is None else int(batch.attention_mask.sum())
-            maskable = noisy.eligible_tokens * noisy.rows / len(batch.input_ids)  # eligible tokens of all rows
-            totals += torch.tensor([0.0, 1.0, noisy.masked_tokens, maskable, tokens], dtype=torch.float64,
-                                   device=self.env.device)
+            with self.timer.section("sampler"):
+                batch = self.loader.micro_batch_at(self.step, micro)
+                noisy = self.objective.corrupt(batch).to(self.env.device, non_blocking=True)
+            with self.timer.section("forward"):
+                out = self.engine(**noisy.model_inputs())
+            with self.timer.section("backward"):
+                self.engine.backward(out.loss)
+            with self.timer.section("optimizer"):
+                self.engine.step()
+            with self.timer.section("sampler"):
+                if sampler is not None:
+                    sampler.observe(noisy.t, noisy.sample_losses(noisy.row_losses(out.token_ce)), None)
+            rows_per_sample = noisy.rows / len(batch.input_ids)
+            real = batch.input_ids.numel() if batch.attention_mask is None else int(batch.attention_mask.sum())
+            totals += torch.tensor([0.0, 1.0, noisy.masked_tokens, noisy.eligible_tokens * rows_per_sample,
+                                    real * rows_per_sample], dtype=torch.float64, device=self.env.device)
             totals[0] += out.loss.detach().double()
         self.step += 1
         return totals
@@ -216,6 +227,8 @@ class Trainer:
                 grad_norm = self.engine.get_global_grad_norm()
                 if grad_norm is not None:
                     values["grad_norm"] = float(grad_norm)
+                if self.env.on_gpu:
+                    values["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
                 logger.log(self.step, "train", values)
                 window.zero_()
             if cfg.eval_every and self.step % cfg.eval_every == 0:

@@ -1,0 +1,295 @@
+"""Training throughput: mdm-scale against a plain hand-written DeepSpeed ZeRO-3 loop, side by side.
+
+    python tools/bench/throughput.py --gpus 2 --preset 1b --seq-len 2048 --micro-batch 8 --out bench
+    python tools/bench/throughput.py --gpus 1 --preset 1b --vocab 126464 --subjects uniform,uniform_full_logits
+
+Each subject runs in its own ``deepspeed --num_gpus N`` job on the same random-token data (pretraining-style
+blocks, no padding) and model shape, and reports tokens/s/GPU, TFLOP/s/GPU, MFU (``common.py`` has the FLOP
+convention), peak memory, and a step-time breakdown (forward / backward / optimizer / communication / sampler)
+from extra steps timed with device synchronisation and DeepSpeed's communication logger (those steps are
+slower, so throughput comes from untimed steps). Results go to ``<out>.json`` and ``<out>.md``.
+
+Subjects (``--subjects``):
+- ``plain``: the reference loop of ``plain_loop.py`` (full logits, DeepSpeed defaults);
+- ``uniform``: mdm-scale with uniform t;
+- ``uniform_full_logits``: the same with the loss from full logits (measures the masked-only head);
+- ``ppots``: mdm-scale with the P-POTS sampler service at the same batch;
+- ``ppots_mirror``: P-POTS + MIRROR with half the micro-batch, so each forward has the same number of rows.
+A subject whose settings the installed mdm-scale does not know is reported as unavailable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tools" / "bench"))
+
+SUBJECTS = {
+    "plain": None,
+    "uniform": [],
+    "uniform_full_logits": ["model.overrides.loss_head=full"],
+    "ppots": ["variance.t_sampler=ppots"],
+    "ppots_mirror": ["variance.t_sampler=ppots", "variance.mirror=true", "half_micro_batch"],
+}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--gpus", type=int, default=1)
+    p.add_argument("--preset", default="1b")
+    p.add_argument("--vocab", type=int, default=None, help="vocabulary size (default: the preset's)")
+    p.add_argument("--seq-len", type=int, default=2048)
+    p.add_argument("--micro-batch", type=int, default=8)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--breakdown-steps", type=int, default=5)
+    p.add_argument("--subjects", default="plain,uniform,ppots,ppots_mirror")
+    p.add_argument("--set", action="append", default=[], help="extra mdm-scale overrides for every subject")
+    p.add_argument("--out", default="bench")
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--result", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+# ---- one subject, inside a deepspeed job ---------------------------------------------------------------------
+def run_worker(args: argparse.Namespace) -> None:
+    import torch
+    from common import flops_per_token, parameter_count
+
+    from mdm_scale.distributed.env import init_distributed
+    from mdm_scale.training.metrics import quiet_third_party_logs
+
+    quiet_third_party_logs()
+    env = init_distributed()
+    extra = SUBJECTS[args.worker]
+    micro = args.micro_batch // 2 if extra and "half_micro_batch" in extra else args.micro_batch
+    if extra is None:
+        subject, config = _plain(args, env)
+    else:
+        subject, config = _mdm_scale(args, env, micro, [o for o in extra if o != "half_micro_batch"])
+    for _ in range(args.warmup):
+        subject.step()
+    _sync()
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        subject.step()
+    _sync()
+    elapsed = time.perf_counter() - start
+    result = {
+        "subject": args.worker, "gpus": env.world_size, "micro_batch": micro,
+        "tokens_per_step_per_gpu": subject.tokens_per_step,
+        "step_seconds": elapsed / args.steps,
+        "tokens_per_s_per_gpu": subject.tokens_per_step * args.steps / elapsed,
+        "peak_memory_gb": torch.cuda.max_memory_allocated() / 2**30 if env.on_gpu else None,
+        "breakdown_ms": subject.breakdown(args.breakdown_steps),
+        "parameters": parameter_count(config), "flops_per_token": flops_per_token(config, args.seq_len),
+    }
+    if env.is_main:
+        Path(args.result).write_text(json.dumps(result))
+
+
+def _sync() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+class Subject:
+    """What is timed: ``step()`` runs one optimiser step of ``tokens_per_step`` tokens per GPU. With a
+    ``trainer``, the breakdown also splits each step into the trainer's sections."""
+
+    def __init__(self, step, tokens_per_step: int, trainer=None):
+        self.step, self.tokens_per_step, self.trainer = step, tokens_per_step, trainer
+
+    def breakdown(self, steps: int) -> dict:
+        """Per-step milliseconds of ``steps`` extra steps run with synchronising timers and the comms logger."""
+        import deepspeed.comm as dist
+        from deepspeed.comm.comm import comms_logger
+
+        from mdm_scale.training.step_timer import StepTimer
+
+        if steps == 0:
+            return {}
+        timer = StepTimer(self.trainer.env.device) if self.trainer else None
+        if self.trainer:
+            self.trainer.timer = timer
+        dist.configure(enabled=True, prof_all=True)
+        comms_logger.comms_dict.clear()
+        start = time.perf_counter()
+        for _ in range(steps):
+            self.step()
+        _sync()
+        total = time.perf_counter() - start
+        dist.configure(enabled=False)
+        out = {name: 1e3 * seconds / steps for name, seconds in (timer.seconds.items() if timer else [])}
+        comm = sum(sum(record[1]) for sizes in comms_logger.comms_dict.values() for record in sizes.values())
+        out.update(communication=comm / steps, step=1e3 * total / steps)  # the logger records milliseconds
+        return out
+
+
+def _plain(args, env):
+    from plain_loop import PlainLoop
+
+    from mdm_scale.models.configuration_mdm import MDMConfig
+    from mdm_scale.models.presets import PRESETS
+
+    preset = {**PRESETS[args.preset], "vocab_size": _vocab(args)}
+    config = MDMConfig(**preset, mask_token_id=2)
+    loop = PlainLoop(config, args.micro_batch, args.seq_len, env.world_size)
+    return Subject(loop.step, loop.tokens_per_step), config
+
+
+def _vocab(args) -> int:
+    from mdm_scale.models.presets import PRESETS
+
+    return args.vocab or PRESETS[args.preset].get("vocab_size", 32000)
+
+
+def _mdm_scale(args, env, micro: int, overrides: list[str]):
+    from common import random_blocks
+
+    from mdm_scale.config.loader import load_config
+    from mdm_scale.training.trainer import Trainer
+
+    out = tempfile.mkdtemp(prefix=f"bench-{args.worker}-")
+    sets = [f"model.preset={args.preset}", f"data.seq_len={args.seq_len}", f"train.micro_batch_size={micro}",
+            "train.grad_accum=1", f"train.max_steps={10**6}", f"train.output_dir={out}", "train.zero_stage=3",
+            "train.eval_every=0", "train.lr=1e-4", "logging.tensorboard=false", "train.resume=never",
+            *args.set, *overrides]
+    cfg = load_config([], sets)
+    blocks = (args.warmup + args.steps + args.breakdown_steps + 1) * micro * env.world_size
+    trainer = Trainer(cfg, env, data=random_blocks(_vocab(args), args.seq_len, blocks, seed=cfg.seed))
+    trainer.engine.train()
+    rows = micro * (2 if cfg.variance.mirror else 1)
+    return Subject(trainer.train_step, rows * args.seq_len, trainer), trainer.engine.module.config
+
+
+# ---- the orchestrator ----------------------------------------------------------------------------------------
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.worker:
+        run_worker(args)
+        return 0
+    subjects = [s.strip() for s in args.subjects.split(",") if s.strip()]
+    unknown = [s for s in subjects if s not in SUBJECTS]
+    if unknown:
+        raise SystemExit(f"unknown subjects {unknown}; choose from {sorted(SUBJECTS)}")
+    peak, device = _machine()
+    results = []
+    for subject in subjects:
+        unavailable = _unavailable(subject, args)
+        if unavailable:
+            print(f"[bench] {subject}: unavailable ({unavailable})", flush=True)
+            results.append({"subject": subject, "unavailable": unavailable})
+            continue
+        results.append(_launch(subject, args))
+    report = _report(results, args, peak, device)
+    Path(f"{args.out}.json").write_text(json.dumps(report, indent=2))
+    Path(f"{args.out}.md").write_text(_markdown(report))
+    print(_markdown(report))
+    return 0
+
+
+def _unavailable(subject: str, args) -> str | None:
+    """The config error a subject's overrides raise on this version of mdm-scale, if any."""
+    from mdm_scale.config.loader import load_config
+    from mdm_scale.config.schema import ConfigError
+
+    overrides = [o for o in (SUBJECTS[subject] or []) if o != "half_micro_batch"]
+    try:
+        load_config([], [*args.set, *overrides])
+    except ConfigError as err:
+        return str(err)
+    return None
+
+
+def _launch(subject: str, args) -> dict:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    result = Path(tempfile.mkdtemp()) / "result.json"
+    launcher = shutil.which("deepspeed") or str(Path(sys.executable).with_name("deepspeed"))
+    cmd = [launcher, "--num_gpus", str(args.gpus), "--master_port",
+           str(port), __file__, "--worker", subject, "--result", str(result)]
+    for name in ("preset", "seq_len", "micro_batch", "warmup", "steps", "breakdown_steps"):
+        cmd += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
+    if args.vocab:
+        cmd += ["--vocab", str(args.vocab)]
+    for item in args.set:
+        cmd += ["--set", item]
+    print(f"[bench] {subject}: {' '.join(cmd)}", flush=True)
+    proc = subprocess.run(cmd, env={**os.environ, "PYTHONPATH": f"{REPO}:{os.environ.get('PYTHONPATH', '')}"})
+    if proc.returncode != 0 or not result.is_file():
+        return {"subject": subject, "failed": f"exit code {proc.returncode}"}
+    return json.loads(result.read_text())
+
+
+def _machine() -> tuple[float | None, str]:
+    import torch
+
+    if not torch.cuda.is_available():
+        return None, "cpu"
+    from common import measured_peak_tflops
+
+    return measured_peak_tflops(), torch.cuda.get_device_name()
+
+
+def _report(results: list[dict], args, peak: float | None, device: str) -> dict:
+    from common import datasheet_peak
+
+    sheet = datasheet_peak(device)
+    for r in results:
+        if "tokens_per_s_per_gpu" not in r:
+            continue
+        r["tflops_per_gpu"] = r["flops_per_token"] * r["tokens_per_s_per_gpu"] / 1e12
+        r["mfu_measured_peak"] = r["tflops_per_gpu"] / peak if peak else None
+        r["mfu_datasheet"] = r["tflops_per_gpu"] / sheet if sheet else None
+    reference = next((r for r in results if r["subject"] == "plain" and "tokens_per_s_per_gpu" in r), None)
+    if reference:
+        for r in results:
+            if "tokens_per_s_per_gpu" in r:
+                r["vs_plain"] = r["tokens_per_s_per_gpu"] / reference["tokens_per_s_per_gpu"]
+    return {"date": time.strftime("%Y-%m-%d"), "device": device, "gpus": args.gpus,
+            "measured_peak_tflops": peak, "datasheet_peak_tflops": sheet, "command": " ".join(sys.argv),
+            "preset": args.preset, "vocab": args.vocab, "seq_len": args.seq_len, "micro_batch": args.micro_batch,
+            "results": results}
+
+
+def _markdown(report: dict) -> str:
+    peak = report["measured_peak_tflops"]
+    lines = [f"Device: {report['device']} x {report['gpus']}, date {report['date']}; measured bf16 peak "
+             f"{peak:.0f} TFLOP/s" if peak else f"Device: {report['device']} x {report['gpus']}",
+             f"Command: `{report['command']}`", "",
+             "| subject | micro | tokens/s/GPU | vs plain | TFLOP/s/GPU | MFU (measured / datasheet) | peak mem GiB | "
+             "fwd / bwd / opt / comm / sampler ms |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in report["results"]:
+        if "tokens_per_s_per_gpu" not in r:
+            lines.append(f"| {r['subject']} | | {r.get('unavailable') or r.get('failed')} | | | | | |")
+            continue
+        b = r["breakdown_ms"]
+        parts = " / ".join(f"{b[k]:.0f}" if k in b else "-" for k in ("forward", "backward", "optimizer",
+                                                                       "communication", "sampler"))
+        mfu = " / ".join(f"{100 * m:.1f}%" if m else "-" for m in (r["mfu_measured_peak"], r["mfu_datasheet"]))
+        mem = f"{r['peak_memory_gb']:.1f}" if r["peak_memory_gb"] is not None else "-"
+        lines.append(f"| {r['subject']} | {r['micro_batch']} | {r['tokens_per_s_per_gpu']:.0f} | "
+                     f"{r.get('vs_plain', float('nan')):.3f} | {r['tflops_per_gpu']:.1f} | {mfu} | {mem} | {parts} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
