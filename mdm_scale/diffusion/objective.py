@@ -50,10 +50,15 @@ class NoisyBatch:
         return {name: getattr(self, name) for name in self.MODEL_FIELDS}
 
     def to(self, device, non_blocking: bool = False) -> NoisyBatch:
+        """Copy to ``device``; to a GPU through pinned memory, so that ``non_blocking`` copies do not wait for
+        the work already queued on the device."""
+        pin = non_blocking and torch.device(device).type == "cuda"
         moved = {}
         for f in fields(self):
             value = getattr(self, f.name)
-            moved[f.name] = value.to(device, non_blocking=non_blocking) if isinstance(value, torch.Tensor) else value
+            if isinstance(value, torch.Tensor):
+                value = (value.pin_memory() if pin else value).to(device, non_blocking=non_blocking)
+            moved[f.name] = value
         return NoisyBatch(**moved)
 
     @property

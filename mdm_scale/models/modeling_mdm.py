@@ -61,18 +61,16 @@ class Attention(nn.Module):
         self.n_kv = config.num_key_value_heads
         self.head_dim = config.head_dim
         self.causal = config.causal
-        self.q_proj = nn.Linear(config.hidden_size, self.n_heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(config.hidden_size, self.n_kv * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(config.hidden_size, self.n_kv * self.head_dim, bias=False)
+        # q, k and v come from one projection (one GEMM, one ZeRO-3 gather) and are split afterwards.
+        self.qkv_proj = nn.Linear(config.hidden_size, (self.n_heads + 2 * self.n_kv) * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, config.hidden_size, bias=False)
         self.kernels = EAGER
         self.sdpa_backend: str = "auto"
 
     def forward(self, x, cos, sin, key_mask):
         b, length, _ = x.shape
-        q = self.q_proj(x).view(b, length, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, length, self.n_kv, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(b, length, self.n_kv, self.head_dim).transpose(1, 2)
+        qkv = self.qkv_proj(x).view(b, length, self.n_heads + 2 * self.n_kv, self.head_dim).transpose(1, 2)
+        q, k, v = qkv.split([self.n_heads, self.n_kv, self.n_kv], dim=1)
         q, k = self.kernels.rotary(q, k, cos, sin)
         if self.n_kv != self.n_heads:
             repeat = self.n_heads // self.n_kv
@@ -89,13 +87,13 @@ class Attention(nn.Module):
 class SwiGLU(nn.Module):
     def __init__(self, config: MDMConfig):
         super().__init__()
-        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
         self.kernels = EAGER
 
     def forward(self, x):
-        return self.down_proj(self.kernels.swiglu(self.gate_proj(x), self.up_proj(x)))
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(self.kernels.swiglu(gate, up))
 
 
 class Block(nn.Module):

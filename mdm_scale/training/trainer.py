@@ -157,18 +157,23 @@ class Trainer:
         self.info(f"resumed from {path} at step {self.step}")
 
     # ---- the loop -----------------------------------------------------------------------------------------
-    def train_step(self) -> torch.Tensor:
-        """One optimiser step; returns device sums [loss, micro-batches, masked, eligible, tokens].
+    def train_step(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimiser step. Returns the summed micro-batch losses (a device scalar) and host counts
+        [micro-batches, masked, eligible, tokens]; nothing here waits for the device.
 
         ``tokens`` counts the non-pad tokens the model processed (MIRROR's two rows per sequence both count).
         """
         self.lr = self.engine.get_lr()[0]  # the rate this step applies (the scheduler moves on after it)
-        totals = torch.zeros(5, dtype=torch.float64, device=self.env.device)
+        loss = torch.zeros((), dtype=torch.float64, device=self.env.device)
+        counts = torch.zeros(4, dtype=torch.float64)
         sampler = getattr(self.objective, "t_sampler", None)
         for micro in range(self.cfg.train.grad_accum):
-            with self.timer.section("sampler"):
+            with self.timer.section("data"):
                 batch = self.loader.micro_batch_at(self.step, micro)
-                noisy = self.objective.corrupt(batch).to(self.env.device, non_blocking=True)
+            with self.timer.section("sampler"):
+                noisy = self.objective.corrupt(batch)
+            with self.timer.section("data"):
+                noisy = noisy.to(self.env.device, non_blocking=True)
             with self.timer.section("forward"):
                 out = self.engine(**noisy.model_inputs())
             with self.timer.section("backward"):
@@ -180,11 +185,11 @@ class Trainer:
                     sampler.observe(noisy.t, noisy.sample_losses(noisy.row_losses(out.token_ce)), None)
             rows_per_sample = noisy.rows / len(batch.input_ids)
             real = batch.input_ids.numel() if batch.attention_mask is None else int(batch.attention_mask.sum())
-            totals += torch.tensor([0.0, 1.0, noisy.masked_tokens, noisy.eligible_tokens * rows_per_sample,
-                                    real * rows_per_sample], dtype=torch.float64, device=self.env.device)
-            totals[0] += out.loss.detach().double()
+            counts += torch.tensor([1.0, noisy.masked_tokens, noisy.eligible_tokens * rows_per_sample,
+                                    real * rows_per_sample], dtype=torch.float64)
+            loss += out.loss.detach()
         self.step += 1
-        return totals
+        return loss, counts
 
     @torch.no_grad()
     def evaluate(self) -> float | None:
@@ -212,16 +217,19 @@ class Trainer:
         tb_dir = Path(self.cfg.logging.tensorboard_dir or self.out / "tensorboard") if self.cfg.logging.tensorboard \
             else None
         logger = MetricLogger(self.env.is_main, tb_dir, self.cfg.logging.progress_bar, cfg.max_steps, self.step)
-        window = torch.zeros(5, dtype=torch.float64, device=self.env.device)
+        window_loss = torch.zeros((), dtype=torch.float64, device=self.env.device)
+        window_counts = torch.zeros(4, dtype=torch.float64)
         throughput, eval_loss, last_eval_step = Throughput(), None, -1
         start = time.perf_counter()
         self.engine.train()
         while self.step < cfg.max_steps:
-            window += self.train_step()
+            step_loss, step_counts = self.train_step()
+            window_loss += step_loss
+            window_counts += step_counts
             logger.advance()
             if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
-                all_reduce_sum(window)
-                loss, micro, masked, eligible, tokens = window.tolist()
+                window = torch.cat([window_loss.reshape(1), window_counts.to(self.env.device)])
+                loss, micro, masked, eligible, tokens = all_reduce_sum(window).tolist()
                 values = {"loss": loss / micro, "lr": self.lr,
                           "tokens_per_s": throughput.rate(tokens), "masked_fraction": masked / max(eligible, 1)}
                 grad_norm = self.engine.get_global_grad_norm()
@@ -230,7 +238,8 @@ class Trainer:
                 if self.env.on_gpu:
                     values["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
                 logger.log(self.step, "train", values)
-                window.zero_()
+                window_loss.zero_()
+                window_counts.zero_()
             if cfg.eval_every and self.step % cfg.eval_every == 0:
                 eval_loss, last_eval_step = self._log_eval(logger), self.step
             if cfg.save_every and self.step % cfg.save_every == 0:
