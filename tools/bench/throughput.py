@@ -56,6 +56,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--breakdown-steps", type=int, default=5)
     p.add_argument("--subjects", default="plain,uniform,ppots,ppots_mirror")
     p.add_argument("--set", action="append", default=[], help="extra mdm-scale overrides for every subject")
+    p.add_argument("--profile", default=None, metavar="DIR",
+                   help="also record 2 steps with torch.profiler: a Chrome trace and op tables in DIR")
     p.add_argument("--out", default="bench")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--result", default=None, help=argparse.SUPPRESS)
@@ -87,6 +89,8 @@ def run_worker(args: argparse.Namespace) -> None:
         subject.step()
     _sync()
     elapsed = time.perf_counter() - start
+    if args.profile and env.is_main:
+        _profile(subject, Path(args.profile) / args.worker)
     result = {
         "subject": args.worker, "gpus": env.world_size, "micro_batch": micro,
         "tokens_per_step_per_gpu": subject.tokens_per_step,
@@ -98,6 +102,23 @@ def run_worker(args: argparse.Namespace) -> None:
     }
     if env.is_main:
         Path(args.result).write_text(json.dumps(result))
+
+
+def _profile(subject, out: Path) -> None:
+    """Two steps under torch.profiler: ``trace.json`` (chrome://tracing) and the top ops by host and device time."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    out.mkdir(parents=True, exist_ok=True)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=activities) as prof:
+        for _ in range(2):
+            subject.step()
+        _sync()
+    prof.export_chrome_trace(str(out / "trace.json"))
+    device_key = "self_device_time_total" if torch.cuda.is_available() else "cpu_time_total"
+    tables = [prof.key_averages().table(sort_by=key, row_limit=30) for key in ("self_cpu_time_total", device_key)]
+    (out / "ops.txt").write_text("\n\n".join(tables))
 
 
 def _sync() -> None:
@@ -228,6 +249,8 @@ def _launch(subject: str, args) -> dict:
            str(port), __file__, "--worker", subject, "--result", str(result)]
     for name in ("preset", "seq_len", "micro_batch", "warmup", "steps", "breakdown_steps"):
         cmd += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
+    if args.profile:
+        cmd += ["--profile", args.profile]
     if args.vocab:
         cmd += ["--vocab", str(args.vocab)]
     for item in args.set:
