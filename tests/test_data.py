@@ -10,7 +10,7 @@ import pytest
 
 from mdm_scale.config.schema import DataConfig
 from mdm_scale.data.build import build_data
-from mdm_scale.data.loader import DataStream, TrainLoader, eval_batches, micro_batch_positions
+from mdm_scale.data.loader import DataStream, TrainLoader, eval_batches
 from mdm_scale.data.records import DataError, read_records
 from mdm_scale.data.synthetic import write_synthetic_task
 from mdm_scale.data.tokenizer import build_char_tokenizer
@@ -121,12 +121,34 @@ def test_char_tokenizer_round_trip(tmp_path):
     assert again("hello 42", add_special_tokens=False)["input_ids"] == ids
 
 
-@pytest.mark.parametrize("world, accum", [(1, 4), (2, 2), (4, 1)])
-def test_every_step_covers_the_same_stream_positions_for_any_world_size(world, accum):
-    micro, step = 3, 5
-    positions = sorted(p for rank in range(world) for a in range(accum)
-                       for p in micro_batch_positions(step, a, rank, world, micro, accum))
-    assert positions == list(range(step * 12, step * 12 + 12))
+@pytest.mark.parametrize("grouped", [False, True])
+def test_every_step_is_split_into_the_same_groups_for_any_world_size(synth_dir, tmp_path, grouped):
+    data = build_data(DataConfig(train_file=str(synth_dir / "train.jsonl"), seq_len=192), 0, tmp_path / "tok")
+    micro, step, splits = 3, 5, {}
+    for world, accum in [(1, 4), (2, 2), (4, 1)]:
+        groups = []
+        for a in range(accum):
+            for rank in range(world):
+                loader = TrainLoader(data.train, 0, rank, world, micro, accum, 0, 8, 192, group_by_length=grouped)
+                groups.append(loader.micro_batch_at(step, a).sample_index.tolist())
+        splits[world] = groups
+        assert sorted(p for g in groups for p in g) == list(range(step * 12, step * 12 + 12))
+    assert splits[1] == splits[2] == splits[4]  # the same micro-batches, whichever rank runs them
+
+
+def test_grouping_by_length_reduces_padding(synth_dir, tmp_path):
+    data = build_data(DataConfig(train_file=str(synth_dir / "train.jsonl"), seq_len=192), 0, tmp_path / "tok")
+    padding = {}
+    for grouped in (False, True):
+        pads = total = 0
+        for step in range(20):
+            for micro in range(4):
+                loader = TrainLoader(data.train, 0, 0, 1, 4, 4, 0, 8, 192, group_by_length=grouped)
+                batch = loader.micro_batch_at(step, micro)
+                total += batch.input_ids.numel()
+                pads += 0 if batch.attention_mask is None else int((~batch.attention_mask).sum())
+        padding[grouped] = pads / total
+    assert padding[True] < 0.5 * padding[False], padding
 
 
 def test_data_stream_is_a_permutation_per_epoch():

@@ -76,6 +76,9 @@ class DataConfig:
     """Wrap SFT prompts with the tokenizer's chat template (the tokenizer must have one)."""
     pad_to_multiple_of: int = 8
     """Right-pad each SFT micro-batch to a multiple of this (pretraining blocks are never padded)."""
+    group_by_length: bool = True
+    """Within each optimiser step, put sequences of similar length into the same micro-batch (less padding;
+    the step's samples and their noise are unchanged)."""
 
     def check(self) -> None:
         _require(0.0 <= self.eval_fraction < 1.0, "data.eval_fraction", self.eval_fraction, "must be in [0, 1)")

@@ -2,10 +2,12 @@
 
 The data is one endless stream: stream position ``s`` is example ``perm_e[s mod N]`` of epoch ``e = s // N``,
 with ``perm_e`` a permutation keyed by (seed, epoch). Optimiser step ``k`` consumes positions
-``[k G, (k+1) G)`` with ``G = micro x accumulation x world``; micro-step ``a`` of rank ``r`` takes the
-``micro`` positions starting at ``k G + (a W + r) micro``. The stream position is also the sample's noise key
-(``diffusion/noise.py``), so the set of (example, noise) pairs per step is the same for every world size with
-the same global batch, and a resume only needs the step number.
+``[k G, (k+1) G)`` with ``G = micro x accumulation x world``, split into ``accumulation x world`` groups of
+``micro``: micro-step ``a`` of rank ``r`` takes group ``a W + r``. The groups are consecutive positions, or, with
+``group_by_length``, the step's samples sorted by length (ties by position), so that a micro-batch holds
+sequences of similar length and little padding. The stream position is also the sample's noise key
+(``diffusion/noise.py``), so the set of (example, noise) pairs per step, and its split into groups, is the same
+for every world size with the same global batch, and a resume only needs the step number.
 """
 
 from __future__ import annotations
@@ -60,12 +62,6 @@ class DataStream:
         return out
 
 
-def micro_batch_positions(step: int, micro: int, rank: int, world: int, micro_batch: int, grad_accum: int
-                          ) -> range:
-    start = step * micro_batch * grad_accum * world + (micro * world + rank) * micro_batch
-    return range(start, start + micro_batch)
-
-
 def collate(data: TokenizedData, example_ids: list[int], sample_index: list[int], pad_id: int,
             pad_to_multiple_of: int, seq_len: int) -> Batch:
     examples = [data.example(i) for i in example_ids]
@@ -87,16 +83,33 @@ class TrainLoader:
     """Micro-batches of the training stream for one rank."""
 
     def __init__(self, data: TokenizedData, seed: int, rank: int, world: int, micro_batch: int, grad_accum: int,
-                 pad_id: int, pad_to_multiple_of: int, seq_len: int):
+                 pad_id: int, pad_to_multiple_of: int, seq_len: int, group_by_length: bool = False):
         self.data, self.rank, self.world = data, rank, world
         self.micro_batch, self.grad_accum = micro_batch, grad_accum
         self.pad_id, self.pad_to_multiple_of, self.seq_len = pad_id, pad_to_multiple_of, seq_len
+        self.group_by_length = group_by_length
         self.stream = DataStream(len(data), seed)
+        self._step_plan: tuple[int, list[int], list[int]] | None = None
 
     def micro_batch_at(self, step: int, micro: int) -> Batch:
-        positions = micro_batch_positions(step, micro, self.rank, self.world, self.micro_batch, self.grad_accum)
-        return collate(self.data, self.stream.example_ids(positions), list(positions), self.pad_id,
-                       self.pad_to_multiple_of, self.seq_len)
+        positions, examples = self._plan(step)
+        start = (micro * self.world + self.rank) * self.micro_batch
+        mine = slice(start, start + self.micro_batch)
+        return collate(self.data, examples[mine], positions[mine], self.pad_id, self.pad_to_multiple_of,
+                       self.seq_len)
+
+    def _plan(self, step: int) -> tuple[list[int], list[int]]:
+        """The step's stream positions and example ids in group order (computed once per step)."""
+        if self._step_plan is None or self._step_plan[0] != step:
+            size = self.micro_batch * self.grad_accum * self.world
+            positions = list(range(step * size, (step + 1) * size))
+            examples = self.stream.example_ids(range(positions[0], positions[-1] + 1))
+            if self.group_by_length:
+                lengths = self.data.offsets[1:] - self.data.offsets[:-1]
+                order = sorted(range(size), key=lambda j: (int(lengths[examples[j]]), j))
+                positions, examples = [positions[j] for j in order], [examples[j] for j in order]
+            self._step_plan = (step, positions, examples)
+        return self._step_plan[1], self._step_plan[2]
 
 
 def eval_batches(data: TokenizedData, rank: int, world: int, micro_batch: int, max_samples: int, pad_id: int,

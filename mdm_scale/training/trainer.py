@@ -71,7 +71,7 @@ class Trainer:
         self.objective, self.eval_objective = self._objectives()
         self.loader = TrainLoader(self.data.train, cfg.seed, self.env.rank, self.env.world_size,
                                   cfg.train.micro_batch_size, cfg.train.grad_accum, self.pad_id,
-                                  cfg.data.pad_to_multiple_of, cfg.data.seq_len)
+                                  cfg.data.pad_to_multiple_of, cfg.data.seq_len, cfg.data.group_by_length)
         self.step = 0
         self.timer = NoTimer()  # a StepTimer here splits each step's time into sections (diagnostics)
         if self.resume_from is not None:
