@@ -97,3 +97,8 @@ def test_lr_schedule_formulas(schedule):
     assert lr_factor(109, cfg) == pytest.approx(end)
     midpoint = {"linear": 0.55, "cosine": 0.55, "constant": 1.0}[schedule]
     assert lr_factor(60, cfg) == pytest.approx(midpoint)
+
+
+@pytest.mark.parametrize("path", sorted(str(p) for p in __import__("pathlib").Path("configs").glob("*.yaml")))
+def test_every_shipped_config_loads(path):
+    load_config([path])
