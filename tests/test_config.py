@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 
@@ -99,6 +100,6 @@ def test_lr_schedule_formulas(schedule):
     assert lr_factor(60, cfg) == pytest.approx(midpoint)
 
 
-@pytest.mark.parametrize("path", sorted(str(p) for p in __import__("pathlib").Path("configs").glob("*.yaml")))
+@pytest.mark.parametrize("path", sorted(str(p) for p in Path("configs").glob("*.yaml")))
 def test_every_shipped_config_loads(path):
     load_config([path])
