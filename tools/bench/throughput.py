@@ -51,6 +51,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--vocab", type=int, default=None, help="vocabulary size (default: the preset's)")
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--micro-batch", type=int, default=8)
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimiser step (mdm-scale subjects)")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--breakdown-steps", type=int, default=5)
@@ -93,6 +94,7 @@ def run_worker(args: argparse.Namespace) -> None:
         _profile(subject, Path(args.profile) / args.worker)
     result = {
         "subject": args.worker, "gpus": env.world_size, "micro_batch": micro,
+        "grad_accum": args.grad_accum if extra is not None else 1,
         "tokens_per_step_per_gpu": subject.tokens_per_step,
         "step_seconds": elapsed / args.steps,
         "tokens_per_s_per_gpu": subject.tokens_per_step * args.steps / elapsed,
@@ -187,15 +189,16 @@ def _mdm_scale(args, env, micro: int, overrides: list[str]):
 
     out = tempfile.mkdtemp(prefix=f"bench-{args.worker}-")
     sets = [f"model.preset={args.preset}", f"data.seq_len={args.seq_len}", f"train.micro_batch_size={micro}",
-            "train.grad_accum=1", f"train.max_steps={10**6}", f"train.output_dir={out}", "train.zero_stage=3",
+            f"train.grad_accum={args.grad_accum}", f"train.max_steps={10**6}", f"train.output_dir={out}",
+            "train.zero_stage=3",
             "train.eval_every=0", "train.lr=1e-4", "logging.tensorboard=false", "train.resume=never",
             *args.set, *overrides]
     cfg = load_config([], sets)
-    blocks = (args.warmup + args.steps + args.breakdown_steps + 1) * micro * env.world_size
+    blocks = (args.warmup + args.steps + args.breakdown_steps + 1) * micro * args.grad_accum * env.world_size
     trainer = Trainer(cfg, env, data=random_blocks(_vocab(args), args.seq_len, blocks, seed=cfg.seed))
     trainer.engine.train()
     rows = micro * (2 if cfg.variance.mirror else 1)
-    return Subject(trainer.train_step, rows * args.seq_len, trainer), trainer.engine.module.config
+    return Subject(trainer.train_step, rows * args.seq_len * args.grad_accum, trainer), trainer.engine.module.config
 
 
 # ---- the orchestrator ----------------------------------------------------------------------------------------
@@ -247,7 +250,7 @@ def _launch(subject: str, args) -> dict:
     launcher = shutil.which("deepspeed") or str(Path(sys.executable).with_name("deepspeed"))
     cmd = [launcher, "--num_gpus", str(args.gpus), "--master_port",
            str(port), __file__, "--worker", subject, "--result", str(result)]
-    for name in ("preset", "seq_len", "micro_batch", "warmup", "steps", "breakdown_steps"):
+    for name in ("preset", "seq_len", "micro_batch", "grad_accum", "warmup", "steps", "breakdown_steps"):
         cmd += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
     if args.profile:
         cmd += ["--profile", args.profile]
@@ -298,8 +301,8 @@ def _markdown(report: dict) -> str:
     lines = [f"Device: {report['device']} x {report['gpus']}, date {report['date']}; measured bf16 peak "
              f"{peak:.0f} TFLOP/s" if peak else f"Device: {report['device']} x {report['gpus']}",
              f"Command: `{report['command']}`", "",
-             "| subject | micro | tokens/s/GPU | vs plain | TFLOP/s/GPU | MFU (measured / datasheet) | peak mem GiB | "
-             "fwd / bwd / opt / comm / sampler / data ms |",
+             "| subject | micro (x accum) | tokens/s/GPU | vs plain | TFLOP/s/GPU | MFU (measured / datasheet) | "
+             "peak mem GiB | fwd / bwd / opt / comm / sampler / data ms |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in report["results"]:
         if "tokens_per_s_per_gpu" not in r:
@@ -310,7 +313,8 @@ def _markdown(report: dict) -> str:
                                                                        "communication", "sampler", "data"))
         mfu = " / ".join(f"{100 * m:.1f}%" if m else "-" for m in (r["mfu_measured_peak"], r["mfu_datasheet"]))
         mem = f"{r['peak_memory_gb']:.1f}" if r["peak_memory_gb"] is not None else "-"
-        lines.append(f"| {r['subject']} | {r['micro_batch']} | {r['tokens_per_s_per_gpu']:.0f} | "
+        micro = f"{r['micro_batch']}" + (f" x {r['grad_accum']}" if r.get("grad_accum", 1) > 1 else "")
+        lines.append(f"| {r['subject']} | {micro} | {r['tokens_per_s_per_gpu']:.0f} | "
                      f"{r.get('vs_plain', float('nan')):.3f} | {r['tflops_per_gpu']:.1f} | {mfu} | {mem} | {parts} |")
     return "\n".join(lines) + "\n"
 
