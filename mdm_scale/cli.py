@@ -7,6 +7,10 @@
 ``torchrun``) or under ``srun``/``mpirun`` (MPI discovery), e.g.
 
     deepspeed --num_gpus 8 --module mdm_scale.cli train --config configs/llada_8b.yaml
+
+Exit status of ``train`` (``docs/operations.md``): 0 finished; 2 bad input (config, data, checkpoint), with a
+one-line message; 3 stopped after ``train.max_nonfinite_steps`` non-finite steps in a row (last good state
+saved); 75 stopped by SIGUSR1/SIGTERM after saving a checkpoint (run the same command again to resume).
 """
 
 from __future__ import annotations
@@ -21,6 +25,9 @@ def _train(args: argparse.Namespace) -> int:
     from mdm_scale.config.loader import load_config
 
     config = load_config(args.config, args.set)  # fails on bad keys before anything heavy is imported
+    from mdm_scale.training.preemption import EXIT_PREEMPTED, install
+
+    install()  # SIGUSR1/SIGTERM from here on mean "checkpoint and stop at the next step"
     from mdm_scale.training.metrics import quiet_third_party_logs
 
     quiet_third_party_logs()
@@ -29,7 +36,7 @@ def _train(args: argparse.Namespace) -> int:
     summary = train(config)
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps({"final": summary}), flush=True)
-    return 0
+    return 0 if summary["stopped_by"] is None else EXIT_PREEMPTED
 
 
 def _synth(args: argparse.Namespace) -> int:
@@ -71,12 +78,16 @@ def main(argv: list[str] | None = None) -> int:
     from mdm_scale.config.schema import ConfigError
     from mdm_scale.data.records import DataError
     from mdm_scale.training.checkpoint import CheckpointError
+    from mdm_scale.training.faults import EXIT_NONFINITE, NonFiniteError
 
     try:
         return args.func(args)
     except (ConfigError, DataError, CheckpointError, FileNotFoundError) as err:
         print(f"mdm-scale: error: {err}", file=sys.stderr, flush=True)
         return 2
+    except NonFiniteError as err:
+        print(f"mdm-scale: error: {err}", file=sys.stderr, flush=True)
+        return EXIT_NONFINITE
 
 
 if __name__ == "__main__":

@@ -128,6 +128,9 @@ class TrainConfig:
     resume: str = "auto"
     """``auto``: continue from the newest complete checkpoint in output_dir if there is one; ``never``;
     or a checkpoint directory."""
+    max_nonfinite_steps: int = 10
+    """Optimiser steps in a row whose loss or gradient is NaN/Inf (each one skipped and counted) before the run
+    stops, saving the last good state (``training/faults.py``)."""
 
     def check(self) -> None:
         _require(self.max_steps >= 1, "train.max_steps", self.max_steps, "must be >= 1")
@@ -155,6 +158,8 @@ class TrainConfig:
             _require(value >= 0, f"train.{key}", value, "must be >= 0")
         _require(self.log_every >= 1, "train.log_every", self.log_every, "must be >= 1")
         _require(self.keep_last >= 1, "train.keep_last", self.keep_last, "must be >= 1")
+        _require(self.max_nonfinite_steps >= 1, "train.max_nonfinite_steps", self.max_nonfinite_steps,
+                 "must be >= 1")
         _require(bool(self.output_dir), "train.output_dir", self.output_dir, "must name a directory")
 
 

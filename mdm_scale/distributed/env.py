@@ -1,8 +1,8 @@
 """Process-group set-up and the few collectives the rest of the code needs.
 
-Works the same under the ``deepspeed`` launcher (any number of GPUs and nodes), ``srun``/``mpirun`` (DeepSpeed's
-MPI discovery fills RANK/WORLD_SIZE from mpi4py when they are missing) and as one plain process. Without CUDA
-it selects DeepSpeed's CPU accelerator and the gloo backend.
+Works the same under the ``deepspeed`` launcher (any number of GPUs and nodes), ``srun`` (SLURM's variables),
+``mpirun`` (DeepSpeed's MPI discovery through mpi4py) and as one plain process; ``discovery.py`` says which
+applies. Without CUDA it selects DeepSpeed's CPU accelerator and the gloo backend.
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+from mdm_scale.distributed.discovery import discover
 
 
 @dataclass(frozen=True)
@@ -43,11 +45,13 @@ def init_distributed() -> DistEnv:
     on_gpu = select_accelerator()
     import deepspeed
 
+    discover()
     deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo", auto_mpi_discovery=True,
-                               verbose=False)
+                               distributed_port=int(os.environ.get("MASTER_PORT", 29500)), verbose=False)
     rank, world = dist.get_rank(), dist.get_world_size()
-    local_rank = int(os.environ.get("LOCAL_RANK", rank % max(torch.cuda.device_count(), 1) if on_gpu else 0))
+    local_rank = int(os.environ.get("LOCAL_RANK", rank))
     if on_gpu:
+        local_rank %= torch.cuda.device_count()  # srun --gpus-per-task=1 shows each task only its own GPU
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)
     else:
@@ -62,6 +66,18 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
+
+
+_control_group = None
+
+
+def control_group():
+    """A gloo group over all ranks for small host-side agreements (stop flags, checksums): its collectives
+    never wait for the GPU stream. The default group when it already is gloo (CPU runs)."""
+    global _control_group
+    if _control_group is None:
+        _control_group = dist.group.WORLD if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+    return _control_group
 
 
 def barrier() -> None:

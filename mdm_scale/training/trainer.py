@@ -29,8 +29,10 @@ from mdm_scale.diffusion.t_samplers import UniformT, build_t_sampler
 from mdm_scale.distributed.env import DistEnv, all_reduce_sum, barrier, check_ranks_agree, init_distributed
 from mdm_scale.models.loading import build_model, load_hf_config, parameter_shapes, resolve_mask_token_id
 from mdm_scale.training.checkpoint import CheckpointManager, write_atomic
+from mdm_scale.training.faults import NonFiniteGuard
 from mdm_scale.training.lr_schedule import scheduler_factory
 from mdm_scale.training.metrics import MetricLogger, Throughput
+from mdm_scale.training.preemption import StopRequest
 from mdm_scale.training.step_timer import NoTimer
 
 # Config keys that define a run: an output directory with checkpoints of a run that differs in one of these
@@ -220,17 +222,21 @@ class Trainer:
         window_loss = torch.zeros((), dtype=torch.float64, device=self.env.device)
         window_counts = torch.zeros(4, dtype=torch.float64)
         throughput, eval_loss, last_eval_step = Throughput(), None, -1
+        stop, guard, stopped_by = StopRequest(self.env), NonFiniteGuard(cfg.max_nonfinite_steps, self.info), None
         start = time.perf_counter()
         self.engine.train()
         while self.step < cfg.max_steps:
             step_loss, step_counts = self.train_step()
-            window_loss += step_loss
-            window_counts += step_counts
+            if guard.update(self.step, self.engine.was_step_applied()):
+                window_loss += step_loss
+                window_counts += step_counts
+            elif guard.tripped:
+                raise guard.error(self.step, self.save())
             logger.advance()
             if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
                 window = torch.cat([window_loss.reshape(1), window_counts.to(self.env.device)])
                 loss, micro, masked, eligible, tokens = all_reduce_sum(window).tolist()
-                values = {"loss": loss / micro, "lr": self.lr,
+                values = {"loss": loss / max(micro, 1), "lr": self.lr, "skipped_steps": guard.skipped,
                           "tokens_per_s": throughput.rate(tokens), "masked_fraction": masked / max(eligible, 1)}
                 grad_norm = self.engine.get_global_grad_norm()
                 if grad_norm is not None:
@@ -244,12 +250,18 @@ class Trainer:
                 eval_loss, last_eval_step = self._log_eval(logger), self.step
             if cfg.save_every and self.step % cfg.save_every == 0:
                 self.save()
-        if last_eval_step != self.step:
+            if stop.should_stop():
+                stopped_by = stop.acknowledge()
+                break
+        if last_eval_step != self.step and stopped_by is None:
             eval_loss = self._log_eval(logger)
         path = self.save()
         logger.close()
         summary = {"step": self.step, "eval_loss": eval_loss, "checkpoint": str(path),
-                   "tensorboard_dir": str(tb_dir) if tb_dir else None, "seconds": time.perf_counter() - start}
+                   "tensorboard_dir": str(tb_dir) if tb_dir else None, "seconds": time.perf_counter() - start,
+                   "stopped_by": stopped_by}
+        if stopped_by is not None:
+            self.info(f"stopped by {stopped_by} at step {self.step}; checkpoint {path}; run again to resume")
         if eval_loss is not None:
             self.info(f"final eval loss: {eval_loss:.4f} (step {self.step})")
         if tb_dir is not None:
