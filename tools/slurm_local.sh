@@ -35,6 +35,7 @@ cat > "$CONF" <<CONF
 ClusterName=local
 SlurmctldHost=$host
 AuthType=auth/munge
+AuthInfo=cred_expire=5
 SlurmUser=root
 SlurmdUser=root
 StateSaveLocation=$STATE/ctld
@@ -53,6 +54,8 @@ ReturnToService=2
 SlurmctldTimeout=30
 SlurmdTimeout=30
 KillWait=10
+MinJobAge=600
+SchedulerParameters=sched_interval=2
 NodeName=$host CPUs=$cpus RealMemory=$mem State=UNKNOWN
 PartitionName=debug Nodes=$host Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES
 CONF
