@@ -5,26 +5,45 @@ Layout under ``<output_dir>/checkpoints``::
     step_00000100/                    DeepSpeed's files (every rank's model and optimizer shards)
     step_00000100/rng_rank<r>.pt      each rank's torch RNG state (for dropout in Hugging Face models)
     step_00000100/mdm_scale_manifest.json   written by rank 0 last, after all ranks finished writing
+    step_00000100/universal/          the same state re-split for any world size (made on demand, see below)
+    step_00000100.damaged/            a checkpoint that failed its integrity check (kept for inspection)
     latest                            name of the newest complete checkpoint, replaced atomically
 
-A directory without a manifest is an interrupted save and is never loaded. The manifest records every file's
-size and the model's parameter shapes, so a truncated file or a checkpoint of another model is reported by
-name before DeepSpeed reads anything; a damaged newest checkpoint falls back to the previous good one.
+Atomic: each rank fsyncs the files it wrote and the manifest is written only after every rank has, so a crash
+mid-save leaves a directory without a manifest, which is never loaded (and is removed by the next save).
+
+Integrity: the manifest records every file's size and CRC-32 (each rank checksums its own shards, in
+parallel) and the model's parameter shapes. Resuming checks them all, again split over the ranks, before
+DeepSpeed reads anything: a damaged newest checkpoint is reported by file, renamed ``*.damaged`` and the run
+falls back to the previous good one; a checkpoint of another model shape is refused by parameter name.
+
+Elastic resume: ZeRO shards are cut for one world size. When the world size changed, rank 0 converts the
+checkpoint once with DeepSpeed's ``ds_to_universal`` into ``universal/`` and every rank loads its new slice
+from there (``checkpoint.load_universal``). The data stream and the noise are keyed by the global sample index
+(``data/loader.py``, ``diffusion/noise.py``), so with the same global batch the run continues on the same
+samples with the same noise; a different global batch is refused, naming the ``train.grad_accum`` that keeps
+it. The t-sampler state travels in DeepSpeed's client state, which the conversion carries over.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import subprocess
+import sys
+import zlib
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
-from mdm_scale.distributed.env import DistEnv, barrier
+from mdm_scale.distributed.env import DistEnv, barrier, control_group
 
 MANIFEST = "mdm_scale_manifest.json"
 LATEST = "latest"
+UNIVERSAL = "universal"
 
 
 class CheckpointError(RuntimeError):
@@ -63,9 +82,13 @@ class CheckpointManager:
             rng["cuda"] = torch.cuda.get_rng_state()
         torch.save(rng, path / f"rng_rank{self.env.rank}.pt")
         barrier()
+        mine = {name: [(path / name).stat().st_size, file_crc(path / name, sync=True)]
+                for name in self._my_files(path)}
+        files = dict(sorted(kv for part in self._gather(mine) for kv in part.items()))
         if self.env.is_main:
-            files = {str(p.relative_to(path)): p.stat().st_size for p in sorted(path.rglob("*")) if p.is_file()}
-            manifest = {"step": step, "world_size": self.env.world_size, "files": files, "shapes": shapes}
+            manifest = {"step": step, "world_size": self.env.world_size, "files": files, "shapes": shapes,
+                        "samples_seen": client_state.get("samples_seen"),
+                        "zero_stage": engine.zero_optimization_stage()}
             write_atomic(path / MANIFEST, json.dumps(manifest))
             write_atomic(self.root / LATEST, tag + "\n")
             self._prune()
@@ -90,54 +113,144 @@ class CheckpointManager:
     def complete(self) -> list[Path]:
         return [p for p in self._step_dirs() if (p / MANIFEST).is_file()]
 
-    def verify(self, path: Path) -> str | None:
-        """None if ``path`` is a complete, undamaged checkpoint; otherwise what is wrong with it."""
+    def verify(self, path: Path, checksums: bool = False) -> str | None:
+        """None if ``path`` is a complete, undamaged checkpoint; otherwise what is wrong with it.
+
+        Sizes only by default (cheap, any rank alone); with ``checksums`` every rank must call it: each one
+        reads its share of the files and all ranks get the same answer.
+        """
         manifest_path = path / MANIFEST
         if not manifest_path.is_file():
             return "incomplete (no manifest: the save was interrupted)"
         try:
             manifest = json.loads(manifest_path.read_text())
-        except json.JSONDecodeError:
+            files = {name: (int(size), int(crc)) for name, (size, crc) in manifest["files"].items()}
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
             return f"unreadable manifest {manifest_path}"
-        for name, size in manifest["files"].items():
+        problems = []
+        for name, (size, _) in files.items():
             file = path / name
             if not file.is_file():
-                return f"missing file {file}"
-            if file.stat().st_size != size:
-                return f"file {file} has {file.stat().st_size} bytes, the manifest says {size}"
-        return None
+                problems.append(f"missing file {file}")
+            elif file.stat().st_size != size:
+                problems.append(f"file {file} has {file.stat().st_size} bytes, the manifest says {size}")
+        if checksums:
+            problems += [f"file {path / name} fails its checksum (CRC-32 {file_crc(path / name):08x}, the "
+                         f"manifest says {files[name][1]:08x})" for name in self._my_files(path, files)
+                         if (path / name).is_file() and (path / name).stat().st_size == files[name][0]
+                         and file_crc(path / name) != files[name][1]]
+            problems = [p for part in self._gather(problems) for p in part]
+        return problems[0] if problems else None
 
     def find_resumable(self) -> Path | None:
-        """The newest checkpoint that passes ``verify``; damaged newer ones are reported and skipped."""
+        """The newest checkpoint that passes ``verify`` with checksums (every rank calls this). Damaged newer
+        ones are reported and renamed ``*.damaged``, so that no later save or resume mistakes them for good."""
         for path in reversed(self._step_dirs()):
-            problem = self.verify(path)
+            problem = self.verify(path, checksums=True)
             if problem is None:
                 return path
-            self.log(f"checkpoint {path} is unusable: {problem}; trying the previous one")
+            if (path / MANIFEST).is_file():
+                self.log(f"checkpoint {path} is damaged: {problem}; moved to {path.name}.damaged, "
+                         f"falling back to the previous checkpoint")
+                barrier()
+                if self.env.is_main:
+                    shutil.rmtree(path.with_name(path.name + ".damaged"), ignore_errors=True)
+                    path.rename(path.with_name(path.name + ".damaged"))
+                barrier()
+            else:
+                self.log(f"checkpoint {path} is unusable: {problem}; trying the previous one")
         return None
 
+    def load_settings(self, path: Path | None) -> dict:
+        """DeepSpeed config entries that loading ``path`` needs: universal loading when the world size differs
+        from the one that wrote it (ZeRO stage 0 holds whole tensors and needs no re-split)."""
+        if path is None:
+            return {}
+        manifest = json.loads((path / MANIFEST).read_text())
+        if manifest["world_size"] == self.env.world_size or manifest.get("zero_stage", 0) == 0:
+            return {}
+        return {"checkpoint": {"load_universal": True}}
+
+    # ---- helpers: which rank handles which file, and gathering small results ------------------------------
+    def _my_files(self, path: Path, names=None) -> list[str]:
+        """This rank's share of the files: the ones a rank number in the name assigns to it (DeepSpeed's
+        ``zero_pp_rank_<r>_...``, our ``rng_rank<r>``), rank 0 for the rest; sorted."""
+        if names is None:
+            names = [str(p.relative_to(path)) for p in path.rglob("*") if p.is_file() and p.name != MANIFEST
+                     and UNIVERSAL not in p.relative_to(path).parts]
+        return sorted(n for n in names if _owner(n, self.env.world_size) == self.env.rank)
+
+    def _gather(self, value) -> list:
+        if self.env.world_size == 1:
+            return [value]
+        out = [None] * self.env.world_size
+        dist.all_gather_object(out, value, group=control_group())
+        return out
+
     # ---- loading ------------------------------------------------------------------------------------------
-    def load(self, engine, path: Path, shapes: dict[str, list[int]]) -> dict:
+    def load(self, engine, path: Path, shapes: dict[str, list[int]], global_batch: int) -> dict:
         problem = self.verify(path)
         if problem is not None:
             raise CheckpointError(f"cannot resume from {path}: {problem}")
         manifest = json.loads((path / MANIFEST).read_text())
         check_shapes(path, manifest["shapes"], shapes)
-        if manifest["world_size"] != self.env.world_size:
+        saved_batch = manifest["samples_seen"] // max(manifest["step"], 1)
+        if saved_batch != global_batch:
             raise CheckpointError(
-                f"checkpoint {path} was written by {manifest['world_size']} ranks and this run has "
-                f"{self.env.world_size}; ZeRO shards cannot be re-split directly")
-        _, client_state = engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True,
+                f"checkpoint {path} was trained with a global batch of {saved_batch} sequences and this run has "
+                f"{global_batch}; keep the global batch when resuming (with {self.env.world_size} ranks: "
+                f"train.grad_accum = {saved_batch} / (train.micro_batch_size x {self.env.world_size}))")
+        load_dir, tag = path.parent, path.name
+        if self.load_settings(path):
+            load_dir, tag = path, self._universal(path, manifest["world_size"])
+        _, client_state = engine.load_checkpoint(str(load_dir), tag=tag, load_optimizer_states=True,
                                                  load_lr_scheduler_states=True)
         if client_state is None:
             raise CheckpointError(f"DeepSpeed could not load {path}")
         rng_file = path / f"rng_rank{self.env.rank}.pt"
-        if rng_file.is_file():
+        if rng_file.is_file() and manifest["world_size"] == self.env.world_size:
             rng = torch.load(rng_file, weights_only=True)
             torch.set_rng_state(rng["cpu"])
             if "cuda" in rng and torch.cuda.is_available():
                 torch.cuda.set_rng_state(rng["cuda"])
         return client_state
+
+
+    def _universal(self, path: Path, saved_world: int) -> str:
+        """Convert ``path`` to DeepSpeed's universal format once (rank 0) and return its tag under ``path``."""
+        target = path / UNIVERSAL
+        if self.env.is_main and not target.is_dir():
+            self.log(f"checkpoint {path} was written by {saved_world} ranks and this run has "
+                     f"{self.env.world_size}: converting it to a universal checkpoint in {target}")
+            tmp = path / (UNIVERSAL + ".tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            workers = str(max(1, min(8, (os.cpu_count() or 1) // 2)))
+            done = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+                                   str(path), "--output_folder", str(tmp), "--num_extract_workers", workers,
+                                   "--num_merge_workers", workers], capture_output=True, text=True)
+            if done.returncode != 0:
+                raise CheckpointError(f"converting {path} to a universal checkpoint failed:\n"
+                                      f"{done.stdout[-2000:]}{done.stderr[-2000:]}")
+            tmp.rename(target)
+        barrier()
+        return UNIVERSAL
+
+
+def _owner(name: str, world_size: int) -> int:
+    match = re.search(r"rank_?(\d+)", Path(name).name)
+    rank = int(match.group(1)) if match else 0
+    return rank if rank < world_size else 0
+
+
+def file_crc(path: Path, sync: bool = False) -> int:
+    """CRC-32 of a file, read in 64 MiB blocks; ``sync`` also flushes it to disk first (after writing it)."""
+    crc = 0
+    with path.open("rb") as f:
+        if sync:
+            os.fsync(f.fileno())
+        while block := f.read(64 << 20):
+            crc = zlib.crc32(block, crc)
+    return crc
 
 
 def check_shapes(path: Path, saved: dict[str, list[int]], current: dict[str, list[int]]) -> None:

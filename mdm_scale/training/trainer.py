@@ -62,6 +62,7 @@ class Trainer:
         hf_config = load_hf_config(cfg)
         self.mask_token_id = resolve_mask_token_id(cfg, self.data.tokenizer, hf_config)
         self.ds_config = build_deepspeed_config(cfg, self.env.world_size, self.env.on_gpu)
+        self.ds_config.update(self.checkpoints.load_settings(self.resume_from))  # elastic resume
         self._write_run_files()
         model = build_model(cfg, self.data.tokenizer, self.mask_token_id, hf_config, self.ds_config, cfg.seed)
         self.shapes = parameter_shapes(model)
@@ -94,7 +95,7 @@ class Trainer:
         if mode == "auto":
             return self.checkpoints.find_resumable()
         path = Path(mode)
-        problem = self.checkpoints.verify(path)
+        problem = self.checkpoints.verify(path, checksums=True)
         if problem is not None:
             raise ConfigError(f"config key 'train.resume' = {mode!r}: not a usable checkpoint ({problem})")
         return path
@@ -151,7 +152,7 @@ class Trainer:
                 "t_sampler": sampler.state_dict() if sampler is not None else {}}
 
     def _restore(self, path: Path) -> None:
-        client = self.checkpoints.load(self.engine, path, self.shapes)
+        client = self.checkpoints.load(self.engine, path, self.shapes, self.global_batch)
         self.step = int(client["step"])
         sampler = getattr(self.objective, "t_sampler", None)
         if sampler is not None:
