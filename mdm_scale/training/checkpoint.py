@@ -188,7 +188,8 @@ class CheckpointManager:
         return out
 
     # ---- loading ------------------------------------------------------------------------------------------
-    def load(self, engine, path: Path, shapes: dict[str, list[int]], global_batch: int) -> dict:
+    def check_compatible(self, path: Path, shapes: dict[str, list[int]], global_batch: int) -> None:
+        """Refuse a checkpoint of another model shape or global batch (before anything is loaded or written)."""
         problem = self.verify(path)
         if problem is not None:
             raise CheckpointError(f"cannot resume from {path}: {problem}")
@@ -200,6 +201,10 @@ class CheckpointManager:
                 f"checkpoint {path} was trained with a global batch of {saved_batch} sequences and this run has "
                 f"{global_batch}; keep the global batch when resuming (with {self.env.world_size} ranks: "
                 f"train.grad_accum = {saved_batch} / (train.micro_batch_size x {self.env.world_size}))")
+
+    def load(self, engine, path: Path, shapes: dict[str, list[int]], global_batch: int) -> dict:
+        self.check_compatible(path, shapes, global_batch)
+        manifest = json.loads((path / MANIFEST).read_text())
         load_dir, tag = path.parent, path.name
         if self.load_settings(path):
             load_dir, tag = path, self._universal(path, manifest["world_size"])

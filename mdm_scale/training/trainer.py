@@ -63,9 +63,11 @@ class Trainer:
         self.mask_token_id = resolve_mask_token_id(cfg, self.data.tokenizer, hf_config)
         self.ds_config = build_deepspeed_config(cfg, self.env.world_size, self.env.on_gpu)
         self.ds_config.update(self.checkpoints.load_settings(self.resume_from))  # elastic resume
-        self._write_run_files()
         model = build_model(cfg, self.data.tokenizer, self.mask_token_id, hf_config, self.ds_config, cfg.seed)
         self.shapes = parameter_shapes(model)
+        if self.resume_from is not None:
+            self.checkpoints.check_compatible(self.resume_from, self.shapes, self.global_batch)
+        self._write_run_files()
         self.engine = self._initialize_engine(model)
         self.info(f"model: {sum(_numel(s) for s in self.shapes.values()) / 1e6:.2f}M parameters, "
                   f"ZeRO stage {cfg.train.zero_stage}, {self.env.world_size} rank(s) on {self.env.device.type}, "
@@ -237,7 +239,8 @@ class Trainer:
             if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
                 window = torch.cat([window_loss.reshape(1), window_counts.to(self.env.device)])
                 loss, micro, masked, eligible, tokens = all_reduce_sum(window).tolist()
-                values = {"loss": loss / max(micro, 1), "lr": self.lr, "skipped_steps": guard.skipped,
+                values = {"loss": loss / micro if micro else float("nan"), "lr": self.lr,
+                          "skipped_steps": guard.skipped,
                           "tokens_per_s": throughput.rate(tokens), "masked_fraction": masked / max(eligible, 1)}
                 grad_norm = self.engine.get_global_grad_norm()
                 if grad_norm is not None:
