@@ -71,8 +71,8 @@ def resolve_mask_token_id(cfg: Config, tokenizer: PreTrainedTokenizerBase, hf_co
                   getattr(hf_config, "mask_token_id", None) if hf_config is not None else None]
     found = next((c for c in candidates if c is not None), None)
     if found is None and cfg.train.objective == "mdm":
-        raise ConfigError("no [MASK] token: the tokenizer has no mask token and the model config has no "
-                          "mask_token_id; set model.mask_token_id")
+        raise ConfigError(f"no [MASK] token: the tokenizer (config key 'data.tokenizer' = {cfg.data.tokenizer!r}) "
+                          f"has no mask token and the model config has no mask_token_id; set model.mask_token_id")
     if found is not None and found >= len(tokenizer) and hf_config is None:
         raise ConfigError(f"config key 'model.mask_token_id' = {found}: outside the vocabulary "
                           f"({len(tokenizer)} tokens)")
