@@ -71,7 +71,7 @@ def set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
     for part in parts[:-1]:
         child = node.setdefault(part, {})
         if not isinstance(child, dict):
-            raise ConfigError(f"--set {key}: '{part}' is a value, not a section")
+            raise ConfigError(f"--set {key!r}: {part!r} is a value, not a section")
         node = child
     node[parts[-1]] = value
 
@@ -110,7 +110,7 @@ def from_dict(cls: type, raw: Any, prefix: str = "") -> Any:
             full = prefix + str(key)
             close = difflib.get_close_matches(full, all_keys(), n=1, cutoff=0.5)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
-            raise ConfigError(f"unknown config key '{full}'{hint}")
+            raise ConfigError(f"unknown config key {full!r}{hint}")  # repr: a key may hold any character
     values = {}
     for name in names & raw.keys():
         hint = hints[name]

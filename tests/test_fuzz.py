@@ -1,0 +1,130 @@
+"""Property-based fuzzing (hypothesis) of the config parser and the data path: arbitrary input either loads or
+fails with the project's own one-line error (never a traceback from deep inside), and the loader's sharding
+holds for any world size, batch shape and example lengths."""
+
+from __future__ import annotations
+
+import json
+import string
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from mdm_scale.config.loader import all_keys, check_batch_arithmetic, load_config
+from mdm_scale.config.schema import Config, ConfigError
+from mdm_scale.data.dataset import TokenizedData
+from mdm_scale.data.loader import TrainLoader
+from mdm_scale.data.records import DataError, read_records
+
+FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+scalars = st.one_of(st.none(), st.booleans(), st.integers(-10**6, 10**6), st.floats(allow_nan=True),
+                    st.text(max_size=12))
+json_values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=3)
+                           | st.dictionaries(st.text(max_size=6), inner, max_size=3), max_leaves=6)
+keys = st.one_of(st.sampled_from(all_keys()),
+                 st.lists(st.text(string.ascii_lowercase + "_", min_size=1, max_size=10), min_size=1, max_size=3)
+                 .map(".".join))
+override_values = st.one_of(json_values.map(lambda v: yaml.safe_dump(v, default_flow_style=True).strip()),
+                            st.text(max_size=20))
+
+
+def one_line_error(err: Exception) -> None:
+    text = str(err)
+    assert text and "\n" not in text, text
+
+
+@FUZZ
+@given(items=st.lists(st.tuples(keys, override_values), max_size=4), world=st.integers(1, 64))
+def test_any_overrides_load_or_fail_with_a_config_error(items, world):
+    try:
+        config = load_config([], [f"{key}={value}" for key, value in items])
+        check_batch_arithmetic(config, world)
+    except ConfigError as err:
+        one_line_error(err)
+    else:
+        assert isinstance(config, Config)
+
+
+@FUZZ
+@given(document=st.dictionaries(st.sampled_from([k.split(".")[0] for k in all_keys()]) | st.text(max_size=8),
+                                json_values, max_size=4))
+def test_any_yaml_file_loads_or_fails_with_a_config_error(document, tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(document))
+    try:
+        load_config([path])
+    except ConfigError as err:
+        one_line_error(err)
+
+
+def record_is_good(raw: bytes) -> bool:
+    """What read_records must accept: a JSON object with string prompt and a non-blank string response."""
+    try:
+        record = json.loads(raw)
+    except ValueError:
+        return False
+    return (isinstance(record, dict) and isinstance(record.get("prompt"), str)
+            and isinstance(record.get("response"), str) and bool(record["response"].strip()))
+
+
+lines = st.one_of(
+    st.fixed_dictionaries({"prompt": st.text(max_size=20), "response": st.text(max_size=20)}).map(json.dumps),
+    json_values.map(json.dumps),
+    st.text(max_size=30),
+).map(lambda text: text.encode()) | st.binary(max_size=30)
+
+
+@FUZZ
+@given(raw_lines=st.lists(lines.map(lambda b: b.replace(b"\n", b" ")), min_size=1, max_size=12))
+def test_any_jsonl_file_reads_or_names_the_first_bad_line(raw_lines, tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(b"\n".join(raw_lines) + b"\n")
+    numbered = [(n, raw) for n, raw in enumerate(raw_lines, start=1) if raw.strip()]
+    good = [n for n, raw in numbered if record_is_good(raw)]
+    bad = [n for n, raw in numbered if not record_is_good(raw)]
+    try:
+        records, report = read_records(path, "sft", on_bad="skip")
+    except DataError as err:
+        one_line_error(err)
+        assert not good and "no usable records" in str(err)
+    else:
+        assert records["line"] == [str(n) for n in good]
+        assert report.kept == len(good) and sum(report.skipped.values()) == len(bad)
+    if bad:
+        with pytest.raises(DataError, match=rf"d.jsonl:{bad[0]}: ") as caught:
+            read_records(path, "sft", on_bad="error")
+        one_line_error(caught.value)
+
+
+@FUZZ
+@given(lengths=st.lists(st.integers(2, 40), min_size=1, max_size=30), world=st.integers(1, 4),
+       micro=st.integers(1, 4), accum=st.integers(1, 3), step=st.integers(0, 20), grouped=st.booleans(),
+       seed=st.integers(0, 2**31))
+def test_loader_covers_each_stream_position_once_with_its_own_tokens(lengths, world, micro, accum, step, grouped,
+                                                                     seed):
+    rng = np.random.default_rng(seed)
+    pieces = [rng.integers(5, 50, size=n) for n in lengths]
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    prompts = np.array([int(rng.integers(0, n - 1)) for n in lengths], dtype=np.int64)
+    data = TokenizedData(np.concatenate(pieces).astype(np.int64), offsets, prompts, Counter())
+    seen = []
+    for rank in range(world):
+        loader = TrainLoader(data, seed, rank, world, micro, accum, 0, 8, 64, grouped)
+        for m in range(accum):
+            batch = loader.micro_batch_at(step, m)
+            assert batch.input_ids.shape[0] == micro
+            for row, position in enumerate(batch.sample_index.tolist()):
+                example = loader.stream.example_ids(range(position, position + 1))[0]
+                n = lengths[example]
+                assert torch.equal(batch.input_ids[row, :n], torch.from_numpy(pieces[example]))
+                assert (batch.input_ids[row, n:] == 0).all()
+                assert batch.loss_mask[row].nonzero().flatten().tolist() == list(range(prompts[example], n))
+                seen.append(position)
+    size = world * micro * accum
+    assert sorted(seen) == list(range(step * size, (step + 1) * size))
