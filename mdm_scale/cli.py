@@ -25,7 +25,7 @@ def _train(args: argparse.Namespace) -> int:
     from mdm_scale.config.loader import load_config
 
     config = load_config(args.config, args.set)  # fails on bad keys before anything heavy is imported
-    from mdm_scale.training.preemption import EXIT_PREEMPTED, install
+    from mdm_scale.training.preemption import EXIT_PREEMPTED, ignore, install
 
     install()  # SIGUSR1/SIGTERM from here on mean "checkpoint and stop at the next step"
     from mdm_scale.training.metrics import quiet_third_party_logs
@@ -34,6 +34,8 @@ def _train(args: argparse.Namespace) -> int:
     from mdm_scale.training.trainer import train
 
     summary = train(config)
+    if summary["stopped_by"] is not None:
+        ignore()  # the checkpoint is complete; exit 75 even when a launcher now SIGTERMs this rank
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps({"final": summary}), flush=True)
     return 0 if summary["stopped_by"] is None else EXIT_PREEMPTED

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 
 import pytest
 import torch
 
-from conftest import read_scalars, tiny_overrides
+from conftest import REPO, free_port, read_scalars, tiny_overrides
 from mdm_scale.config.loader import load_config
 from mdm_scale.config.schema import ConfigError
 from mdm_scale.distributed.discovery import discover, first_host, slurm_step_env, tasks_on_node
@@ -121,3 +123,26 @@ def test_discovery_prefers_the_launcher_then_srun_then_mpi():
                                                         "MASTER_PORT": "21234"}
     batch_script = {"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_JOB_NODELIST": "n1"}  # not inside srun
     assert slurm_step_env(batch_script) is None and discover(dict(batch_script)) == "mpi"
+
+
+AGREE_SCRIPT = """
+import os, sys, torch, torch.distributed as dist
+from mdm_scale.distributed.env import DistEnv, check_ranks_agree
+rank = int(os.environ["RANK"])
+dist.init_process_group("gloo", rank=rank, world_size=2)
+env = DistEnv(rank, 2, rank, torch.device("cpu"))
+check_ranks_agree("the configuration", "same everywhere", env)
+check_ranks_agree("the data", sys.argv[1], env)
+"""
+
+
+def test_ranks_that_disagree_on_the_data_all_stop_with_a_clear_error(tmp_path):
+    port = str(free_port())
+    procs = [subprocess.Popen([sys.executable, "-c", AGREE_SCRIPT, text], cwd=REPO, stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, "RANK": str(rank), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+                                   "MASTER_PORT": port})
+             for rank, text in enumerate(["tokens 1000", "tokens 999"])]
+    for proc in procs:
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode != 0
+        assert "RuntimeError: ranks disagree on the data: ranks [1] differ from rank 0" in err, err[-2000:]

@@ -46,6 +46,15 @@ def install() -> None:
         pass
 
 
+def ignore() -> None:
+    """After the stop checkpoint: ignore further stop signals. The first rank to exit with status 75 makes
+    ``srun --kill-on-bad-exit`` or the deepspeed launcher SIGTERM the others, and Python's shutdown puts back
+    the default action for signals it handled (which would turn their exit 75 into a kill), not for ignored
+    ones."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+
+
 class StopRequest:
     """``should_stop()`` is the same on every rank: True once any rank has received a stop signal."""
 
