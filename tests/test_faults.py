@@ -4,6 +4,7 @@ and how a process finds its place in a SLURM or MPI job."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,7 +16,7 @@ from conftest import REPO, free_port, read_scalars, tiny_overrides
 from mdm_scale.config.loader import load_config
 from mdm_scale.config.schema import ConfigError
 from mdm_scale.distributed.discovery import discover, first_host, slurm_step_env, tasks_on_node
-from mdm_scale.training.checkpoint import MANIFEST
+from mdm_scale.training.checkpoint import MANIFEST, CheckpointError
 from mdm_scale.training.faults import NonFiniteError
 from mdm_scale.training.trainer import Trainer
 
@@ -97,6 +98,11 @@ def test_damaged_checkpoints_are_reported_and_the_previous_good_one_is_used(synt
     assert "step_00000006 is unusable: incomplete (no manifest" in log
     assert f"step_00000004 is damaged: file {shard} fails its checksum" in log
     assert resumed.step == 2 and (ckpt / "step_00000004.damaged").is_dir()
+    lone = tmp_path / "lone" / "checkpoints"
+    shutil.copytree(ckpt / "step_00000004.damaged", lone / "step_00000004")
+    with pytest.raises(CheckpointError, match=r"no usable checkpoint in .*lone/checkpoints: every complete one is "
+                                              r"damaged \(newest: step_00000004"):
+        trainer(synth_dir, lone.parent, dist_env)
     assert resumed.fit()["step"] == 6
     assert (ckpt / "latest").read_text().strip() == "step_00000006"
     assert (ckpt / "step_00000006" / MANIFEST).is_file()

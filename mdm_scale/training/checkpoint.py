@@ -144,22 +144,34 @@ class CheckpointManager:
 
     def find_resumable(self) -> Path | None:
         """The newest checkpoint that passes ``verify`` with checksums (every rank calls this). Damaged newer
-        ones are reported and renamed ``*.damaged``, so that no later save or resume mistakes them for good."""
+        ones are reported and renamed ``*.damaged``, so that no later save or resume mistakes them for good.
+        If every complete checkpoint is damaged, the run stops rather than silently start over."""
+        damaged = []
         for path in reversed(self._step_dirs()):
             problem = self.verify(path, checksums=True)
             if problem is None:
+                self._set_aside(damaged)
                 return path
             if (path / MANIFEST).is_file():
-                self.log(f"checkpoint {path} is damaged: {problem}; moved to {path.name}.damaged, "
-                         f"falling back to the previous checkpoint")
-                barrier()
-                if self.env.is_main:
-                    shutil.rmtree(path.with_name(path.name + ".damaged"), ignore_errors=True)
-                    path.rename(path.with_name(path.name + ".damaged"))
-                barrier()
+                damaged.append(path)
+                self.log(f"checkpoint {path} is damaged: {problem}; falling back to the previous checkpoint")
             else:
                 self.log(f"checkpoint {path} is unusable: {problem}; trying the previous one")
+        if damaged:
+            raise CheckpointError(f"no usable checkpoint in {self.root}: every complete one is damaged (newest: "
+                                  f"{damaged[0].name}, see above); repair or remove them, or choose a new "
+                                  f"train.output_dir to start over")
         return None
+
+    def _set_aside(self, damaged: list[Path]) -> None:
+        barrier()
+        if self.env.is_main:
+            for path in damaged:
+                target = path.with_name(path.name + ".damaged")
+                shutil.rmtree(target, ignore_errors=True)
+                path.rename(target)
+                self.log(f"moved damaged checkpoint {path} to {target.name}")
+        barrier()
 
     def load_settings(self, path: Path | None) -> dict:
         """DeepSpeed config entries that loading ``path`` needs: universal loading when the world size differs
