@@ -4,6 +4,7 @@ Layout under ``<output_dir>/checkpoints``::
 
     step_00000100/                    DeepSpeed's files (every rank's model and optimizer shards)
     step_00000100/rng_rank<r>.pt      each rank's torch RNG state (for dropout in Hugging Face models)
+    step_00000100/rank_state<r>.pt    each rank's own training state (the t-sampler's, e.g. P-POTS statistics)
     step_00000100/mdm_scale_manifest.json   written by rank 0 last, after all ranks finished writing
     step_00000100/universal/          the same state re-split for any world size (made on demand, see below)
     step_00000100.damaged/            a checkpoint that failed its integrity check (kept for inspection)
@@ -22,7 +23,8 @@ checkpoint once with DeepSpeed's ``ds_to_universal`` into ``universal/`` and eve
 from there (``checkpoint.load_universal``). The data stream and the noise are keyed by the global sample index
 (``data/loader.py``, ``diffusion/noise.py``), so with the same global batch the run continues on the same
 samples with the same noise; a different global batch is refused, naming the ``train.grad_accum`` that keeps
-it. The t-sampler state travels in DeepSpeed's client state, which the conversion carries over.
+it. The t-sampler state is saved per rank (``rank_state<r>.pt``): after a world-size change rank r takes rank
+r's state, or rank 0's where the old run had fewer ranks.
 """
 
 from __future__ import annotations
@@ -68,7 +70,9 @@ class CheckpointManager:
         self.root, self.env, self.keep_last, self.log = Path(root), env, keep_last, log
 
     # ---- saving -------------------------------------------------------------------------------------------
-    def save(self, engine, step: int, client_state: dict, shapes: dict[str, list[int]]) -> Path:
+    def save(self, engine, step: int, client_state: dict, shapes: dict[str, list[int]],
+             rank_state: dict | None = None) -> Path:
+        """``client_state`` is rank 0's (DeepSpeed keeps it); ``rank_state`` is saved for every rank."""
         tag = f"step_{step:08d}"
         path = self.root / tag
         if self.verify(path) is None:
@@ -81,6 +85,8 @@ class CheckpointManager:
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state()
         torch.save(rng, path / f"rng_rank{self.env.rank}.pt")
+        if rank_state is not None:
+            torch.save(rank_state, path / f"rank_state{self.env.rank}.pt")
         barrier()
         mine = {name: [(path / name).stat().st_size, file_crc(path / name, sync=True)]
                 for name in self._my_files(path)}
@@ -268,6 +274,14 @@ def file_crc(path: Path, sync: bool = False) -> int:
         while block := f.read(64 << 20):
             crc = zlib.crc32(block, crc)
     return crc
+
+
+def rank_state(path: Path, rank: int) -> dict:
+    """What ``save(rank_state=...)`` stored for ``rank`` in checkpoint ``path`` ({} if nothing)."""
+    file = path / f"rank_state{rank}.pt"
+    if not file.is_file():  # a rank the writing run did not have (elastic resume on more ranks)
+        file = path / "rank_state0.pt"
+    return torch.load(file, weights_only=True) if file.is_file() else {}
 
 
 def check_shapes(path: Path, saved: dict[str, list[int]], current: dict[str, list[int]]) -> None:
