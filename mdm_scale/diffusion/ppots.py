@@ -251,7 +251,7 @@ class PPOTSSampler(TSampler):
         return values
 
     def state_dict(self) -> dict:
-        pending = self.pending.cpu() if self.pending is not None else torch.zeros_like(self.statistics)
+        pending = self.pending.cpu().clone() if self.pending is not None else torch.zeros_like(self.statistics)
         return {"bins": self.settings.bins, "z": None if self.z is None else torch.from_numpy(self.z.copy()),
                 "density": self.density.values.clone(), "statistics": self.statistics.clone(),
                 "pending": pending, "refits": self.refits}
@@ -262,8 +262,8 @@ class PPOTSSampler(TSampler):
                              f"is {self.settings.bins}")
         self.z = None if state["z"] is None else state["z"].numpy().astype(np.float64)
         self.density = PiecewiseLinearDensity(state["density"])
-        self.statistics = state["statistics"].to(torch.float64)
-        self.pending = state["pending"].to(torch.float64)
+        self.statistics = state["statistics"].to(torch.float64, copy=True)
+        self.pending = state["pending"].to(torch.float64, copy=True)
         self.refits = int(state["refits"])
 
 
