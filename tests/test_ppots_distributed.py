@@ -9,7 +9,7 @@ import pytest
 import torch
 from ppots_worker import SETTINGS
 
-from conftest import run_deepspeed, tiny_overrides
+from conftest import read_scalars, run_deepspeed, tiny_overrides
 from mdm_scale.config.loader import load_config
 from mdm_scale.diffusion.ppots import PPOTSSampler, PPOTSSettings
 from mdm_scale.training.trainer import Trainer
@@ -63,6 +63,18 @@ def test_two_rank_ppots_service_matches_pooled_fit_world_size_and_resume(synth_d
             assert torch.equal(noisy.input_ids[noisy.row_sample == row],
                                theirs["input_ids"][theirs["row_sample"] == their_row])
     assert not drawn  # every sample of the step was compared
+
+    # TensorBoard: the p(t) figure, the drawn t, importance-weight statistics and the refit count.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tb_dir = tmp_path / "run" / "tensorboard"
+    acc = EventAccumulator(str(tb_dir), size_guidance={"images": 0, "histograms": 0})
+    acc.Reload()
+    tags = acc.Tags()
+    assert {f"t_sampler/{k}" for k in ("refits", "weight_max", "weight_mean", "weight_ess")} <= set(tags["scalars"])
+    assert "t_sampler/drawn_t" in tags["histograms"] and "t_sampler/density" in tags["images"]
+    refits = read_scalars(tb_dir, "t_sampler/refits")
+    assert (refits[2], refits[4], refits[6]) == (2.0, 3.0, 4.0)
 
     # The resumed run starts from exactly the saved sampler, including each rank's pending statistics.
     for r in ranks:
