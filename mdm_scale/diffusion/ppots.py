@@ -194,8 +194,10 @@ class PPOTSSampler(TSampler):
     # ---- the service ----------------------------------------------------------------------------------------
     def observe(self, t: torch.Tensor, sample_loss: torch.Tensor, pair_sq_diff: torch.Tensor | None) -> None:
         batch = bin_statistics(t, sample_loss, pair_sq_diff, self.settings.bins, self.settings.loss_max)
-        if self.pending is None or self.pending.device != batch.device:
+        if self.pending is None:
             self.pending = torch.zeros_like(batch)
+        elif self.pending.device != batch.device:  # restored from a checkpoint on the host
+            self.pending = self.pending.to(batch.device)
         self.pending += batch
 
     def on_optimizer_step(self, step: int) -> bool:
