@@ -32,6 +32,7 @@ from mdm_scale.training.checkpoint import CheckpointManager, rank_state, write_a
 from mdm_scale.training.faults import NonFiniteGuard
 from mdm_scale.training.lr_schedule import scheduler_factory
 from mdm_scale.training.metrics import MetricLogger, Throughput
+from mdm_scale.training.ppots_estimate import initial_fit
 from mdm_scale.training.preemption import StopRequest
 from mdm_scale.training.step_timer import NoTimer
 
@@ -81,6 +82,8 @@ class Trainer:
         self.timer = NoTimer()  # a StepTimer here splits each step's time into sections (diagnostics)
         if self.resume_from is not None:
             self._restore(self.resume_from)
+        else:
+            initial_fit(self)  # P-POTS: the offline estimate of p(t) before the first step
 
     # ---- set-up -------------------------------------------------------------------------------------------
     def info(self, text: str) -> None:
