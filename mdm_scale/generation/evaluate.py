@@ -96,7 +96,7 @@ def generate_predictions(gm: GenerationModel, prompts: list[str], sampling: Samp
             out = greedy_generate(gm.model, batch_ids, pad_id, eos_id, sampling.gen_length, env.device)
         else:
             out = diffusion_generate(gm.model, batch_ids, [mine[j] for j in chunk], gm.mask_token_id, pad_id,
-                                     sampling, env.device)
+                                     sampling, env.device)[:, -sampling.gen_length:]
         for j, row in zip(chunk, out.tolist()):
             texts[mine[j]] = decode_answer(gm.tokenizer, row, eos_id)
     if env.world_size > 1:

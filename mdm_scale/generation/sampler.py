@@ -10,7 +10,8 @@ Masked diffusion (LLaDA ``generate``, SPEC section 6): the answer window of ``ge
 and of the still-masked positions of the current block, the k with the highest confidence c_i keep their
 prediction x0_i; all others stay masked ("low-confidence remasking"). k splits the block's masks evenly over
 its steps (the first ``block_length mod steps`` steps take one more), so every mask is filled after the block's
-last step and the prompt is never changed. Gumbel-max with temperature T samples x0_i from softmax(logits/T).
+last step and the prompt is never changed. [MASK] itself is never predicted. Gumbel-max with temperature T
+samples x0_i from softmax(logits/T).
 
 Random numbers (Gumbel noise, random confidences) are keyed by (seed, sample index, step) with the counter hash
 of ``diffusion/noise.py``, so a prompt decodes the same in any batch, on any rank and any number of ranks.
@@ -91,7 +92,8 @@ def _logits(model, ids: torch.Tensor, attention_mask: torch.Tensor | None) -> to
 @torch.no_grad()
 def diffusion_generate(model, prompts: list[list[int]], sample_index: list[int], mask_id: int, pad_id: int,
                        cfg: SamplingConfig, device: torch.device) -> torch.Tensor:
-    """The ``(B, gen_length)`` answer windows of a masked diffusion model for token-id ``prompts``."""
+    """``(B, P + gen_length)``: the left-padded prompts (P = the longest prompt) followed by the decoded answer
+    windows of a masked diffusion model."""
     cfg.check()
     width = max(len(p) for p in prompts)
     prompt_ids, real = left_pad(prompts, width, pad_id)
@@ -102,27 +104,28 @@ def diffusion_generate(model, prompts: list[list[int]], sample_index: list[int],
     keys = torch.tensor(sample_index, dtype=torch.int64, device=device)
     blocks = cfg.gen_length // cfg.block_length
     steps_per_block = cfg.steps // blocks
+    window = x[:, width:]  # a view: writing into it writes into x
     step = 0
     for block in range(blocks):
-        start = width + block * cfg.block_length
-        stop = start + cfg.block_length
+        start, stop = block * cfg.block_length, (block + 1) * cfg.block_length
         for count in transfer_counts(cfg.block_length, steps_per_block):
-            masked = x == mask_id
-            logits = _logits(model, x, attention_mask)
+            logits = _logits(model, x, attention_mask)[:, width:]
+            logits[..., mask_id] = -torch.inf  # a decoded position is never [MASK] again
             prediction, confidence = _predict(logits, keys, step, cfg)
-            confidence = torch.where(masked, confidence, -torch.inf)
+            confidence = torch.where(window == mask_id, confidence, -torch.inf)
             confidence[:, :start] = -torch.inf
             confidence[:, stop:] = -torch.inf
             if count:
                 chosen = confidence.topk(count, dim=1).indices
-                x.scatter_(1, chosen, prediction.gather(1, chosen))
+                window.scatter_(1, chosen, prediction.gather(1, chosen))
             step += 1
-    return x[:, width:].cpu()
+    return x.cpu()
 
 
 def _predict(logits: torch.Tensor, keys: torch.Tensor, step: int, cfg: SamplingConfig
              ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Predicted token and its confidence at every position (see the module docstring)."""
+    """Predicted token and its confidence at every position of the answer window (see the module docstring);
+    the noise is keyed by the position in the window, so it does not depend on the padding."""
     batch, length, vocab = logits.shape
     stream = GENERATION_STREAM + 2 * step
     if cfg.temperature > 0:
