@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import statistics
 from pathlib import Path
 
+LOG_LOSS = re.compile(r"\[train step (\d+)\] loss=([0-9.eE+-]+)")
 CSV_FIELDS = ["method", "seed", "accuracy", "correct", "total", "no_answer", "eval_loss", "train_seconds",
               "wall_seconds"]
 
@@ -87,20 +89,25 @@ def write_csv(path: Path, table: dict[str, dict[int, dict]]) -> None:
                 writer.writerow(result)
 
 
-def loss_curve(tensorboard_dir: str | None, tag: str = "train/loss") -> tuple[list[int], list[float]]:
-    if not tensorboard_dir or not Path(tensorboard_dir).is_dir():
-        return [], []
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+def loss_curve(result: dict, run_dir: Path) -> tuple[list[int], list[float]]:
+    """``train/loss`` of one run from its TensorBoard event files, or else from the console lines of its log."""
+    tensorboard_dir = result.get("tensorboard_dir")
+    try:
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    except ImportError:
+        tensorboard_dir = None
+    if tensorboard_dir and Path(tensorboard_dir).is_dir():
+        acc = EventAccumulator(str(tensorboard_dir))
+        acc.Reload()
+        if "train/loss" in acc.Tags().get("scalars", []):
+            events = acc.Scalars("train/loss")
+            return [e.step for e in events], [e.value for e in events]
+    log = run_dir / "train.log"
+    points = LOG_LOSS.findall(log.read_text()) if log.is_file() else []
+    return [int(step) for step, _ in points], [float(loss) for _, loss in points]
 
-    acc = EventAccumulator(str(tensorboard_dir))
-    acc.Reload()
-    if tag not in acc.Tags().get("scalars", []):
-        return [], []
-    events = acc.Scalars(tag)
-    return [e.step for e in events], [e.value for e in events]
 
-
-def write_plot(path: Path, table: dict[str, dict[int, dict]]) -> None:
+def write_plot(path: Path, table: dict[str, dict[int, dict]], run_dirs: dict[tuple[str, int], Path]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -114,8 +121,8 @@ def write_plot(path: Path, table: dict[str, dict[int, dict]]) -> None:
         left.scatter([i] * len(values), values, color=colour, alpha=0.8)
         if values:
             left.hlines(statistics.fmean(values), i - 0.3, i + 0.3, color=colour)
-        for j, result in enumerate(results.values()):
-            steps, losses = loss_curve(result.get("tensorboard_dir"))
+        for j, (seed, result) in enumerate(results.items()):
+            steps, losses = loss_curve(result, run_dirs[method, seed])
             right.plot(steps, losses, color=colour, alpha=0.6, lw=1, label=method if j == 0 else None)
     left.set_xticks(range(len(table)), list(table), rotation=20)
     left.set_ylabel("exact-match accuracy (%)")
@@ -137,5 +144,9 @@ def write_report(out: Path, runs, seeds: list[int], baselines: list[str], unavai
     paths = [out / "results.md", out / "results.csv", out / "results.png"]
     paths[0].write_text(markdown_table(table, seeds, baselines, unavailable))
     write_csv(paths[1], table)
-    write_plot(paths[2], table)
+    try:
+        write_plot(paths[2], table, {(r.method, r.seed): r.directory for r in runs})
+    except ImportError as err:  # a machine without matplotlib still gets the table and the CSV
+        print(f"no plot: {err}")
+        paths.pop()
     return paths
