@@ -79,13 +79,24 @@ def generation_env() -> DistEnv:
 def generate_predictions(gm: GenerationModel, prompts: list[str], sampling: SamplingConfig, batch_size: int,
                          env: DistEnv) -> list[str] | None:
     """Predicted texts for ``prompts`` in input order on rank 0 (None on other ranks)."""
+    texts = decode_shard(gm, prompts, sampling, batch_size, env.rank, env.world_size, env.device)
+    if env.world_size > 1:
+        gathered: list[dict[int, str] | None] = [None] * env.world_size
+        dist.all_gather_object(gathered, texts)
+        texts = {k: v for part in gathered for k, v in part.items()}
+    return [texts[i] for i in range(len(prompts))] if env.is_main else None
+
+
+def decode_shard(gm: GenerationModel, prompts: list[str], sampling: SamplingConfig, batch_size: int, rank: int,
+                 world_size: int, device: torch.device) -> dict[int, str]:
+    """``{record index: predicted text}`` for this rank's records ``rank, rank + world_size, ...``."""
     from mdm_scale.data.dataset import encode_prompts
     from mdm_scale.data.tokenizer import special_ids
 
     pad_id, eos_id = special_ids(gm.tokenizer)
     if not gm.causal and gm.mask_token_id is None:
         raise DataError("the model has no [MASK] token id (config mask_token_id or tokenizer mask token)")
-    mine = list(range(env.rank, len(prompts), env.world_size))
+    mine = list(range(rank, len(prompts), world_size))
     ids = encode_prompts(gm.tokenizer, [prompts[i] for i in mine], gm.chat_template)
     order = sorted(range(len(mine)), key=lambda j: (len(ids[j]), j))
     texts: dict[int, str] = {}
@@ -93,17 +104,13 @@ def generate_predictions(gm: GenerationModel, prompts: list[str], sampling: Samp
         chunk = order[start:start + batch_size]
         batch_ids = [ids[j] for j in chunk]
         if gm.causal:
-            out = greedy_generate(gm.model, batch_ids, pad_id, eos_id, sampling.gen_length, env.device)
+            out = greedy_generate(gm.model, batch_ids, pad_id, eos_id, sampling.gen_length, device)
         else:
             out = diffusion_generate(gm.model, batch_ids, [mine[j] for j in chunk], gm.mask_token_id, pad_id,
-                                     sampling, env.device)[:, -sampling.gen_length:]
+                                     sampling, device)[:, -sampling.gen_length:]
         for j, row in zip(chunk, out.tolist()):
             texts[mine[j]] = decode_answer(gm.tokenizer, row, eos_id)
-    if env.world_size > 1:
-        gathered: list[dict[int, str] | None] = [None] * env.world_size
-        dist.all_gather_object(gathered, texts)
-        texts = {k: v for part in gathered for k, v in part.items()}
-    return [texts[i] for i in range(len(prompts))] if env.is_main else None
+    return texts
 
 
 def decode_answer(tokenizer, ids: list[int], eos_id: int | None) -> str:
