@@ -15,7 +15,9 @@ run's saved tokenizer) and the weights are loaded strictly: a missing or extra p
 
 from __future__ import annotations
 
+import contextlib
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -107,7 +109,8 @@ def consolidated_state_dict(step_dir: Path, zero_stage: int) -> dict[str, torch.
         return {name: tensor.float() for name, tensor in module.items()}
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    state = get_fp32_state_dict_from_zero_checkpoint(str(step_dir.parent), tag=step_dir.name)
+    with contextlib.redirect_stdout(sys.stderr):  # its progress lines must not mix with the result on stdout
+        state = get_fp32_state_dict_from_zero_checkpoint(str(step_dir.parent), tag=step_dir.name)
     return {name: tensor.float() for name, tensor in state.items()}
 
 
