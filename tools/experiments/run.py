@@ -104,6 +104,16 @@ def execute(run: Run, args: argparse.Namespace, threads: int) -> dict:
     return result
 
 
+def init_conflict(method: str, init: str | None) -> str | None:
+    """ARM rows need a causal starting model: a bidirectional one would see the tokens it predicts."""
+    if init is None or METHODS[method].get("train.objective") != "arm":
+        return None
+    config = json.loads((Path(init) / "config.json").read_text())
+    if config.get("model_type") == "mdm_scale" and not config.get("causal", False):
+        return f"--init {init} holds a bidirectional model; ARM needs a causal one (train it without --init)"
+    return None
+
+
 def base_overrides(args: argparse.Namespace) -> list[str]:
     init = [f"model.path={args.init}", f"data.tokenizer={args.init}"] if args.init else []
     return [*init, *args.set]
@@ -141,7 +151,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     out = Path(args.out)
-    unavailable = {m: why for m in args.methods if (why := availability(m, args.config, base_overrides(args)))}
+    unavailable = {m: why for m in args.methods
+                   if (why := availability(m, args.config, base_overrides(args)) or init_conflict(m, args.init))}
     for method, why in unavailable.items():
         print(f"{method}: not available ({why})", flush=True)
     runs = [Run(m, s, out / "runs" / slug(m) / f"seed_{s}") for m in args.methods if m not in unavailable
