@@ -104,28 +104,26 @@ def diffusion_generate(model, prompts: list[list[int]], sample_index: list[int],
     keys = torch.tensor(sample_index, dtype=torch.int64, device=device)
     blocks = cfg.gen_length // cfg.block_length
     steps_per_block = cfg.steps // blocks
-    window = x[:, width:]  # a view: writing into it writes into x
     step = 0
     for block in range(blocks):
-        start, stop = block * cfg.block_length, (block + 1) * cfg.block_length
+        start = width + block * cfg.block_length
+        current = x[:, start:start + cfg.block_length]  # a view: writing into it writes into x
         for count in transfer_counts(cfg.block_length, steps_per_block):
-            logits = _logits(model, x, attention_mask)[:, width:]
+            logits = _logits(model, x, attention_mask)[:, start:start + cfg.block_length]
             logits[..., mask_id] = -torch.inf  # a decoded position is never [MASK] again
             prediction, confidence = _predict(logits, keys, step, cfg)
-            confidence = torch.where(window == mask_id, confidence, -torch.inf)
-            confidence[:, :start] = -torch.inf
-            confidence[:, stop:] = -torch.inf
+            confidence = torch.where(current == mask_id, confidence, -torch.inf)
             if count:
                 chosen = confidence.topk(count, dim=1).indices
-                window.scatter_(1, chosen, prediction.gather(1, chosen))
+                current.scatter_(1, chosen, prediction.gather(1, chosen))
             step += 1
     return x.cpu()
 
 
 def _predict(logits: torch.Tensor, keys: torch.Tensor, step: int, cfg: SamplingConfig
              ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Predicted token and its confidence at every position of the answer window (see the module docstring);
-    the noise is keyed by the position in the window, so it does not depend on the padding."""
+    """Predicted token and its confidence at every position of the current block (see the module docstring);
+    the noise is keyed by (step, position in the block), so it does not depend on the padding."""
     batch, length, vocab = logits.shape
     stream = GENERATION_STREAM + 2 * step
     if cfg.temperature > 0:
