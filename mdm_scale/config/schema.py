@@ -162,15 +162,34 @@ class TrainConfig:
 class VarianceConfig:
     """The diffusion noise: how t and the masks are drawn (``mdm_scale/diffusion``, SPEC sections 1-3)."""
 
-    t_sampler: Literal["uniform"] = "uniform"
-    """Distribution of the masking rate t per sequence."""
+    t_sampler: Literal["uniform", "clipped"] = "uniform"
+    """Distribution of the masking rate t per sequence. ``clipped``: t ~ U[clip_low, clip_high] with weight 1,
+    the BD3-LM baseline, *biased* (``diffusion/clipped_t.py``)."""
     mirror: bool = False
     """MIRROR antithetic mask pairs (SPEC section 3.2)."""
     eps: float = 1e-3
     """Mask probability floor: pi(t) = (1 - eps) t + eps."""
+    t_coupling: Literal["independent", "stratified", "symmetric"] = "independent"
+    """How the rates of one batch are coupled (``diffusion/coupled_t.py``): ``stratified`` = StraTS, one rate per
+    stratum of the global batch of each optimiser step (SPEC 3.4); ``symmetric`` = SyRM, rows paired as t and
+    1 - t inside each micro-batch (SPEC 3.7, an interpretation). Both compose with any t_sampler and MIRROR."""
+    clip_low: float = 0.3
+    """Clipped t-sampler: lower end beta of U[beta, omega]."""
+    clip_high: float = 0.8
+    """Clipped t-sampler: upper end omega of U[beta, omega]."""
+    isad_token_ids: list[int] = field(default_factory=list)
+    """ISAD (SPEC 3.6): token ids masked with probability min(pi + isad_delta, 1), weighted by 1/q
+    (Horvitz-Thompson); empty = off."""
+    isad_delta: float = 0.2
+    """ISAD: how much the mask probability of the chosen token ids is raised."""
 
     def check(self) -> None:
         _require(0.0 <= self.eps < 1.0, "variance.eps", self.eps, "must be in [0, 1)")
+        _require(0.0 <= self.clip_low < self.clip_high <= 1.0, "variance.clip_low", (self.clip_low, self.clip_high),
+                 "need 0 <= clip_low < clip_high <= 1")
+        _require(0.0 < self.isad_delta < 1.0, "variance.isad_delta", self.isad_delta, "must be in (0, 1)")
+        _require(all(i >= 0 for i in self.isad_token_ids), "variance.isad_token_ids", self.isad_token_ids,
+                 "token ids must be >= 0")
 
 
 @dataclass

@@ -24,8 +24,15 @@ class TSampler:
 
     def sample(self, sample_index: torch.Tensor, stream: int = Stream.T) -> tuple[torch.Tensor, torch.Tensor]:
         """(t, weight), both float32 of shape (B,)."""
-        t = keyed_uniform(self.seed, sample_index, stream)
-        return t, torch.ones_like(t)
+        return self.transform(self.uniforms(sample_index, stream))
+
+    def uniforms(self, sample_index: torch.Tensor, stream: int = Stream.T) -> torch.Tensor:
+        """One U(0, 1) draw per sequence, keyed by its sample index."""
+        return keyed_uniform(self.seed, sample_index, stream)
+
+    def transform(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Map uniforms to (t, weight): t = F^-1(u) for this sampler's distribution F."""
+        return u, torch.ones_like(u)
 
     def observe(self, t: torch.Tensor, sample_loss: torch.Tensor, pair_sq_diff: torch.Tensor | None) -> None:
         """Per-sequence unweighted losses of a training micro-batch (device tensors; no host sync)."""

@@ -22,10 +22,11 @@ from mdm_scale.config.schema import Config, ConfigError
 from mdm_scale.data.build import RunData, build_data
 from mdm_scale.data.loader import TrainLoader, eval_batches
 from mdm_scale.data.tokenizer import special_ids
-from mdm_scale.diffusion.masks import BernoulliMasks, build_masks
+from mdm_scale.diffusion.build import masks_for, t_sampler_for
+from mdm_scale.diffusion.masks import BernoulliMasks
 from mdm_scale.diffusion.noise import Stream
 from mdm_scale.diffusion.objective import ARMObjective, MDMObjective
-from mdm_scale.diffusion.t_samplers import UniformT, build_t_sampler
+from mdm_scale.diffusion.t_samplers import UniformT
 from mdm_scale.distributed.env import DistEnv, all_reduce_sum, barrier, check_ranks_agree, init_distributed
 from mdm_scale.models.loading import build_model, load_hf_config, parameter_shapes, resolve_mask_token_id
 from mdm_scale.training.checkpoint import CheckpointManager, write_atomic
@@ -136,8 +137,8 @@ class Trainer:
         cfg = self.cfg
         if cfg.train.objective == "arm":
             return ARMObjective(), ARMObjective()
-        train = MDMObjective(build_t_sampler(cfg.variance.t_sampler, cfg.seed),
-                             build_masks(cfg.variance.mirror, cfg.seed, cfg.variance.eps), self.mask_token_id)
+        train = MDMObjective(t_sampler_for(cfg.variance, cfg.seed, self.global_batch),
+                             masks_for(cfg.variance, cfg.seed), self.mask_token_id)
         # The held-out loss always uses uniform t and one Bernoulli mask with fixed keys, so it is the same
         # estimate of the NELBO whatever variance-reduction method trains the model.
         evaluation = MDMObjective(UniformT(cfg.seed), BernoulliMasks(cfg.seed, cfg.variance.eps), self.mask_token_id)
