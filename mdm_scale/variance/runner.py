@@ -28,6 +28,7 @@ import torch.distributed as dist
 from mdm_scale.config.schema import Config, ConfigError
 from mdm_scale.data.loader import collate
 from mdm_scale.diffusion.noise import keyed_generator
+from mdm_scale.distributed.env import DistEnv, barrier, init_distributed
 from mdm_scale.training.checkpoint import CheckpointError, CheckpointManager
 from mdm_scale.variance.decomposition import UnitSummary, decompose, summarize_unit
 from mdm_scale.variance.methods import ALL_METHODS, Method, build_method
@@ -175,13 +176,13 @@ def resolve_checkpoint(path: str) -> Path:
     return given
 
 
-def run_variance(cfg: Config, settings: ToolSettings, out: Path, checkpoint: str | None = None) -> dict:
+def run_variance(cfg: Config, settings: ToolSettings, out: Path, checkpoint: str | None = None,
+                 env: DistEnv | None = None) -> dict:
     """Build the engine (loading ``checkpoint``'s weights), measure every method, write the report."""
-    from mdm_scale.distributed.env import barrier, init_distributed
     from mdm_scale.training.trainer import Trainer
     from mdm_scale.variance.report import write_report
 
-    env = init_distributed()
+    env = env or init_distributed()
     methods = [build_method(name, cfg, settings.strats_batch) for name in settings.methods]
     settings.check(methods, env.world_size)
     ckpt = resolve_checkpoint(checkpoint) if checkpoint else None
