@@ -182,6 +182,11 @@ class VarianceConfig:
     (Horvitz-Thompson); empty = off."""
     isad_delta: float = 0.2
     """ISAD: how much the mask probability of the chosen token ids is raised."""
+    ema_bins: int = 0
+    """EMA (SPEC 3.5): per-t-bin moving-average baseline with this many bins, 0 = off. It is a control variate
+    of the logged loss only; the gradient is provably unchanged (``diffusion/ema_baseline.py``)."""
+    ema_rate: float = 0.01
+    """EMA: the baseline's moving-average rate eta."""
 
     def check(self) -> None:
         _require(0.0 <= self.eps < 1.0, "variance.eps", self.eps, "must be in [0, 1)")
@@ -190,6 +195,10 @@ class VarianceConfig:
         _require(0.0 < self.isad_delta < 1.0, "variance.isad_delta", self.isad_delta, "must be in (0, 1)")
         _require(all(i >= 0 for i in self.isad_token_ids), "variance.isad_token_ids", self.isad_token_ids,
                  "token ids must be >= 0")
+        _require(self.ema_bins >= 0, "variance.ema_bins", self.ema_bins, "must be >= 0")
+        _require(0.0 < self.ema_rate <= 1.0, "variance.ema_rate", self.ema_rate, "must be in (0, 1]")
+        _require(self.ema_bins == 0 or self.t_sampler != "clipped", "variance.ema_bins", self.ema_bins,
+                 "the EMA control variate needs an unbiased t_sampler (not clipped)")
 
 
 @dataclass

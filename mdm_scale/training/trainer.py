@@ -23,6 +23,7 @@ from mdm_scale.data.build import RunData, build_data
 from mdm_scale.data.loader import TrainLoader, eval_batches
 from mdm_scale.data.tokenizer import special_ids
 from mdm_scale.diffusion.build import masks_for, t_sampler_for
+from mdm_scale.diffusion.ema_baseline import EMABaseline
 from mdm_scale.diffusion.masks import BernoulliMasks
 from mdm_scale.diffusion.noise import Stream
 from mdm_scale.diffusion.objective import ARMObjective, MDMObjective
@@ -70,6 +71,8 @@ class Trainer:
                   f"global batch {self.global_batch}")
 
         self.objective, self.eval_objective = self._objectives()
+        self.ema = EMABaseline(cfg.variance.ema_bins, cfg.variance.ema_rate, self.env.device) \
+            if cfg.variance.ema_bins and cfg.train.objective == "mdm" else None
         self.loader = TrainLoader(self.data.train, cfg.seed, self.env.rank, self.env.world_size,
                                   cfg.train.micro_batch_size, cfg.train.grad_accum, self.pad_id,
                                   cfg.data.pad_to_multiple_of, cfg.data.seq_len, cfg.data.group_by_length)
@@ -147,7 +150,8 @@ class Trainer:
     def _client_state(self) -> dict:
         sampler = getattr(self.objective, "t_sampler", None)
         return {"step": self.step, "samples_seen": self.step * self.global_batch,
-                "t_sampler": sampler.state_dict() if sampler is not None else {}}
+                "t_sampler": sampler.state_dict() if sampler is not None else {},
+                "ema": self.ema.state_dict() if self.ema is not None else {}}
 
     def _restore(self, path: Path) -> None:
         client = self.checkpoints.load(self.engine, path, self.shapes)
@@ -155,6 +159,8 @@ class Trainer:
         sampler = getattr(self.objective, "t_sampler", None)
         if sampler is not None:
             sampler.load_state_dict(client.get("t_sampler", {}))
+        if self.ema is not None:
+            self.ema.load_state_dict(client.get("ema", {}))
         self.info(f"resumed from {path} at step {self.step}")
 
     # ---- the loop -----------------------------------------------------------------------------------------
@@ -177,18 +183,23 @@ class Trainer:
                 noisy = noisy.to(self.env.device, non_blocking=True)
             with self.timer.section("forward"):
                 out = self.engine(**noisy.model_inputs())
+            step_loss = out.loss if self.ema is None else out.loss - self.ema.correction(noisy.t, noisy.weight)
             with self.timer.section("backward"):
-                self.engine.backward(out.loss)
+                self.engine.backward(step_loss)
             with self.timer.section("optimizer"):
                 self.engine.step()
             with self.timer.section("sampler"):
+                if sampler is not None or self.ema is not None:
+                    sample_losses = noisy.sample_losses(noisy.row_losses(out.token_ce))
                 if sampler is not None:
-                    sampler.observe(noisy.t, noisy.sample_losses(noisy.row_losses(out.token_ce)), None)
+                    sampler.observe(noisy.t, sample_losses, None)
+                if self.ema is not None:
+                    self.ema.update(noisy.t, sample_losses)
             rows_per_sample = noisy.rows / len(batch.input_ids)
             real = batch.input_ids.numel() if batch.attention_mask is None else int(batch.attention_mask.sum())
             counts += torch.tensor([1.0, noisy.masked_tokens, noisy.eligible_tokens * rows_per_sample,
                                     real * rows_per_sample], dtype=torch.float64)
-            loss += out.loss.detach()
+            loss += step_loss.detach()
         self.step += 1
         return loss, counts
 
