@@ -176,6 +176,24 @@ def resolve_checkpoint(path: str) -> Path:
     return given
 
 
+def load_weights(trainer, ckpt: Path) -> None:
+    """Model weights only. A ZeRO-3 engine loads the sharded checkpoint directly (same world size as the run
+    that wrote it); other stages load the consolidated fp32 weights (DeepSpeed's ``zero_to_fp32``), so a
+    checkpoint from any number of ranks can be measured on one GPU with ``--set train.zero_stage=0``."""
+    manifest = trainer.checkpoints.verify(ckpt)
+    if manifest is not None:
+        raise CheckpointError(f"--checkpoint {ckpt}: {manifest}")
+    sharded = any(ckpt.glob("zero_pp_rank_*_optim_states.pt"))
+    if trainer.cfg.train.zero_stage == 3 or not sharded:
+        trainer.checkpoints.load(trainer.engine, ckpt, trainer.shapes)
+    else:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
+        trainer.engine.module.load_state_dict(state, strict=True)
+    trainer.info(f"variance: loaded the weights of {ckpt}")
+
+
 def run_variance(cfg: Config, settings: ToolSettings, out: Path, checkpoint: str | None = None,
                  env: DistEnv | None = None) -> dict:
     """Build the engine (loading ``checkpoint``'s weights), measure every method, write the report."""
@@ -193,10 +211,11 @@ def run_variance(cfg: Config, settings: ToolSettings, out: Path, checkpoint: str
     data = cfg.data
     if ckpt is not None and data.tokenizer == "char" and (ckpt.parent.parent / "tokenizer").is_dir():
         data = replace(data, tokenizer=str(ckpt.parent.parent / "tokenizer"))  # the run's own ids
-    run_cfg = replace(cfg, data=data, train=replace(cfg.train, output_dir=str(work),
-                                                    resume=str(ckpt) if ckpt else "never"),
+    run_cfg = replace(cfg, data=data, train=replace(cfg.train, output_dir=str(work), resume="never"),
                       logging=replace(cfg.logging, tensorboard=False))
     trainer = Trainer(run_cfg, env)
+    if ckpt is not None:
+        load_weights(trainer, ckpt)
     trainer.engine.eval()
     run = VarianceRun(trainer, settings)
     report = {"settings": {**settings.__dict__, "world_size": env.world_size,
