@@ -29,6 +29,24 @@ def write_report(report: dict, out: Path) -> list[Path]:
     return written
 
 
+def markdown_table(report: dict) -> str:
+    """One row per (method, quantity): A, B, C, A+B+C, the direct total, and the ratio to standard."""
+    lines = ["| method | quantity | A (pattern) | B (rate) | C (data) | A+B+C | direct total | loss mean | "
+             "A+B vs standard |", "|---|---|---|---|---|---|---|---|---|"]
+    for name, method in report["methods"].items():
+        for quantity in ("loss", "grad"):
+            if quantity not in method:
+                continue
+            r = method[quantity]
+            ci = r["direct_ci95"]
+            ratio = report.get("comparisons", {}).get(quantity, {}).get(name, {}).get("A+B")
+            mean = f"{r['mean']:.4g}" if "mean" in r else ""
+            lines.append(f"| {name} | {quantity} | {r['A']:.4g} | {r['B']:.4g} | {r['C']:.4g} | {r['total']:.4g} | "
+                         f"{r['direct']:.4g} [{ci[0]:.3g}, {ci[1]:.3g}] | {mean} | "
+                         f"{'' if ratio is None else f'{ratio:.2f}'} |")
+    return "\n".join(lines)
+
+
 def plot_abc(report: dict, quantity: str, path: Path) -> Path:
     import matplotlib
 

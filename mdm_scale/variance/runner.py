@@ -198,7 +198,7 @@ def run_variance(cfg: Config, settings: ToolSettings, out: Path, checkpoint: str
                  env: DistEnv | None = None) -> dict:
     """Build the engine (loading ``checkpoint``'s weights), measure every method, write the report."""
     from mdm_scale.training.trainer import Trainer
-    from mdm_scale.variance.report import write_report
+    from mdm_scale.variance.report import markdown_table, write_report
 
     env = env or init_distributed()
     methods = [build_method(name, cfg, settings.strats_batch) for name in settings.methods]
@@ -238,6 +238,7 @@ def run_variance(cfg: Config, settings: ToolSettings, out: Path, checkpoint: str
     report["comparisons"] = comparisons(report["methods"])
     if env.is_main:
         write_report(report, out)
+        print(markdown_table(report), flush=True)
     barrier()
     return report
 
