@@ -92,3 +92,18 @@ def test_training_step_stratifies_the_global_batch_across_accumulation(synth_dir
         trainer.train_step()
         rates = torch.cat(seen[-2:])
         assert sorted((rates * 8).floor().long().tolist()) == list(range(8))
+
+
+@pytest.mark.parametrize("item, message", [
+    ("variance.clip_low=0.9", "variance.clip_low"),
+    ("variance.isad_token_ids=5", "variance.isad_token_ids' = 5: expected a list"),
+    ("variance.isad_token_ids=[1, x]", r"variance.isad_token_ids\[1\]' = 'x': expected an integer"),
+    ("variance.t_coupling=paired", "choose one of"),
+])
+def test_bad_method_keys_fail_with_the_key_named(item, message):
+    from mdm_scale.config.schema import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [item])
+    with pytest.raises(ConfigError, match="needs an unbiased t_sampler"):
+        load_config(None, ["variance.t_sampler=clipped", "variance.ema_bins=10"])

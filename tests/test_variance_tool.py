@@ -213,3 +213,17 @@ def test_sketch_preserves_squared_norms_on_average():
     norms = np.array(norms)
     assert abs(norms.mean() - float((g**2).sum())) < 4.5 * norms.std(ddof=1) / np.sqrt(len(norms))
 
+
+
+def test_bad_plans_fail_before_any_model_is_built(tool_cfg):
+    from mdm_scale.config.schema import ConfigError
+
+    strats = build_method("strats", tool_cfg, 16)
+    with pytest.raises(ConfigError, match=r"--x0 = 24: method 'strats' needs a multiple of 32"):
+        ToolSettings(num_x0=24).check([strats], world=2)
+    with pytest.raises(ConfigError, match="--masks = 1: must be >= 2"):
+        ToolSettings(num_masks=1).check([], world=1)
+    with pytest.raises(ConfigError, match="unknown method 'mirrors'"):
+        build_method("mirrors", tool_cfg, 16)
+    with pytest.raises(ConfigError, match="'arm' needs a model trained with train.objective=arm"):
+        build_method("arm", tool_cfg, 16)
