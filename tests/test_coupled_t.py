@@ -63,12 +63,13 @@ def test_isad_masks_boosted_tokens_at_rate_q_and_weights_them_by_one_over_q(mask
     t = torch.tensor([0.1, 0.45, 0.7, 0.95]).repeat(1000)
     draw = masks.draw(torch.arange(4000), t, torch.ones_like(ids, dtype=torch.bool), Stream.MASK, ids)
     q = draw.inclusion
-    boosted = torch.isin(ids, torch.tensor([7, 9])).repeat_interleave(masks.rows_per_sample, 0)
-    pi = ((1 - 1e-3) * t + 1e-3).repeat_interleave(masks.rows_per_sample)[:, None]
+    rows_per_sample = len(draw.row_sample) // len(t)
+    boosted = torch.isin(ids, torch.tensor([7, 9])).repeat_interleave(rows_per_sample, 0)
+    pi = ((1 - 1e-3) * t + 1e-3).repeat_interleave(rows_per_sample)[:, None]
     assert torch.allclose(q, torch.where(boosted, (pi + 0.2).clamp(max=1), pi.expand_as(q)))
     ht = (draw.masked / q).double()
     for level in t[:4].tolist():
-        rows = t.repeat_interleave(masks.rows_per_sample) == level
+        rows = t.repeat_interleave(rows_per_sample) == level
         per_token = ht[rows]
         se = per_token.std(0, unbiased=True) / np.sqrt(rows.sum().item())
         assert ((per_token.mean(0) - 1).abs() <= 4.5 * se + 1e-12).all(), (level, per_token.mean(0))

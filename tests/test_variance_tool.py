@@ -107,12 +107,14 @@ def exact_curves(mirror: bool, isad: bool, t: np.ndarray, projection: np.ndarray
     return {k: np.array(v) for k, v in out.items() if v}
 
 
-def exact_abc(f, a, coupling: str = "independent", group: int = 1) -> dict:
-    """f (N, T[, d]) and a (N, T) on a midpoint grid of t. Vectors: traces."""
+def exact_abc(f, a, coupling: str = "independent", group: int = 1, density: np.ndarray | None = None) -> dict:
+    """f (N, T[, d]) and a (N, T) on a midpoint grid of t. Vectors: traces. With an importance ``density``
+    p (T,) on the grid (t ~ p, weight 1/p): A = int a/p dt, B = int |f|^2/p dt - |int f dt|^2 per x0."""
     vec = f if f.ndim == 3 else f[..., None]
     per_x = vec.mean(1)  # (N, d)
-    A = a.mean()
-    B = ((vec - per_x[:, None]) ** 2).sum(-1).mean()
+    p = np.ones(a.shape[1]) if density is None else density
+    A = (a / p).mean()
+    B = ((vec**2).sum(-1) / p).mean(1).mean() - (per_x**2).sum(-1).mean()
     C = ((per_x - per_x.mean(0)) ** 2).sum(-1).mean()
     fbar, mu = vec.mean(0), per_x.mean(0)  # (T, d), (d,)
     if coupling == "symmetric":  # + Cov_t(fbar(t), fbar(1 - t)) (grid symmetric about 1/2)
@@ -179,6 +181,23 @@ def test_unbiased_methods_share_the_standard_mean_and_the_biased_ones_do_not():
     assert exact_curves(True, False, full, None)["f"].mean() == pytest.approx(standard, rel=1e-9)
     assert abs(exact_curves(False, False, clipped, None)["f"].mean() - standard) > 0.02
     assert abs(exact_curves(False, True, full, None)["f"].mean() - standard) > 1e-3
+
+
+@pytest.mark.parametrize("name", ["ppots", "ppots+mirror"])
+def test_tool_recovers_exact_decomposition_under_importance_sampled_t(tool_cfg, name):
+    """P-POTS with a fixed density p(t) = (1 + 2t)/2 (weight 1/p): A and B are the 1/p-weighted integrals."""
+    from mdm_scale.diffusion.ppots import PiecewiseLinearDensity
+
+    method = build_method(name, tool_cfg, 4)
+    method.t_sampler.density = PiecewiseLinearDensity(torch.tensor([0.5, 1.5], dtype=torch.float64))
+    settings = ToolSettings(methods=[name], num_x0=480, num_t=3, num_masks=2, grad_dim=0)
+    result = VarianceRun(fake_trainer(tool_cfg, ContextModel()), settings).measure(method)
+    measured = decompose([s for _, s in result.loss], settings.num_t, settings.num_masks)
+    t = midpoints(0.0, 1.0, 1000)
+    curves = exact_curves(name == "ppots+mirror", False, t, None)
+    exact = exact_abc(curves["f"], curves["a"], density=0.5 + t)
+    assert exact["mean"] == pytest.approx(exact_abc(curves["f"], curves["a"])["mean"])  # unbiased
+    assert_recovered(measured, exact, ("A", "B", "C", "total", "mean"))
 
 
 @pytest.mark.parametrize("name", ["standard", "mirror"])

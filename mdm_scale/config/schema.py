@@ -162,13 +162,36 @@ class TrainConfig:
 class VarianceConfig:
     """The diffusion noise: how t and the masks are drawn (``mdm_scale/diffusion``, SPEC sections 1-3)."""
 
-    t_sampler: Literal["uniform", "clipped"] = "uniform"
-    """Distribution of the masking rate t per sequence. ``clipped``: t ~ U[clip_low, clip_high] with weight 1,
-    the BD3-LM baseline, *biased* (``diffusion/clipped_t.py``)."""
+    t_sampler: Literal["uniform", "ppots", "clipped"] = "uniform"
+    """Distribution of the masking rate t per sequence: ``uniform``; ``ppots`` (t ~ p(t) with weight
+    1/p(t), p fitted to the loss: ``diffusion/ppots.py``, SPEC section 3.1); ``clipped``: t ~ U[clip_low,
+    clip_high] with weight 1, the BD3-LM baseline, *biased* (``diffusion/clipped_t.py``)."""
     mirror: bool = False
-    """MIRROR antithetic mask pairs (SPEC section 3.2)."""
+    """MIRROR antithetic mask pairs (SPEC section 3.2): two rows per sequence in the same forward."""
+    mirror_plus_threshold: float | None = None
+    """MIRROR only: sequences with t >= this use one mask (saves compute where the pair's anti-correlation is
+    weak; the paper's "mirror_plus" used 0.9). null = always two masks."""
     eps: float = 1e-3
     """Mask probability floor: pi(t) = (1 - eps) t + eps."""
+    ppots_x0: int = 10
+    """P-POTS offline estimate before the first step: training sequences used (split over ranks); 0 skips
+    it (p starts uniform and is fitted at the first refit)."""
+    ppots_masks: int = 10
+    """P-POTS offline estimate: mask draws per (sequence, t) (each draw is a pair with MIRROR)."""
+    ppots_bins: int = 64
+    """P-POTS t-bins of the statistics; the offline estimate evaluates t at the bin centres."""
+    ppots_restarts: int = 20
+    """Random starts of the first EPR fit (later refits start from the current parameters)."""
+    ppots_refit_every: int = 50
+    """Optimiser steps between refits from the training losses (one all-reduce each); 0 = never refit."""
+    ppots_half_life: float = 200.0
+    """Half-life in optimiser steps of the accumulated statistics; 0 = no decay."""
+    ppots_mix_uniform: float = 0.0
+    """Defensive mixing p <- (1 - lambda) p + lambda with the uniform density."""
+    ppots_max_weight: float | None = None
+    """Cap on the importance weight 1/p(t), enforced by mixing in just enough uniform density (stays unbiased)."""
+    ppots_loss_max: float | None = None
+    """Clamp per-sequence losses at this value in the P-POTS statistics only (the official code used 10)."""
     t_coupling: Literal["independent", "stratified", "symmetric"] = "independent"
     """How the rates of one batch are coupled (``diffusion/coupled_t.py``): ``stratified`` = StraTS, one rate per
     stratum of the global batch of each optimiser step (SPEC 3.4); ``symmetric`` = SyRM, rows paired as t and
@@ -190,6 +213,24 @@ class VarianceConfig:
 
     def check(self) -> None:
         _require(0.0 <= self.eps < 1.0, "variance.eps", self.eps, "must be in [0, 1)")
+        _require(self.mirror_plus_threshold is None or self.mirror, "variance.mirror_plus_threshold",
+                 self.mirror_plus_threshold, "needs variance.mirror = true")
+        _require(self.mirror_plus_threshold is None or 0.0 < self.mirror_plus_threshold <= 1.0,
+                 "variance.mirror_plus_threshold", self.mirror_plus_threshold, "must be in (0, 1]")
+        for key in ("ppots_x0", "ppots_refit_every"):
+            _require(getattr(self, key) >= 0, f"variance.{key}", getattr(self, key), "must be >= 0")
+        for key in ("ppots_masks", "ppots_restarts"):
+            _require(getattr(self, key) >= 1, f"variance.{key}", getattr(self, key), "must be >= 1")
+        _require(self.ppots_masks >= 2 or self.mirror, "variance.ppots_masks", self.ppots_masks,
+                 "must be >= 2 without MIRROR (the mask variance needs two draws)")
+        _require(2 <= self.ppots_bins <= 4096, "variance.ppots_bins", self.ppots_bins, "must be in [2, 4096]")
+        _require(self.ppots_half_life >= 0, "variance.ppots_half_life", self.ppots_half_life, "must be >= 0")
+        _require(0.0 <= self.ppots_mix_uniform < 1.0, "variance.ppots_mix_uniform", self.ppots_mix_uniform,
+                 "must be in [0, 1)")
+        _require(self.ppots_max_weight is None or self.ppots_max_weight > 1.0, "variance.ppots_max_weight",
+                 self.ppots_max_weight, "must be > 1 (p(t) = 1 everywhere is the uniform density)")
+        _require(self.ppots_loss_max is None or self.ppots_loss_max > 0, "variance.ppots_loss_max",
+                 self.ppots_loss_max, "must be > 0")
         _require(0.0 <= self.clip_low < self.clip_high <= 1.0, "variance.clip_low", (self.clip_low, self.clip_high),
                  "need 0 <= clip_low < clip_high <= 1")
         _require(0.0 < self.isad_delta < 1.0, "variance.isad_delta", self.isad_delta, "must be in (0, 1)")

@@ -12,7 +12,7 @@ from mdm_scale.diffusion.t_samplers import TSampler, build_t_sampler
 def t_sampler_for(v: VarianceConfig, seed: int, global_batch: int) -> TSampler:
     """``v.t_sampler`` (its inverse CDF) with the uniforms coupled as ``v.t_coupling`` says; ``global_batch``
     (sequences per optimiser step) is StraTS's stratum count."""
-    base = ClippedT(seed, v.clip_low, v.clip_high) if v.t_sampler == "clipped" else build_t_sampler(v.t_sampler, seed)
+    base = ClippedT(seed, v.clip_low, v.clip_high) if v.t_sampler == "clipped" else build_t_sampler(v, seed)
     if v.t_coupling == "stratified":
         return StratifiedT(base, global_batch)
     if v.t_coupling == "symmetric":
@@ -21,4 +21,5 @@ def t_sampler_for(v: VarianceConfig, seed: int, global_batch: int) -> TSampler:
 
 
 def masks_for(v: VarianceConfig, seed: int) -> BernoulliMasks:
-    return build_masks(v.mirror, seed, v.eps, tuple(v.isad_token_ids), v.isad_delta)
+    return build_masks(v.mirror, seed, v.eps, single_above=v.mirror_plus_threshold,
+                       boosted_ids=tuple(v.isad_token_ids), delta=v.isad_delta)

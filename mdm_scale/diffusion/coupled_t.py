@@ -43,6 +43,12 @@ class CoupledT(TSampler):
     def observe(self, t, sample_loss, pair_sq_diff) -> None:
         self.inner.observe(t, sample_loss, pair_sq_diff)
 
+    def on_optimizer_step(self, step: int) -> bool:
+        return self.inner.on_optimizer_step(step)
+
+    def log_statistics(self) -> dict:
+        return self.inner.log_statistics()
+
     def state_dict(self) -> dict:
         return self.inner.state_dict()
 

@@ -41,8 +41,6 @@ class BernoulliMasks:
     """One row per sequence: M_i = [u_i < q_i] with u_i keyed by (seed, sample, position); q_i = pi(t), or
     min(pi(t) + delta, 1) for ISAD-boosted token ids."""
 
-    rows_per_sample = 1
-
     def __init__(self, seed: int, eps: float, boosted_ids: tuple[int, ...] = (), delta: float = 0.0):
         self.seed, self.eps = seed, eps
         self.boosted_ids = torch.tensor(sorted(boosted_ids), dtype=torch.int64)
@@ -69,21 +67,35 @@ class MirrorMasks(BernoulliMasks):
 
     Row 1 masks {u_i < pi}, row 2 masks {u_i > 1 - pi}. Each row is marginally Bernoulli(pi) (``noise.py``
     makes u and 1 - u equally distributed); per token the indicators have covariance -pi^2 for pi <= 1/2 and
-    -(1 - pi)^2 above, so the averaged loss has at most half the masking-pattern variance of one mask. The two
-    rows of a sequence are adjacent in the same micro-batch, so both halves enter the same gradient.
+    -(1 - pi)^2 above, so the averaged loss has at most half the masking-pattern variance of one mask:
+    Var((l1 + l2) / 2) = (Var l + Cov(l1, l2)) / 2. Both rows share x0, t and the importance weight, sit
+    next to each other (rows 2b and 2b + 1) in the same micro-batch, and run in the same forward, so the pairing
+    holds for any accumulation and world size.
+
+    ``single_above`` (the paper's "mirror_plus"): sequences with t >= it get row 1 only, with row share 1. This
+    saves their second row's compute where the anti-correlation is weakest (correlation -(1 - pi) / pi -> 0 as
+    pi -> 1) at the price of their full single-mask variance; the estimator stays unbiased either way.
     """
 
-    rows_per_sample = 2
+    def __init__(self, seed: int, eps: float, single_above: float | None = None, boosted_ids: tuple[int, ...] = (),
+                 delta: float = 0.0):
+        super().__init__(seed, eps, boosted_ids, delta)
+        self.single_above = single_above
 
     def draw(self, sample_index: torch.Tensor, t: torch.Tensor, eligible: torch.Tensor, stream: int,
              token_ids: torch.Tensor | None = None) -> MaskDraw:
         q = self.inclusion(t, token_ids, eligible.shape[1])
         u = keyed_uniform(self.seed, sample_index, stream, eligible.shape[1])
         masked = torch.stack([(u < q) & eligible, (u > 1.0 - q) & eligible], dim=1).flatten(0, 1)
-        return MaskDraw(masked=masked, inclusion=q.repeat_interleave(2, dim=0),
-                        row_sample=torch.arange(len(t)).repeat_interleave(2), row_scale=torch.full((2 * len(t),), 0.5))
+        paired = torch.ones(len(t), dtype=torch.bool) if self.single_above is None else t < self.single_above
+        keep = torch.stack([torch.ones_like(paired), paired], dim=1).flatten()
+        scale = torch.where(paired, 0.5, 1.0).repeat_interleave(2)
+        return MaskDraw(masked=masked[keep], inclusion=q.repeat_interleave(2, dim=0)[keep],
+                        row_sample=torch.arange(len(t)).repeat_interleave(2)[keep], row_scale=scale[keep])
 
 
-def build_masks(mirror: bool, seed: int, eps: float, boosted_ids: tuple[int, ...] = (),
-                delta: float = 0.0) -> BernoulliMasks:
-    return (MirrorMasks if mirror else BernoulliMasks)(seed, eps, boosted_ids, delta)
+def build_masks(mirror: bool, seed: int, eps: float, single_above: float | None = None,
+                boosted_ids: tuple[int, ...] = (), delta: float = 0.0) -> BernoulliMasks:
+    if mirror:
+        return MirrorMasks(seed, eps, single_above, boosted_ids, delta)
+    return BernoulliMasks(seed, eps, boosted_ids, delta)

@@ -71,6 +71,19 @@ class NoisyBatch:
         out = torch.zeros(self.rows, dtype=torch.float32, device=token_ce.device)
         return out.index_add_(0, self.token_row, token_ce * self.token_scale)
 
+    def pair_sq_diff(self, row_loss: torch.Tensor) -> torch.Tensor | None:
+        """MIRROR: (l_1 - l_2)^2 of each sequence's two rows (adjacent rows of the same sequence), shape (B,),
+        NaN for a sequence with one row; None when no sequence has two rows. No host synchronisation."""
+        if self.rows == len(self.t):
+            return None
+        same = self.row_sample[1:] == self.row_sample[:-1]
+        diff = torch.where(same, (row_loss[1:] - row_loss[:-1]) ** 2, 0.0)
+        out = torch.zeros(len(self.t), dtype=torch.float32, device=row_loss.device)
+        pairs = torch.zeros_like(out)
+        out.index_add_(0, self.row_sample[:-1], diff)  # at most one non-zero term per sequence: exact
+        pairs.index_add_(0, self.row_sample[:-1], same.to(torch.float32))
+        return torch.where(pairs > 0, out, float("nan"))
+
     def sample_losses(self, row_loss: torch.Tensor) -> torch.Tensor:
         """Unweighted loss of each sequence (its rows combined by ``row_scale``), shape (B,)."""
         out = torch.zeros(len(self.t), dtype=torch.float32, device=row_loss.device)

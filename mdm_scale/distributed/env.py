@@ -82,3 +82,10 @@ def check_ranks_agree(what: str, text: str, env: DistEnv) -> None:
         differing = [r for r, v in enumerate(values) if v != values[0]]
         raise RuntimeError(f"ranks disagree on {what}: ranks {differing} differ from rank 0 "
                            f"(same config files and data on every node?)")
+
+
+def broadcast_from_main(tensor: torch.Tensor) -> torch.Tensor:
+    """Rank 0's ``tensor`` on every rank (in place)."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast(tensor, src=0)
+    return tensor

@@ -4,6 +4,7 @@ Layout under ``<output_dir>/checkpoints``::
 
     step_00000100/                    DeepSpeed's files (every rank's model and optimizer shards)
     step_00000100/rng_rank<r>.pt      each rank's torch RNG state (for dropout in Hugging Face models)
+    step_00000100/rank_state<r>.pt    each rank's own training state (the t-sampler's, e.g. P-POTS statistics)
     step_00000100/mdm_scale_manifest.json   written by rank 0 last, after all ranks finished writing
     latest                            name of the newest complete checkpoint, replaced atomically
 
@@ -49,7 +50,9 @@ class CheckpointManager:
         self.root, self.env, self.keep_last, self.log = Path(root), env, keep_last, log
 
     # ---- saving -------------------------------------------------------------------------------------------
-    def save(self, engine, step: int, client_state: dict, shapes: dict[str, list[int]]) -> Path:
+    def save(self, engine, step: int, client_state: dict, shapes: dict[str, list[int]],
+             rank_state: dict | None = None) -> Path:
+        """``client_state`` is rank 0's (DeepSpeed keeps it); ``rank_state`` is saved for every rank."""
         tag = f"step_{step:08d}"
         path = self.root / tag
         if self.verify(path) is None:
@@ -62,6 +65,8 @@ class CheckpointManager:
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state()
         torch.save(rng, path / f"rng_rank{self.env.rank}.pt")
+        if rank_state is not None:
+            torch.save(rank_state, path / f"rank_state{self.env.rank}.pt")
         barrier()
         if self.env.is_main:
             files = {str(p.relative_to(path)): p.stat().st_size for p in sorted(path.rglob("*")) if p.is_file()}
@@ -138,6 +143,12 @@ class CheckpointManager:
             if "cuda" in rng and torch.cuda.is_available():
                 torch.cuda.set_rng_state(rng["cuda"])
         return client_state
+
+
+def rank_state(path: Path, rank: int) -> dict:
+    """What ``save(rank_state=...)`` stored for ``rank`` in checkpoint ``path`` ({} if nothing)."""
+    file = path / f"rank_state{rank}.pt"
+    return torch.load(file, weights_only=True) if file.is_file() else {}
 
 
 def check_shapes(path: Path, saved: dict[str, list[int]], current: dict[str, list[int]]) -> None:

@@ -61,6 +61,20 @@ class MetricLogger:
         if self.enabled and self.writer is not None:
             self.writer.add_figure(tag, figure, step)
 
+    def log_objects(self, step: int, prefix: str, values: dict) -> None:
+        """TensorBoard only: numbers as scalars, tensors as histograms, callables as figures (called here, so
+        only rank 0 pays for plotting)."""
+        if not self.enabled or self.writer is None:
+            return
+        for name, value in values.items():
+            tag = f"{prefix}/{name}"
+            if isinstance(value, torch.Tensor):
+                self.histogram(step, tag, value)
+            elif callable(value):
+                self.figure(step, tag, value())
+            else:
+                self.writer.add_scalar(tag, value, step)
+
     def advance(self, steps: int = 1) -> None:
         if self.bar is not None:
             self.bar.update(steps)

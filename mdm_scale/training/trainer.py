@@ -30,7 +30,7 @@ from mdm_scale.diffusion.objective import ARMObjective, MDMObjective
 from mdm_scale.diffusion.t_samplers import UniformT
 from mdm_scale.distributed.env import DistEnv, all_reduce_sum, barrier, check_ranks_agree, init_distributed
 from mdm_scale.models.loading import build_model, load_hf_config, parameter_shapes, resolve_mask_token_id
-from mdm_scale.training.checkpoint import CheckpointManager, write_atomic
+from mdm_scale.training.checkpoint import CheckpointManager, rank_state, write_atomic
 from mdm_scale.training.lr_schedule import scheduler_factory
 from mdm_scale.training.metrics import MetricLogger, Throughput
 from mdm_scale.training.step_timer import NoTimer
@@ -148,9 +148,12 @@ class Trainer:
         return train, evaluation
 
     def _client_state(self) -> dict:
+        return {"step": self.step, "samples_seen": self.step * self.global_batch}
+
+    def _rank_state(self) -> dict:
+        """Per-rank state: the t-sampler's (adaptive samplers hold per-rank statistics since the last refit)."""
         sampler = getattr(self.objective, "t_sampler", None)
-        return {"step": self.step, "samples_seen": self.step * self.global_batch,
-                "t_sampler": sampler.state_dict() if sampler is not None else {},
+        return {"t_sampler": sampler.state_dict() if sampler is not None else {},
                 "ema": self.ema.state_dict() if self.ema is not None else {}}
 
     def _restore(self, path: Path) -> None:
@@ -158,9 +161,9 @@ class Trainer:
         self.step = int(client["step"])
         sampler = getattr(self.objective, "t_sampler", None)
         if sampler is not None:
-            sampler.load_state_dict(client.get("t_sampler", {}))
+            sampler.load_state_dict(rank_state(path, self.env.rank).get("t_sampler", {}))
         if self.ema is not None:
-            self.ema.load_state_dict(client.get("ema", {}))
+            self.ema.load_state_dict(rank_state(path, self.env.rank).get("ema", {}))
         self.info(f"resumed from {path} at step {self.step}")
 
     # ---- the loop -----------------------------------------------------------------------------------------
@@ -190,9 +193,10 @@ class Trainer:
                 self.engine.step()
             with self.timer.section("sampler"):
                 if sampler is not None or self.ema is not None:
-                    sample_losses = noisy.sample_losses(noisy.row_losses(out.token_ce))
+                    row_loss = noisy.row_losses(out.token_ce)
+                    sample_losses = noisy.sample_losses(row_loss)
                 if sampler is not None:
-                    sampler.observe(noisy.t, sample_losses, None)
+                    sampler.observe(noisy.t, sample_losses, noisy.pair_sq_diff(row_loss))
                 if self.ema is not None:
                     self.ema.update(noisy.t, sample_losses)
             rows_per_sample = noisy.rows / len(batch.input_ids)
@@ -201,6 +205,9 @@ class Trainer:
                                     real * rows_per_sample], dtype=torch.float64)
             loss += step_loss.detach()
         self.step += 1
+        if sampler is not None:
+            with self.timer.section("sampler"):
+                sampler.on_optimizer_step(self.step)  # adaptive samplers: all-reduce statistics and refit
         return loss, counts
 
     @torch.no_grad()
@@ -222,7 +229,7 @@ class Trainer:
         return float(sums[0] / sums[1].clamp(min=1))
 
     def save(self) -> Path:
-        return self.checkpoints.save(self.engine, self.step, self._client_state(), self.shapes)
+        return self.checkpoints.save(self.engine, self.step, self._client_state(), self.shapes, self._rank_state())
 
     def fit(self) -> dict:
         cfg = self.cfg.train
@@ -250,6 +257,9 @@ class Trainer:
                 if self.env.on_gpu:
                     values["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
                 logger.log(self.step, "train", values)
+                sampler = getattr(self.objective, "t_sampler", None)
+                if sampler is not None:
+                    logger.log_objects(self.step, "t_sampler", sampler.log_statistics())
                 window_loss.zero_()
                 window_counts.zero_()
             if cfg.eval_every and self.step % cfg.eval_every == 0:

@@ -8,6 +8,8 @@ of one optimiser step for StraTS (``decomposition.py`` compares units per sequen
 | name          | t                          | masks          | unit         | unbiased |
 | standard      | U(0, 1)                    | Bernoulli(pi)  | 1            | yes |
 | mirror        | U(0, 1)                    | MIRROR pair    | 1            | yes |
+| ppots         | p(t), weight 1/p(t)        | Bernoulli      | 1            | yes |
+| ppots+mirror  | p(t), weight 1/p(t)        | MIRROR pair    | 1            | yes |
 | strats        | stratified over the batch  | Bernoulli      | global batch | yes |
 | syrm          | t and 1 - t pairs          | Bernoulli      | 2            | yes |
 | isad          | U(0, 1)                    | boosted ids, HT| 1            | for context-free token losses |
@@ -23,13 +25,16 @@ from mdm_scale.config.schema import Config, ConfigError
 from mdm_scale.diffusion.build import masks_for, t_sampler_for
 from mdm_scale.diffusion.noise import keyed_generator
 from mdm_scale.diffusion.objective import ARMObjective, MDMObjective
+from mdm_scale.diffusion.t_samplers import TSampler
 
-MDM_METHODS = ("standard", "mirror", "strats", "syrm", "isad", "clipped")
+MDM_METHODS = ("standard", "mirror", "ppots", "ppots+mirror", "strats", "syrm", "isad", "clipped")
 ALL_METHODS = (*MDM_METHODS, "arm")
 # Each method as changes to the run's variance section.
 _VARIANCE_OF = {
     "standard": {},
     "mirror": {"mirror": True},
+    "ppots": {"t_sampler": "ppots"},
+    "ppots+mirror": {"t_sampler": "ppots", "mirror": True},
     "strats": {"t_coupling": "stratified"},
     "syrm": {"t_coupling": "symmetric"},
     "isad": {},
@@ -45,15 +50,19 @@ class Method:
     random_t: bool
     random_masks: bool
     config: Config
+    t_sampler: TSampler | None = None  # shared by every mask draw (P-POTS is fitted once, by the runner)
+
+    @property
+    def uses_ppots(self) -> bool:
+        return self.config.variance.t_sampler == "ppots"
 
     def objective(self, mask_draw: int, mask_token_id: int | None):
         """The objective whose masks are the ``mask_draw``-th independent draw (t depends only on the sample
         index, so it is shared by every mask draw)."""
         if self.name == "arm":
             return ARMObjective()
-        v, seed = self.config.variance, self.config.seed
-        mask_seed = keyed_generator(seed, _MASK_DRAW_WORD, mask_draw).initial_seed()
-        return MDMObjective(t_sampler_for(v, seed, self.group), masks_for(v, mask_seed), mask_token_id)
+        mask_seed = keyed_generator(self.config.seed, _MASK_DRAW_WORD, mask_draw).initial_seed()
+        return MDMObjective(self.t_sampler, masks_for(self.config.variance, mask_seed), mask_token_id)
 
 
 def build_method(name: str, cfg: Config, strats_group: int) -> Method:
@@ -68,8 +77,9 @@ def build_method(name: str, cfg: Config, strats_group: int) -> Method:
         return Method(name, 1, False, False, cfg)
     if name == "isad" and not cfg.variance.isad_token_ids:
         raise ConfigError("--methods isad: set variance.isad_token_ids (the token ids to mask more often)")
-    base = replace(cfg.variance, t_sampler="uniform", mirror=False, t_coupling="independent",
-                   isad_token_ids=cfg.variance.isad_token_ids if name == "isad" else [])
+    base = replace(cfg.variance, t_sampler="uniform", mirror=False, mirror_plus_threshold=None,
+                   t_coupling="independent", isad_token_ids=cfg.variance.isad_token_ids if name == "isad" else [])
     variance = replace(base, **_VARIANCE_OF[name])
     group = {"strats": strats_group, "syrm": 2}.get(name, 1)
-    return Method(name, group, True, True, replace(cfg, variance=variance))
+    return Method(name, group, True, True, replace(cfg, variance=variance),
+                  t_sampler_for(variance, cfg.seed, group))

@@ -29,7 +29,7 @@ from mdm_scale.config.schema import Config, ConfigError
 from mdm_scale.data.loader import collate
 from mdm_scale.diffusion.noise import keyed_generator
 from mdm_scale.distributed.env import DistEnv, barrier, init_distributed
-from mdm_scale.training.checkpoint import CheckpointError, CheckpointManager
+from mdm_scale.training.checkpoint import CheckpointError, CheckpointManager, rank_state
 from mdm_scale.variance.decomposition import UnitSummary, decompose, summarize_unit
 from mdm_scale.variance.methods import ALL_METHODS, Method, build_method
 from mdm_scale.variance.sketch import GradientSketch
@@ -72,6 +72,7 @@ class MethodResult:
     loss: list[tuple[int, UnitSummary]]
     grad: list[tuple[int, UnitSummary]]
     curve: list[tuple[float, float, float]]  # (t, mask-mean of the unweighted loss l, its mask variance)
+    samples: list[tuple[float, float]]  # (t, l) of every cell and sequence: the draws that can fit P-POTS
 
 
 class VarianceRun:
@@ -93,7 +94,7 @@ class VarianceRun:
         num_t = s.num_t if method.random_t else 1
         num_masks = s.num_masks if method.random_masks else 1
         objectives = [method.objective(k, self.trainer.mask_token_id) for k in range(num_masks)]
-        result = MethodResult([], [], [])
+        result = MethodResult([], [], [], [])
         for u in range(self.env.rank, units, self.env.world_size):
             members = self.examples[u * g:(u + 1) * g]
             loss = np.zeros((num_t, num_masks, 1))
@@ -125,6 +126,7 @@ class VarianceRun:
             if method.random_t:
                 variances = per_sample.var(axis=1, ddof=1) if num_masks > 1 else np.zeros_like(rates)
                 result.curve += list(zip(rates.ravel(), per_sample.mean(axis=1).ravel(), variances.ravel()))
+                result.samples += list(zip(np.repeat(rates[:, None], num_masks, 1).ravel(), per_sample.ravel()))
         return gather(result)
 
 
@@ -137,7 +139,7 @@ def gather(result: MethodResult) -> MethodResult:
         parts = [result]
     return MethodResult(sorted((x for p in parts for x in p.loss), key=lambda x: x[0]),
                         sorted((x for p in parts for x in p.grad), key=lambda x: x[0]),
-                        sorted(x for p in parts for x in p.curve))
+                        sorted(x for p in parts for x in p.curve), sorted(x for p in parts for x in p.samples))
 
 
 def t_curves(curve: list[tuple[float, float, float]], bins: int) -> dict:
@@ -176,6 +178,20 @@ def resolve_checkpoint(path: str) -> Path:
     return given
 
 
+def fit_ppots(sampler, ckpt: Path | None, draws: list[tuple[float, float]] | None, env: DistEnv) -> str:
+    """Give the P-POTS sampler its p(t): the one a P-POTS training run had fitted by checkpoint ``ckpt``, or a
+    fit (``PPOTSSampler.update``: E[l^2 | t-bin] -> EPR -> density) to the standard method's (t, l) draws on
+    the same model and data. Every rank calls this (the fit is broadcast from rank 0)."""
+    from mdm_scale.diffusion.ppots import bin_statistics
+
+    if ckpt is not None:
+        sampler.load_state_dict(rank_state(ckpt, 0)["t_sampler"])
+        return f"the checkpoint {ckpt}"
+    t, loss = (torch.tensor(column, dtype=torch.float64) for column in zip(*draws))
+    sampler.update(bin_statistics(t, loss, None, sampler.settings.bins), device=env.device)
+    return f"a fit to the {len(draws)} (t, loss) draws of the standard method"
+
+
 def load_weights(trainer, ckpt: Path) -> None:
     """Model weights only. A ZeRO-3 engine loads the sharded checkpoint directly (same world size as the run
     that wrote it); other stages load the consolidated fp32 weights (DeepSpeed's ``zero_to_fp32``), so a
@@ -201,9 +217,14 @@ def run_variance(cfg: Config, settings: ToolSettings, out: Path, checkpoint: str
     from mdm_scale.variance.report import markdown_table, write_report
 
     env = env or init_distributed()
-    methods = [build_method(name, cfg, settings.strats_batch) for name in settings.methods]
+    names = sorted(settings.methods, key=lambda name: name != "standard")  # standard's draws can fit P-POTS
+    methods = [build_method(name, cfg, settings.strats_batch) for name in names]
     settings.check(methods, env.world_size)
     ckpt = resolve_checkpoint(checkpoint) if checkpoint else None
+    fitted = ckpt is not None and rank_state(ckpt, 0).get("t_sampler", {}).get("refits", 0) > 0
+    if any(m.uses_ppots for m in methods) and not fitted and "standard" not in names:
+        raise ConfigError("--methods: ppots needs 'standard' too (its (t, loss) draws fit p(t)) or a --checkpoint "
+                          "of a run trained with variance.t_sampler=ppots")
     work = out.parent / (out.stem + "_work")
     if env.is_main and (work / "checkpoints").exists():
         shutil.rmtree(work / "checkpoints")
@@ -221,10 +242,16 @@ def run_variance(cfg: Config, settings: ToolSettings, out: Path, checkpoint: str
     report = {"settings": {**settings.__dict__, "world_size": env.world_size,
                            "checkpoint": str(ckpt) if ckpt else None, "config_seed": cfg.seed},
               "methods": {}}
+    draws = None
     for method in methods:
         trainer.info(f"variance: measuring {method.name} ({settings.num_x0 // method.group} units of "
                      f"{method.group} sequence(s))")
+        if method.uses_ppots:
+            source = fit_ppots(method.t_sampler, ckpt if fitted else None, draws, env)
+            trainer.info(f"variance: P-POTS density from {source}")
         result = run.measure(method)
+        if method.name == "standard":
+            draws = result.samples
         num_t = settings.num_t if method.random_t else 1
         num_masks = settings.num_masks if method.random_masks else 1
         entry = {"group": method.group,
@@ -232,6 +259,9 @@ def run_variance(cfg: Config, settings: ToolSettings, out: Path, checkpoint: str
         if result.grad:
             entry["grad"] = decompose([s for _, s in result.grad], num_t, num_masks, method.group)
         entry["t_curve"] = t_curves(result.curve, settings.t_bins)
+        if method.uses_ppots:
+            entry["ppots_density"] = {"source": source, "t": np.linspace(0, 1, 21).tolist(), "p": method.t_sampler
+                                      .density.pdf(torch.linspace(0, 1, 21)).tolist()}
         report["methods"][method.name] = entry
         trainer.info(f"variance: {method.name}: " + ", ".join(
             f"{k}={entry['loss'][k]:.4g}" for k in ("A", "B", "C", "total", "direct")))

@@ -1,0 +1,210 @@
+"""P-POTS (SPEC section 3.1): the EPR fit, the exactly normalised sampled density, unbiased weights, and the
+statistics service on one rank. Tolerances are derived from the number of draws (4-5 standard errors)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from mdm_scale.data.loader import Batch
+from mdm_scale.diffusion.epr import fit_epr, log_w
+from mdm_scale.diffusion.masks import BernoulliMasks
+from mdm_scale.diffusion.noise import Stream
+from mdm_scale.diffusion.objective import MDMObjective
+from mdm_scale.diffusion.ppots import (
+    COUNT,
+    PAIR_SQ,
+    PAIRS,
+    SUM,
+    SUMSQ,
+    PiecewiseLinearDensity,
+    PPOTSSampler,
+    PPOTSSettings,
+    bin_centres,
+    bin_statistics,
+    epr_density,
+)
+from mdm_scale.diffusion.t_samplers import UniformT
+from mdm_scale.models.configuration_mdm import MDMConfig
+from mdm_scale.models.modeling_mdm import MDMForMaskedDiffusion
+
+# A strongly non-uniform EPR shape: small near t = 0, rising steeply towards t = 1 (like the paper's fits).
+Z_KNOWN = np.array([0.5, -1.0, 0.2, 1.0, 0.3, 1.5, 0.8])
+GRID = bin_centres(64)
+
+
+def exact_cdf(density: PiecewiseLinearDensity, t: torch.Tensor) -> torch.Tensor:
+    k = (t / density.h).floor().clamp(max=density.cells - 1).long()
+    x = t - k.double() * density.h
+    p_k, p_next = density.values[k], density.values[k + 1]
+    return density.cdf[k] + p_k * x + 0.5 * (p_next - p_k) / density.h * x * x
+
+
+def test_epr_fit_recovers_a_known_density_exactly():
+    fit = fit_epr(GRID, np.exp(log_w(Z_KNOWN, GRID)))
+    assert fit.kl < 1e-10
+    fitted, known = epr_density(fit.z).values, epr_density(Z_KNOWN).values
+    assert ((fitted - known).abs() / known).max() < 1e-4
+
+
+def test_epr_fit_recovers_a_known_density_from_sampled_losses():
+    """Losses l = w(t_j) x with x ~ N(0, 1) give E[l^2 | t_j] = w(t_j)^2; from n draws per bin the target
+    sqrt(mean l^2) has relative standard error sqrt(2) / (2 sqrt(n)) per bin."""
+    n = 4000
+    gen = torch.Generator().manual_seed(0)
+    w = np.exp(log_w(Z_KNOWN, GRID))
+    losses = torch.from_numpy(w)[:, None] * torch.randn(len(GRID), n, generator=gen, dtype=torch.float64)
+    target = losses.pow(2).mean(1).sqrt().numpy()
+    fitted, known = epr_density(fit_epr(GRID, target).z).values, epr_density(Z_KNOWN).values
+    per_bin_rel_se = math.sqrt(2) / (2 * math.sqrt(n))
+    assert ((fitted - known).abs() / known).max() < 5 * per_bin_rel_se
+
+
+def test_fit_rejects_bad_targets():
+    with pytest.raises(ValueError, match="non-negative"):
+        fit_epr(GRID, -np.ones_like(GRID))
+    with pytest.raises(ValueError, match="increasing"):
+        fit_epr(GRID[::-1], np.ones_like(GRID))
+
+
+def test_inverse_cdf_is_exact_and_density_integrates_to_one():
+    density = epr_density(Z_KNOWN, cells=37)
+    v = density.values
+    assert float((0.5 * density.h * (v[1:] + v[:-1])).sum()) == pytest.approx(1.0, abs=1e-14)
+    u = torch.linspace(0, 1, 10001, dtype=torch.float64)
+    t = density.inverse_cdf(u)
+    assert (t >= 0).all() and (t <= 1).all() and (torch.diff(t) >= 0).all()
+    assert torch.allclose(exact_cdf(density, t), u, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("mix, cap", [(0.1, None), (0.0, 4.0), (0.2, 3.0)])
+def test_mixing_and_weight_cap_keep_a_normalised_density(mix, cap):
+    base = epr_density(Z_KNOWN)
+    mixed = base.mixed(mix, cap)
+    v = mixed.values
+    assert float((0.5 * mixed.h * (v[1:] + v[:-1])).sum()) == pytest.approx(1.0, abs=1e-12)
+    assert float((1.0 / v).max()) <= (cap or math.inf) * (1 + 1e-12)
+    expected_lambda = max(mix, (1 / cap - float(base.values.min())) / (1 - float(base.values.min())) if cap else 0)
+    assert torch.allclose(v, (1 - expected_lambda) * base.values + expected_lambda, atol=1e-12)
+
+
+def fitted_sampler(seed: int = 0, **settings) -> PPOTSSampler:
+    sampler = PPOTSSampler(seed, PPOTSSettings(**settings))
+    sampler.density = epr_density(Z_KNOWN)
+    return sampler
+
+
+def test_sample_is_transform_of_keyed_uniforms():
+    sampler = fitted_sampler(seed=3)
+    index = torch.arange(100, 164)
+    u = sampler.uniforms(index, Stream.T)
+    t, weight = sampler.sample(index, Stream.T)
+    t2, weight2 = sampler.transform(u)
+    assert torch.equal(t, t2) and torch.equal(weight, weight2)
+    assert torch.equal(u, UniformT(3).sample(index, Stream.T)[0])  # same keyed uniforms as the uniform sampler
+    assert torch.allclose(weight.double(), 1 / sampler.density.pdf(t), rtol=1e-6)
+
+
+def test_weights_have_mean_one_and_reweight_to_the_uniform_integral():
+    """E_p[1/p(t)] = 1 and E_p[f(t)/p(t)] = integral f for f(t) = exp(3t) / t^0.3, over 200k keyed draws."""
+    sampler = fitted_sampler()
+    t, weight = sampler.sample(torch.arange(200_000))
+    t, weight = t.double(), weight.double()
+    n = len(t)
+    for values, truth in ((weight, 1.0), (weight * torch.exp(3 * t) * t.pow(-0.3), None)):
+        if truth is None:  # integral of exp(3t) t^-0.3 on (0, 1) by fine quadrature
+            grid = (torch.arange(2_000_000, dtype=torch.float64) + 0.5) / 2_000_000
+            truth = float((torch.exp(3 * grid) * grid.pow(-0.3)).mean())
+        se = float(values.std()) / math.sqrt(n)
+        assert abs(float(values.mean()) - truth) < 5 * se, (float(values.mean()), truth, se)
+
+
+def make_batch(copies: int) -> Batch:
+    """``copies`` repetitions of three SFT rows (prompt lengths 2, 3, 1; real lengths 6, 8, 5), each with its own
+    sample index (so its own t and masks)."""
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10, 0, 0], [11, 12, 13, 14, 15, 16, 17, 18], [19, 20, 21, 22, 23, 0, 0, 0]])
+    real = torch.tensor([[1] * 6 + [0] * 2, [1] * 8, [1] * 5 + [0] * 3], dtype=torch.bool)
+    loss_mask = real.clone()
+    for row, prompt in enumerate([2, 3, 1]):
+        loss_mask[row, :prompt] = False
+    return Batch(input_ids=ids.repeat(copies, 1), loss_mask=loss_mask.repeat(copies, 1),
+                 sample_index=torch.arange(3 * copies), attention_mask=real.repeat(copies, 1))
+
+
+@torch.no_grad()
+def test_ppots_weighted_loss_is_unbiased_for_the_uniform_t_loss():
+    """On a fixed model, the mean weighted P-POTS loss equals the mean uniform-t loss within the confidence
+    interval of the difference of two independent Monte-Carlo means."""
+    torch.manual_seed(0)
+    model = MDMForMaskedDiffusion(MDMConfig(vocab_size=32, hidden_size=16, num_hidden_layers=1,
+                                            num_attention_heads=2)).eval()
+    copies = 6000
+    batch = make_batch(copies)
+    estimates = {}
+    for name, sampler in (("uniform", UniformT(1)), ("ppots", fitted_sampler(seed=2))):
+        noisy = MDMObjective(sampler, BernoulliMasks(seed=7 if name == "uniform" else 8, eps=1e-3), 3).corrupt(batch)
+        out = model(**noisy.model_inputs())
+        per_sample = noisy.sample_losses(noisy.row_losses(out.token_ce)).double() * noisy.weight.double()
+        estimates[name] = per_sample.view(copies, 3)  # per row of the three-row batch
+    diff = estimates["ppots"].mean(0) - estimates["uniform"].mean(0)
+    se = torch.sqrt(estimates["ppots"].var(0) / copies + estimates["uniform"].var(0) / copies)
+    assert (diff.abs() < 5 * se).all(), (diff, se)
+    assert (estimates["ppots"].std(0) != estimates["uniform"].std(0)).all()  # the draws really differ
+
+
+def test_bin_statistics_sums_per_bin():
+    t = torch.tensor([0.01, 0.02, 0.5, 0.99])
+    loss = torch.tensor([1.0, 3.0, 2.0, 20.0])
+    pair = torch.tensor([0.5, float("nan"), 4.0, 1.0])
+    stats = bin_statistics(t, loss, pair, bins=4, loss_max=10.0)
+    assert stats[0, COUNT] == 2 and stats[0, SUM] == 4 and stats[0, SUMSQ] == 10
+    assert stats[0, PAIRS] == 1 and stats[0, PAIR_SQ] == 0.5
+    assert stats[2, COUNT] == 1 and stats[2, PAIR_SQ] == 4
+    assert stats[3, SUM] == 10 and stats[3, SUMSQ] == 100  # clamped at loss_max
+    assert stats[1].abs().sum() == 0
+
+
+def test_service_refits_every_n_steps_with_decay_and_warm_start():
+    """Losses with E[l^2 | t] = w(t)^2: refits move p towards the known EPR density; the accumulated statistics
+    decay by 0.5^(refit_every / half_life) per refit; the state round-trips exactly."""
+    settings = dict(bins=32, refit_every=2, half_life=4.0, restarts=4)
+    sampler = PPOTSSampler(0, PPOTSSettings(**settings))
+    gen = torch.Generator().manual_seed(1)
+    changed = []
+    for step in range(1, 7):
+        t = torch.rand(4096, generator=gen)
+        loss = torch.from_numpy(np.exp(log_w(Z_KNOWN, t.double().numpy()))) * torch.randn(4096, generator=gen,
+                                                                                          dtype=torch.float64)
+        sampler.observe(t, loss.float(), None)
+        before = sampler.statistics.clone()
+        pending = sampler.pending.clone()
+        changed.append(sampler.on_optimizer_step(step))
+        if changed[-1]:
+            assert torch.allclose(sampler.statistics, 0.5 ** 0.5 * before + pending, rtol=1e-12)
+    assert changed == [False, True, False, True, False, True] and sampler.refits == 3
+    known = epr_density(Z_KNOWN).values
+    assert ((sampler.density.values - known).abs() / known).max() < 0.1
+
+    restored = PPOTSSampler(0, PPOTSSettings(**settings))
+    restored.load_state_dict(sampler.state_dict())
+    index = torch.arange(50)
+    assert all(torch.equal(a, b) for a, b in zip(sampler.sample(index), restored.sample(index)))
+    assert np.array_equal(sampler.z, restored.z) and torch.equal(sampler.statistics, restored.statistics)
+    with pytest.raises(ValueError, match="bins"):
+        PPOTSSampler(0, PPOTSSettings(bins=16)).load_state_dict(sampler.state_dict())
+
+
+def test_log_statistics_reports_weights_and_draws():
+    sampler = fitted_sampler()
+    _, weight = sampler.sample(torch.arange(1000))
+    values = sampler.log_statistics()
+    w = weight.double()
+    assert values["weight_max"] == pytest.approx(float(w.max()))
+    assert values["weight_ess"] == pytest.approx(float(w.sum() ** 2 / (len(w) * (w * w).sum())))
+    assert len(values["drawn_t"]) == 1000 and values["refits"] == 0.0
+    figure = values["density"]()
+    assert len(figure.axes) == 2
+    assert "drawn_t" not in sampler.log_statistics()  # the draw buffer is emptied at each log
