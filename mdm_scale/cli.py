@@ -79,8 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     variance.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     variance.add_argument("--checkpoint", default=None, help="a training checkpoint (or run directory) to load")
     variance.add_argument("--out", required=True, help="report JSON path; plots and TensorBoard go next to it")
-    variance.add_argument("--methods", default="standard,mirror,strats,syrm,clipped",
-                          help="comma-separated: standard, mirror, strats, syrm, isad, clipped, arm")
+    variance.add_argument("--methods", default="standard,mirror,ppots,ppots+mirror,strats,syrm,clipped",
+                          help="comma-separated: standard, mirror, ppots, ppots+mirror, strats, syrm, isad, clipped, "
+                               "arm")
     variance.add_argument("--x0", type=int, default=64, help="sequences of data")
     variance.add_argument("--t-draws", type=int, default=8, help="masking-rate draws per unit of data")
     variance.add_argument("--masks", type=int, default=4, help="mask draws per (data, rate)")

@@ -41,7 +41,8 @@ _DATA_WORD = 0x58304441
 class ToolSettings:
     """The sampling plan (command-line flags of ``mdm-scale variance``)."""
 
-    methods: list[str] = field(default_factory=lambda: ["standard", "mirror", "strats", "syrm", "clipped"])
+    methods: list[str] = field(default_factory=lambda: ["standard", "mirror", "ppots", "ppots+mirror", "strats", "syrm",
+                                                       "clipped"])
     num_x0: int = 64
     """--x0: sequences of data; a method with units of g sequences has num_x0 / g units."""
     num_t: int = 8
