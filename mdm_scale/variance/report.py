@@ -64,9 +64,9 @@ def plot_abc(report: dict, quantity: str, path: Path) -> Path:
     low = [d - report["methods"][n][quantity]["direct_ci95"][0] for n, d in zip(names, direct)]
     high = [report["methods"][n][quantity]["direct_ci95"][1] - d for n, d in zip(names, direct)]
     ax.errorbar(names, direct, yerr=[low, high], fmt="kD", ms=4, capsize=3, label="direct total (95% CI)")
-    what = "loss" if quantity == "loss" else f"sketched gradient (d={report['settings']['grad_dim']})"
-    ax.set_ylabel(f"variance per sequence of the {what}")
-    ax.set_title(f"A masking pattern / B masking rate / C data: {quantity}")
+    what = "loss" if quantity == "loss" else f"gradient (sketch d={report['settings']['grad_dim']})"
+    ax.set_ylabel("variance per sequence")
+    ax.set_title(f"(A) masking pattern, (B) masking rate, (C) data: {what}")
     ax.legend(fontsize=8)
     plt.setp(ax.get_xticklabels(), rotation=30, ha="right")
     fig.tight_layout()
