@@ -166,6 +166,8 @@ def resolve_checkpoint(path: str) -> Path:
     """A checkpoint directory (``.../checkpoints/step_N``), a ``checkpoints`` directory or a run's output
     directory (then its newest complete checkpoint)."""
     given = Path(path)
+    if not given.is_dir():
+        raise CheckpointError(f"--checkpoint {path}: no such directory")
     for root in (given / "checkpoints", given):
         if (root / "latest").is_file() or any(root.glob("step_*")):
             manager = CheckpointManager(root, None, 1, lambda _: None)
