@@ -54,12 +54,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_deepspeed(args: list[str], ranks: int = 2, timeout: int = 600, env: dict | None = None
-                  ) -> subprocess.CompletedProcess:
-    """``deepspeed --num_gpus N --module mdm_scale.cli ARGS`` on CPU; returns the finished process."""
+def run_deepspeed(args: list[str], ranks: int = 2, timeout: int = 600, env: dict | None = None,
+                  script: str | None = None) -> subprocess.CompletedProcess:
+    """``deepspeed --num_gpus N --module mdm_scale.cli ARGS`` (or ``SCRIPT ARGS``) on CPU; returns the finished
+    process."""
     deepspeed = Path(sys.executable).with_name("deepspeed")
-    cmd = [str(deepspeed), "--num_gpus", str(ranks), "--master_port", str(free_port()), "--module",
-           "mdm_scale.cli", *args]
+    target = [script] if script else ["--module", "mdm_scale.cli"]
+    cmd = [str(deepspeed), "--num_gpus", str(ranks), "--master_port", str(free_port()), *target, *args]
     full_env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", **(env or {})}
     for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         full_env.pop(key, None)  # the launcher sets these per rank

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import REPO
 from mdm_scale.data.loader import Batch
 from mdm_scale.diffusion.epr import fit_epr, log_w
 from mdm_scale.diffusion.masks import BernoulliMasks
@@ -208,3 +209,18 @@ def test_log_statistics_reports_weights_and_draws():
     figure = values["density"]()
     assert len(figure.axes) == 2
     assert "drawn_t" not in sampler.log_statistics()  # the draw buffer is emptied at each log
+
+
+@pytest.mark.parametrize("items, message", [
+    (["variance.mirror_plus_threshold=0.9"], r"'variance.mirror_plus_threshold' = 0.9: needs variance.mirror"),
+    (["variance.ppots_max_weight=1"], r"'variance.ppots_max_weight' = 1.0: must be > 1"),
+    (["variance.ppots_masks=1"], r"'variance.ppots_masks' = 1: must be >= 2 without MIRROR"),
+    (["variance.ppots_bins=1"], r"'variance.ppots_bins' = 1: must be in \[2, 4096\]"),
+    (["variance.t_sampler=ppots", "train.objective=arm"], r"'variance.t_sampler' = 'ppots': t-samplers apply"),
+])
+def test_bad_variance_settings_name_key_and_value(items, message):
+    from mdm_scale.config.loader import load_config
+    from mdm_scale.config.schema import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        load_config([REPO / "configs" / "quickstart.yaml"], items)

@@ -271,3 +271,5 @@ class Config:
             section.check()
         _require(self.train.objective == "mdm" or not self.variance.mirror, "variance.mirror", self.variance.mirror,
                  "MIRROR masks apply to the mdm objective only (train.objective = arm)")
+        _require(self.train.objective == "mdm" or self.variance.t_sampler == "uniform", "variance.t_sampler",
+                 self.variance.t_sampler, "t-samplers apply to the mdm objective only (train.objective = arm)")

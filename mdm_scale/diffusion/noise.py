@@ -28,6 +28,7 @@ class Stream(IntEnum):
     EVAL_T = 3
     EVAL_MASK = 4
     DATA_ORDER = 5  # epoch permutations of the data stream
+    PPOTS_MASK = 6  # masks of the P-POTS offline estimate (training/ppots_estimate.py)
 
 
 def mix32(x: torch.Tensor) -> torch.Tensor:

@@ -194,8 +194,10 @@ class PPOTSSampler(TSampler):
     # ---- the service ----------------------------------------------------------------------------------------
     def observe(self, t: torch.Tensor, sample_loss: torch.Tensor, pair_sq_diff: torch.Tensor | None) -> None:
         batch = bin_statistics(t, sample_loss, pair_sq_diff, self.settings.bins, self.settings.loss_max)
-        if self.pending is None or self.pending.device != batch.device:
+        if self.pending is None:
             self.pending = torch.zeros_like(batch)
+        elif self.pending.device != batch.device:  # restored from a checkpoint on the host
+            self.pending = self.pending.to(batch.device)
         self.pending += batch
 
     def on_optimizer_step(self, step: int) -> bool:
@@ -251,7 +253,7 @@ class PPOTSSampler(TSampler):
         return values
 
     def state_dict(self) -> dict:
-        pending = self.pending.cpu() if self.pending is not None else torch.zeros_like(self.statistics)
+        pending = self.pending.cpu().clone() if self.pending is not None else torch.zeros_like(self.statistics)
         return {"bins": self.settings.bins, "z": None if self.z is None else torch.from_numpy(self.z.copy()),
                 "density": self.density.values.clone(), "statistics": self.statistics.clone(),
                 "pending": pending, "refits": self.refits}
@@ -262,8 +264,8 @@ class PPOTSSampler(TSampler):
                              f"is {self.settings.bins}")
         self.z = None if state["z"] is None else state["z"].numpy().astype(np.float64)
         self.density = PiecewiseLinearDensity(state["density"])
-        self.statistics = state["statistics"].to(torch.float64)
-        self.pending = state["pending"].to(torch.float64)
+        self.statistics = state["statistics"].to(torch.float64, copy=True)
+        self.pending = state["pending"].to(torch.float64, copy=True)
         self.refits = int(state["refits"])
 
 

@@ -33,6 +33,7 @@ from mdm_scale.models.loading import build_model, load_hf_config, parameter_shap
 from mdm_scale.training.checkpoint import CheckpointManager, rank_state, write_atomic
 from mdm_scale.training.lr_schedule import scheduler_factory
 from mdm_scale.training.metrics import MetricLogger, Throughput
+from mdm_scale.training.ppots_estimate import initial_fit
 from mdm_scale.training.step_timer import NoTimer
 
 # Config keys that define a run: an output directory with checkpoints of a run that differs in one of these
@@ -80,6 +81,8 @@ class Trainer:
         self.timer = NoTimer()  # a StepTimer here splits each step's time into sections (diagnostics)
         if self.resume_from is not None:
             self._restore(self.resume_from)
+        else:
+            initial_fit(self)  # P-POTS: the offline estimate of p(t) before the first step
 
     # ---- set-up -------------------------------------------------------------------------------------------
     def info(self, text: str) -> None:

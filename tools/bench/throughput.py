@@ -35,12 +35,15 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tools" / "bench"))
 
+# P-POTS subjects: a small offline estimate (before the timed steps; 2 sequences x 64 t x 2 masks) and a refit
+# every 20 steps (the default is 50), so the timed steps include refits at a higher rate than a default run.
+PPOTS = ["variance.t_sampler=ppots", "variance.ppots_x0=2", "variance.ppots_masks=2", "variance.ppots_refit_every=20"]
 SUBJECTS = {
     "plain": None,
     "uniform": [],
     "uniform_full_logits": ["model.overrides.loss_head=full"],
-    "ppots": ["variance.t_sampler=ppots"],
-    "ppots_mirror": ["variance.t_sampler=ppots", "variance.mirror=true", "half_micro_batch"],
+    "ppots": PPOTS,
+    "ppots_mirror": [*PPOTS, "variance.mirror=true", "half_micro_batch"],
 }
 
 
