@@ -95,6 +95,20 @@ def test_training_step_stratifies_the_global_batch_across_accumulation(synth_dir
         assert sorted((rates * 8).floor().long().tolist()) == list(range(8))
 
 
+def test_strats_wraps_ppots_in_training(synth_dir, tmp_path, dist_env):
+    """StraTS over P-POTS: the offline estimate fits the wrapped sampler, and a step draws from its density."""
+    cfg = load_config(["configs/quickstart.yaml"], tiny_overrides(
+        synth_dir, tmp_path, **{"variance.t_sampler": "ppots", "variance.t_coupling": "stratified",
+                                "variance.ppots_x0": 2, "variance.ppots_bins": 8, "variance.ppots_masks": 2,
+                                "train.max_steps": 1}))
+    trainer = Trainer(cfg, dist_env)
+    sampler = trainer.objective.t_sampler
+    assert isinstance(sampler, StratifiedT) and sampler.inner.refits == 1
+    t, weight = sampler.sample(torch.arange(4), Stream.T)
+    assert torch.allclose(weight.double(), 1 / sampler.inner.density.pdf(t), rtol=1e-5)
+    trainer.train_step()
+
+
 @pytest.mark.parametrize("item, message", [
     ("variance.clip_low=0.9", "variance.clip_low"),
     ("variance.isad_token_ids=5", "variance.isad_token_ids' = 5: expected a list"),

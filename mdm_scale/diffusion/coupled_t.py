@@ -52,6 +52,12 @@ class CoupledT(TSampler):
     def state_dict(self) -> dict:
         return self.inner.state_dict()
 
+    def __getattr__(self, name: str):
+        """Everything else (e.g. P-POTS's ``update`` and ``density``) is the wrapped sampler's."""
+        if name == "inner":
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
     def load_state_dict(self, state: dict) -> None:
         self.inner.load_state_dict(state)
 

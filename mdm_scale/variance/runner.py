@@ -236,6 +236,7 @@ def run_variance(cfg: Config, settings: ToolSettings, out: Path, checkpoint: str
     if ckpt is not None and data.tokenizer == "char" and (ckpt.parent.parent / "tokenizer").is_dir():
         data = replace(data, tokenizer=str(ckpt.parent.parent / "tokenizer"))  # the run's own ids
     run_cfg = replace(cfg, data=data, train=replace(cfg.train, output_dir=str(work), resume="never"),
+                      variance=replace(cfg.variance, t_sampler="uniform"),  # the methods bring their own samplers
                       logging=replace(cfg.logging, tensorboard=False))
     trainer = Trainer(run_cfg, env)
     if ckpt is not None:
