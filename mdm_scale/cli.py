@@ -3,6 +3,9 @@
     mdm-scale train --config configs/quickstart.yaml [--config more.yaml] [--set train.lr=1e-4 ...]
     mdm-scale data synth --out data/synth [--train 20000 --eval 500 --seed 0]
     mdm-scale variance --config configs/quickstart.yaml [--checkpoint DIR] --out report.json
+    mdm-scale eval --checkpoint runs/x --data data/synth/eval.jsonl --out runs/x/pred.jsonl
+    mdm-scale generate --checkpoint runs/x --prompt "Mia has 3 shells. ..."
+    mdm-scale export --checkpoint runs/x --out exports/x
 
 ``train`` runs as one plain process or under any launcher that sets RANK/WORLD_SIZE (``deepspeed``,
 ``torchrun``) or under ``srun``/``mpirun`` (MPI discovery), e.g.
@@ -100,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--max-ops", type=int, default=3)
     synth.add_argument("--pretrain", type=int, default=0, help="also write this many {text} records")
     synth.set_defaults(func=_synth)
+    from mdm_scale.generation.cli import add_generation_commands
+
+    add_generation_commands(commands)
     return parser
 
 
@@ -107,11 +113,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from mdm_scale.config.schema import ConfigError
     from mdm_scale.data.records import DataError
+    from mdm_scale.generation.sampler import GenerationError
     from mdm_scale.training.checkpoint import CheckpointError
 
     try:
         return args.func(args)
-    except (ConfigError, DataError, CheckpointError, FileNotFoundError) as err:
+    except (ConfigError, DataError, CheckpointError, GenerationError, FileNotFoundError, FileExistsError) as err:
         print(f"mdm-scale: error: {err}", file=sys.stderr, flush=True)
         return 2
 

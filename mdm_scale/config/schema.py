@@ -68,6 +68,11 @@ class DataConfig:
     """A local HF tokenizer directory, or ``char`` to build a character tokenizer from the training file."""
     seq_len: int = 256
     """Maximum tokens per sequence (SFT) or block length (pretraining)."""
+    response_eos_pad: int = 0
+    """SFT: append EOS tokens to every response until it has this many tokens (EOS included, and in the loss, as
+    LLaDA's SFT pads with EOS), so that a diffusion model learns to end its answer inside a fixed generation
+    window; use the same value as ``--gen-length`` when evaluating. 0 = one EOS only. Longer responses follow
+    ``data.overlong``."""
     overlong: Literal["truncate", "drop"] = "truncate"
     """SFT records longer than ``seq_len``: cut the response, or drop the record. Both are counted."""
     on_bad_record: Literal["error", "skip"] = "error"
@@ -83,6 +88,7 @@ class DataConfig:
     def check(self) -> None:
         _require(0.0 <= self.eval_fraction < 1.0, "data.eval_fraction", self.eval_fraction, "must be in [0, 1)")
         _require(self.seq_len >= 8, "data.seq_len", self.seq_len, "must be >= 8")
+        _require(self.response_eos_pad >= 0, "data.response_eos_pad", self.response_eos_pad, "must be >= 0")
         _require(self.pad_to_multiple_of >= 1, "data.pad_to_multiple_of", self.pad_to_multiple_of, "must be >= 1")
         _require(bool(self.train_file), "data.train_file", self.train_file, "must name a file")
 

@@ -1,6 +1,7 @@
 """Turn checked records into token sequences held in memory.
 
-- SFT: ``[bos] prompt  response [eos]``; ``prompt_len`` marks where the response starts. Positions before it
+- SFT: ``[bos] prompt  response [eos]`` (``data.response_eos_pad``: EOS repeated until the response has that
+  many tokens); ``prompt_len`` marks where the response starts. Positions before it
   (the prompt) and after the end (padding) are never masked and never in the loss. A prompt that leaves no
   room for a response within ``seq_len`` is a bad record; an over-long response is truncated or the record is
   dropped (``data.overlong``), and both are counted.
@@ -49,19 +50,27 @@ def tokenize_records(records: datasets.Dataset, report: ReadReport, task: str, t
     return _pack_pretraining(records, tokenizer, cfg.seq_len)
 
 
+def encode_prompts(tokenizer: PreTrainedTokenizerBase, prompts: list[str], chat_template: bool) -> list[list[int]]:
+    """Prompt token ids exactly as SFT training sees them: ``[bos] prompt``, or the chat template's user turn
+    and generation prompt (generation encodes its prompts with this too)."""
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None and not chat_template else []
+    if chat_template:
+        prompts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                                 add_generation_prompt=True) for p in prompts]
+    return [bos + ids for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]]
+
+
 def _tokenize_sft(records, report, tokenizer, cfg: DataConfig) -> TokenizedData:
     _, eos = special_ids(tokenizer)
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None and not cfg.chat_template else []
     tail = [eos] if eos is not None else []
 
+    def with_tail(ids: list[int]) -> list[int]:
+        return ids + tail * max(1, cfg.response_eos_pad - len(ids))
+
     def encode(batch):
-        prompts = batch["prompt"]
-        if cfg.chat_template:
-            prompts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
-                                                     add_generation_prompt=True) for p in prompts]
-        prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
         response_ids = tokenizer(batch["response"], add_special_tokens=False)["input_ids"]
-        return {"prompt_ids": [bos + p for p in prompt_ids], "response_ids": [r + tail for r in response_ids]}
+        return {"prompt_ids": encode_prompts(tokenizer, batch["prompt"], cfg.chat_template),
+                "response_ids": [with_tail(r) for r in response_ids]}
 
     encoded = records.map(encode, batched=True, keep_in_memory=True, remove_columns=["prompt", "response"])
     pieces, prompt_lens, counts = [], [], Counter()
@@ -71,6 +80,12 @@ def _tokenize_sft(records, report, tokenizer, cfg: DataConfig) -> TokenizedData:
                    f"over-long prompt ({len(prompt)} tokens leave no room for a response in "
                    f"data.seq_len={cfg.seq_len})", cfg.on_bad_record)
             continue
+        if cfg.response_eos_pad and len(response) > cfg.response_eos_pad:
+            if cfg.overlong == "drop":
+                counts["dropped (response over data.response_eos_pad)"] += 1
+                continue
+            counts["truncated (response over data.response_eos_pad)"] += 1
+            response = response[:cfg.response_eos_pad]
         if len(prompt) + len(response) > cfg.seq_len:
             if cfg.overlong == "drop":
                 counts["dropped (over-long)"] += 1

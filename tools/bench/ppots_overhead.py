@@ -18,7 +18,6 @@ import argparse
 import json
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -59,7 +58,7 @@ def main(argv=None) -> int:
     env = init_distributed()
     cfg = load_config([], [
         f"model.preset={args.preset}", f"data.seq_len={args.seq_len}", f"train.micro_batch_size={args.micro_batch}",
-        f"train.max_steps={10**6}", f"train.output_dir={tempfile.mkdtemp(prefix='ppots-overhead-')}",
+        f"train.max_steps={10**6}", f"train.output_dir={args.out}-run",
         "train.eval_every=0", "train.lr=1e-4", "logging.tensorboard=false", "train.resume=never",
         "variance.t_sampler=ppots", "variance.ppots_x0=2", "variance.ppots_masks=2",
         f"variance.ppots_refit_every={args.refit_every}", f"variance.mirror={str(args.mirror).lower()}", *args.set])

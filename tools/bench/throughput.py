@@ -190,7 +190,7 @@ def _mdm_scale(args, env, micro: int, overrides: list[str]):
     from mdm_scale.config.loader import load_config
     from mdm_scale.training.trainer import Trainer
 
-    out = tempfile.mkdtemp(prefix=f"bench-{args.worker}-")
+    out = Path(args.result).parent / "run"  # the same directory on every rank (the config must agree)
     sets = [f"model.preset={args.preset}", f"data.seq_len={args.seq_len}", f"train.micro_batch_size={micro}",
             f"train.grad_accum={args.grad_accum}", f"train.max_steps={10**6}", f"train.output_dir={out}",
             "train.zero_stage=3",

@@ -1,0 +1,1 @@
+"""Decoding (LLaDA-style masked diffusion, greedy ARM), answer extraction and accuracy evaluation."""

@@ -1,0 +1,155 @@
+"""``mdm-scale generate`` and ``mdm-scale eval``: decode a JSONL file of prompts, batched and sharded over ranks.
+
+Input records are ``{"prompt": str}`` plus, for ``eval``, the gold answer: ``"answer"`` (taken as is, after
+normalisation) or ``"response"`` (the answer is extracted from it like from a prediction). A bad record stops
+the run with file and line before any model is loaded.
+
+Rank r of W decodes records r, r + W, r + 2W, ... in micro-batches of similar prompt length (less padding;
+masked-diffusion noise is keyed by the record's index, so results do not depend on W or on the batching
+order); rank 0 gathers everything and writes one ``{"prompt", "prediction", "answer", "correct"}`` line per
+input record, in input order. A prediction is the decoded text up to the first EOS.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from mdm_scale.data.records import DataError
+from mdm_scale.distributed.env import DistEnv
+from mdm_scale.generation.answers import AnswerPattern, Score
+from mdm_scale.generation.model_source import GenerationModel, load_generation_model
+from mdm_scale.generation.sampler import SamplingConfig, diffusion_generate, greedy_generate
+
+
+@dataclass
+class PromptRecord:
+    prompt: str
+    gold: str | None
+    line: int
+
+
+def read_prompt_records(path: str | Path, answers: AnswerPattern | None) -> list[PromptRecord]:
+    """Records of a JSONL file; with ``answers`` (eval) each must carry a gold answer."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"--data {path}: file not found")
+    records = []
+    with path.open("rb") as f:
+        for number, raw in enumerate(f, start=1):
+            if not raw.strip():
+                continue
+            where = f"{path}:{number}"
+            try:
+                record = json.loads(raw)
+            except (json.JSONDecodeError, UnicodeDecodeError) as err:
+                raise DataError(f"{where}: not valid JSON ({err})") from None
+            if not isinstance(record, dict) or not isinstance(record.get("prompt"), str) or not record["prompt"]:
+                raise DataError(f"{where}: expected an object with a non-empty string 'prompt'")
+            gold = None
+            if answers is not None:
+                if isinstance(record.get("answer"), (str, int, float)):
+                    gold = answers.normalize(str(record["answer"]))
+                elif isinstance(record.get("response"), str):
+                    gold = answers.extract(record["response"])
+                if not gold:
+                    raise DataError(f"{where}: no gold answer (needs 'answer', or a 'response' with an answer "
+                                    f"{answers.description})")
+            records.append(PromptRecord(record["prompt"], gold, number))
+    if not records:
+        raise DataError(f"--data {path}: the file holds no records")
+    return records
+
+
+def generation_env() -> DistEnv:
+    """A process group when launched with several ranks; one plain process otherwise."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from mdm_scale.distributed.env import init_distributed
+
+        return init_distributed()
+    device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    return DistEnv(0, 1, 0, device)
+
+
+def generate_predictions(gm: GenerationModel, prompts: list[str], sampling: SamplingConfig, batch_size: int,
+                         env: DistEnv) -> list[str] | None:
+    """Predicted texts for ``prompts`` in input order on rank 0 (None on other ranks)."""
+    texts = decode_shard(gm, prompts, sampling, batch_size, env.rank, env.world_size, env.device)
+    if env.world_size > 1:
+        gathered: list[dict[int, str] | None] = [None] * env.world_size
+        dist.all_gather_object(gathered, texts)
+        texts = {k: v for part in gathered for k, v in part.items()}
+    return [texts[i] for i in range(len(prompts))] if env.is_main else None
+
+
+def decode_shard(gm: GenerationModel, prompts: list[str], sampling: SamplingConfig, batch_size: int, rank: int,
+                 world_size: int, device: torch.device) -> dict[int, str]:
+    """``{record index: predicted text}`` for this rank's records ``rank, rank + world_size, ...``."""
+    from mdm_scale.data.dataset import encode_prompts
+    from mdm_scale.data.tokenizer import special_ids
+
+    pad_id, eos_id = special_ids(gm.tokenizer)
+    if not gm.causal and gm.mask_token_id is None:
+        raise DataError("the model has no [MASK] token id (config mask_token_id or tokenizer mask token)")
+    mine = list(range(rank, len(prompts), world_size))
+    ids = encode_prompts(gm.tokenizer, [prompts[i] for i in mine], gm.chat_template)
+    order = sorted(range(len(mine)), key=lambda j: (len(ids[j]), j))
+    texts: dict[int, str] = {}
+    for start in range(0, len(order), batch_size):
+        chunk = order[start:start + batch_size]
+        batch_ids = [ids[j] for j in chunk]
+        if gm.causal:
+            out = greedy_generate(gm.model, batch_ids, pad_id, eos_id, sampling.gen_length, device)
+        else:
+            out = diffusion_generate(gm.model, batch_ids, [mine[j] for j in chunk], gm.mask_token_id, pad_id,
+                                     sampling, device)[:, -sampling.gen_length:]
+        for j, row in zip(chunk, out.tolist()):
+            texts[mine[j]] = decode_answer(gm.tokenizer, row, eos_id)
+    return texts
+
+
+def decode_answer(tokenizer, ids: list[int], eos_id: int | None) -> str:
+    """The text of ``ids`` up to the first EOS, special tokens removed."""
+    if eos_id is not None and eos_id in ids:
+        ids = ids[:ids.index(eos_id)]
+    return tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def run_generation(checkpoint: str, records: list[PromptRecord], out: str | None, sampling: SamplingConfig,
+                   batch_size: int, answers: AnswerPattern | None, dtype: str = "auto", trust_remote_code: bool = False
+                   ) -> dict | None:
+    """Decode every record; with ``answers`` also score them. Rank 0 returns the summary line."""
+    sampling.check()
+    env = generation_env()
+    torch_dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}.get(
+        dtype, torch.bfloat16 if env.on_gpu else torch.float32)
+    gm = load_generation_model(checkpoint, env.device, torch_dtype, trust_remote_code)
+    predictions = generate_predictions(gm, [r.prompt for r in records], sampling, batch_size, env)
+    if predictions is None:
+        return None
+    score, lines = Score(), []
+    for record, prediction in zip(records, predictions):
+        line = {"prompt": record.prompt, "prediction": prediction}
+        if answers is not None:
+            line["answer"] = answers.extract(prediction)
+            line["correct"] = score.add(line["answer"], record.gold)
+        lines.append(json.dumps(line))
+    if out is not None:
+        target = Path(out)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(target.name + ".tmp")
+        tmp.write_text("\n".join(lines) + "\n")
+        tmp.replace(target)
+    summary: dict = {"checkpoint": gm.source, "records": len(records)}
+    if answers is not None:
+        summary.update(accuracy=score.accuracy, correct=score.correct, total=score.total, no_answer=score.no_answer)
+    if out is not None:
+        summary["predictions"] = str(out)
+    else:
+        summary["lines"] = lines
+    return summary

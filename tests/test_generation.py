@@ -1,0 +1,201 @@
+"""Decoding, answer scoring, ``mdm-scale eval`` and the export round trip (all in this process, tiny models)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import tiny_overrides
+from mdm_scale.cli import main
+from mdm_scale.config.loader import load_config
+from mdm_scale.data.records import DataError
+from mdm_scale.generation import sampler
+from mdm_scale.generation.answers import AnswerPattern, Score
+from mdm_scale.generation.evaluate import read_prompt_records
+from mdm_scale.generation.model_source import load_generation_model
+from mdm_scale.generation.sampler import GenerationError, SamplingConfig
+from mdm_scale.models.configuration_mdm import MDMConfig
+from mdm_scale.models.modeling_mdm import MDMForMaskedDiffusion
+from mdm_scale.training.trainer import Trainer
+
+MASK, PAD, EOS, VOCAB = 2, 0, 1, 40
+CPU = torch.device("cpu")
+
+
+def random_model(causal: bool = False) -> MDMForMaskedDiffusion:
+    """A random tiny model in fp64, so that padding changes no argmax through rounding."""
+    torch.manual_seed(0)
+    config = MDMConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                       num_attention_heads=4, causal=causal, mask_token_id=MASK)
+    return MDMForMaskedDiffusion(config).double().eval()
+
+
+PROMPTS = [[5, 6, 7], [8, 9, 10, 11, 12, 13, 14], [15]]
+
+
+@pytest.mark.parametrize("temperature,remasking", [(0.0, "low_confidence"), (1.0, "low_confidence"),
+                                                   (0.7, "random")])
+def test_diffusion_fills_every_mask_and_keeps_the_prompt(temperature, remasking):
+    cfg = SamplingConfig(gen_length=16, steps=8, block_length=8, temperature=temperature, remasking=remasking, seed=3)
+    out = sampler.diffusion_generate(random_model(), PROMPTS, [0, 1, 2], MASK, PAD, cfg, CPU)
+    width = max(map(len, PROMPTS))
+    assert out.shape == (3, width + 16)
+    assert not (out[:, width:] == MASK).any()
+    padded, _ = sampler.left_pad(PROMPTS, width, PAD)
+    assert torch.equal(out[:, :width], padded)
+
+
+def test_diffusion_is_deterministic_for_a_seed_and_independent_of_the_batch():
+    model = random_model()
+    cfg = SamplingConfig(gen_length=12, steps=12, block_length=4, temperature=1.0, seed=7)
+    first = sampler.diffusion_generate(model, PROMPTS, [10, 11, 12], MASK, PAD, cfg, CPU)[:, -12:]
+    again = sampler.diffusion_generate(model, PROMPTS, [10, 11, 12], MASK, PAD, cfg, CPU)[:, -12:]
+    assert torch.equal(first, again)
+    alone = sampler.diffusion_generate(model, [PROMPTS[0]], [10], MASK, PAD, cfg, CPU)[:, -12:]
+    assert torch.equal(alone[0], first[0])  # left padding and batch neighbours change nothing
+    other_seed = sampler.diffusion_generate(model, PROMPTS, [10, 11, 12], MASK, PAD,
+                                    SamplingConfig(gen_length=12, steps=12, block_length=4, temperature=1.0, seed=8),
+                                    CPU)[:, -12:]
+    assert not torch.equal(first, other_seed)
+
+
+def test_one_token_per_step_fills_blocks_left_to_right():
+    """With steps = gen_length each forward unmasks exactly one position, always inside the current block."""
+    model = random_model()
+    calls = []
+    original = model.forward
+
+    def spy(input_ids, attention_mask=None, **kwargs):
+        calls.append((input_ids[:, -8:] == MASK).sum(1).tolist())
+        return original(input_ids, attention_mask, **kwargs)
+
+    model.forward = spy
+    cfg = SamplingConfig(gen_length=8, steps=8, block_length=4)
+    out = sampler.diffusion_generate(model, [[5, 6]], [0], MASK, PAD, cfg, CPU)
+    assert [c[0] for c in calls] == [8, 7, 6, 5, 4, 3, 2, 1]
+    assert not (out == MASK).any()
+    assert sampler.transfer_counts(10, 4) == [3, 3, 2, 2] and sum(sampler.transfer_counts(7, 7)) == 7
+
+
+def test_sampling_settings_are_checked():
+    with pytest.raises(GenerationError, match="--block-length 5: must divide --gen-length 16"):
+        SamplingConfig(gen_length=16, block_length=5).check()
+    with pytest.raises(GenerationError, match="--steps 3: must be a multiple of the number of blocks"):
+        SamplingConfig(gen_length=16, block_length=8, steps=3).check()
+
+
+def test_greedy_arm_decoding_matches_a_step_by_step_argmax():
+    model = random_model(causal=True)
+    out = sampler.greedy_generate(model, PROMPTS, PAD, None, 5, CPU)
+    for row, prompt in enumerate(PROMPTS):
+        ids = list(prompt)
+        for _ in range(5):
+            ids.append(int(model(input_ids=torch.tensor([ids])).logits[0, -1].argmax()))
+        assert out[row].tolist() == ids[len(prompt):]
+
+
+def test_answer_extraction_and_scoring_of_malformed_predictions():
+    hashes = AnswerPattern()
+    assert hashes.extract("12 + 7 = 19. #### 19") == "19"
+    assert hashes.extract("#### 3 then #### 1,234.") == "1234"
+    assert hashes.extract(" #### $42 ") == "42"
+    for malformed in ("no marker here", "####", "####   ", "", None, 17, ["#### 1"]):
+        assert hashes.extract(malformed) is None
+    boxed = AnswerPattern(r"\\boxed\{([^}]*)\}")
+    assert boxed.extract(r"so \boxed{7} or \boxed{8}") == "8"
+    assert boxed.extract("no box") is None
+    with pytest.raises(ValueError, match="--answer-regex '\\(': not a valid regular expression"):
+        AnswerPattern("(")
+    score = Score()
+    for predicted, gold in (("19", "19"), (None, "3"), ("4", "5"), (hashes.extract("garbage"), "1")):
+        score.add(predicted, gold)
+    assert (score.correct, score.total, score.no_answer, score.accuracy) == (1, 4, 2, 0.25)
+
+
+def test_eval_records_are_checked_with_file_and_line(tmp_path):
+    good = tmp_path / "good.jsonl"
+    good.write_text('{"prompt": "a", "response": "x #### 3"}\n\n{"prompt": "b", "answer": 4}\n')
+    records = read_prompt_records(good, AnswerPattern())
+    assert [(r.gold, r.line) for r in records] == [("3", 1), ("4", 3)]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "answer": "1"}\n{"prompt": "b", "response": "no answer"}\n')
+    with pytest.raises(DataError, match=r"bad.jsonl:2: no gold answer"):
+        read_prompt_records(bad, AnswerPattern())
+    bad.write_text('{"prompt": "a", "answer": "1"}\n{broken\n')
+    with pytest.raises(DataError, match=r"bad.jsonl:2: not valid JSON"):
+        read_prompt_records(bad, AnswerPattern())
+    assert len(read_prompt_records(bad.with_name("good.jsonl"), None)) == 2
+
+
+def test_export_round_trip_generates_identically(synth_dir, tmp_path, dist_env, capsys):
+    """Train (ZeRO-3 shards), export, reload with transformers: same weights, same predictions, same accuracy."""
+    from transformers import AutoModelForMaskedLM
+
+    run_dir = tmp_path / "run"
+    cfg = load_config(["configs/quickstart.yaml"], tiny_overrides(
+        synth_dir, run_dir, **{"train.max_steps": 8, "data.response_eos_pad": 40}))
+    Trainer(cfg, dist_env).fit()
+    export_dir = tmp_path / "export"
+    assert main(["export", "--checkpoint", str(run_dir), "--out", str(export_dir)]) == 0
+    assert (export_dir / "model.safetensors").is_file() and (export_dir / "tokenizer.json").is_file()
+
+    hf = AutoModelForMaskedLM.from_pretrained(str(export_dir))
+    assert isinstance(hf, MDMForMaskedDiffusion)
+    from_checkpoint = load_generation_model(run_dir, CPU, torch.float32).model.state_dict()
+    for name, tensor in hf.state_dict().items():
+        assert torch.equal(tensor, from_checkpoint[name]), name
+
+    data = tmp_path / "eval.jsonl"
+    data.write_text("".join(line for line in (synth_dir / "eval.jsonl").read_text().splitlines(True)[:6]))
+    results = {}
+    for source in (run_dir, export_dir):
+        out = tmp_path / f"pred_{source.name}.jsonl"
+        capsys.readouterr()
+        assert main(["eval", "--checkpoint", str(source), "--data", str(data), "--out", str(out), "--gen-length",
+                     "40", "--steps", "20", "--block-length", "20", "--temperature", "0.5", "--batch-size", "4"]) == 0
+        summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        predictions = [json.loads(line) for line in out.read_text().splitlines()]
+        assert summary["total"] == len(predictions) == 6
+        assert [p["prompt"] for p in predictions] == [json.loads(x)["prompt"] for x in data.read_text().splitlines()]
+        results[source.name] = (summary["accuracy"], [p["prediction"] for p in predictions])
+    assert results["run"] == results["export"]
+    assert main(["export", "--checkpoint", str(run_dir), "--out", str(export_dir)]) == 2  # never overwrites
+
+
+def test_sharded_decoding_equals_single_rank_decoding(synth_dir):
+    """Records split over 2 ranks and batched differently decode exactly as on one rank (keyed noise)."""
+    from mdm_scale.data.tokenizer import build_char_tokenizer
+    from mdm_scale.generation.evaluate import decode_shard
+    from mdm_scale.generation.model_source import GenerationModel
+
+    tokenizer = build_char_tokenizer([(synth_dir / "train.jsonl").read_text()])
+    torch.manual_seed(0)
+    config = MDMConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                       num_attention_heads=4, mask_token_id=tokenizer.mask_token_id)
+    gm = GenerationModel(MDMForMaskedDiffusion(config).double().eval(), tokenizer, tokenizer.mask_token_id, False,
+                         False, "test")
+    prompts = [json.loads(line)["prompt"] for line in (synth_dir / "eval.jsonl").read_text().splitlines()[:7]]
+    cfg = SamplingConfig(gen_length=8, steps=4, block_length=4, temperature=1.0, seed=5)
+    single = decode_shard(gm, prompts, cfg, 3, 0, 1, CPU)
+    shards = {**decode_shard(gm, prompts, cfg, 2, 0, 2, CPU), **decode_shard(gm, prompts, cfg, 4, 1, 2, CPU)}
+    assert sorted(single) == list(range(7)) and shards == single
+
+
+def test_response_eos_pad_fills_the_answer_window_with_eos_in_the_loss(synth_dir):
+    from mdm_scale.data.build import build_data
+    from mdm_scale.data.loader import collate
+
+    cfg = load_config(["configs/quickstart.yaml"], tiny_overrides(synth_dir, synth_dir / "unused",
+                                                                  **{"data.response_eos_pad": 60}))
+    run_data = build_data(cfg.data, cfg.seed, synth_dir / "no_saved_tokenizer")
+    data, eos = run_data.train, run_data.tokenizer.eos_token_id
+    ids, prompt_len = data.example(0)
+    assert len(ids) - prompt_len == 60
+    tail = ids[prompt_len:]
+    first_eos = list(tail).index(eos)
+    assert all(int(t) == eos for t in tail[first_eos:]) and first_eos > 0
+    batch = collate(data, [0], [0], 0, 8, 192)
+    assert int(batch.loss_mask.sum()) == 60
+

@@ -1,0 +1,184 @@
+"""Methods x seeds on one task: train every run, evaluate its accuracy, write a Table-1-style report.
+
+    python tools/experiments/run.py --config tools/experiments/configs/synth_finetune.yaml \\
+        --methods Standard,MIRROR,P-POTS,P-POTS+MIRROR --seeds 42,731,20231,1,2 \\
+        --eval-data data/synth/eval.jsonl --out results/synth --parallel 6 \\
+        [--init exports/pretrained] [--set train.max_steps=300] [--eval-arg=--gen-length=64]
+
+Each run lives in ``OUT/runs/<method>/seed_<seed>/``: ``train/`` (the training output directory), ``train.log``,
+``eval.log``, ``pred.jsonl`` and ``result.json``. A run with ``result.json`` is finished and skipped when the
+command is repeated; an interrupted one continues from its newest checkpoint (``train.resume=auto``). Runs are
+independent single-rank processes (``python -m mdm_scale.cli``); ``--parallel K`` runs K at once, sharing the
+machine's GPU (several small runs fit on one). ``--init DIR`` starts every run from a pretrained Hugging Face
+directory (an ``mdm-scale export``): ``model.path`` and ``data.tokenizer`` are set to it.
+
+Methods map to configuration overrides (``methods.py``); one whose keys the current schema does not have is
+reported as not available and skipped. The report (``report.py``) is rewritten at the end of every
+invocation from whatever runs have finished: ``results.md``, ``results.csv``, ``results.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
+sys.path[:0] = [str(HERE), str(REPO)]
+
+from methods import METHODS, availability, overrides, slug  # noqa: E402
+from report import write_report  # noqa: E402
+
+
+@dataclass
+class Run:
+    method: str
+    seed: int
+    directory: Path
+
+    @property
+    def result_file(self) -> Path:
+        return self.directory / "result.json"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_env(threads: int) -> dict[str, str]:
+    """A one-rank world with its own rendezvous port, so that concurrent runs never meet."""
+    env = {**os.environ, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "TOKENIZERS_PARALLELISM": "false",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    env.setdefault("OMP_NUM_THREADS", str(threads))
+    return env
+
+
+def _call(cmd: list[str], log: Path, threads: int) -> str:
+    """Run ``cmd`` with output to ``log``; return its stdout's last JSON line, or raise with the log's tail."""
+    with log.open("w") as out:
+        done = subprocess.run(cmd, cwd=REPO, env=run_env(threads), stdout=subprocess.PIPE, stderr=out, text=True)
+        out.write(done.stdout)
+    if done.returncode != 0:
+        tail = "\n".join(log.read_text().splitlines()[-15:])
+        raise RuntimeError(f"{' '.join(cmd[2:5])} failed (exit {done.returncode}); {log}:\n{tail}")
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    if not lines:
+        raise RuntimeError(f"no result line in {log}")
+    return lines[-1]
+
+
+def execute(run: Run, args: argparse.Namespace, threads: int) -> dict:
+    """Train (unless already trained) and evaluate one run; write and return its ``result.json``."""
+    run.directory.mkdir(parents=True, exist_ok=True)
+    cli = [sys.executable, "-m", "mdm_scale.cli"]
+    train_file = run.directory / "train.json"
+    start = time.perf_counter()
+    if not train_file.is_file():
+        sets = [*base_overrides(args), *overrides(run.method), f"seed={run.seed}",
+                f"train.output_dir={run.directory / 'train'}"]
+        cmd = [*cli, "train", *[a for c in args.config for a in ("--config", c)], *[a for s in sets
+                                                                                    for a in ("--set", s)]]
+        train_file.write_text(json.dumps(json.loads(_call(cmd, run.directory / "train.log", threads))["final"]))
+    trained = json.loads(train_file.read_text())
+    cmd = [*cli, "eval", "--checkpoint", str(run.directory / "train"), "--data", args.eval_data,
+           "--out", str(run.directory / "pred.jsonl"), *args.eval_arg]
+    scored = json.loads(_call(cmd, run.directory / "eval.log", threads))
+    result = {"method": run.method, "seed": run.seed, "accuracy": scored["accuracy"], "correct": scored["correct"],
+              "total": scored["total"], "no_answer": scored["no_answer"], "eval_loss": trained.get("eval_loss"),
+              "train_seconds": trained.get("seconds"), "wall_seconds": time.perf_counter() - start,
+              "tensorboard_dir": trained.get("tensorboard_dir")}
+    tmp = run.result_file.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=2))
+    tmp.replace(run.result_file)
+    return result
+
+
+def init_conflict(method: str, init: str | None) -> str | None:
+    """ARM rows need a causal starting model: a bidirectional one would see the tokens it predicts."""
+    if init is None or METHODS[method].get("train.objective") != "arm":
+        return None
+    config = json.loads((Path(init) / "config.json").read_text())
+    if config.get("model_type") == "mdm_scale" and not config.get("causal", False):
+        return f"--init {init} holds a bidirectional model; ARM needs a causal one (train it without --init)"
+    return None
+
+
+def base_overrides(args: argparse.Namespace) -> list[str]:
+    init = [f"model.path={args.init}", f"data.tokenizer={args.init}"] if args.init else []
+    return [*init, *args.set]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", action="append", required=True, help="training YAML; repeat to merge")
+    parser.add_argument("--methods", required=True, help=f"comma-separated, from: {', '.join(METHODS)}")
+    parser.add_argument("--seeds", required=True, help="comma-separated training seeds, e.g. 42,731,20231")
+    parser.add_argument("--eval-data", required=True, help="JSONL of {prompt, answer or response}")
+    parser.add_argument("--out", required=True, help="experiment directory (re-run to resume)")
+    parser.add_argument("--init", default=None, help="pretrained Hugging Face dir to start from (model.path)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for every run")
+    parser.add_argument("--eval-arg", action="append", default=[], metavar="ARG",
+                        help="argument for `mdm-scale eval`, e.g. --eval-arg=--gen-length=64 (repeatable)")
+    parser.add_argument("--parallel", type=int, default=1, help="runs at once (they share the machine)")
+    parser.add_argument("--baselines", default="Standard,Clipped",
+                        help="methods whose best run the others' worst run is compared with")
+    args = parser.parse_args(argv)
+    args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    try:
+        args.seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    except ValueError:
+        parser.error(f"--seeds {args.seeds!r}: expected comma-separated integers")
+    if args.parallel < 1:
+        parser.error("--parallel must be >= 1")
+    if not Path(args.eval_data).is_file():
+        parser.error(f"--eval-data {args.eval_data}: file not found")
+    if args.init and not (Path(args.init) / "config.json").is_file():
+        parser.error(f"--init {args.init}: not a Hugging Face directory (no config.json)")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    out = Path(args.out)
+    unavailable = {m: why for m in args.methods
+                   if (why := availability(m, args.config, base_overrides(args)) or init_conflict(m, args.init))}
+    for method, why in unavailable.items():
+        print(f"{method}: not available ({why})", flush=True)
+    runs = [Run(m, s, out / "runs" / slug(m) / f"seed_{s}") for m in args.methods if m not in unavailable
+            for s in args.seeds]
+    todo = [r for r in runs if not r.result_file.is_file()]
+    print(f"{len(runs)} runs, {len(runs) - len(todo)} already finished, {len(todo)} to do "
+          f"({args.parallel} at a time)", flush=True)
+    threads = max(1, (os.cpu_count() or 1) // args.parallel)
+    failures = []
+
+    def one(run: Run) -> None:
+        try:
+            result = execute(run, args, threads)
+            print(f"{run.method} seed {run.seed}: accuracy {100 * result['accuracy']:.2f}% "
+                  f"({result['wall_seconds']:.0f} s)", flush=True)
+        except Exception as err:  # one failed run must not stop the others; it is reported and retried next time
+            failures.append(run)
+            print(f"{run.method} seed {run.seed}: FAILED: {err}", flush=True)
+
+    with ThreadPoolExecutor(max_workers=args.parallel) as pool:
+        list(pool.map(one, todo))
+    baselines = [b.strip() for b in args.baselines.split(",") if b.strip()]
+    paths = write_report(out, runs, args.seeds, baselines, unavailable)
+    print("report: " + ", ".join(str(p) for p in paths), flush=True)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
