@@ -2,6 +2,7 @@
 
     mdm-scale train --config configs/quickstart.yaml [--config more.yaml] [--set train.lr=1e-4 ...]
     mdm-scale data synth --out data/synth [--train 20000 --eval 500 --seed 0]
+    mdm-scale variance --config configs/quickstart.yaml [--checkpoint DIR] --out report.json
     mdm-scale eval --checkpoint runs/x --data data/synth/eval.jsonl --out runs/x/pred.jsonl
     mdm-scale generate --checkpoint runs/x --prompt "Mia has 3 shells. ..."
     mdm-scale export --checkpoint runs/x --out exports/x
@@ -44,6 +45,26 @@ def _train(args: argparse.Namespace) -> int:
     return 0 if summary["stopped_by"] is None else EXIT_PREEMPTED
 
 
+def _variance(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from mdm_scale.config.loader import load_config
+    from mdm_scale.variance.runner import ToolSettings
+
+    config = load_config(args.config, args.set)
+    settings = ToolSettings(methods=args.methods.split(","), num_x0=args.x0, num_t=args.t_draws,
+                            num_masks=args.masks, grad_dim=args.grad_dim, strats_batch=args.strats_batch)
+    from mdm_scale.training.metrics import quiet_third_party_logs
+
+    quiet_third_party_logs()
+    from mdm_scale.variance.runner import run_variance
+
+    run_variance(config, settings, Path(args.out), args.checkpoint)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"variance report: {args.out}", flush=True)
+    return 0
+
+
 def _synth(args: argparse.Namespace) -> int:
     from mdm_scale.data.synthetic import write_synthetic_task
 
@@ -64,6 +85,22 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     train.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
     train.set_defaults(func=_train)
+
+    variance = commands.add_parser("variance", help="measure the A/B/C variance decomposition (docs/variance.md)")
+    variance.add_argument("--config", action="append", required=True, help="YAML file; repeat to merge several")
+    variance.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    variance.add_argument("--checkpoint", default=None, help="a training checkpoint (or run directory) to load")
+    variance.add_argument("--out", required=True, help="report JSON path; plots and TensorBoard go next to it")
+    variance.add_argument("--methods", default="standard,mirror,ppots,ppots+mirror,strats,syrm,clipped",
+                          help="comma-separated: standard, mirror, ppots, ppots+mirror, strats, syrm, isad, clipped, "
+                               "arm")
+    variance.add_argument("--x0", type=int, default=64, help="sequences of data")
+    variance.add_argument("--t-draws", type=int, default=8, help="masking-rate draws per unit of data")
+    variance.add_argument("--masks", type=int, default=4, help="mask draws per (data, rate)")
+    variance.add_argument("--grad-dim", type=int, default=1021, help="gradient sketch dimension; 0 = loss only")
+    variance.add_argument("--strats-batch", type=int, default=16, help="global batch that StraTS stratifies")
+    variance.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
+    variance.set_defaults(func=_variance)
 
     data = commands.add_parser("data", help="data utilities").add_subparsers(dest="data_command", required=True)
     synth = data.add_parser("synth", help="write the synthetic arithmetic task (train/eval JSONL)")

@@ -147,6 +147,10 @@ def coerce(value: Any, hint: Any, key: str) -> Any:
         if key not in _FREE_FORM:
             raise ConfigError(f"config key '{key}': free-form mappings are not allowed here")
         return copy.deepcopy(value)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"config key '{key}' = {value!r}: expected a list")
+        return [coerce(item, args[0], f"{key}[{i}]") for i, item in enumerate(value)]
     if hint is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"config key '{key}' = {value!r}: expected true or false")

@@ -173,9 +173,10 @@ class TrainConfig:
 class VarianceConfig:
     """The diffusion noise: how t and the masks are drawn (``mdm_scale/diffusion``, SPEC sections 1-3)."""
 
-    t_sampler: Literal["uniform", "ppots"] = "uniform"
-    """Distribution of the masking rate t per sequence: ``uniform``, or ``ppots`` (t ~ p(t) with weight
-    1/p(t), p fitted to the loss: ``diffusion/ppots.py``, SPEC section 3.1)."""
+    t_sampler: Literal["uniform", "ppots", "clipped"] = "uniform"
+    """Distribution of the masking rate t per sequence: ``uniform``; ``ppots`` (t ~ p(t) with weight
+    1/p(t), p fitted to the loss: ``diffusion/ppots.py``, SPEC section 3.1); ``clipped``: t ~ U[clip_low,
+    clip_high] with weight 1, the BD3-LM baseline, *biased* (``diffusion/clipped_t.py``)."""
     mirror: bool = False
     """MIRROR antithetic mask pairs (SPEC section 3.2): two rows per sequence in the same forward."""
     mirror_plus_threshold: float | None = None
@@ -202,6 +203,24 @@ class VarianceConfig:
     """Cap on the importance weight 1/p(t), enforced by mixing in just enough uniform density (stays unbiased)."""
     ppots_loss_max: float | None = None
     """Clamp per-sequence losses at this value in the P-POTS statistics only (the official code used 10)."""
+    t_coupling: Literal["independent", "stratified", "symmetric"] = "independent"
+    """How the rates of one batch are coupled (``diffusion/coupled_t.py``): ``stratified`` = StraTS, one rate per
+    stratum of the global batch of each optimiser step (SPEC 3.4); ``symmetric`` = SyRM, rows paired as t and
+    1 - t inside each micro-batch (SPEC 3.7, an interpretation). Both compose with any t_sampler and MIRROR."""
+    clip_low: float = 0.3
+    """Clipped t-sampler: lower end beta of U[beta, omega]."""
+    clip_high: float = 0.8
+    """Clipped t-sampler: upper end omega of U[beta, omega]."""
+    isad_token_ids: list[int] = field(default_factory=list)
+    """ISAD (SPEC 3.6): token ids masked with probability min(pi + isad_delta, 1), weighted by 1/q
+    (Horvitz-Thompson); empty = off."""
+    isad_delta: float = 0.2
+    """ISAD: how much the mask probability of the chosen token ids is raised."""
+    ema_bins: int = 0
+    """EMA (SPEC 3.5): per-t-bin moving-average baseline with this many bins, 0 = off. It is a control variate
+    of the logged loss only; the gradient is provably unchanged (``diffusion/ema_baseline.py``)."""
+    ema_rate: float = 0.01
+    """EMA: the baseline's moving-average rate eta."""
 
     def check(self) -> None:
         _require(0.0 <= self.eps < 1.0, "variance.eps", self.eps, "must be in [0, 1)")
@@ -223,6 +242,15 @@ class VarianceConfig:
                  self.ppots_max_weight, "must be > 1 (p(t) = 1 everywhere is the uniform density)")
         _require(self.ppots_loss_max is None or self.ppots_loss_max > 0, "variance.ppots_loss_max",
                  self.ppots_loss_max, "must be > 0")
+        _require(0.0 <= self.clip_low < self.clip_high <= 1.0, "variance.clip_low", (self.clip_low, self.clip_high),
+                 "need 0 <= clip_low < clip_high <= 1")
+        _require(0.0 < self.isad_delta < 1.0, "variance.isad_delta", self.isad_delta, "must be in (0, 1)")
+        _require(all(i >= 0 for i in self.isad_token_ids), "variance.isad_token_ids", self.isad_token_ids,
+                 "token ids must be >= 0")
+        _require(self.ema_bins >= 0, "variance.ema_bins", self.ema_bins, "must be >= 0")
+        _require(0.0 < self.ema_rate <= 1.0, "variance.ema_rate", self.ema_rate, "must be in (0, 1]")
+        _require(self.ema_bins == 0 or self.t_sampler != "clipped", "variance.ema_bins", self.ema_bins,
+                 "the EMA control variate needs an unbiased t_sampler (not clipped)")
 
 
 @dataclass

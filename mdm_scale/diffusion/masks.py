@@ -5,6 +5,13 @@ SPEC section 1: pi(t) = (1 - eps) t + eps, and M_i ~ Bernoulli(pi) independently
 sequence (MIRROR emits two); ``row_scale`` is each row's share of its sequence's loss, and ``inclusion`` is the
 probability with which each token was masked, so the objective can weight CE_i by 1/inclusion_i
 (Horvitz-Thompson) and stay unbiased for any generator.
+
+ISAD (SPEC section 3.6, token-level importance sampling): tokens whose id is in ``boosted_ids`` are masked with
+the higher probability q = min(pi + delta, 1) instead of pi; their CE is weighted by 1/q (Horvitz-Thompson), so
+E[M_i / q_i] = 1 for every token. Caveat, stated in docs/variance.md: HT makes the *token sum* unbiased when a
+token's CE does not depend on which other tokens are masked; for a real bidirectional model raising q also
+changes the contexts of the other tokens, so ISAD estimates a slightly different objective (the paper's
+prototype did the same). MIRROR composes: its second row masks {u_i > 1 - q_i}.
 """
 
 from __future__ import annotations
@@ -31,17 +38,28 @@ class MaskDraw:
 
 
 class BernoulliMasks:
-    """One row per sequence: M_i = [u_i < pi(t)] with u_i keyed by (seed, sample, position)."""
+    """One row per sequence: M_i = [u_i < q_i] with u_i keyed by (seed, sample, position); q_i = pi(t), or
+    min(pi(t) + delta, 1) for ISAD-boosted token ids."""
 
-    def __init__(self, seed: int, eps: float):
+    def __init__(self, seed: int, eps: float, boosted_ids: tuple[int, ...] = (), delta: float = 0.0):
         self.seed, self.eps = seed, eps
+        self.boosted_ids = torch.tensor(sorted(boosted_ids), dtype=torch.int64)
+        self.delta = delta
 
-    def draw(self, sample_index: torch.Tensor, t: torch.Tensor, eligible: torch.Tensor, stream: int) -> MaskDraw:
-        pi = mask_probability(t, self.eps)[:, None]
+    def inclusion(self, t: torch.Tensor, token_ids: torch.Tensor | None, width: int) -> torch.Tensor:
+        """q (B, L): each token's probability of being masked."""
+        pi = mask_probability(t, self.eps)[:, None].expand(len(t), width)
+        if len(self.boosted_ids) == 0 or token_ids is None:
+            return pi
+        boosted = torch.isin(token_ids, self.boosted_ids.to(token_ids.device))
+        return torch.where(boosted, (pi + self.delta).clamp(max=1.0), pi)
+
+    def draw(self, sample_index: torch.Tensor, t: torch.Tensor, eligible: torch.Tensor, stream: int,
+             token_ids: torch.Tensor | None = None) -> MaskDraw:
+        q = self.inclusion(t, token_ids, eligible.shape[1])
         u = keyed_uniform(self.seed, sample_index, stream, eligible.shape[1])
         rows = torch.arange(len(t))
-        return MaskDraw(masked=(u < pi) & eligible, inclusion=pi.expand_as(u), row_sample=rows,
-                        row_scale=torch.ones(len(t)))
+        return MaskDraw(masked=(u < q) & eligible, inclusion=q, row_sample=rows, row_scale=torch.ones(len(t)))
 
 
 class MirrorMasks(BernoulliMasks):
@@ -59,20 +77,25 @@ class MirrorMasks(BernoulliMasks):
     pi -> 1) at the price of their full single-mask variance; the estimator stays unbiased either way.
     """
 
-    def __init__(self, seed: int, eps: float, single_above: float | None = None):
-        super().__init__(seed, eps)
+    def __init__(self, seed: int, eps: float, single_above: float | None = None, boosted_ids: tuple[int, ...] = (),
+                 delta: float = 0.0):
+        super().__init__(seed, eps, boosted_ids, delta)
         self.single_above = single_above
 
-    def draw(self, sample_index: torch.Tensor, t: torch.Tensor, eligible: torch.Tensor, stream: int) -> MaskDraw:
-        pi = mask_probability(t, self.eps)[:, None]
+    def draw(self, sample_index: torch.Tensor, t: torch.Tensor, eligible: torch.Tensor, stream: int,
+             token_ids: torch.Tensor | None = None) -> MaskDraw:
+        q = self.inclusion(t, token_ids, eligible.shape[1])
         u = keyed_uniform(self.seed, sample_index, stream, eligible.shape[1])
-        masked = torch.stack([(u < pi) & eligible, (u > 1.0 - pi) & eligible], dim=1).flatten(0, 1)
+        masked = torch.stack([(u < q) & eligible, (u > 1.0 - q) & eligible], dim=1).flatten(0, 1)
         paired = torch.ones(len(t), dtype=torch.bool) if self.single_above is None else t < self.single_above
         keep = torch.stack([torch.ones_like(paired), paired], dim=1).flatten()
         scale = torch.where(paired, 0.5, 1.0).repeat_interleave(2)
-        return MaskDraw(masked=masked[keep], inclusion=pi.expand_as(u).repeat_interleave(2, dim=0)[keep],
+        return MaskDraw(masked=masked[keep], inclusion=q.repeat_interleave(2, dim=0)[keep],
                         row_sample=torch.arange(len(t)).repeat_interleave(2)[keep], row_scale=scale[keep])
 
 
-def build_masks(mirror: bool, seed: int, eps: float, single_above: float | None = None) -> BernoulliMasks:
-    return MirrorMasks(seed, eps, single_above) if mirror else BernoulliMasks(seed, eps)
+def build_masks(mirror: bool, seed: int, eps: float, single_above: float | None = None,
+                boosted_ids: tuple[int, ...] = (), delta: float = 0.0) -> BernoulliMasks:
+    if mirror:
+        return MirrorMasks(seed, eps, single_above, boosted_ids, delta)
+    return BernoulliMasks(seed, eps, boosted_ids, delta)

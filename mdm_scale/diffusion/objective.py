@@ -108,7 +108,7 @@ class MDMObjective:
         t, weight = sampler.sample(batch.sample_index, t_stream)
         if batch.valid is not None:
             weight = weight * batch.valid
-        draw = self.masks.draw(batch.sample_index, t, batch.loss_mask, mask_stream)
+        draw = self.masks.draw(batch.sample_index, t, batch.loss_mask, mask_stream, batch.input_ids)
         source = draw.row_sample
         clean = batch.input_ids[source]
         noisy_ids = clean.masked_fill(draw.masked, self.mask_token_id)

@@ -22,10 +22,12 @@ from mdm_scale.config.schema import Config, ConfigError
 from mdm_scale.data.build import RunData, build_data
 from mdm_scale.data.loader import TrainLoader, eval_batches
 from mdm_scale.data.tokenizer import special_ids
-from mdm_scale.diffusion.masks import BernoulliMasks, build_masks
+from mdm_scale.diffusion.build import masks_for, t_sampler_for
+from mdm_scale.diffusion.ema_baseline import EMABaseline
+from mdm_scale.diffusion.masks import BernoulliMasks
 from mdm_scale.diffusion.noise import Stream
 from mdm_scale.diffusion.objective import ARMObjective, MDMObjective
-from mdm_scale.diffusion.t_samplers import UniformT, build_t_sampler
+from mdm_scale.diffusion.t_samplers import UniformT
 from mdm_scale.distributed.env import DistEnv, all_reduce_sum, barrier, check_ranks_agree, init_distributed
 from mdm_scale.models.loading import build_model, load_hf_config, parameter_shapes, resolve_mask_token_id
 from mdm_scale.training.checkpoint import CheckpointManager, rank_state, write_atomic
@@ -75,6 +77,8 @@ class Trainer:
                   f"global batch {self.global_batch}")
 
         self.objective, self.eval_objective = self._objectives()
+        self.ema = EMABaseline(cfg.variance.ema_bins, cfg.variance.ema_rate, self.env.device) \
+            if cfg.variance.ema_bins and cfg.train.objective == "mdm" else None
         self.loader = TrainLoader(self.data.train, cfg.seed, self.env.rank, self.env.world_size,
                                   cfg.train.micro_batch_size, cfg.train.grad_accum, self.pad_id,
                                   cfg.data.pad_to_multiple_of, cfg.data.seq_len, cfg.data.group_by_length)
@@ -144,9 +148,8 @@ class Trainer:
         cfg = self.cfg
         if cfg.train.objective == "arm":
             return ARMObjective(), ARMObjective()
-        train = MDMObjective(build_t_sampler(cfg.variance, cfg.seed),
-                             build_masks(cfg.variance.mirror, cfg.seed, cfg.variance.eps,
-                                         cfg.variance.mirror_plus_threshold), self.mask_token_id)
+        train = MDMObjective(t_sampler_for(cfg.variance, cfg.seed, self.global_batch),
+                             masks_for(cfg.variance, cfg.seed), self.mask_token_id)
         # The held-out loss always uses uniform t and one Bernoulli mask with fixed keys, so it is the same
         # estimate of the NELBO whatever variance-reduction method trains the model.
         evaluation = MDMObjective(UniformT(cfg.seed), BernoulliMasks(cfg.seed, cfg.variance.eps), self.mask_token_id)
@@ -158,7 +161,8 @@ class Trainer:
     def _rank_state(self) -> dict:
         """Per-rank state: the t-sampler's (adaptive samplers hold per-rank statistics since the last refit)."""
         sampler = getattr(self.objective, "t_sampler", None)
-        return {"t_sampler": sampler.state_dict() if sampler is not None else {}}
+        return {"t_sampler": sampler.state_dict() if sampler is not None else {},
+                "ema": self.ema.state_dict() if self.ema is not None else {}}
 
     def _restore(self, path: Path) -> None:
         client = self.checkpoints.load(self.engine, path, self.shapes, self.global_batch)
@@ -166,6 +170,8 @@ class Trainer:
         sampler = getattr(self.objective, "t_sampler", None)
         if sampler is not None:
             sampler.load_state_dict(rank_state(path, self.env.rank).get("t_sampler", {}))
+        if self.ema is not None:
+            self.ema.load_state_dict(rank_state(path, self.env.rank).get("ema", {}))
         self.info(f"resumed from {path} at step {self.step}")
 
     # ---- the loop -----------------------------------------------------------------------------------------
@@ -188,19 +194,24 @@ class Trainer:
                 noisy = noisy.to(self.env.device, non_blocking=True)
             with self.timer.section("forward"):
                 out = self.engine(**noisy.model_inputs())
+            step_loss = out.loss if self.ema is None else out.loss - self.ema.correction(noisy.t, noisy.weight)
             with self.timer.section("backward"):
-                self.engine.backward(out.loss)
+                self.engine.backward(step_loss)
             with self.timer.section("optimizer"):
                 self.engine.step()
             with self.timer.section("sampler"):
-                if sampler is not None:
+                if sampler is not None or self.ema is not None:
                     row_loss = noisy.row_losses(out.token_ce)
-                    sampler.observe(noisy.t, noisy.sample_losses(row_loss), noisy.pair_sq_diff(row_loss))
+                    sample_losses = noisy.sample_losses(row_loss)
+                if sampler is not None:
+                    sampler.observe(noisy.t, sample_losses, noisy.pair_sq_diff(row_loss))
+                if self.ema is not None:
+                    self.ema.update(noisy.t, sample_losses)
             rows_per_sample = noisy.rows / len(batch.input_ids)
             real = batch.input_ids.numel() if batch.attention_mask is None else int(batch.attention_mask.sum())
             counts += torch.tensor([1.0, noisy.masked_tokens, noisy.eligible_tokens * rows_per_sample,
                                     real * rows_per_sample], dtype=torch.float64)
-            loss += out.loss.detach()
+            loss += step_loss.detach()
         self.step += 1
         if sampler is not None:
             with self.timer.section("sampler"):

@@ -15,7 +15,7 @@ METHODS: dict[str, dict[str, object]] = {
     "MIRROR": {"variance.mirror": True},
     "P-POTS+MIRROR": {"variance.t_sampler": "ppots", "variance.mirror": True},
     "StraTS": {"variance.t_coupling": "stratified"},
-    "EMA": {"variance.ema_baseline": True},
+    "EMA": {"variance.ema_bins": 10},
     "ISAD": {"variance.isad_delta": 0.2},  # also give the task's token ids: --set variance.isad_token_ids=[...]
     "SyRM": {"variance.t_coupling": "symmetric"},
     "ARM": {"train.objective": "arm"},

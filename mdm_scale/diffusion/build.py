@@ -1,0 +1,25 @@
+"""The t-sampler and mask generator that a ``variance`` config section describes (SPEC sections 1-3)."""
+
+from __future__ import annotations
+
+from mdm_scale.config.schema import VarianceConfig
+from mdm_scale.diffusion.clipped_t import ClippedT
+from mdm_scale.diffusion.coupled_t import StratifiedT, SymmetricT
+from mdm_scale.diffusion.masks import BernoulliMasks, build_masks
+from mdm_scale.diffusion.t_samplers import TSampler, build_t_sampler
+
+
+def t_sampler_for(v: VarianceConfig, seed: int, global_batch: int) -> TSampler:
+    """``v.t_sampler`` (its inverse CDF) with the uniforms coupled as ``v.t_coupling`` says; ``global_batch``
+    (sequences per optimiser step) is StraTS's stratum count."""
+    base = ClippedT(seed, v.clip_low, v.clip_high) if v.t_sampler == "clipped" else build_t_sampler(v, seed)
+    if v.t_coupling == "stratified":
+        return StratifiedT(base, global_batch)
+    if v.t_coupling == "symmetric":
+        return SymmetricT(base)
+    return base
+
+
+def masks_for(v: VarianceConfig, seed: int) -> BernoulliMasks:
+    return build_masks(v.mirror, seed, v.eps, single_above=v.mirror_plus_threshold,
+                       boosted_ids=tuple(v.isad_token_ids), delta=v.isad_delta)
