@@ -25,6 +25,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, AutoTokenizer, PreTrainedTokenizerBase
 
+from mdm_scale.distributed.env import DistEnv
 from mdm_scale.training.checkpoint import LATEST, MANIFEST, CheckpointError, CheckpointManager
 
 EXPORT_INFO = "mdm_scale_export.json"
@@ -56,7 +57,9 @@ def find_step_dir(path: Path) -> Path:
         return path
     root = path / "checkpoints" if (path / "run.json").is_file() else path
     if (root / LATEST).is_file() or root.name == "checkpoints":
-        manager = CheckpointManager(root, env=None, keep_last=1, log=lambda _: None)
+        # Read by one process (each rank of a sharded eval reads on its own): verify every file.
+        reader = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+        manager = CheckpointManager(root, env=reader, keep_last=1, log=lambda _: None)
         found = manager.find_resumable()
         if found is not None:
             return found
