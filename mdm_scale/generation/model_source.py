@@ -25,8 +25,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, AutoTokenizer, PreTrainedTokenizerBase
 
-from mdm_scale.distributed.env import DistEnv
-from mdm_scale.training.checkpoint import LATEST, MANIFEST, CheckpointError, CheckpointManager
+from mdm_scale.training.checkpoint import CheckpointError, resolve_checkpoint
 
 EXPORT_INFO = "mdm_scale_export.json"
 """Written by ``mdm-scale export`` next to the weights: how prompts are encoded, and where the weights came from."""
@@ -51,23 +50,6 @@ def is_hf_dir(path: Path) -> bool:
                                             "pytorch_model.bin.index.json"))
 
 
-def find_step_dir(path: Path) -> Path:
-    """The checkpoint step directory named by ``path`` (run directory, checkpoints directory or step directory)."""
-    if (path / MANIFEST).is_file():
-        return path
-    root = path / "checkpoints" if (path / "run.json").is_file() else path
-    if (root / LATEST).is_file() or root.name == "checkpoints":
-        # Read by one process (each rank of a sharded eval reads on its own): verify every file.
-        reader = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
-        manager = CheckpointManager(root, env=reader, keep_last=1, log=lambda _: None)
-        found = manager.find_resumable()
-        if found is not None:
-            return found
-        raise CheckpointError(f"--checkpoint {path}: no complete checkpoint under {root}")
-    raise CheckpointError(f"--checkpoint {path}: not a training output directory (no run.json), a checkpoint "
-                          f"directory (no {MANIFEST}) or a Hugging Face directory (config.json and weights)")
-
-
 def load_generation_model(path: str | Path, device: torch.device, dtype: torch.dtype,
                           trust_remote_code: bool = False) -> GenerationModel:
     path = Path(path)
@@ -83,7 +65,7 @@ def _from_training_checkpoint(path: Path) -> GenerationModel:
     from mdm_scale.config.schema import Config
     from mdm_scale.models.loading import build_model, load_hf_config, resolve_mask_token_id
 
-    step_dir = find_step_dir(path)
+    step_dir = resolve_checkpoint(path)
     run_dir = step_dir.parent.parent
     run_file = run_dir / "run.json"
     if not run_file.is_file():

@@ -206,21 +206,22 @@ class CheckpointManager:
         return out
 
     # ---- loading ------------------------------------------------------------------------------------------
-    def check_compatible(self, path: Path, shapes: dict[str, list[int]], global_batch: int) -> None:
-        """Refuse a checkpoint of another model shape or global batch (before anything is loaded or written)."""
+    def check_compatible(self, path: Path, shapes: dict[str, list[int]], global_batch: int | None) -> None:
+        """Refuse a checkpoint of another model shape or global batch (before anything is loaded or written).
+        ``global_batch`` None: the weights are only read (no training continues), any batch will do."""
         problem = self.verify(path)
         if problem is not None:
             raise CheckpointError(f"cannot resume from {path}: {problem}")
         manifest = json.loads((path / MANIFEST).read_text())
         check_shapes(path, manifest["shapes"], shapes)
         saved_batch = manifest["samples_seen"] // max(manifest["step"], 1)
-        if saved_batch != global_batch:
+        if global_batch is not None and saved_batch != global_batch:
             raise CheckpointError(
                 f"checkpoint {path} was trained with a global batch of {saved_batch} sequences and this run has "
                 f"{global_batch}; keep the global batch when resuming (with {self.env.world_size} ranks: "
                 f"train.grad_accum = {saved_batch} / (train.micro_batch_size x {self.env.world_size}))")
 
-    def load(self, engine, path: Path, shapes: dict[str, list[int]], global_batch: int) -> dict:
+    def load(self, engine, path: Path, shapes: dict[str, list[int]], global_batch: int | None) -> dict:
         self.check_compatible(path, shapes, global_batch)
         manifest = json.loads((path / MANIFEST).read_text())
         load_dir, tag = path.parent, path.name
@@ -290,3 +291,29 @@ def check_shapes(path: Path, saved: dict[str, list[int]], current: dict[str, lis
             raise CheckpointError(
                 f"checkpoint {path} is from another model shape: parameter '{name}' is "
                 f"{saved.get(name, 'absent')} there and {current.get(name, 'absent')} in this run")
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """The checkpoint that ``path`` names, for reading outside training (eval, export, the variance tool): a
+    checkpoint directory (``.../checkpoints/step_N``), a ``checkpoints`` directory or a run's output directory
+    (then its newest complete checkpoint whose files all pass their checksums). One process reads every file;
+    nothing is renamed."""
+    given = Path(path)
+    if not given.is_dir():
+        raise CheckpointError(f"--checkpoint {path}: no such directory")
+    reader = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    if (given / MANIFEST).is_file():
+        problem = CheckpointManager(given.parent, reader, 1, lambda _: None).verify(given, checksums=True)
+        if problem is not None:
+            raise CheckpointError(f"--checkpoint {path}: not a usable checkpoint ({problem})")
+        return given
+    for root in (given / "checkpoints", given):
+        manager = CheckpointManager(root, reader, 1, lambda _: None)
+        candidates = manager.complete()
+        if candidates:
+            for step_dir in reversed(candidates):
+                if manager.verify(step_dir, checksums=True) is None:
+                    return step_dir
+            raise CheckpointError(f"--checkpoint {path}: every checkpoint under {root} is damaged or incomplete")
+    raise CheckpointError(f"--checkpoint {path}: not a checkpoint (no {MANIFEST}), a checkpoints directory or a "
+                          f"run's output directory")

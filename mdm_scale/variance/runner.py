@@ -29,7 +29,7 @@ from mdm_scale.config.schema import Config, ConfigError
 from mdm_scale.data.loader import collate
 from mdm_scale.diffusion.noise import keyed_generator
 from mdm_scale.distributed.env import DistEnv, barrier, init_distributed
-from mdm_scale.training.checkpoint import CheckpointError, CheckpointManager, rank_state
+from mdm_scale.training.checkpoint import CheckpointError, rank_state, resolve_checkpoint
 from mdm_scale.variance.decomposition import UnitSummary, decompose, summarize_unit
 from mdm_scale.variance.methods import ALL_METHODS, Method, build_method
 from mdm_scale.variance.sketch import GradientSketch
@@ -162,25 +162,6 @@ def t_curves(curve: list[tuple[float, float, float]], bins: int) -> dict:
     return out
 
 
-def resolve_checkpoint(path: str) -> Path:
-    """A checkpoint directory (``.../checkpoints/step_N``), a ``checkpoints`` directory or a run's output
-    directory (then its newest complete checkpoint)."""
-    given = Path(path)
-    if not given.is_dir():
-        raise CheckpointError(f"--checkpoint {path}: no such directory")
-    for root in (given / "checkpoints", given):
-        if (root / "latest").is_file() or any(root.glob("step_*")):
-            manager = CheckpointManager(root, None, 1, lambda _: None)
-            found = manager.find_resumable()
-            if found is None:
-                raise CheckpointError(f"--checkpoint {path}: no complete checkpoint under {root}")
-            return found
-    problem = CheckpointManager(given.parent, None, 1).verify(given)
-    if problem is not None:
-        raise CheckpointError(f"--checkpoint {path}: not a usable checkpoint ({problem})")
-    return given
-
-
 def fit_ppots(sampler, ckpt: Path | None, draws: list[tuple[float, float]] | None, env: DistEnv) -> str:
     """Give the P-POTS sampler its p(t): the one a P-POTS training run had fitted by checkpoint ``ckpt``, or a
     fit (``PPOTSSampler.update``: E[l^2 | t-bin] -> EPR -> density) to the standard method's (t, l) draws on
@@ -204,7 +185,7 @@ def load_weights(trainer, ckpt: Path) -> None:
         raise CheckpointError(f"--checkpoint {ckpt}: {manifest}")
     sharded = any(ckpt.glob("zero_pp_rank_*_optim_states.pt"))
     if trainer.cfg.train.zero_stage == 3 or not sharded:
-        trainer.checkpoints.load(trainer.engine, ckpt, trainer.shapes)
+        trainer.checkpoints.load(trainer.engine, ckpt, trainer.shapes, global_batch=None)
     else:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
