@@ -168,6 +168,18 @@ def test_bin_statistics_sums_per_bin():
     assert stats[1].abs().sum() == 0
 
 
+def test_bin_statistics_leave_out_non_finite_losses():
+    """A skipped (non-finite) step must not poison the sampler: its NaN/Inf sequences are not counted."""
+    t = torch.tensor([0.1, 0.1, 0.1, 0.9])
+    loss = torch.tensor([2.0, float("nan"), float("inf"), 3.0])
+    pair = torch.tensor([1.0, float("nan"), float("inf"), 0.25])
+    stats = bin_statistics(t, loss, pair, bins=2)
+    assert torch.isfinite(stats).all()
+    assert stats[0, COUNT] == 1 and stats[0, SUM] == 2 and stats[0, SUMSQ] == 4
+    assert stats[0, PAIRS] == 1 and stats[0, PAIR_SQ] == 1
+    assert stats[1, COUNT] == 1 and stats[1, SUM] == 3 and stats[1, PAIR_SQ] == 0.25
+
+
 def test_service_refits_every_n_steps_with_decay_and_warm_start():
     """Losses with E[l^2 | t] = w(t)^2: refits move p towards the known EPR density; the accumulated statistics
     decay by 0.5^(refit_every / half_life) per refit; the state round-trips exactly."""

@@ -110,18 +110,23 @@ def t_bin(t: torch.Tensor, bins: int) -> torch.Tensor:
 def bin_statistics(t: torch.Tensor, sample_loss: torch.Tensor, pair_sq_diff: torch.Tensor | None, bins: int,
                    loss_max: float | None = None) -> torch.Tensor:
     """(bins, 5) float64 sums [count, sum loss, sum loss^2, pairs, sum pair sq diff] of one batch, on the
-    losses' device, by a one-hot matrix product (deterministic on GPU, unlike atomic scatter-adds)."""
+    losses' device, by a one-hot matrix product (deterministic on GPU, unlike atomic scatter-adds).
+
+    Non-finite losses (a step the non-finite guard skips) are left out, so one bad step cannot poison the
+    statistics; a NaN pair difference marks a sequence without a MIRROR pair (``mirror_plus_threshold``)."""
     loss = sample_loss.detach().to(torch.float64)
+    finite = torch.isfinite(loss)
+    loss = torch.where(finite, loss, 0.0)
     if loss_max is not None:
         loss = loss.clamp(max=loss_max)
     if pair_sq_diff is None:
-        paired = torch.zeros_like(loss)
+        paired = torch.zeros_like(loss, dtype=torch.bool)
         pair_sq = torch.zeros_like(loss)
     else:
         d = pair_sq_diff.detach().to(torch.float64)
-        paired = (~torch.isnan(d)).to(torch.float64)
-        pair_sq = torch.nan_to_num(d, nan=0.0)
-    columns = torch.stack([torch.ones_like(loss), loss, loss * loss, paired, pair_sq], dim=1)
+        paired = torch.isfinite(d) & finite
+        pair_sq = torch.where(paired, d, 0.0)
+    columns = torch.stack([finite.to(torch.float64), loss, loss * loss, paired.to(torch.float64), pair_sq], dim=1)
     one_hot = (t_bin(t.to(loss.device), bins)[:, None] == torch.arange(bins, device=loss.device)[None, :])
     return one_hot.to(torch.float64).T @ columns
 
