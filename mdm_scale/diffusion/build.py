@@ -6,13 +6,19 @@ from mdm_scale.config.schema import VarianceConfig
 from mdm_scale.diffusion.clipped_t import ClippedT
 from mdm_scale.diffusion.coupled_t import StratifiedT, SymmetricT
 from mdm_scale.diffusion.masks import BernoulliMasks, build_masks
-from mdm_scale.diffusion.t_samplers import TSampler, build_t_sampler
+from mdm_scale.diffusion.ppots import PPOTSSampler, PPOTSSettings
+from mdm_scale.diffusion.t_samplers import TSampler, UniformT
 
 
 def t_sampler_for(v: VarianceConfig, seed: int, global_batch: int) -> TSampler:
     """``v.t_sampler`` (its inverse CDF) with the uniforms coupled as ``v.t_coupling`` says; ``global_batch``
     (sequences per optimiser step) is StraTS's stratum count."""
-    base = ClippedT(seed, v.clip_low, v.clip_high) if v.t_sampler == "clipped" else build_t_sampler(v, seed)
+    if v.t_sampler == "ppots":
+        base = PPOTSSampler(seed, PPOTSSettings.from_config(v))
+    elif v.t_sampler == "clipped":
+        base = ClippedT(seed, v.clip_low, v.clip_high)
+    else:
+        base = UniformT(seed)
     if v.t_coupling == "stratified":
         return StratifiedT(base, global_batch)
     if v.t_coupling == "symmetric":

@@ -74,12 +74,3 @@ class TSampler:
 
 
 UniformT = TSampler
-
-
-def build_t_sampler(variance, seed: int) -> TSampler:
-    """The training sampler for a ``VarianceConfig`` (``config/schema.py``)."""
-    if variance.t_sampler == "ppots":
-        from mdm_scale.diffusion.ppots import PPOTSSampler, PPOTSSettings
-
-        return PPOTSSampler(seed, PPOTSSettings.from_config(variance))
-    return UniformT(seed)

@@ -141,10 +141,11 @@ class CheckpointManager:
             elif file.stat().st_size != size:
                 problems.append(f"file {file} has {file.stat().st_size} bytes, the manifest says {size}")
         if checksums:
-            problems += [f"file {path / name} fails its checksum (CRC-32 {file_crc(path / name):08x}, the "
-                         f"manifest says {files[name][1]:08x})" for name in self._my_files(path, files)
-                         if (path / name).is_file() and (path / name).stat().st_size == files[name][0]
-                         and file_crc(path / name) != files[name][1]]
+            for name in self._my_files(path, files):
+                file, (size, expected) = path / name, files[name]
+                if file.is_file() and file.stat().st_size == size and (crc := file_crc(file)) != expected:
+                    problems.append(f"file {file} fails its checksum (CRC-32 {crc:08x}, the manifest says "
+                                    f"{expected:08x})")
             problems = [p for part in self._gather(problems) for p in part]
         return problems[0] if problems else None
 
@@ -238,7 +239,6 @@ class CheckpointManager:
             if "cuda" in rng and torch.cuda.is_available():
                 torch.cuda.set_rng_state(rng["cuda"])
         return client_state
-
 
     def _universal(self, path: Path, saved_world: int) -> str:
         """Convert ``path`` to DeepSpeed's universal format once (rank 0) and return its tag under ``path``."""

@@ -167,11 +167,12 @@ class Trainer:
     def _restore(self, path: Path) -> None:
         client = self.checkpoints.load(self.engine, path, self.shapes, self.global_batch)
         self.step = int(client["step"])
+        state = rank_state(path, self.env.rank)
         sampler = getattr(self.objective, "t_sampler", None)
         if sampler is not None:
-            sampler.load_state_dict(rank_state(path, self.env.rank).get("t_sampler", {}))
+            sampler.load_state_dict(state.get("t_sampler", {}))
         if self.ema is not None:
-            self.ema.load_state_dict(rank_state(path, self.env.rank).get("ema", {}))
+            self.ema.load_state_dict(state.get("ema", {}))
         self.info(f"resumed from {path} at step {self.step}")
 
     # ---- the loop -----------------------------------------------------------------------------------------
