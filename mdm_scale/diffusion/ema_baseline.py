@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import torch
 
+from mdm_scale.diffusion.ppots import t_bin
+
 
 class EMABaseline:
     def __init__(self, bins: int, rate: float, device: torch.device):
@@ -30,7 +32,7 @@ class EMABaseline:
         self.baseline = torch.zeros(bins, dtype=torch.float32, device=device)
 
     def bin_of(self, t: torch.Tensor) -> torch.Tensor:
-        return (t * self.bins).long().clamp(0, self.bins - 1)
+        return t_bin(t, self.bins)
 
     def correction(self, t: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """mean_b w_b b[bin(t_b)] - mean_k b_k: zero in expectation, constant in the parameters."""

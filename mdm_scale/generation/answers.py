@@ -26,10 +26,6 @@ class AnswerPattern:
     def description(self) -> str:
         return "after '####'" if self.regex is None else f"matching {self.pattern!r}"
 
-    @staticmethod
-    def normalize(answer: str) -> str:
-        return normalize(answer)
-
     def extract(self, text) -> str | None:
         if not isinstance(text, str):
             return None

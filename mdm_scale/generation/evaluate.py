@@ -22,9 +22,10 @@ import torch.distributed as dist
 
 from mdm_scale.data.records import DataError
 from mdm_scale.distributed.env import DistEnv
-from mdm_scale.generation.answers import AnswerPattern, Score
+from mdm_scale.generation.answers import AnswerPattern, Score, normalize
 from mdm_scale.generation.model_source import GenerationModel, load_generation_model
 from mdm_scale.generation.sampler import SamplingConfig, diffusion_generate, greedy_generate
+from mdm_scale.training.checkpoint import write_atomic
 
 
 @dataclass
@@ -54,7 +55,7 @@ def read_prompt_records(path: str | Path, answers: AnswerPattern | None) -> list
             gold = None
             if answers is not None:
                 if isinstance(record.get("answer"), (str, int, float)):
-                    gold = answers.normalize(str(record["answer"]))
+                    gold = normalize(str(record["answer"]))
                 elif isinstance(record.get("response"), str):
                     gold = answers.extract(record["response"])
                 if not gold:
@@ -142,9 +143,7 @@ def run_generation(checkpoint: str, records: list[PromptRecord], out: str | None
     if out is not None:
         target = Path(out)
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(target.name + ".tmp")
-        tmp.write_text("\n".join(lines) + "\n")
-        tmp.replace(target)
+        write_atomic(target, "\n".join(lines) + "\n")
     summary: dict = {"checkpoint": gm.source, "records": len(records)}
     if answers is not None:
         summary.update(accuracy=score.accuracy, correct=score.correct, total=score.total, no_answer=score.no_answer)

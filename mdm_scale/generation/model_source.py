@@ -56,6 +56,7 @@ def load_generation_model(path: str | Path, device: torch.device, dtype: torch.d
     if not path.exists():
         raise FileNotFoundError(f"--checkpoint {path}: no such directory")
     loaded = _from_hf_dir(path, trust_remote_code) if is_hf_dir(path) else _from_training_checkpoint(path)
+    _eager(loaded.model)
     loaded.model.to(device=device, dtype=dtype).eval()
     return loaded
 
@@ -79,7 +80,6 @@ def _from_training_checkpoint(path: Path) -> GenerationModel:
     mask_id = resolve_mask_token_id(cfg, tokenizer, hf_config)
     model = build_model(cfg, tokenizer, mask_id, hf_config, {"zero_optimization": {"stage": 0}}, cfg.seed)
     model.load_state_dict(consolidated_state_dict(step_dir, cfg.train.zero_stage), strict=True)
-    _eager(model)
     return GenerationModel(model, tokenizer, mask_id, cfg.train.objective == "arm", cfg.data.chat_template,
                            str(step_dir))
 
@@ -109,7 +109,6 @@ def _from_hf_dir(path: Path, trust_remote_code: bool) -> GenerationModel:
     info = json.loads((path / EXPORT_INFO).read_text()) if (path / EXPORT_INFO).is_file() else {}
     if config.model_type == MDMConfig.model_type:
         model = MDMForMaskedDiffusion.from_pretrained(str(path), torch_dtype=torch.float32)
-        _eager(model)
     else:
         try:
             inner = AutoModelForMaskedLM.from_pretrained(str(path), trust_remote_code=trust_remote_code)

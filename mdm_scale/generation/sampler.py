@@ -85,10 +85,6 @@ def left_pad(prompts: list[list[int]], width: int, pad_id: int) -> tuple[torch.T
     return ids, real
 
 
-def _logits(model, ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
-    return model(input_ids=ids, attention_mask=attention_mask).logits.float()
-
-
 @torch.no_grad()
 def diffusion_generate(model, prompts: list[list[int]], sample_index: list[int], mask_id: int, pad_id: int,
                        cfg: SamplingConfig, device: torch.device) -> torch.Tensor:
@@ -109,7 +105,9 @@ def diffusion_generate(model, prompts: list[list[int]], sample_index: list[int],
         start = width + block * cfg.block_length
         current = x[:, start:start + cfg.block_length]  # a view: writing into it writes into x
         for count in transfer_counts(cfg.block_length, steps_per_block):
-            logits = _logits(model, x, attention_mask)[:, start:start + cfg.block_length]
+            # only the current block's logits in fp32 (B x block x V, not B x L x V)
+            logits = model(input_ids=x, attention_mask=attention_mask).logits[:, start:start + cfg.block_length]
+            logits = logits.float()
             logits[..., mask_id] = -torch.inf  # a decoded position is never [MASK] again
             prediction, confidence = _predict(logits, keys, step, cfg)
             confidence = torch.where(current == mask_id, confidence, -torch.inf)
@@ -150,8 +148,7 @@ def greedy_generate(model, prompts: list[list[int]], pad_id: int, eos_id: int | 
     rows = torch.arange(len(prompts), device=device)
     done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
     for _ in range(gen_length):
-        logits = _logits(model, x[:, :int(ends.max())], None)
-        nxt = logits[rows, ends - 1].argmax(-1)
+        nxt = model(input_ids=x[:, :int(ends.max())], attention_mask=None).logits[rows, ends - 1].float().argmax(-1)
         if eos_id is not None:
             nxt = torch.where(done, eos_id, nxt)
             done |= nxt == eos_id

@@ -162,14 +162,15 @@ def t_curves(curve: list[tuple[float, float, float]], bins: int) -> dict:
     return out
 
 
-def fit_ppots(sampler, ckpt: Path | None, draws: list[tuple[float, float]] | None, env: DistEnv) -> str:
-    """Give the P-POTS sampler its p(t): the one a P-POTS training run had fitted by checkpoint ``ckpt``, or a
-    fit (``PPOTSSampler.update``: E[l^2 | t-bin] -> EPR -> density) to the standard method's (t, l) draws on
-    the same model and data. Every rank calls this (the fit is broadcast from rank 0)."""
+def fit_ppots(sampler, ckpt: Path | None, saved: dict | None, draws: list[tuple[float, float]] | None,
+              env: DistEnv) -> str:
+    """Give the P-POTS sampler its p(t): ``saved``, the state a P-POTS training run had fitted by checkpoint
+    ``ckpt``, or a fit (``PPOTSSampler.update``: E[l^2 | t-bin] -> EPR -> density) to the standard method's
+    (t, l) draws on the same model and data. Every rank calls this (the fit is broadcast from rank 0)."""
     from mdm_scale.diffusion.ppots import bin_statistics
 
-    if ckpt is not None:
-        sampler.load_state_dict(rank_state(ckpt, 0)["t_sampler"])
+    if saved is not None:
+        sampler.load_state_dict(saved)
         return f"the checkpoint {ckpt}"
     t, loss = (torch.tensor(column, dtype=torch.float64) for column in zip(*draws))
     sampler.update(bin_statistics(t, loss, None, sampler.settings.bins), device=env.device)
@@ -205,7 +206,8 @@ def run_variance(cfg: Config, settings: ToolSettings, out: Path, checkpoint: str
     methods = [build_method(name, cfg, settings.strats_batch) for name in names]
     settings.check(methods, env.world_size)
     ckpt = resolve_checkpoint(checkpoint) if checkpoint else None
-    fitted = ckpt is not None and rank_state(ckpt, 0).get("t_sampler", {}).get("refits", 0) > 0
+    saved = rank_state(ckpt, 0).get("t_sampler", {}) if ckpt is not None else {}
+    fitted = saved.get("refits", 0) > 0
     if any(m.uses_ppots for m in methods) and not fitted and "standard" not in names:
         raise ConfigError("--methods: ppots needs 'standard' too (its (t, loss) draws fit p(t)) or a --checkpoint "
                           "of a run trained with variance.t_sampler=ppots")
@@ -232,7 +234,7 @@ def run_variance(cfg: Config, settings: ToolSettings, out: Path, checkpoint: str
         trainer.info(f"variance: measuring {method.name} ({settings.num_x0 // method.group} units of "
                      f"{method.group} sequence(s))")
         if method.uses_ppots:
-            source = fit_ppots(method.t_sampler, ckpt if fitted else None, draws, env)
+            source = fit_ppots(method.t_sampler, ckpt, saved if fitted else None, draws, env)
             trainer.info(f"variance: P-POTS density from {source}")
         result = run.measure(method)
         if method.name == "standard":

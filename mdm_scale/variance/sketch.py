@@ -19,6 +19,7 @@ the parameter's name, so the projection is the same on every rank, world size an
 
 from __future__ import annotations
 
+import functools
 import zlib
 
 import torch
@@ -50,7 +51,7 @@ class GradientSketch:
     @torch.no_grad()
     def add(self, name: str, grad: torch.Tensor) -> None:
         """Add S(grad) for the gradient ``grad`` of the parameter called ``name``."""
-        key = int(mix32(torch.tensor(zlib.crc32(name.encode()) ^ (self.seed & _M32))).item())
+        key = _parameter_key(name, self.seed)
         generator = torch.Generator(device=grad.device).manual_seed(key)
         flat = grad.detach().reshape(-1)
         for start in range(0, flat.numel(), _CHUNK):
@@ -69,3 +70,9 @@ class GradientSketch:
     def remove(self) -> None:
         for handle in self._handles:
             handle.remove()
+
+
+@functools.cache
+def _parameter_key(name: str, seed: int) -> int:
+    """The keyed sign stream and bucket offset of parameter ``name`` (computed once per name, not per backward)."""
+    return int(mix32(torch.tensor(zlib.crc32(name.encode()) ^ (seed & _M32))).item())

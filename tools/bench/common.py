@@ -24,6 +24,15 @@ from mdm_scale.models.configuration_mdm import MDMConfig
 
 DATASHEET_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0}
 
+PPOTS_SMALL_ESTIMATE = ["variance.t_sampler=ppots", "variance.ppots_x0=2", "variance.ppots_masks=2"]
+"""P-POTS overrides with a small offline estimate: the benchmarks time training steps, not the estimate."""
+
+
+def sync_device() -> None:
+    """Wait for queued GPU work, so that host timers measure it."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
 
 def vocabulary_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
     """A word-level tokenizer with exactly ``vocab_size`` ids (4 specials, then ``t4``, ``t5``, ...)."""

@@ -44,7 +44,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     import torch
-    from common import random_blocks
+    from common import PPOTS_SMALL_ESTIMATE, random_blocks, sync_device
 
     from mdm_scale.config.loader import load_config
     from mdm_scale.diffusion.t_samplers import UniformT
@@ -60,7 +60,7 @@ def main(argv=None) -> int:
         f"model.preset={args.preset}", f"data.seq_len={args.seq_len}", f"train.micro_batch_size={args.micro_batch}",
         f"train.max_steps={10**6}", f"train.output_dir={args.out}-run",
         "train.eval_every=0", "train.lr=1e-4", "logging.tensorboard=false", "train.resume=never",
-        "variance.t_sampler=ppots", "variance.ppots_x0=2", "variance.ppots_masks=2",
+        *PPOTS_SMALL_ESTIMATE,
         f"variance.ppots_refit_every={args.refit_every}", f"variance.mirror={str(args.mirror).lower()}", *args.set])
     steps = args.warmup + 2 * args.blocks * args.block_steps
     vocab = PRESETS[args.preset].get("vocab_size", 32000)
@@ -71,11 +71,11 @@ def main(argv=None) -> int:
 
     def timed_block(sampler) -> float:
         trainer.objective.t_sampler = sampler
-        _sync(torch)
+        sync_device()
         start = time.perf_counter()
         for _ in range(args.block_steps):
             trainer.train_step()
-        _sync(torch)
+        sync_device()
         return (time.perf_counter() - start) / args.block_steps
 
     for _ in range(args.warmup):
@@ -95,11 +95,6 @@ def main(argv=None) -> int:
         Path(f"{args.out}.json").write_text(json.dumps(result, indent=2))
         print(json.dumps(result), flush=True)
     return 0
-
-
-def _sync(torch) -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
 
 
 if __name__ == "__main__":

@@ -35,9 +35,11 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tools" / "bench"))
 
+from common import PPOTS_SMALL_ESTIMATE, sync_device  # noqa: E402
+
 # P-POTS subjects: a small offline estimate (before the timed steps; 2 sequences x 64 t x 2 masks) and a refit
 # every 20 steps (the default is 50), so the timed steps include refits at a higher rate than a default run.
-PPOTS = ["variance.t_sampler=ppots", "variance.ppots_x0=2", "variance.ppots_masks=2", "variance.ppots_refit_every=20"]
+PPOTS = [*PPOTS_SMALL_ESTIMATE, "variance.ppots_refit_every=20"]
 SUBJECTS = {
     "plain": None,
     "uniform": [],
@@ -87,11 +89,11 @@ def run_worker(args: argparse.Namespace) -> None:
         subject, config = _mdm_scale(args, env, micro, [o for o in extra if o != "half_micro_batch"])
     for _ in range(args.warmup):
         subject.step()
-    _sync()
+    sync_device()
     start = time.perf_counter()
     for _ in range(args.steps):
         subject.step()
-    _sync()
+    sync_device()
     elapsed = time.perf_counter() - start
     if args.profile and env.is_main:
         _profile(subject, Path(args.profile) / args.worker)
@@ -119,18 +121,11 @@ def _profile(subject, out: Path) -> None:
     with profile(activities=activities) as prof:
         for _ in range(2):
             subject.step()
-        _sync()
+        sync_device()
     prof.export_chrome_trace(str(out / "trace.json"))
     device_key = "self_device_time_total" if torch.cuda.is_available() else "cpu_time_total"
     tables = [prof.key_averages().table(sort_by=key, row_limit=30) for key in ("self_cpu_time_total", device_key)]
     (out / "ops.txt").write_text("\n\n".join(tables))
-
-
-def _sync() -> None:
-    import torch
-
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
 
 
 class Subject:
@@ -157,7 +152,7 @@ class Subject:
         start = time.perf_counter()
         for _ in range(steps):
             self.step()
-        _sync()
+        sync_device()
         total = time.perf_counter() - start
         dist.configure(enabled=False)
         out = {name: 1e3 * seconds / steps for name, seconds in (timer.seconds.items() if timer else [])}

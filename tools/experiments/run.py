@@ -34,8 +34,10 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 sys.path[:0] = [str(HERE), str(REPO)]
 
-from methods import METHODS, availability, overrides, slug  # noqa: E402
+from methods import BASELINES, METHODS, availability, overrides, slug  # noqa: E402
 from report import write_report  # noqa: E402
+
+from mdm_scale.training.checkpoint import write_atomic  # noqa: E402
 
 
 @dataclass
@@ -98,9 +100,7 @@ def execute(run: Run, args: argparse.Namespace, threads: int) -> dict:
               "total": scored["total"], "no_answer": scored["no_answer"], "eval_loss": trained.get("eval_loss"),
               "train_seconds": trained.get("seconds"), "wall_seconds": time.perf_counter() - start,
               "tensorboard_dir": trained.get("tensorboard_dir")}
-    tmp = run.result_file.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    tmp.replace(run.result_file)
+    write_atomic(run.result_file, json.dumps(result, indent=2))
     return result
 
 
@@ -131,7 +131,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--eval-arg", action="append", default=[], metavar="ARG",
                         help="argument for `mdm-scale eval`, e.g. --eval-arg=--gen-length=64 (repeatable)")
     parser.add_argument("--parallel", type=int, default=1, help="runs at once (they share the machine)")
-    parser.add_argument("--baselines", default="Standard,Clipped",
+    parser.add_argument("--baselines", default=",".join(BASELINES),
                         help="methods whose best run the others' worst run is compared with")
     args = parser.parse_args(argv)
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
