@@ -31,6 +31,15 @@ def test_synthetic_task_is_deterministic_and_correct(tmp_path):
         assert int(answer) == int(steps.rstrip(".").split(" = ")[-1])
 
 
+def test_pretraining_text_never_contains_an_eval_prompt(tmp_path):
+    # One-operation problems have a small prompt space: 20,000 unfiltered texts would hold several eval prompts.
+    paths = write_synthetic_task(tmp_path, train=10, eval=200, seed=0, min_ops=1, max_ops=1, pretrain=20000)
+    eval_prompts = {json.loads(line)["prompt"] for line in paths["eval"].read_text().splitlines()}
+    texts = [json.loads(line)["text"] for line in paths["pretrain"].read_text().splitlines()]
+    assert len(texts) == 20000
+    assert not {t.split("\n")[0] + "\n" for t in texts} & eval_prompts
+
+
 def _write(path: Path, lines: list[str]) -> Path:
     path.write_text("\n".join(lines) + "\n")
     return path

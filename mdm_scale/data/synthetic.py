@@ -56,7 +56,8 @@ def write_synthetic_task(out_dir: str | Path, train: int = 20000, eval: int = 50
                          min_ops: int = 1, max_ops: int = 3, pretrain: int = 0) -> dict[str, Path]:
     """Write ``train.jsonl`` and ``eval.jsonl`` (SFT records) and optionally ``pretrain.jsonl`` ({"text"}).
 
-    The eval problems are drawn from a separate stream and never repeat a training prompt.
+    The eval problems are drawn from a separate stream and never repeat a training prompt; the pretraining text
+    never contains an eval prompt either (it may repeat training problems, as real pretraining corpora do).
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -74,10 +75,12 @@ def write_synthetic_task(out_dir: str | Path, train: int = 20000, eval: int = 50
     _write_jsonl(paths["eval"], eval_records)
     if pretrain:
         pretrain_rng = random.Random(f"{seed}/pretrain")
+        eval_prompts = {r["prompt"] for r in eval_records}
         texts = []
-        for _ in range(pretrain):
+        while len(texts) < pretrain:
             r = make_problem(pretrain_rng, min_ops, max_ops)
-            texts.append({"text": f"{r['prompt']} {r['response']}"})
+            if r["prompt"] not in eval_prompts:
+                texts.append({"text": f"{r['prompt']} {r['response']}"})
         paths["pretrain"] = out / "pretrain.jsonl"
         _write_jsonl(paths["pretrain"], texts)
     return paths

@@ -104,6 +104,7 @@ def run_worker(args: argparse.Namespace) -> None:
         "step_seconds": elapsed / args.steps,
         "tokens_per_s_per_gpu": subject.tokens_per_step * args.steps / elapsed,
         "peak_memory_gb": torch.cuda.max_memory_allocated() / 2**30 if env.on_gpu else None,
+        "peak_reserved_gb": torch.cuda.max_memory_reserved() / 2**30 if env.on_gpu else None,
         "breakdown_ms": subject.breakdown(args.breakdown_steps),
         "parameters": parameter_count(config), "flops_per_token": flops_per_token(config, args.seq_len),
     }
@@ -270,7 +271,9 @@ def _machine() -> tuple[float | None, str]:
         return None, "cpu"
     from common import measured_peak_tflops
 
-    return measured_peak_tflops(), torch.cuda.get_device_name()
+    peak = measured_peak_tflops()
+    torch.cuda.empty_cache()  # leave the subjects' jobs all the memory but this process's context
+    return peak, torch.cuda.get_device_name()
 
 
 def _report(results: list[dict], args, peak: float | None, device: str) -> dict:
