@@ -73,3 +73,30 @@ logging: {{progress_bar: never}}
 
     again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and "4 runs, 4 already finished, 0 to do" in again.stdout
+
+
+def test_error_profile_of_true_and_corrupted_answers(tmp_path):
+    import json
+
+    import synth_errors
+
+    from mdm_scale.data.synthetic import write_synthetic_task
+
+    paths = write_synthetic_task(tmp_path, train=10, eval=40, seed=1, min_ops=2, max_ops=3)
+    records = [json.loads(line) for line in paths["eval"].read_text().splitlines()]
+    true = [{"prompt": r["prompt"], "prediction": r["response"], "correct": True} for r in records]
+    p = synth_errors.error_profile(true)
+    shares = ("accuracy", "start_copied", "steps_true", "chained", "answer_is_last_step")
+    assert [p[k] for k in shares] == [1, 1, 1, 1, 1]
+    assert set(p["accuracy_by_ops"]) == {2, 3}
+    # Off by one in every first result: that step is false, the next no longer chains, the answer is kept.
+    wrong = []
+    for r in true:
+        first = synth_errors.STEP.search(r["prediction"])
+        bad = f"{first.group(1)} {first.group(2)} {first.group(3)} = {int(first.group(4)) + 1}"
+        wrong.append({**r, "prediction": r["prediction"].replace(first.group(0), bad, 1), "correct": False})
+    q = synth_errors.error_profile(wrong)
+    steps = sum(len(synth_errors.STEP.findall(r["response"])) for r in records)
+    assert q["steps_true"] == pytest.approx((steps - len(records)) / steps)
+    assert q["chained"] == pytest.approx((steps - 2 * len(records)) / (steps - len(records)))
+    assert (q["accuracy"], q["start_copied"], q["answer_is_last_step"]) == (0, 1, 1)

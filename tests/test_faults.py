@@ -58,6 +58,8 @@ def test_nonfinite_steps_are_skipped_counted_and_too_many_abort_with_the_last_go
     skipped = read_scalars(tmp_path / "run" / "tensorboard", "train/skipped_steps")
     assert [skipped[s] for s in (1, 2, 3, 4)] == [0, 0, 1, 1]
     assert t.checkpoints.verify(tmp_path / "run" / "checkpoints" / "step_00000007", checksums=True) is None
+    resumed = trainer(synth_dir, tmp_path / "run", dist_env, **{"train.max_steps": 10, "train.max_nonfinite_steps": 3})
+    assert resumed.step == 7 and resumed.guard.state_dict() == {"skipped": 4, "in_a_row": 3}  # counting goes on
 
 
 def test_stop_signal_checkpoints_at_the_step_boundary_and_the_next_run_resumes(synth_dir, tmp_path, dist_env):

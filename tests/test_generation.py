@@ -199,3 +199,23 @@ def test_response_eos_pad_fills_the_answer_window_with_eos_in_the_loss(synth_dir
     batch = collate(data, [0], [0], 0, 8, 192)
     assert int(batch.loss_mask.sum()) == 60
 
+
+
+def test_a_response_of_exactly_response_eos_pad_tokens_has_no_room_for_its_eos(synth_dir):
+    """The padded response holds at least one EOS: n tokens need data.response_eos_pad >= n + 1, else the
+    response counts as over-long and is cut to the window (data.overlong = truncate), losing its EOS."""
+    import json
+
+    from mdm_scale.data.build import build_data
+
+    lengths = [len(json.loads(line)["response"]) for line in (synth_dir / "train.jsonl").read_text().splitlines()]
+    n, truncated = lengths[0], {}  # char tokenizer: one token per character
+    for pad, eos_count in ((n, 0), (n + 1, 1)):
+        cfg = load_config(["configs/quickstart.yaml"], tiny_overrides(synth_dir, synth_dir / "unused",
+                                                                      **{"data.response_eos_pad": pad}))
+        run_data = build_data(cfg.data, cfg.seed, synth_dir / "no_saved_tokenizer")
+        ids, prompt_len = run_data.train.example(0)
+        tail = [int(t) for t in ids[prompt_len:]]
+        assert len(tail) == pad and tail.count(run_data.tokenizer.eos_token_id) == eos_count
+        truncated[pad] = run_data.train.counts["truncated (response over data.response_eos_pad)"]
+    assert truncated[n] - truncated[n + 1] == lengths.count(n)  # exactly the responses of n tokens

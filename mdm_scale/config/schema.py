@@ -71,8 +71,9 @@ class DataConfig:
     response_eos_pad: int = 0
     """SFT: append EOS tokens to every response until it has this many tokens (EOS included, and in the loss, as
     LLaDA's SFT pads with EOS), so that a diffusion model learns to end its answer inside a fixed generation
-    window; use the same value as ``--gen-length`` when evaluating. 0 = one EOS only. Longer responses follow
-    ``data.overlong``."""
+    window; use the same value as ``--gen-length`` when evaluating. 0 = one EOS only. A response needs room for
+    at least one EOS, so one of this many tokens or more is over-long and follows ``data.overlong`` (truncated
+    to the window without EOS, or dropped), counted in the data report."""
     overlong: Literal["truncate", "drop"] = "truncate"
     """SFT records longer than ``seq_len``: cut the response, or drop the record. Both are counted."""
     on_bad_record: Literal["error", "skip"] = "error"

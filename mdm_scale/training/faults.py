@@ -7,8 +7,9 @@ update on every rank, clear the gradients and leave the learning-rate schedule w
 ``engine.was_step_applied()`` is False. The decision is global, so all ranks count the same steps. This guard
 counts those discarded steps; after ``train.max_nonfinite_steps`` in a row it saves a checkpoint (the
 parameters are still those of the last good step, since no update was applied since) and the run ends with
-:data:`EXIT_NONFINITE`. ZeRO stage 0 in fp32 has no such check (the plain torch optimizer applies any update),
-so there a non-finite step is reported but cannot be undone.
+:data:`EXIT_NONFINITE`. Both counts are saved in every checkpoint, so a resumed run goes on counting. ZeRO
+stage 0 in fp32 has no such check (the plain torch optimizer applies any update), so there a non-finite step
+is reported but cannot be undone.
 """
 
 from __future__ import annotations
@@ -37,6 +38,12 @@ class NonFiniteGuard:
         self.log(f"step {step}: non-finite loss or gradient, update skipped ({self.in_a_row} in a row, "
                  f"{self.skipped} in this run)")
         return False
+
+    def state_dict(self) -> dict[str, int]:
+        return {"skipped": self.skipped, "in_a_row": self.in_a_row}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.skipped, self.in_a_row = int(state.get("skipped", 0)), int(state.get("in_a_row", 0))
 
     @property
     def tripped(self) -> bool:

@@ -83,6 +83,7 @@ class Trainer:
                                   cfg.train.micro_batch_size, cfg.train.grad_accum, self.pad_id,
                                   cfg.data.pad_to_multiple_of, cfg.data.seq_len, cfg.data.group_by_length)
         self.step = 0
+        self.guard = NonFiniteGuard(cfg.train.max_nonfinite_steps, self.info)
         self.timer = NoTimer()  # a StepTimer here splits each step's time into sections (diagnostics)
         if self.resume_from is not None:
             self._restore(self.resume_from)
@@ -156,7 +157,7 @@ class Trainer:
         return train, evaluation
 
     def _client_state(self) -> dict:
-        return {"step": self.step, "samples_seen": self.step * self.global_batch}
+        return {"step": self.step, "samples_seen": self.step * self.global_batch, "nonfinite": self.guard.state_dict()}
 
     def _rank_state(self) -> dict:
         """Per-rank state: the t-sampler's (adaptive samplers hold per-rank statistics since the last refit)."""
@@ -167,6 +168,7 @@ class Trainer:
     def _restore(self, path: Path) -> None:
         client = self.checkpoints.load(self.engine, path, self.shapes, self.global_batch)
         self.step = int(client["step"])
+        self.guard.load_state_dict(client.get("nonfinite", {}))
         state = rank_state(path, self.env.rank)
         sampler = getattr(self.objective, "t_sampler", None)
         if sampler is not None:
@@ -248,7 +250,7 @@ class Trainer:
         window_loss = torch.zeros((), dtype=torch.float64, device=self.env.device)
         window_counts = torch.zeros(4, dtype=torch.float64)
         throughput, eval_loss, last_eval_step = Throughput(), None, -1
-        stop, guard, stopped_by = StopRequest(self.env), NonFiniteGuard(cfg.max_nonfinite_steps, self.info), None
+        stop, guard, stopped_by = StopRequest(self.env), self.guard, None
         start = time.perf_counter()
         self.engine.train()
         while self.step < cfg.max_steps:
