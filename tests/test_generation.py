@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -94,6 +95,27 @@ def test_greedy_arm_decoding_matches_a_step_by_step_argmax():
         for _ in range(5):
             ids.append(int(model(input_ids=torch.tensor([ids])).logits[0, -1].argmax()))
         assert out[row].tolist() == ids[len(prompt):]
+
+
+def test_greedy_arm_decoding_stops_once_every_row_has_ended():
+    eos, word, words_before_eos = EOS, 7, [1, 3, 2]  # row r writes `word` n_r times, then EOS
+
+    class Scripted:  # a causal "model" whose next token depends only on how much of its answer a row has written
+        calls = 0
+
+        def __call__(self, input_ids, attention_mask):
+            Scripted.calls += 1
+            logits = torch.zeros(*input_ids.shape, VOCAB)
+            for row, prompt in enumerate(PROMPTS):
+                written = torch.arange(input_ids.shape[1]) - (len(prompt) - 1)
+                logits[row, :, word] = (written < words_before_eos[row]).double()
+                logits[row, :, eos] = (written >= words_before_eos[row]).double()
+            return SimpleNamespace(logits=logits)
+
+    out = sampler.greedy_generate(Scripted(), PROMPTS, PAD, eos, 6, CPU)
+    for row, n in enumerate(words_before_eos):
+        assert out[row].tolist() == [word] * n + [eos] * (6 - n)
+    assert Scripted.calls == max(words_before_eos) + 1  # not 6: the loop ends when the last row emits EOS
 
 
 def test_answer_extraction_and_scoring_of_malformed_predictions():
@@ -204,8 +226,6 @@ def test_response_eos_pad_fills_the_answer_window_with_eos_in_the_loss(synth_dir
 def test_a_response_of_exactly_response_eos_pad_tokens_has_no_room_for_its_eos(synth_dir):
     """The padded response holds at least one EOS: n tokens need data.response_eos_pad >= n + 1, else the
     response counts as over-long and is cut to the window (data.overlong = truncate), losing its EOS."""
-    import json
-
     from mdm_scale.data.build import build_data
 
     lengths = [len(json.loads(line)["response"]) for line in (synth_dir / "train.jsonl").read_text().splitlines()]

@@ -138,9 +138,10 @@ def _predict(logits: torch.Tensor, keys: torch.Tensor, step: int, cfg: SamplingC
 def greedy_generate(model, prompts: list[list[int]], pad_id: int, eos_id: int | None, gen_length: int,
                     device: torch.device) -> torch.Tensor:
     """Greedy left-to-right decoding of a causal model: ``(B, gen_length)`` new tokens (EOS-filled after a
-    row's first EOS)."""
+    row's first EOS; decoding stops once every row has one). The buffer after each prompt starts as EOS, which
+    no causal query reads before it is written."""
     width = max(len(p) for p in prompts) + gen_length
-    x = torch.full((len(prompts), width), pad_id, dtype=torch.int64)
+    x = torch.full((len(prompts), width), pad_id if eos_id is None else eos_id, dtype=torch.int64)
     for row, prompt in enumerate(prompts):
         x[row, :len(prompt)] = torch.tensor(prompt, dtype=torch.int64)
     x = x.to(device)
@@ -154,5 +155,7 @@ def greedy_generate(model, prompts: list[list[int]], pad_id: int, eos_id: int | 
             done |= nxt == eos_id
         x[rows, ends] = nxt
         ends += 1
+        if eos_id is not None and bool(done.all()):
+            break
     starts = torch.tensor([len(p) for p in prompts], device=device)
     return torch.stack([x[r, starts[r]:starts[r] + gen_length] for r in range(len(prompts))]).cpu()
