@@ -72,9 +72,10 @@ class MirrorMasks(BernoulliMasks):
     next to each other (rows 2b and 2b + 1) in the same micro-batch, and run in the same forward, so the pairing
     holds for any accumulation and world size.
 
-    ``single_above`` (the paper's "mirror_plus"): sequences with t >= it get row 1 only, with row share 1. This
-    saves their second row's compute where the anti-correlation is weakest (correlation -(1 - pi) / pi -> 0 as
-    pi -> 1) at the price of their full single-mask variance; the estimator stays unbiased either way.
+    ``single_above`` (the paper's "mirror_plus"): sequences with t >= it get their first row (u < pi) only,
+    with row share 1. This saves their second row's compute where the anti-correlation is weakest (correlation
+    -(1 - pi) / pi -> 0 as pi -> 1) at the price of their full single-mask variance; the estimator stays
+    unbiased either way.
     """
 
     def __init__(self, seed: int, eps: float, single_above: float | None = None, boosted_ids: tuple[int, ...] = (),
