@@ -1,5 +1,6 @@
 """Cluster operations with real components on CPU: a one-node SLURM on localhost (``tools/slurm_local.sh``),
-``mpirun`` (MPICH from pip) with mpi4py discovery, ``kill -9`` of a rank, and a 2-rank -> 1-rank elastic resume.
+``mpirun`` (MPICH from pip) with mpi4py discovery, ``kill -9`` of a rank, and elastic resumes 2 -> 1 and 1 -> 2
+ranks.
 
 Every scenario trains the same 2-rank run (same global batch, so the same samples with the same noise) and must
 end exactly where the uninterrupted reference run ends: the same final train loss and held-out loss.
@@ -183,6 +184,37 @@ def test_two_rank_checkpoint_resumes_on_one_rank_through_a_universal_checkpoint(
     ours = read_scalars(summary["tensorboard_dir"], "train/loss")
     theirs = read_scalars(reference["summary"]["tensorboard_dir"], "train/loss")
     assert sorted(ours) == list(range(76, STEPS + 1))
+    for step in range(76, STEPS + 1):
+        assert ours[step] == pytest.approx(theirs[step], rel=1e-3), step
+    assert summary["eval_loss"] == pytest.approx(reference["summary"]["eval_loss"], rel=1e-3)
+
+
+def test_one_rank_checkpoint_resumes_on_two_ranks_through_a_universal_checkpoint(synth_dir, tmp_path, reference,
+                                                                                dist_env):
+    """The other direction: a 1-rank run (2 accumulated micro-batches) stopped at step 75 goes on with 2 ranks
+    under the deepspeed launcher, where rank 0 converts the checkpoint while rank 1 waits, and ends where the
+    2-rank reference ends."""
+    import signal
+
+    out = tmp_path / "run"
+    trainer = Trainer(load_config(["configs/quickstart.yaml"],
+                                  tiny_overrides(synth_dir, out, **RUN, **{"train.grad_accum": 2})), dist_env)
+    train_step = trainer.train_step
+
+    def stop_at_75():
+        result = train_step()
+        if trainer.step == 75:
+            os.kill(os.getpid(), signal.SIGUSR1)  # handled at the step boundary: checkpoint, then return
+        return result
+
+    trainer.train_step = stop_at_75
+    assert trainer.fit()["step"] == 75
+    proc = run_deepspeed(["train", *train_args(synth_dir, out)], ranks=2)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    summary = final_summary(proc.stdout)
+    assert (out / "checkpoints" / "step_00000075" / "universal").is_dir()
+    ours = read_scalars(summary["tensorboard_dir"], "train/loss")
+    theirs = read_scalars(reference["summary"]["tensorboard_dir"], "train/loss")
     for step in range(76, STEPS + 1):
         assert ours[step] == pytest.approx(theirs[step], rel=1e-3), step
     assert summary["eval_loss"] == pytest.approx(reference["summary"]["eval_loss"], rel=1e-3)
