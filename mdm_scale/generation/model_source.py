@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import pickle
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,7 +91,11 @@ def consolidated_state_dict(step_dir: Path, zero_stage: int) -> dict[str, torch.
         states = step_dir / "mp_rank_00_model_states.pt"
         if not states.is_file():
             raise CheckpointError(f"{step_dir}: {states.name} is missing")
-        module = torch.load(states, map_location="cpu", weights_only=False)["module"]  # DeepSpeed's own file
+        try:  # tensors and plain containers only: a checkpoint directory is never trusted to run code
+            module = torch.load(states, map_location="cpu", weights_only=True)["module"]
+        except pickle.UnpicklingError as err:
+            raise CheckpointError(f"{states} holds objects other than tensors and plain containers, which "
+                                  f"torch.load(weights_only=True) refuses: {str(err).splitlines()[0]}") from err
         return {name: tensor.float() for name, tensor in module.items()}
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
