@@ -250,22 +250,22 @@ class Trainer:
         window_loss = torch.zeros((), dtype=torch.float64, device=self.env.device)
         window_counts = torch.zeros(4, dtype=torch.float64)
         throughput, eval_loss, last_eval_step = Throughput(), None, -1
-        stop, guard, stopped_by = StopRequest(self.env), self.guard, None
+        stop, stopped_by = StopRequest(self.env), None
         start = time.perf_counter()
         self.engine.train()
         while self.step < cfg.max_steps:
             step_loss, step_counts = self.train_step()
-            if guard.update(self.step, self.engine.was_step_applied()):
+            if self.guard.update(self.step, self.engine.was_step_applied()):
                 window_loss += step_loss
                 window_counts += step_counts
-            elif guard.tripped:
-                raise guard.error(self.step, self.save())
+            elif self.guard.tripped:
+                raise self.guard.error(self.step, self.save())
             logger.advance()
             if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
                 window = torch.cat([window_loss.reshape(1), window_counts.to(self.env.device)])
                 loss, micro, masked, eligible, tokens = all_reduce_sum(window).tolist()
                 values = {"loss": loss / micro if micro else float("nan"), "lr": self.lr,
-                          "skipped_steps": guard.skipped,
+                          "skipped_steps": self.guard.skipped,
                           "tokens_per_s": throughput.rate(tokens), "masked_fraction": masked / max(eligible, 1)}
                 grad_norm = self.engine.get_global_grad_norm()
                 if grad_norm is not None:

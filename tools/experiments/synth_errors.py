@@ -10,7 +10,8 @@ it prints one markdown row:
 - **steps true**: of all worked steps ``a op b = c`` in the predictions, the share whose ``c`` is the true
   result of ``a op b`` (integer division for ``/``), whatever ``a`` and ``b`` are;
 - **chained**: of the steps after the first, the share whose ``a`` repeats the previous step's result;
-- **answer = last step**: the answer after ``####`` equals the last worked step's result;
+- **answer = last step**: the answer (as `mdm-scale eval` extracts it: ``AnswerPattern``, after the last ``####``)
+  equals the last worked step's result;
 - **accuracy by operations**: exact match for problems of 1, 2, 3, ... operations (counted in the prompt).
 
 Copying (start copied) and bookkeeping (chained, answer = last step) failing points at the format or decoding;
@@ -25,9 +26,11 @@ import re
 from collections import Counter
 from pathlib import Path
 
+from mdm_scale.generation.answers import AnswerPattern
+
 STEP = re.compile(r"(\d+) ([-+*/]) (\d+) = (\d+)")
 START = re.compile(r" has (\d+) ")
-ANSWER = re.compile(r"####\s*(-?\d+)")
+ANSWER = AnswerPattern()
 APPLY = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b,
          "/": lambda a, b: a // b if b else None}
 
@@ -39,7 +42,7 @@ def error_profile(records: list[dict]) -> dict:
     for r in records:
         steps = [(int(a), op, int(b), int(c)) for a, op, b, c in STEP.findall(r["prediction"])]
         start = START.search(r["prompt"])
-        answer = ANSWER.search(r["prediction"])
+        answer = ANSWER.extract(r["prediction"])
         count["records"] += 1
         count["correct"] += bool(r.get("correct"))
         count["start_copied"] += bool(steps and start and steps[0][0] == int(start.group(1)))
@@ -47,7 +50,7 @@ def error_profile(records: list[dict]) -> dict:
         count["steps_true"] += sum(APPLY[op](a, b) == c for a, op, b, c in steps)
         count["links"] += max(len(steps) - 1, 0)
         count["chained"] += sum(prev[3] == step[0] for prev, step in zip(steps, steps[1:]))
-        count["answer_is_last"] += bool(steps and answer and int(answer.group(1)) == steps[-1][3])
+        count["answer_is_last"] += bool(steps and answer == str(steps[-1][3]))
         ops = r["prompt"].count(", then ") + 1
         by_ops.setdefault(ops, [0, 0])
         by_ops[ops][0] += bool(r.get("correct"))
