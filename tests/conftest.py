@@ -80,3 +80,18 @@ def read_scalars(tb_dir: str | Path, tag: str) -> dict[int, float]:
     acc = EventAccumulator(str(tb_dir))
     acc.Reload()
     return {event.step: event.value for event in acc.Scalars(tag)}
+
+
+@pytest.fixture(scope="session")
+def tiny_export(synth_dir, dist_env, tmp_path_factory) -> tuple[Path, Path]:
+    """``(run_dir, export_dir)``: a 2-step tiny training run and its ``mdm-scale export``."""
+    from mdm_scale.cli import main
+    from mdm_scale.config.loader import load_config
+    from mdm_scale.training.trainer import Trainer
+
+    root = tmp_path_factory.mktemp("tiny_export")
+    run_dir, export_dir = root / "run", root / "export"
+    Trainer(load_config(["configs/quickstart.yaml"], tiny_overrides(synth_dir, run_dir, **{"train.max_steps": 2})),
+            dist_env).fit()
+    assert main(["export", "--checkpoint", str(run_dir), "--out", str(export_dir)]) == 0
+    return run_dir, export_dir

@@ -26,7 +26,7 @@ class ModelConfig:
     """Which network to train (``mdm_scale/models``)."""
 
     preset: str = "tiny"
-    """Built-in bidirectional transformer preset (``models/presets.py``); used when ``path`` is not set."""
+    """Built-in bidirectional transformer preset (``config/presets.py``); used when ``path`` is not set."""
     path: str | None = None
     """Local Hugging Face directory: an mdm-scale export, any masked LM (BERT, ModernBERT, ...), or LLaDA."""
     trust_remote_code: bool = False
@@ -44,7 +44,7 @@ class ModelConfig:
     """Built-in model: the scaled-dot-product-attention kernel; ``auto`` lets PyTorch choose."""
 
     def check(self) -> None:
-        from mdm_scale.models.presets import PRESETS
+        from mdm_scale.config.presets import PRESETS
 
         if self.path is None:
             _require(self.preset in PRESETS, "model.preset", self.preset, f"choose one of {sorted(PRESETS)}")

@@ -68,7 +68,7 @@ def _eval(args: argparse.Namespace) -> int:
 
 def _export(args: argparse.Namespace) -> int:
     _quiet()
-    from mdm_scale.models.export import export_checkpoint
+    from mdm_scale.generation.export import export_checkpoint
 
     print(f"exported to {export_checkpoint(args.checkpoint, args.out, args.trust_remote_code)}")
     return 0

@@ -10,6 +10,11 @@ rotary, SwiGLU) come from ``kernels.py``, eager or fused (``set_kernels``).
 - ``loss_positions`` given: returns the weighted loss (and per-position CE) at those flat positions through the
   masked-only head (``masked_head.py``); logits are never materialised for the whole batch;
 - otherwise: returns full logits, for generation and export checks.
+
+This file, ``configuration_mdm.py``, ``kernels.py`` and ``masked_head.py`` import nothing from mdm-scale but
+each other (relative imports), so ``mdm-scale export`` ships them unchanged next to the weights and plain
+``transformers`` loads the export with ``trust_remote_code=True``. The Auto classes are registered by
+``mdm_scale/models/__init__.py``, not here, so loading an export's copy never re-registers ``mdm_scale``.
 """
 
 from __future__ import annotations
@@ -22,13 +27,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
-from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, PreTrainedModel
+from transformers import PreTrainedModel
 from transformers.utils import ModelOutput
 
-from mdm_scale.models.configuration_mdm import MDMConfig
-from mdm_scale.models.kernels import EAGER
-from mdm_scale.models.kernels import fused as fused_kernels
-from mdm_scale.models.masked_head import MaskedLMHead
+from .configuration_mdm import MDMConfig
+from .kernels import EAGER
+from .kernels import fused as fused_kernels
+from .masked_head import MaskedLMHead
 
 
 class RMSNorm(nn.Module):
@@ -204,7 +209,3 @@ def full_logits_loss(logits: torch.Tensor, positions: torch.Tensor, targets: tor
     ce = F.cross_entropy(selected, targets, reduction="none")
     return MDMOutput(loss=(ce * coef).sum(), token_ce=ce.detach())
 
-
-AutoConfig.register(MDMConfig.model_type, MDMConfig, exist_ok=True)
-AutoModel.register(MDMConfig, MDMModel, exist_ok=True)
-AutoModelForMaskedLM.register(MDMConfig, MDMForMaskedDiffusion, exist_ok=True)

@@ -49,7 +49,7 @@ def main(argv=None) -> int:
     from mdm_scale.config.loader import load_config
     from mdm_scale.diffusion.t_samplers import UniformT
     from mdm_scale.distributed.env import init_distributed
-    from mdm_scale.models.presets import PRESETS
+    from mdm_scale.config.presets import PRESETS
     from mdm_scale.training.metrics import quiet_third_party_logs
     from mdm_scale.training.trainer import Trainer
 

@@ -166,7 +166,7 @@ def _plain(args, env):
     from plain_loop import PlainLoop
 
     from mdm_scale.models.configuration_mdm import MDMConfig
-    from mdm_scale.models.presets import PRESETS
+    from mdm_scale.config.presets import PRESETS
 
     preset = {**PRESETS[args.preset], "vocab_size": _vocab(args)}
     config = MDMConfig(**preset, mask_token_id=2)
@@ -175,7 +175,7 @@ def _plain(args, env):
 
 
 def _vocab(args) -> int:
-    from mdm_scale.models.presets import PRESETS
+    from mdm_scale.config.presets import PRESETS
 
     return args.vocab or PRESETS[args.preset].get("vocab_size", 32000)
 
