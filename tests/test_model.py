@@ -6,9 +6,9 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForMaskedLM
 
+from mdm_scale.config.presets import PRESETS
 from mdm_scale.models.configuration_mdm import MDMConfig
 from mdm_scale.models.modeling_mdm import MDMForMaskedDiffusion
-from mdm_scale.config.presets import PRESETS
 
 
 def tiny(**kw) -> MDMForMaskedDiffusion:

@@ -21,10 +21,10 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, PretrainedConfig, PreTrainedTokenizerBase
 
+from mdm_scale.config.presets import PRESETS
 from mdm_scale.config.schema import Config, ConfigError
 from mdm_scale.models.configuration_mdm import MDMConfig
 from mdm_scale.models.modeling_mdm import Block, MDMForMaskedDiffusion, MDMOutput, full_logits_loss
-from mdm_scale.config.presets import PRESETS
 
 
 class HFMaskedLMAdapter(nn.Module):

@@ -47,9 +47,9 @@ def main(argv=None) -> int:
     from common import PPOTS_SMALL_ESTIMATE, random_blocks, sync_device
 
     from mdm_scale.config.loader import load_config
+    from mdm_scale.config.presets import PRESETS
     from mdm_scale.diffusion.t_samplers import UniformT
     from mdm_scale.distributed.env import init_distributed
-    from mdm_scale.config.presets import PRESETS
     from mdm_scale.training.metrics import quiet_third_party_logs
     from mdm_scale.training.trainer import Trainer
 

@@ -165,8 +165,8 @@ class Subject:
 def _plain(args, env):
     from plain_loop import PlainLoop
 
-    from mdm_scale.models.configuration_mdm import MDMConfig
     from mdm_scale.config.presets import PRESETS
+    from mdm_scale.models.configuration_mdm import MDMConfig
 
     preset = {**PRESETS[args.preset], "vocab_size": _vocab(args)}
     config = MDMConfig(**preset, mask_token_id=2)
