@@ -1,6 +1,6 @@
 """``mdm-scale`` command line.
 
-    mdm-scale train --config configs/quickstart.yaml [--config more.yaml] [--set train.lr=1e-4 ...]
+    mdm-scale train --config configs/quickstart.yaml [--config more.yaml] [--set train.lr=1e-4 train.max_steps=10 ...]
     mdm-scale data synth --out data/synth [--train 20000 --eval 500 --seed 0]
     mdm-scale variance --config configs/quickstart.yaml [--checkpoint DIR] --out report.json
     mdm-scale eval --checkpoint runs/x --data data/synth/eval.jsonl --out runs/x/pred.jsonl
@@ -75,6 +75,12 @@ def _synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_overrides(parser: argparse.ArgumentParser) -> None:
+    """``--set a=1 b=2`` and ``--set a=1 --set b=2`` both give ``args.set == ["a=1", "b=2"]``, applied in order."""
+    parser.add_argument("--set", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="override config keys (several pairs per --set; --set may repeat)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mdm-scale", description="Masked diffusion LM training on DeepSpeed.")
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by `deepspeed`
@@ -82,13 +88,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = commands.add_parser("train", help="train a model")
     train.add_argument("--config", action="append", required=True, help="YAML file; repeat to merge several")
-    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    _add_overrides(train)
     train.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
     train.set_defaults(func=_train)
 
     variance = commands.add_parser("variance", help="measure the A/B/C variance decomposition (docs/variance.md)")
     variance.add_argument("--config", action="append", required=True, help="YAML file; repeat to merge several")
-    variance.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    _add_overrides(variance)
     variance.add_argument("--checkpoint", default=None, help="a training checkpoint (or run directory) to load")
     variance.add_argument("--out", required=True, help="report JSON path; plots and TensorBoard go next to it")
     variance.add_argument("--methods", default="standard,mirror,ppots,ppots+mirror,strats,syrm,clipped",

@@ -14,6 +14,7 @@ from transformers import PreTrainedTokenizerBase
 from mdm_scale.config.schema import DataConfig
 from mdm_scale.data.dataset import TokenizedData, tokenize_records
 from mdm_scale.data.records import detect_format, detect_task, read_records
+from mdm_scale.data.synthetic import how_to_make
 from mdm_scale.data.tokenizer import load_tokenizer
 
 
@@ -37,10 +38,9 @@ class RunData:
 
 def build_data(cfg: DataConfig, seed: int, tokenizer_dir: Path) -> RunData:
     train_path = Path(cfg.train_file)
-    if not train_path.is_file():
-        raise FileNotFoundError(f"config key 'data.train_file': file not found: {train_path}")
-    if cfg.eval_file is not None and not Path(cfg.eval_file).is_file():
-        raise FileNotFoundError(f"config key 'data.eval_file': file not found: {cfg.eval_file}")
+    for key, name in (("data.train_file", cfg.train_file), ("data.eval_file", cfg.eval_file)):
+        if name is not None and not Path(name).is_file():
+            raise FileNotFoundError(f"config key '{key}': file not found: {name}{how_to_make(Path(name))}")
     task = detect_task(train_path, detect_format(train_path, cfg.format), cfg.task)
     train_records, train_report = read_records(train_path, task, cfg.format, cfg.on_bad_record)
     eval_records = eval_report = None

@@ -15,6 +15,8 @@ import json
 import random
 from pathlib import Path
 
+FILES = {"train": "train.jsonl", "eval": "eval.jsonl", "pretrain": "pretrain.jsonl"}
+"""What ``write_synthetic_task`` writes into its directory (``data/synth`` by default)."""
 NAMES = ["Mia", "Noah", "Ava", "Liam", "Zoe", "Omar", "Lena", "Ivan", "Sara", "Kai", "Nora", "Theo"]
 THINGS = ["apples", "shells", "coins", "books", "stamps", "marbles", "cards", "pens", "seeds", "stones"]
 
@@ -70,7 +72,7 @@ def write_synthetic_task(out_dir: str | Path, train: int = 20000, eval: int = 50
         if record["prompt"] not in seen:
             seen.add(record["prompt"])
             eval_records.append(record)
-    paths = {"train": out / "train.jsonl", "eval": out / "eval.jsonl"}
+    paths = {"train": out / FILES["train"], "eval": out / FILES["eval"]}
     _write_jsonl(paths["train"], train_records)
     _write_jsonl(paths["eval"], eval_records)
     if pretrain:
@@ -81,9 +83,18 @@ def write_synthetic_task(out_dir: str | Path, train: int = 20000, eval: int = 50
             r = make_problem(pretrain_rng, min_ops, max_ops)
             if r["prompt"] not in eval_prompts:
                 texts.append({"text": f"{r['prompt']} {r['response']}"})
-        paths["pretrain"] = out / "pretrain.jsonl"
+        paths["pretrain"] = out / FILES["pretrain"]
         _write_jsonl(paths["pretrain"], texts)
     return paths
+
+
+def how_to_make(path: Path) -> str:
+    """For a missing file of the synthetic task's layout (``<dir>/synth/train.jsonl``, ``eval.jsonl`` or
+    ``pretrain.jsonl``, as the configs in ``configs/`` name them) the command that writes it; else ``""``."""
+    if path.parent.name != "synth" or path.name not in FILES.values():
+        return ""
+    pretrain = " --pretrain 20000" if path.name == FILES["pretrain"] else ""
+    return f"; it is the embedded synthetic task: make it with `mdm-scale data synth --out {path.parent}{pretrain}`"
 
 
 def _write_jsonl(path: Path, records: list[dict]) -> None:

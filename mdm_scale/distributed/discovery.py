@@ -9,15 +9,19 @@
    ``init_distributed`` enables when neither of the above applies.
 
 The master port is ``MASTER_PORT`` when set, else derived from the SLURM job id (so concurrent jobs on one
-node do not collide, and a requeued job keeps its port), else DeepSpeed's default 29500.
+node do not collide, and a requeued job keeps its port), else, for one plain process (no launcher, no srun
+step, an MPI world of one), a free port that the operating system picks (so two plain runs on one machine do
+not collide; ``init_distributed`` logs it), else DeepSpeed's default 29500 (every ``mpirun`` rank must agree).
 """
 
 from __future__ import annotations
 
 import os
 import re
+import socket
 
 LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")  # what DeepSpeed requires
+DEFAULT_PORT = 29500  # DeepSpeed's and torchrun's
 
 
 def launcher_set_env(environ=os.environ) -> bool:
@@ -71,3 +75,23 @@ def discover(environ=os.environ) -> str:
         environ.update(slurm)
         return "srun"
     return "mpi"
+
+
+def master_port(how: str, environ=os.environ) -> tuple[int, bool]:
+    """``(port, picked)``: ``MASTER_PORT`` if set; a free port (``picked``) for one plain process, i.e. ``how``
+    is ``"mpi"`` and the MPI world has one process; else ``DEFAULT_PORT``."""
+    if environ.get("MASTER_PORT"):
+        return int(environ["MASTER_PORT"]), False
+    if how == "mpi":
+        from mpi4py import MPI  # what DeepSpeed's MPI discovery asks next anyway
+
+        if MPI.COMM_WORLD.Get_size() == 1:
+            return free_port(), True
+    return DEFAULT_PORT, False
+
+
+def free_port() -> int:
+    """A TCP port that no process listens on now (the kernel's pick for port 0)."""
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]

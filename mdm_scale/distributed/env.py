@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-from mdm_scale.distributed.discovery import discover
+from mdm_scale.distributed.discovery import discover, master_port
 
 
 @dataclass(frozen=True)
@@ -45,9 +46,12 @@ def init_distributed() -> DistEnv:
     on_gpu = select_accelerator()
     import deepspeed
 
-    discover()
+    port, picked = master_port(discover())
+    if picked:
+        print(f"mdm-scale: one process without a launcher: rendezvous on free port {port} "
+              f"(set MASTER_PORT to choose)", file=sys.stderr, flush=True)
     deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo", auto_mpi_discovery=True,
-                               distributed_port=int(os.environ.get("MASTER_PORT", 29500)), verbose=False)
+                               distributed_port=port, verbose=False)
     rank, world = dist.get_rank(), dist.get_world_size()
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
     if on_gpu:
