@@ -6,6 +6,7 @@
     mdm-scale eval --checkpoint runs/x --data data/synth/eval.jsonl --out runs/x/pred.jsonl
     mdm-scale generate --checkpoint runs/x --prompt "Mia has 3 shells. ..."
     mdm-scale export --checkpoint runs/x --out exports/x
+    mdm-scale lm-eval --model mdm_scale --model_args pretrained=exports/x,gen_length=128 --tasks gsm8k
 
 ``train`` runs as one plain process or under any launcher that sets RANK/WORLD_SIZE (``deepspeed``,
 ``torchrun``) or under ``srun``/``mpirun`` (MPI discovery), e.g.
@@ -125,7 +126,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "lm-eval":  # its arguments are lm-eval's own
+        args.harness_args = rest
+    elif rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     from mdm_scale.config.schema import ConfigError
     from mdm_scale.data.records import DataError
     from mdm_scale.generation.sampler import GenerationError

@@ -1,4 +1,5 @@
-"""The ``generate``, ``eval`` and ``export`` subcommands of ``mdm-scale`` (registered by ``mdm_scale/cli.py``).
+"""The ``generate``, ``eval``, ``export`` and ``lm-eval`` subcommands of ``mdm-scale`` (registered by
+``mdm_scale/cli.py``).
 
 Under a launcher (``deepspeed --num_gpus N --module mdm_scale.cli eval ...``) the records are sharded over the
 ranks; rank 0 prints the result.
@@ -74,6 +75,21 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _lm_eval(args: argparse.Namespace) -> int:
+    from mdm_scale.generation.sampler import GenerationError
+
+    _quiet()
+    try:
+        from lm_eval.__main__ import cli_evaluate
+
+        import mdm_scale.generation.lm_eval_model  # noqa: F401  (registers --model mdm_scale)
+    except ModuleNotFoundError as err:
+        raise GenerationError(f"mdm-scale lm-eval needs lm-eval: pip install 'mdm-scale[lm-eval]' ({err})") from None
+    sys.argv = ["lm-eval", *args.harness_args]  # lm-eval's command line reads sys.argv
+    cli_evaluate()
+    return 0
+
+
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True,
                         help="training output dir, checkpoints/step_* dir, or a Hugging Face dir (mdm-scale export)")
@@ -116,3 +132,7 @@ def add_generation_commands(commands) -> None:
     _common(export)
     export.add_argument("--out", required=True, help="new directory (safetensors, config, tokenizer)")
     export.set_defaults(func=_export)
+
+    lm_eval = commands.add_parser("lm-eval", add_help=False, help="run lm-eval (EleutherAI's harness) with --model "
+                                  "mdm_scale registered; every argument goes to lm-eval (docs: lm_eval_model.py)")
+    lm_eval.set_defaults(func=_lm_eval)

@@ -121,15 +121,18 @@ def decode_answer(tokenizer, ids: list[int], eos_id: int | None) -> str:
     return tokenizer.decode(ids, skip_special_tokens=True)
 
 
+def resolve_dtype(dtype: str, on_gpu: bool) -> torch.dtype:
+    """``--dtype``: ``bf16``, ``fp32``, or ``auto`` (bf16 on GPU, fp32 on CPU)."""
+    return {"bf16": torch.bfloat16, "fp32": torch.float32}.get(dtype, torch.bfloat16 if on_gpu else torch.float32)
+
+
 def run_generation(checkpoint: str, records: list[PromptRecord], out: str | None, sampling: SamplingConfig,
                    batch_size: int, answers: AnswerPattern | None, dtype: str = "auto", trust_remote_code: bool = False
                    ) -> dict | None:
     """Decode every record; with ``answers`` also score them. Rank 0 returns the summary line."""
     sampling.check()
     env = generation_env()
-    torch_dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}.get(
-        dtype, torch.bfloat16 if env.on_gpu else torch.float32)
-    gm = load_generation_model(checkpoint, env.device, torch_dtype, trust_remote_code)
+    gm = load_generation_model(checkpoint, env.device, resolve_dtype(dtype, env.on_gpu), trust_remote_code)
     predictions = generate_predictions(gm, [r.prompt for r in records], sampling, batch_size, env)
     if predictions is None:
         return None
