@@ -54,3 +54,15 @@ def test_two_plain_runs_at_once_pick_their_own_free_ports(synth_dir, tmp_path):
         assert final_summary(out)["step"] == 2
         ports += re.findall(r"rendezvous on free port (\d+)", err)
     assert len(ports) == 2 and ports[0] != ports[1] and "29500" not in ports, ports
+
+
+def test_readme_answer_regex_for_whole_response_answers():
+    """The README's ``--answer-regex`` for answers that are the whole response does what the README says."""
+    from mdm_scale.generation.answers import AnswerPattern
+
+    readme = (REPO / "README.md").read_text()
+    example = re.search(r"whole text with `--answer-regex '([^']+)'`", readme)
+    assert example is not None, "README: no --answer-regex example for whole-response answers"
+    answers = AnswerPattern(example.group(1))
+    assert answers.extract(" chat.\n") == "chat"
+    assert answers.extract("two\nlines ") == "two\nlines"

@@ -51,3 +51,18 @@ def test_export_loads_with_transformers_alone_and_gives_the_checkpoints_logits(t
     with torch.no_grad():
         expected = gm.model(input_ids=ids).logits
     assert torch.equal(out["logits"], expected)
+
+
+def test_export_is_model_path_of_a_new_run(tiny_export, synth_dir, tmp_path, dist_env):
+    """Fine-tuning from an export uses the installed modelling code, never the copy shipped with it."""
+    from conftest import tiny_overrides
+    from mdm_scale.config.loader import load_config
+    from mdm_scale.models.modeling_mdm import MDMForMaskedDiffusion
+    from mdm_scale.training.trainer import Trainer
+
+    _, export_dir = tiny_export
+    cfg = load_config(["configs/quickstart.yaml"], tiny_overrides(synth_dir, tmp_path / "run", **{
+        "model.path": str(export_dir), "data.tokenizer": str(export_dir), "train.max_steps": 1}))
+    trainer = Trainer(cfg, dist_env)
+    assert type(trainer.engine.module) is MDMForMaskedDiffusion
+    assert trainer.fit()["step"] == 1
