@@ -37,6 +37,13 @@ def test_missing_synthetic_task_names_the_command_that_makes_it(command, extra, 
     assert "data synth" not in capsys.readouterr().err  # only the synthetic task's own layout gets the hint
 
 
+def test_master_port_keeps_a_given_port_and_the_default_for_launched_jobs():
+    from mdm_scale.distributed.discovery import DEFAULT_PORT, master_port
+
+    assert master_port("mpi", {"MASTER_PORT": "1234"}) == (1234, False)
+    assert master_port("launcher", {}) == (DEFAULT_PORT, False)
+
+
 def test_two_plain_runs_at_once_pick_their_own_free_ports(synth_dir, tmp_path):
     """Without a launcher and without MASTER_PORT, each one-process run rendezvous on a free port (no two runs
     on one machine fight over 29500)."""
