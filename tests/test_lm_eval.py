@@ -25,9 +25,8 @@ CONTEXT = "Mia has 12 shells. How many?\n"
 
 
 @pytest.fixture(scope="module")
-def random_lm(tmp_path_factory) -> MDMScaleLM:
-    """A random tiny model with a character tokenizer, saved as a Hugging Face directory and loaded by lm-eval's
-    model class."""
+def random_model_dir(tmp_path_factory):
+    """A random tiny model with a character tokenizer, saved as a Hugging Face directory."""
     directory = tmp_path_factory.mktemp("random_lm")
     tokenizer = build_char_tokenizer([CONTEXT + "0123456789 #"])
     torch.manual_seed(0)
@@ -36,7 +35,13 @@ def random_lm(tmp_path_factory) -> MDMScaleLM:
                                             mask_token_id=tokenizer.mask_token_id))
     model.save_pretrained(str(directory))
     tokenizer.save_pretrained(str(directory))
-    return MDMScaleLM(pretrained=str(directory), gen_length=4, mc_num=600, batch_size=200, device="cpu")
+    return directory
+
+
+def random_lm(directory, **model_args) -> MDMScaleLM:
+    """lm-eval's model class on the random model (what ``--model mdm_scale`` builds)."""
+    return MDMScaleLM(pretrained=str(directory), **{"gen_length": 4, "batch_size": 200, "device": "cpu",
+                                                    **model_args})
 
 
 def token_log_probs(lm: MDMScaleLM, prefix: list[int], target: list[int], masked: tuple[int, ...]) -> list[float]:
@@ -60,39 +65,45 @@ def exact_bound(lm: MDMScaleLM, prefix: list[int], target: list[int]) -> float:
     return total
 
 
-def test_one_token_continuation_is_scored_exactly(random_lm):
-    prefix, target = random_lm.encode_pair(CONTEXT, "7")
+def test_one_token_continuation_is_scored_exactly(random_model_dir):
+    lm = random_lm(random_model_dir, mc_num=16)
+    prefix, target = lm.encode_pair(CONTEXT, "7")
     assert len(target) == 1
-    estimate, _ = random_lm.score(CONTEXT, "7")
-    assert estimate == pytest.approx(token_log_probs(random_lm, prefix, target, (0,))[0], abs=1e-9)
+    estimate, _ = lm.score(CONTEXT, "7")
+    assert estimate == pytest.approx(token_log_probs(lm, prefix, target, (0,))[0], abs=1e-9)
 
 
-def test_monte_carlo_estimate_is_unbiased_for_the_bound(random_lm):
+def test_monte_carlo_estimate_is_unbiased_for_the_bound(random_model_dir):
     """600 stratified draws of a 3-token continuation against the bound computed over all 7 masks; the
     tolerance is 4 standard errors of the draws (conservative: stratification only lowers the error)."""
-    prefix, target = random_lm.encode_pair(CONTEXT, "#14")
+    lm = random_lm(random_model_dir, mc_num=600)
+    prefix, target = lm.encode_pair(CONTEXT, "#14")
     assert len(target) == 3
-    terms = likelihood_terms(random_lm.gm.model, prefix, target, random_lm.gm.mask_token_id, 600, 0,
-                             pair_key(CONTEXT, "#14"), 200, torch.device("cpu"))
-    exact = exact_bound(random_lm, prefix, target)
-    error = 4 * float(terms.std()) / math.sqrt(len(terms))
-    assert abs(float(terms.mean()) - exact) < error, (float(terms.mean()), exact, error)
-    assert float(terms.mean()) == random_lm.score(CONTEXT, "#14")[0]  # keyed by the texts: the same draws
-    again = likelihood_terms(random_lm.gm.model, prefix, target, random_lm.gm.mask_token_id, 600, 1,
-                             pair_key(CONTEXT, "#14"), 200, torch.device("cpu"))
-    assert not torch.equal(again, terms)  # another seed draws other masks
+
+    def terms(mc_num: int, seed: int) -> torch.Tensor:
+        return likelihood_terms(lm.gm.model, prefix, target, lm.gm.mask_token_id, mc_num, seed,
+                                pair_key(CONTEXT, "#14"), 200, torch.device("cpu"))
+
+    draws = terms(600, 0)
+    exact = exact_bound(lm, prefix, target)
+    error = 4 * float(draws.std()) / math.sqrt(len(draws))
+    assert abs(float(draws.mean()) - exact) < error, (float(draws.mean()), exact, error)
+    few = terms(12, 0)
+    assert float(few.mean()) == random_lm(random_model_dir, mc_num=12).score(CONTEXT, "#14")[0]  # keyed by text
+    assert not torch.equal(terms(12, 1), few)  # another seed draws other masks
 
 
-def test_is_greedy_says_whether_greedy_decoding_gives_the_continuation(random_lm):
+def test_is_greedy_says_whether_greedy_decoding_gives_the_continuation(random_model_dir):
     from mdm_scale.generation.evaluate import decode_shard
     from mdm_scale.generation.sampler import SamplingConfig
 
-    random_lm.check_greedy = True
-    greedy = decode_shard(random_lm.gm, [CONTEXT], SamplingConfig(gen_length=3, steps=3, block_length=3), 1, 0, 1,
+    lm = random_lm(random_model_dir, mc_num=3, check_greedy=True)
+    greedy = decode_shard(lm.gm, [CONTEXT], SamplingConfig(gen_length=3, steps=3, block_length=3), 1, 0, 1,
                           torch.device("cpu"))[0]
-    assert len(greedy) == 3 and random_lm.score(CONTEXT, greedy)[1] is True
+    assert len(greedy) == 3 and lm.score(CONTEXT, greedy)[1] is True
     other = "".join("1" if c != "1" else "2" for c in greedy)
-    assert random_lm.score(CONTEXT, other)[1] is False
+    assert lm.score(CONTEXT, other)[1] is False
+    assert random_lm(random_model_dir, mc_num=3).score(CONTEXT, greedy)[1] is False  # not asked: not computed
 
 
 def write_tasks(directory, records: list[dict]) -> None:

@@ -7,7 +7,10 @@
 own command line; in Python, ``import mdm_scale.generation.lm_eval_model`` does the same for
 ``lm_eval.simple_evaluate(model="mdm_scale", ...)``. ``pretrained`` is anything ``--checkpoint`` takes: an
 ``mdm-scale export``, a training run or ``checkpoints/step_*`` directory, or a local Hugging Face masked LM
-(``trust_remote_code=true`` for LLaDA). One process; the model args are those of ``MDMScaleLM``.
+(``trust_remote_code=true`` for LLaDA). One process. The model args are those of ``MDMScaleLM`` except
+``batch_size`` and ``device``, which come from lm-eval's ``--batch_size`` (rows per forward: prompts when
+generating, Monte Carlo draws when scoring) and ``--device`` (its default ``cuda:0`` falls back to the CPU when
+there is no GPU).
 
 - ``generate_until``: the project's LLaDA sampler (``sampler.py``) with ``gen_length``, ``steps``,
   ``block_length``, ``temperature``, ``remasking`` and ``seed``, decoding exactly what ``mdm-scale generate``
