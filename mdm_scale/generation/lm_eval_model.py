@@ -94,8 +94,7 @@ class MDMScaleLM(LM):
     def __init__(self, pretrained: str, gen_length: int = 128, steps: int | None = None,
                  block_length: int | None = None, temperature: float = 0.0, remasking: str = "low_confidence",
                  seed: int = 0, mc_num: int = 128, check_greedy: bool = False, batch_size: int | str = 16,
-                 dtype: str = "auto", trust_remote_code: bool = False, device: str | None = None,
-                 max_batch_size: int | None = None):
+                 dtype: str = "auto", trust_remote_code: bool = False, device: str | None = None):
         super().__init__()
         if str(batch_size).startswith("auto"):
             raise GenerationError("--batch_size auto is not supported by --model mdm_scale; give a number")
