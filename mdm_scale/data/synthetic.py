@@ -17,6 +17,7 @@ from pathlib import Path
 
 FILES = {"train": "train.jsonl", "eval": "eval.jsonl", "pretrain": "pretrain.jsonl"}
 """What ``write_synthetic_task`` writes into its directory (``data/synth`` by default)."""
+
 NAMES = ["Mia", "Noah", "Ava", "Liam", "Zoe", "Omar", "Lena", "Ivan", "Sara", "Kai", "Nora", "Theo"]
 THINGS = ["apples", "shells", "coins", "books", "stamps", "marbles", "cards", "pens", "seeds", "stones"]
 
