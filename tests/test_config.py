@@ -43,7 +43,7 @@ def test_unknown_key_in_a_yaml_file(tmp_path):
     ("variance.mirror=1", r"'variance.mirror' = 1: expected true or false"),
     ("variance.t_sampler=lognormal", r"'variance.t_sampler' = 'lognormal': choose one of"),
     ("train.max_steps=0", r"'train.max_steps' = 0: must be >= 1"),
-    ("train.zero_stage=4", r"'train.zero_stage' = 4: must be 0, 1, 2 or 3"),
+    ("train.zero_stage=4", r"'train.zero_stage' = 4: must be 0, 1, 2, 3 or auto"),
     ("data.eval_fraction=1.0", r"'data.eval_fraction' = 1.0: must be in \[0, 1\)"),
     ("model.preset=huge", r"'model.preset' = 'huge': choose one of"),
     ("train.offload_params=true", r"'train.offload_params' = True: parameter offload needs train.zero_stage = 3"),
