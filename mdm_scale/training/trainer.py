@@ -29,8 +29,13 @@ from mdm_scale.diffusion.noise import Stream
 from mdm_scale.diffusion.objective import ARMObjective, MDMObjective
 from mdm_scale.diffusion.t_samplers import UniformT
 from mdm_scale.distributed.env import DistEnv, all_reduce_sum, barrier, check_ranks_agree, init_distributed
-from mdm_scale.models.loading import (build_model, count_parameters, load_hf_config, parameter_shapes,
-                                      resolve_mask_token_id)
+from mdm_scale.models.loading import (
+    build_model,
+    count_parameters,
+    load_hf_config,
+    parameter_shapes,
+    resolve_mask_token_id,
+)
 from mdm_scale.training.checkpoint import CheckpointManager, rank_state, write_atomic
 from mdm_scale.training.faults import NonFiniteGuard
 from mdm_scale.training.lr_schedule import scheduler_factory
