@@ -88,7 +88,7 @@ def test_selective_checkpointing_recomputes_only_the_chosen_blocks_and_keeps_the
         model.set_activation_checkpointing(blocks != 0, blocks)
         counts = [0, 0]
         for i, layer in enumerate(model.model.layers):
-            def counted(*args, i=i, forward=layer.forward):
+            def counted(*args, i=i, forward=layer.forward, counts=counts):
                 counts[i] += 1
                 return forward(*args)
             layer.forward = counted
