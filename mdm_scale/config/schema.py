@@ -40,10 +40,6 @@ class ModelConfig:
     checkpoint_blocks: int | None = None
     """Built-in model, with ``activation_checkpointing``: recompute only the first this many blocks (selective
     checkpointing: the others keep their activations, trading memory for the recompute); null = every block."""
-    compile_blocks: bool = False
-    """Built-in model: compile each transformer block's forward with ``torch.compile`` (fuses the residual
-    adds, norms and projections' epilogues across the block). For ZeRO stages 0-2 only: ZeRO-3 swaps the
-    parameters' storage around every block, which a compiled graph cannot follow."""
     fused_kernels: bool | None = None
     """Built-in model: fuse RMSNorm, rotary and SwiGLU with torch.compile (``models/kernels.py``);
     ``null`` = on with CUDA, off on CPU."""
@@ -102,7 +98,8 @@ class DataConfig:
     rotary positions restart per record, and every record keeps its own t, masks, weight and answer-length
     normalisation keyed by its stream position, so per-record losses equal the unpacked ones; the micro-batch
     loss is the sum of its records' losses over the expected number of records per micro-batch (an unbiased
-    estimate of the same mean over sequences). Held-out evaluation stays unpacked."""
+    estimate of the same mean over sequences). ``group_by_length`` does not apply; held-out evaluation stays
+    unpacked."""
 
     def check(self) -> None:
         _require(0.0 <= self.eval_fraction < 1.0, "data.eval_fraction", self.eval_fraction, "must be in [0, 1)")

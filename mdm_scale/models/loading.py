@@ -109,11 +109,9 @@ def build_model(cfg: Config, tokenizer: PreTrainedTokenizerBase, mask_token_id: 
     if isinstance(model, MDMForMaskedDiffusion):
         fused = cfg.model.fused_kernels if cfg.model.fused_kernels is not None else torch.cuda.is_available()
         model.set_kernels(fused, cfg.model.attention_backend)
-        if cfg.model.compile_blocks:
-            model.compile_blocks()
-    elif cfg.model.compile_blocks or cfg.model.checkpoint_blocks is not None or cfg.data.packing:
-        raise ConfigError("config keys 'model.compile_blocks', 'model.checkpoint_blocks' and 'data.packing' "
-                          f"need the built-in model; model.path = {cfg.model.path!r} is another architecture")
+    elif cfg.model.checkpoint_blocks is not None or cfg.data.packing:
+        raise ConfigError("config keys 'model.checkpoint_blocks' and 'data.packing' need the built-in model; "
+                          f"model.path = {cfg.model.path!r} is another architecture")
     if cfg.model.activation_checkpointing:
         enable_activation_checkpointing(model, cfg.model.checkpoint_blocks)
     return model

@@ -216,10 +216,6 @@ class MDMForMaskedDiffusion(MDMPreTrainedModel):
         layers = len(self.model.layers)
         self.model.checkpointed_blocks = (layers if blocks is None else min(blocks, layers)) if enabled else 0
 
-    def compile_blocks(self) -> None:
-        """Compile each transformer block (``torch.compile`` of the module; ZeRO stages 0-2 only)."""
-        for layer in self.model.layers:
-            layer.compile()
 
     def set_kernels(self, fused: bool, sdpa_backend: str = "auto") -> None:
         """Fused (compiled) or eager elementwise kernels (``kernels.py``), and the SDPA backend (``auto`` lets

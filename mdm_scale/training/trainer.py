@@ -143,9 +143,6 @@ class Trainer:
                 choose_zero_stage(parameters, self.env.world_size, device_bytes)
             self.info(f"train.zero_stage auto -> {stage} ({why})")
             cfg = replace(cfg, train=replace(cfg.train, zero_stage=stage))
-        if cfg.model.compile_blocks and cfg.train.zero_stage == 3:
-            raise ConfigError("config key 'model.compile_blocks' = True: needs train.zero_stage 0, 1 or 2 "
-                              "(ZeRO-3 moves parameter storage under a compiled block)")
         return cfg
 
     def _write_run_files(self) -> None:

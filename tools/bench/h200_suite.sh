@@ -10,7 +10,7 @@ mkdir -p "$out"
 run="bash tools/bench/run_gpu.sh python3 tools/bench/throughput.py --gpus 1"
 auto="train.zero_stage=auto"
 timeout 300 $run --preset 1b --warmup 3 --steps 8 --breakdown-steps 1 --out "$out/b1" --subjects \
-  "plain,uniform[$auto],ppots_mirror[$auto],uniform,plain_zero2,uniform[$auto;model.compile_blocks=true]" \
+  "plain,uniform[$auto],ppots_mirror[$auto],uniform,plain_zero2" \
   > "$out/log_1b.txt" 2>&1
 timeout 130 $run --preset 1b --data sft --grad-accum 4 --warmup 2 --steps 6 --breakdown-steps 0 --out "$out/b2" \
   --subjects "uniform[$auto],uniform[$auto;data.packing=true]" > "$out/log_sft.txt" 2>&1

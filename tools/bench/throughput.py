@@ -173,7 +173,7 @@ class Subject:
 
 
 def parse_subject(spec: str) -> tuple[str, list[str]]:
-    """``uniform[train.zero_stage=2;model.compile_blocks=true]`` -> ("uniform", [overrides])."""
+    """``uniform[train.zero_stage=2;data.packing=true]`` -> ("uniform", [overrides])."""
     name, _, rest = spec.partition("[")
     return name, [item for item in rest.rstrip("]").split(";") if item]
 
