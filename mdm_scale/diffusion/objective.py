@@ -53,11 +53,14 @@ class NoisyBatch:
     eligible_tokens: int
     rows: int
 
-    MODEL_FIELDS = ("input_ids", "attention_mask", "loss_positions", "loss_targets", "loss_coef", "document_ids",
-                    "position_ids")
+    MODEL_FIELDS = ("input_ids", "attention_mask", "loss_positions", "loss_targets", "loss_coef")
+    PACKED_FIELDS = ("document_ids", "position_ids")
 
     def model_inputs(self) -> dict[str, torch.Tensor | None]:
-        return {name: getattr(self, name) for name in self.MODEL_FIELDS}
+        """The forward's keyword arguments; the packed-row fields only when set (built-in model only)."""
+        inputs = {name: getattr(self, name) for name in self.MODEL_FIELDS}
+        inputs.update({name: getattr(self, name) for name in self.PACKED_FIELDS if getattr(self, name) is not None})
+        return inputs
 
     def to(self, device, non_blocking: bool = False) -> NoisyBatch:
         """Copy to ``device``; to a GPU through pinned memory, so that ``non_blocking`` copies do not wait for
