@@ -43,7 +43,7 @@ def test_unknown_key_in_a_yaml_file(tmp_path):
     ("variance.mirror=1", r"'variance.mirror' = 1: expected true or false"),
     ("variance.t_sampler=lognormal", r"'variance.t_sampler' = 'lognormal': choose one of"),
     ("train.max_steps=0", r"'train.max_steps' = 0: must be >= 1"),
-    ("train.zero_stage=4", r"'train.zero_stage' = 4: must be 0, 1, 2 or 3"),
+    ("train.zero_stage=4", r"'train.zero_stage' = 4: must be 0, 1, 2, 3 or auto"),
     ("data.eval_fraction=1.0", r"'data.eval_fraction' = 1.0: must be in \[0, 1\)"),
     ("model.preset=huge", r"'model.preset' = 'huge': choose one of"),
     ("train.offload_params=true", r"'train.offload_params' = True: parameter offload needs train.zero_stage = 3"),
@@ -103,3 +103,21 @@ def test_lr_schedule_formulas(schedule):
 @pytest.mark.parametrize("path", sorted(str(p) for p in Path("configs").glob("*.yaml")))
 def test_every_shipped_config_loads(path):
     load_config([path])
+
+
+def test_zero_stage_auto_picks_stage_2_only_when_the_model_states_fit():
+    from mdm_scale.config.deepspeed_json import choose_zero_stage
+
+    gib = 2**30
+    assert choose_zero_stage(1_158_760_448, 1, 140 * gib)[0] == 2  # 1.1B on one H200: 19.4 GiB
+    assert choose_zero_stage(8_015_581_184, 1, 140 * gib)[0] == 3  # 8B on one H200: 134 GiB
+    assert choose_zero_stage(8_015_581_184, 8, 140 * gib)[0] == 2  # 8B on 8: 2 + 16/8 bytes each = 30 GiB
+    assert choose_zero_stage(1_000_000, 1, None)[0] == 3  # CPU
+    limit = 70 * gib / 18  # exactly half of 140 GiB at 18 bytes per parameter on one rank
+    assert choose_zero_stage(int(limit), 1, 140 * gib)[0] == 2
+    assert choose_zero_stage(int(limit) + 1, 1, 140 * gib)[0] == 3
+    assert load_config([QUICKSTART], ["train.zero_stage=auto"]).train.zero_stage == "auto"
+    with pytest.raises(ConfigError, match="'model.checkpoint_blocks' = 2: needs model.activation_checkpointing"):
+        load_config([QUICKSTART], ["model.checkpoint_blocks=2"])
+    with pytest.raises(ConfigError, match="'data.packing' = True: packed rows need the mdm objective"):
+        load_config([QUICKSTART], ["data.packing=true", "train.objective=arm"])

@@ -78,3 +78,22 @@ def test_fused_kernels_match_eager():
     assert torch.allclose(eager, fused, rtol=1e-5)
     for a, b in zip(eager_grads, fused_grads):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_selective_checkpointing_recomputes_only_the_chosen_blocks_and_keeps_the_gradient():
+    x = torch.randint(0, 40, (2, 12))
+    grads, calls = [], []
+    for blocks in (None, 0, 1):
+        model = tiny().train()
+        model.set_activation_checkpointing(blocks != 0, blocks)
+        counts = [0, 0]
+        for i, layer in enumerate(model.model.layers):
+            def counted(*args, i=i, forward=layer.forward, counts=counts):
+                counts[i] += 1
+                return forward(*args)
+            layer.forward = counted
+        model(x).logits.square().mean().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+        calls.append(counts)
+    assert calls == [[2, 2], [1, 1], [2, 1]]  # a recomputed block runs its forward twice
+    assert torch.allclose(grads[0], grads[1], atol=1e-6) and torch.allclose(grads[2], grads[1], atol=1e-6)

@@ -41,9 +41,10 @@ def test_loss_decreases_and_tensorboard_reads_back(synth_dir, tmp_path, dist_env
     assert (out / "tokenizer" / "tokenizer.json").is_file()
 
 
-@pytest.mark.parametrize("mirror", [False, True])
-def test_resume_continues_exactly(synth_dir, tmp_path, dist_env, mirror):
-    common = {"train.grad_accum": 2, "variance.mirror": mirror, "train.max_steps": 6, "train.warmup_steps": 2}
+@pytest.mark.parametrize("mirror, packing", [(False, False), (True, False), (True, True)])
+def test_resume_continues_exactly(synth_dir, tmp_path, dist_env, mirror, packing):
+    common = {"train.grad_accum": 2, "variance.mirror": mirror, "train.max_steps": 6, "train.warmup_steps": 2,
+              "data.packing": packing}
     straight = run(synth_dir, tmp_path / "straight", dist_env, **common)
     interrupted = trainer(synth_dir, tmp_path / "split", dist_env, **common)
     for _ in range(3):

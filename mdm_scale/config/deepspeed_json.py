@@ -21,6 +21,26 @@ def resolve_precision(config: Config, on_gpu: bool) -> str:
     return config.train.precision
 
 
+def choose_zero_stage(parameters: int, world_size: int, device_bytes: int | None) -> tuple[int, str]:
+    """``train.zero_stage: auto``: the stage and the reason, for a model of ``parameters`` parameters.
+
+    ZeRO-3 gathers every block's parameters before its forward and backward and releases them after, through
+    per-module hooks; on one GPU, or whenever each rank can hold the whole bf16 model, that is work for nothing.
+    Stage 2 keeps the bf16 parameters whole on every rank (2 bytes each) and partitions gradients, fp32 master
+    weights and the two Adam moments (2 + 4 + 4 + 4 bytes plus the fp32 gradient of the update, 16 in all) over
+    the ranks, so it needs N (2 + 16 / W) bytes per rank. It is chosen when that is at most half of the GPU's
+    memory (the other half for activations and buffers); otherwise, and on CPU (``device_bytes`` None),
+    stage 3.
+    """
+    if device_bytes is None:
+        return 3, "no GPU: the CPU path uses stage 3"
+    need = parameters * (2 + 16 / world_size)
+    verdict = f"model states {need / 2**30:.1f} GiB per rank {{}} half of {device_bytes / 2**30:.0f} GiB"
+    if need <= device_bytes / 2:
+        return 2, verdict.format("within")
+    return 3, verdict.format("over")
+
+
 def build_deepspeed_config(config: Config, world_size: int, on_gpu: bool) -> dict[str, Any]:
     t = config.train
     ds: dict[str, Any] = {

@@ -37,6 +37,9 @@ class ModelConfig:
     """Architecture fields to change on top of the preset, e.g. ``{num_hidden_layers: 4}``."""
     activation_checkpointing: bool = False
     """Recompute each transformer block in the backward pass (less memory, about 1/3 more compute)."""
+    checkpoint_blocks: int | None = None
+    """Built-in model, with ``activation_checkpointing``: recompute only the first this many blocks (selective
+    checkpointing: the others keep their activations, trading memory for the recompute); null = every block."""
     fused_kernels: bool | None = None
     """Built-in model: fuse RMSNorm, rotary and SwiGLU with torch.compile (``models/kernels.py``);
     ``null`` = on with CUDA, off on CPU."""
@@ -50,6 +53,10 @@ class ModelConfig:
             _require(self.preset in PRESETS, "model.preset", self.preset, f"choose one of {sorted(PRESETS)}")
         _require(self.mask_token_id is None or self.mask_token_id >= 0, "model.mask_token_id",
                  self.mask_token_id, "must be >= 0")
+        _require(self.checkpoint_blocks is None or self.checkpoint_blocks >= 0, "model.checkpoint_blocks",
+                 self.checkpoint_blocks, "must be >= 0")
+        _require(self.checkpoint_blocks is None or self.activation_checkpointing, "model.checkpoint_blocks",
+                 self.checkpoint_blocks, "needs model.activation_checkpointing = true")
 
 
 @dataclass
@@ -85,6 +92,14 @@ class DataConfig:
     group_by_length: bool = True
     """Within each optimiser step, put sequences of similar length into the same micro-batch (less padding;
     the step's samples and their noise are unchanged)."""
+    packing: bool = False
+    """SFT, built-in model, mdm objective: pack several records into each row of ``seq_len`` tokens
+    (``data/packing.py``). ``train.micro_batch_size`` then counts rows, each record attends only to itself,
+    rotary positions restart per record, and every record keeps its own t, masks, weight and answer-length
+    normalisation keyed by its stream position, so per-record losses equal the unpacked ones; the micro-batch
+    loss is the sum of its records' losses over the expected number of records per micro-batch (an unbiased
+    estimate of the same mean over sequences). ``group_by_length`` does not apply; held-out evaluation stays
+    unpacked."""
 
     def check(self) -> None:
         _require(0.0 <= self.eval_fraction < 1.0, "data.eval_fraction", self.eval_fraction, "must be in [0, 1)")
@@ -120,7 +135,10 @@ class TrainConfig:
     """Global gradient-norm clip; 0 turns clipping off."""
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     """``auto``: bf16 on GPU, fp32 on CPU."""
-    zero_stage: int = 3
+    zero_stage: int | Literal["auto"] = 3
+    """DeepSpeed ZeRO stage 0-3, or ``auto``: on GPU, stage 2 when one rank holds the bf16 parameters plus its
+    share of gradients, fp32 master weights and Adam moments, N (2 + 16 / world size) bytes, within half of the
+    GPU's memory, else stage 3; on CPU stage 3. The choice is logged (``training/trainer.py``)."""
     offload_optimizer: bool = False
     offload_params: bool = False
     eval_every: int = 50
@@ -155,10 +173,11 @@ class TrainConfig:
             _require(0.0 <= value < 1.0, f"train.{key}", value, "must be in [0, 1)")
         _require(self.adam_eps > 0, "train.adam_eps", self.adam_eps, "must be > 0")
         _require(self.grad_clip >= 0, "train.grad_clip", self.grad_clip, "must be >= 0")
-        _require(self.zero_stage in (0, 1, 2, 3), "train.zero_stage", self.zero_stage, "must be 0, 1, 2 or 3")
+        _require(self.zero_stage in (0, 1, 2, 3, "auto"), "train.zero_stage", self.zero_stage,
+                 "must be 0, 1, 2, 3 or auto")
         _require(not self.offload_params or self.zero_stage == 3, "train.offload_params", self.offload_params,
                  "parameter offload needs train.zero_stage = 3")
-        _require(not self.offload_optimizer or self.zero_stage >= 1, "train.offload_optimizer",
+        _require(not self.offload_optimizer or self.zero_stage != 0, "train.offload_optimizer",
                  self.offload_optimizer, "optimizer offload needs train.zero_stage >= 1")
         for key in ("eval_every", "eval_samples", "save_every"):
             value = getattr(self, key)
@@ -283,5 +302,7 @@ class Config:
             section.check()
         _require(self.train.objective == "mdm" or not self.variance.mirror, "variance.mirror", self.variance.mirror,
                  "MIRROR masks apply to the mdm objective only (train.objective = arm)")
+        _require(self.train.objective == "mdm" or not self.data.packing, "data.packing", self.data.packing,
+                 "packed rows need the mdm objective (train.objective = arm would need causal document masks)")
         _require(self.train.objective == "mdm" or self.variance.t_sampler == "uniform", "variance.t_sampler",
                  self.variance.t_sampler, "t-samplers apply to the mdm objective only (train.objective = arm)")

@@ -18,6 +18,7 @@ from dataclasses import dataclass, fields
 import torch
 
 from mdm_scale.data.dataset import TokenizedData
+from mdm_scale.data.packing import PackedStream, collate_packed
 from mdm_scale.diffusion.noise import Stream, keyed_generator
 
 
@@ -27,6 +28,10 @@ class Batch:
 
     ``loss_mask`` marks eligible positions (response and EOS for SFT, everything for pretraining blocks);
     ``attention_mask`` is None when no row is padded; ``valid`` is False for filler rows (eval only).
+    Packed rows (``data/packing.py``) also carry, per position, ``document_ids`` (the record's number in
+    ``sample_index``, -1 for padding) and ``position_ids`` (position inside the record), per record its
+    ``record_row``, ``record_offset`` and ``record_length``, and ``loss_denominator``: what each record's loss
+    is divided by (None: the number of sequences, as unpacked).
     """
 
     input_ids: torch.Tensor
@@ -34,6 +39,12 @@ class Batch:
     sample_index: torch.Tensor
     attention_mask: torch.Tensor | None = None
     valid: torch.Tensor | None = None
+    document_ids: torch.Tensor | None = None
+    position_ids: torch.Tensor | None = None
+    record_row: torch.Tensor | None = None
+    record_offset: torch.Tensor | None = None
+    record_length: torch.Tensor | None = None
+    loss_denominator: torch.Tensor | None = None
 
     def to(self, device) -> Batch:
         return Batch(**{f.name: None if getattr(self, f.name) is None else getattr(self, f.name).to(device)
@@ -80,20 +91,29 @@ def collate(data: TokenizedData, example_ids: list[int], sample_index: list[int]
 
 
 class TrainLoader:
-    """Micro-batches of the training stream for one rank."""
+    """Micro-batches of the training stream for one rank (``packing``: rows of packed records,
+    ``data/packing.py``)."""
 
     def __init__(self, data: TokenizedData, seed: int, rank: int, world: int, micro_batch: int, grad_accum: int,
-                 pad_id: int, pad_to_multiple_of: int, seq_len: int, group_by_length: bool = False):
+                 pad_id: int, pad_to_multiple_of: int, seq_len: int, group_by_length: bool = False,
+                 packing: bool = False):
         self.data, self.rank, self.world = data, rank, world
         self.micro_batch, self.grad_accum = micro_batch, grad_accum
         self.pad_id, self.pad_to_multiple_of, self.seq_len = pad_id, pad_to_multiple_of, seq_len
         self.group_by_length = group_by_length
         self.stream = DataStream(len(data), seed)
+        self.packed = PackedStream(self.stream, data.offsets[1:] - data.offsets[:-1], seq_len) if packing else None
         self._step_plan: tuple[int, list[int], list[int]] | None = None
 
     def micro_batch_at(self, step: int, micro: int) -> Batch:
+        group = micro * self.world + self.rank
+        if self.packed is not None:
+            first = (step * self.grad_accum * self.world + group) * self.micro_batch
+            rows, per_row = zip(*self.packed.rows(first, first + self.micro_batch))
+            examples = [self.stream.example_ids(row) for row in rows]
+            return collate_packed(self.data, list(rows), examples, list(per_row), self.pad_id, self.seq_len)
         positions, examples = self._plan(step)
-        start = (micro * self.world + self.rank) * self.micro_batch
+        start = group * self.micro_batch
         mine = slice(start, start + self.micro_batch)
         return collate(self.data, examples[mine], positions[mine], self.pad_id, self.pad_to_multiple_of,
                        self.seq_len)

@@ -6,7 +6,9 @@ importance weight w_b = 1/p(t_b), and corrupted rows r of b (one, or two for MIR
     l_b  = w_b * sum_r s_r * (1/n_b) * sum_{i in R_b} M_ri * CE_ri / q_ri          (q_ri = P(M_ri = 1) = pi(t_b))
     loss = (1/B) * sum_b l_b
 
-so each masked token enters the model's fused head with coefficient ``w_b s_r / (q_ri n_b B)``. Sequences with
+so each masked token enters the model's fused head with coefficient ``w_b s_r / (q_ri n_b B)``. Packed rows
+(``data/packing.py``) give every record the same l_b, drawn on its own left-aligned view, and divide by the
+batch's ``loss_denominator`` (the expected number of records) instead of B. Sequences with
 no masked token contribute 0 and are still run (ZeRO-3 needs every rank in every forward). Everything here is
 computed on the host from keyed noise (no device synchronisation) and moved to the device once.
 
@@ -21,6 +23,7 @@ from dataclasses import dataclass, fields
 import torch
 
 from mdm_scale.data.loader import Batch
+from mdm_scale.data.packing import record_view
 from mdm_scale.diffusion.masks import BernoulliMasks
 from mdm_scale.diffusion.noise import Stream
 from mdm_scale.diffusion.t_samplers import TSampler
@@ -28,14 +31,20 @@ from mdm_scale.diffusion.t_samplers import TSampler
 
 @dataclass
 class NoisyBatch:
-    """Model inputs (first five fields) plus what statistics need to map token losses back to sequences."""
+    """Model inputs (``MODEL_FIELDS``) plus what statistics need to map token losses back to sequences.
 
-    input_ids: torch.Tensor  # (R, L)
-    attention_mask: torch.Tensor | None  # (R, L) bool, None when unpadded
-    loss_positions: torch.Tensor  # (N,) flat indices into the (R, L) batch
+    R corrupted rows (one per sequence, two with MIRROR) are what the statistics see; the model sees them as
+    R_model rows: the same rows unpacked, or packed rows holding several records each (``data/packing.py``).
+    """
+
+    input_ids: torch.Tensor  # (R_model, L); R_model = R unpacked
+    attention_mask: torch.Tensor | None  # (R_model, L) bool, None when unpadded
+    loss_positions: torch.Tensor  # (N,) flat indices into the (R_model, L) batch
     loss_targets: torch.Tensor  # (N,)
     loss_coef: torch.Tensor  # (N,) float32
-    token_row: torch.Tensor  # (N,) row of each loss position
+    document_ids: torch.Tensor | None  # (R_model, L) packed rows only (data/packing.py)
+    position_ids: torch.Tensor | None  # (R_model, L) packed rows only
+    token_row: torch.Tensor  # (N,) corrupted row (one per sequence and mask copy) of each loss position
     token_scale: torch.Tensor  # (N,) 1 / (q n_b): row loss = sum over the row of token_scale * CE
     row_sample: torch.Tensor  # (R,) sequence of each row
     row_scale: torch.Tensor  # (R,) share of the sequence's loss carried by each row
@@ -45,9 +54,13 @@ class NoisyBatch:
     rows: int
 
     MODEL_FIELDS = ("input_ids", "attention_mask", "loss_positions", "loss_targets", "loss_coef")
+    PACKED_FIELDS = ("document_ids", "position_ids")
 
     def model_inputs(self) -> dict[str, torch.Tensor | None]:
-        return {name: getattr(self, name) for name in self.MODEL_FIELDS}
+        """The forward's keyword arguments; the packed-row fields only when set (built-in model only)."""
+        inputs = {name: getattr(self, name) for name in self.MODEL_FIELDS}
+        inputs.update({name: getattr(self, name) for name in self.PACKED_FIELDS if getattr(self, name) is not None})
+        return inputs
 
     def to(self, device, non_blocking: bool = False) -> NoisyBatch:
         """Copy to ``device``; to a GPU through pinned memory, so that ``non_blocking`` copies do not wait for
@@ -108,18 +121,54 @@ class MDMObjective:
         t, weight = sampler.sample(batch.sample_index, t_stream)
         if batch.valid is not None:
             weight = weight * batch.valid
-        draw = self.masks.draw(batch.sample_index, t, batch.loss_mask, mask_stream, batch.input_ids)
+        packed = batch.document_ids is not None
+        ids, eligible = record_view(batch) if packed else (batch.input_ids, batch.loss_mask)
+        draw = self.masks.draw(batch.sample_index, t, eligible, mask_stream, ids)
         source = draw.row_sample
-        clean = batch.input_ids[source]
-        noisy_ids = clean.masked_fill(draw.masked, self.mask_token_id)
-        rows, positions, targets = _flat_loss_tokens(noisy_ids, draw.masked, clean)
-        n_eligible = batch.loss_mask.sum(1).clamp(min=1).to(torch.float32)
+        rows, cols = draw.masked.nonzero(as_tuple=True)
+        targets = ids[source[rows], cols]
+        n_eligible = eligible.sum(1).clamp(min=1).to(torch.float32)
         sample_of_token = source[rows]
         token_scale = 1.0 / (draw.inclusion[draw.masked] * n_eligible[sample_of_token])
-        coef = weight[sample_of_token] * draw.row_scale[rows] * token_scale / len(weight)
-        mask = None if batch.attention_mask is None else batch.attention_mask[source]
-        return NoisyBatch(noisy_ids, mask, positions, targets, coef, rows, token_scale, source, draw.row_scale, t,
-                          weight, int(batch.loss_mask.sum()), len(source))
+        denominator = torch.full((len(weight),), float(len(weight))) if batch.loss_denominator is None \
+            else batch.loss_denominator
+        coef = weight[sample_of_token] * draw.row_scale[rows] * token_scale / denominator[sample_of_token]
+        model = _packed_rows(batch, source) if packed else _ModelRows(
+            torch.arange(len(source)), torch.zeros(len(source), dtype=torch.int64), batch.input_ids[source],
+            None if batch.attention_mask is None else batch.attention_mask[source], None, None)
+        positions = model.row[rows] * model.input_ids.shape[1] + model.offset[rows] + cols
+        noisy_ids = model.input_ids.clone()
+        noisy_ids.view(-1)[positions] = self.mask_token_id
+        return NoisyBatch(noisy_ids, model.attention_mask, positions, targets, coef, model.document_ids,
+                          model.position_ids, rows, token_scale, source, draw.row_scale, t, weight,
+                          int(eligible.sum()), len(source))
+
+
+@dataclass
+class _ModelRows:
+    """Where corrupted row r' of the objective lives in the model's input: row ``row[r']``, from column
+    ``offset[r']``; and the clean model input (rows repeated for MIRROR's copies)."""
+
+    row: torch.Tensor
+    offset: torch.Tensor
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor | None
+    document_ids: torch.Tensor | None
+    position_ids: torch.Tensor | None
+
+
+def _packed_rows(batch: Batch, source: torch.Tensor) -> _ModelRows:
+    """Packed rows: every packed row is repeated once per corrupted copy of its records (MIRROR: 2; a record
+    with fewer copies, mirror_plus, leaves its tokens clean in the extra row, where nothing scores them)."""
+    copy = torch.arange(len(source)) - torch.searchsorted(source, source)  # rows of one record are adjacent
+    copies = int(copy.max()) + 1 if len(source) else 1
+
+    def repeat(x):
+        return None if x is None else x.repeat_interleave(copies, dim=0)
+
+    return _ModelRows(batch.record_row[source] * copies + copy, batch.record_offset[source],
+                      repeat(batch.input_ids), repeat(batch.attention_mask), repeat(batch.document_ids),
+                      repeat(batch.position_ids))
 
 
 class ARMObjective:
@@ -136,6 +185,6 @@ class ARMObjective:
         valid = torch.ones(len(ids)) if batch.valid is None else batch.valid.to(torch.float32)
         token_scale = 1.0 / n_targets[rows]
         coef = valid[rows] * token_scale / len(ids)
-        return NoisyBatch(ids, batch.attention_mask, positions, targets, coef, rows, token_scale,
+        return NoisyBatch(ids, batch.attention_mask, positions, targets, coef, None, None, rows, token_scale,
                           torch.arange(len(ids)), torch.ones(len(ids)), torch.zeros(len(ids)), valid,
                           int(predicts.sum()), len(ids))

@@ -88,6 +88,16 @@ def builtin_config(cfg: Config, vocab_size: int, mask_token_id: int | None) -> M
         raise ConfigError(f"config key 'model.overrides' = {cfg.model.overrides!r}: {err}") from None
 
 
+def count_parameters(cfg: Config, tokenizer: PreTrainedTokenizerBase, mask_token_id: int | None,
+                     hf_config: PretrainedConfig | None) -> int | None:
+    """Parameters of the built-in model, counted on the meta device (no memory); None for ``model.path``."""
+    if hf_config is not None:
+        return None
+    with torch.device("meta"):
+        model = MDMForMaskedDiffusion(builtin_config(cfg, len(tokenizer), mask_token_id))
+    return sum(p.numel() for p in model.parameters())
+
+
 def build_model(cfg: Config, tokenizer: PreTrainedTokenizerBase, mask_token_id: int | None,
                 hf_config: PretrainedConfig | None, ds_config: dict, seed: int) -> nn.Module:
     zero3 = ds_config.get("zero_optimization", {}).get("stage", 0) == 3
@@ -99,8 +109,11 @@ def build_model(cfg: Config, tokenizer: PreTrainedTokenizerBase, mask_token_id: 
     if isinstance(model, MDMForMaskedDiffusion):
         fused = cfg.model.fused_kernels if cfg.model.fused_kernels is not None else torch.cuda.is_available()
         model.set_kernels(fused, cfg.model.attention_backend)
+    elif cfg.model.checkpoint_blocks is not None or cfg.data.packing:
+        raise ConfigError("config keys 'model.checkpoint_blocks' and 'data.packing' need the built-in model; "
+                          f"model.path = {cfg.model.path!r} is another architecture")
     if cfg.model.activation_checkpointing:
-        enable_activation_checkpointing(model)
+        enable_activation_checkpointing(model, cfg.model.checkpoint_blocks)
     return model
 
 
@@ -163,9 +176,9 @@ def _check_vocab(cfg: Config, hf_config: PretrainedConfig, tokenizer: PreTrained
                           f"at most {max_len} positions")
 
 
-def enable_activation_checkpointing(model: nn.Module) -> None:
+def enable_activation_checkpointing(model: nn.Module, blocks: int | None = None) -> None:
     if isinstance(model, MDMForMaskedDiffusion):
-        model.set_activation_checkpointing(True)
+        model.set_activation_checkpointing(True, blocks)
     else:
         model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 

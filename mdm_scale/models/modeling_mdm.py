@@ -19,6 +19,7 @@ each other (relative imports), so ``mdm-scale export`` ships them unchanged next
 
 from __future__ import annotations
 
+import functools
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -26,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 from torch.utils.checkpoint import checkpoint
 from transformers import PreTrainedModel
 from transformers.utils import ModelOutput
@@ -72,7 +74,7 @@ class Attention(nn.Module):
         self.kernels = EAGER
         self.sdpa_backend: str = "auto"
 
-    def forward(self, x, cos, sin, key_mask):
+    def forward(self, x, cos, sin, mask):
         b, length, _ = x.shape
         qkv = self.qkv_proj(x).view(b, length, self.n_heads + 2 * self.n_kv, self.head_dim).transpose(1, 2)
         q, k, v = qkv.split([self.n_heads, self.n_kv, self.n_kv], dim=1)
@@ -80,13 +82,46 @@ class Attention(nn.Module):
         if self.n_kv != self.n_heads:
             repeat = self.n_heads // self.n_kv
             k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
-        # Right padding: causal queries never see the pads after them, so only bidirectional attention needs
-        # the key mask (True = attend). No mask at all lets SDPA choose flash attention.
-        mask = None if (self.causal or key_mask is None) else key_mask[:, None, None, :]
-        backend = nullcontext() if self.sdpa_backend == "auto" else sdpa_kernel(SDPA_BACKENDS[self.sdpa_backend])
-        with backend:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=self.causal and mask is None)
+        if isinstance(mask, BlockMask):
+            out = flex_attention_for(q)(q, k, v, block_mask=mask)
+        else:
+            backend = nullcontext() if self.sdpa_backend == "auto" else sdpa_kernel(SDPA_BACKENDS[self.sdpa_backend])
+            with backend:
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=self.causal and mask is None)
         return self.o_proj(out.transpose(1, 2).reshape(b, length, -1))
+
+
+def build_attention_mask(key_mask: torch.Tensor | None, document_ids: torch.Tensor | None, causal: bool,
+                   flex: bool | None = None):
+    """What attention sees, built once per forward (True = attend):
+
+    - no documents: None when nothing is padded or attention is causal (right padding: causal queries never
+      see the pads after them), which lets SDPA pick flash attention; else the key mask ``(B, 1, 1, L)``;
+    - packed rows (``document_ids`` (B, L): record number of each position, -1 for padding): query i attends
+      key j iff ``doc[i] == doc[j]`` (block-diagonal; padding attends padding, so no row is empty). On GPU
+      (``flex`` None) a FlexAttention ``BlockMask``, which skips the blocks outside every document; on CPU
+      the same mask as a dense boolean ``(B, 1, L, L)`` for SDPA.
+    """
+    if document_ids is None:
+        return None if (causal or key_mask is None) else key_mask[:, None, None, :]
+    if not (document_ids.is_cuda if flex is None else flex):
+        return (document_ids[:, :, None] == document_ids[:, None, :])[:, None]
+
+    def same_document(b, h, q, kv):
+        return document_ids[b, q] == document_ids[b, kv]
+
+    rows, length = document_ids.shape
+    return create_block_mask(same_document, rows, None, length, length, device=document_ids.device)
+
+
+def flex_attention_for(q: torch.Tensor):
+    """FlexAttention, compiled on GPU (its fast path); eager elsewhere (a reference implementation, tests)."""
+    return _compiled_flex_attention() if q.is_cuda else flex_attention
+
+
+@functools.cache
+def _compiled_flex_attention():
+    return torch.compile(flex_attention, dynamic=False)
 
 
 class SwiGLU(nn.Module):
@@ -109,8 +144,8 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = SwiGLU(config)
 
-    def forward(self, x, cos, sin, key_mask):
-        x = x + self.attn(self.attn_norm(x), cos, sin, key_mask)
+    def forward(self, x, cos, sin, mask):
+        x = x + self.attn(self.attn_norm(x), cos, sin, mask)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -145,18 +180,24 @@ class MDMModel(MDMPreTrainedModel):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(Block(config) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.activation_checkpointing = False
+        self.checkpointed_blocks = 0  # activation checkpointing: the first this many blocks are recomputed
         self.post_init()
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                document_ids: torch.Tensor | None = None, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """``position_ids`` (B, L) index the rotary tables (packed rows restart them per record); None means
+        0 .. L-1 in every row."""
         x = self.embed_tokens(input_ids)
         cos, sin = rotary_tables(input_ids.shape[1], self.config.head_dim, self.config.rope_theta, x.device, x.dtype)
+        if position_ids is not None:
+            cos, sin = cos[position_ids][:, None], sin[position_ids][:, None]
         key_mask = None if attention_mask is None else attention_mask.bool()  # callers pass None when unpadded
-        for layer in self.layers:
-            if self.activation_checkpointing and self.training:
-                x = checkpoint(layer, x, cos, sin, key_mask, use_reentrant=False)
+        mask = build_attention_mask(key_mask, document_ids, self.config.causal)
+        for index, layer in enumerate(self.layers):
+            if index < self.checkpointed_blocks and self.training:
+                x = checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, key_mask)
+                x = layer(x, cos, sin, mask)
         return self.norm(x)
 
 
@@ -175,8 +216,11 @@ class MDMForMaskedDiffusion(MDMPreTrainedModel):
     def get_output_embeddings(self) -> nn.Module:
         return self.lm_head
 
-    def set_activation_checkpointing(self, enabled: bool) -> None:
-        self.model.activation_checkpointing = enabled
+    def set_activation_checkpointing(self, enabled: bool, blocks: int | None = None) -> None:
+        """Recompute the first ``blocks`` transformer blocks (all when None) in the backward pass."""
+        layers = len(self.model.layers)
+        self.model.checkpointed_blocks = (layers if blocks is None else min(blocks, layers)) if enabled else 0
+
 
     def set_kernels(self, fused: bool, sdpa_backend: str = "auto") -> None:
         """Fused (compiled) or eager elementwise kernels (``kernels.py``), and the SDPA backend (``auto`` lets
@@ -190,9 +234,11 @@ class MDMForMaskedDiffusion(MDMPreTrainedModel):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 loss_positions: torch.Tensor | None = None, loss_targets: torch.Tensor | None = None,
-                loss_coef: torch.Tensor | None = None, **_unused) -> MDMOutput:
-        """``loss_positions`` index the flattened (B*L) batch; ``loss = sum coef * CE`` over them."""
-        hidden = self.model(input_ids, attention_mask)
+                loss_coef: torch.Tensor | None = None, document_ids: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, **_unused) -> MDMOutput:
+        """``loss_positions`` index the flattened (B*L) batch; ``loss = sum coef * CE`` over them.
+        ``document_ids`` and ``position_ids``: packed rows (``MDMModel.forward``, ``build_attention_mask``)."""
+        hidden = self.model(input_ids, attention_mask, document_ids, position_ids)
         if loss_positions is None:
             return MDMOutput(logits=self.lm_head(hidden))
         if self.config.loss_head == "full":

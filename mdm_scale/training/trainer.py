@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
 
-from mdm_scale.config.deepspeed_json import build_deepspeed_config
+from mdm_scale.config.deepspeed_json import build_deepspeed_config, choose_zero_stage
 from mdm_scale.config.loader import check_batch_arithmetic
 from mdm_scale.config.schema import Config, ConfigError
 from mdm_scale.data.build import RunData, build_data
@@ -29,7 +29,13 @@ from mdm_scale.diffusion.noise import Stream
 from mdm_scale.diffusion.objective import ARMObjective, MDMObjective
 from mdm_scale.diffusion.t_samplers import UniformT
 from mdm_scale.distributed.env import DistEnv, all_reduce_sum, barrier, check_ranks_agree, init_distributed
-from mdm_scale.models.loading import build_model, load_hf_config, parameter_shapes, resolve_mask_token_id
+from mdm_scale.models.loading import (
+    build_model,
+    count_parameters,
+    load_hf_config,
+    parameter_shapes,
+    resolve_mask_token_id,
+)
 from mdm_scale.training.checkpoint import CheckpointManager, rank_state, write_atomic
 from mdm_scale.training.faults import NonFiniteGuard
 from mdm_scale.training.lr_schedule import scheduler_factory
@@ -59,11 +65,15 @@ class Trainer:
 
         self.data = data or build_data(cfg.data, cfg.seed, self.out / "tokenizer")
         self.info(f"data: {self.data.summary()}")
+        if cfg.data.packing and self.data.task != "sft":
+            raise ConfigError(f"config key 'data.packing' = True: packs SFT records; the {self.data.task} data "
+                              f"is already cut into full blocks of data.seq_len")
         check_ranks_agree("the data", f"{self.data.train.num_tokens}/{int(self.data.train.tokens.sum())}", self.env)
         self.pad_id, _ = special_ids(self.data.tokenizer)
 
         hf_config = load_hf_config(cfg)
         self.mask_token_id = resolve_mask_token_id(cfg, self.data.tokenizer, hf_config)
+        self.cfg = cfg = self._resolve_zero_stage(cfg, hf_config)
         self.ds_config = build_deepspeed_config(cfg, self.env.world_size, self.env.on_gpu)
         self.ds_config.update(self.checkpoints.load_settings(self.resume_from))  # elastic resume
         model = build_model(cfg, self.data.tokenizer, self.mask_token_id, hf_config, self.ds_config, cfg.seed)
@@ -81,7 +91,8 @@ class Trainer:
             if cfg.variance.ema_bins and cfg.train.objective == "mdm" else None
         self.loader = TrainLoader(self.data.train, cfg.seed, self.env.rank, self.env.world_size,
                                   cfg.train.micro_batch_size, cfg.train.grad_accum, self.pad_id,
-                                  cfg.data.pad_to_multiple_of, cfg.data.seq_len, cfg.data.group_by_length)
+                                  cfg.data.pad_to_multiple_of, cfg.data.seq_len, cfg.data.group_by_length,
+                                  cfg.data.packing)
         self.step = 0
         self.guard = NonFiniteGuard(cfg.train.max_nonfinite_steps, self.info)
         self.timer = NoTimer()  # a StepTimer here splits each step's time into sections (diagnostics)
@@ -121,6 +132,18 @@ class Trainer:
             if before != now:
                 raise ConfigError(f"train.output_dir '{self.out}' holds another run ({key}: {before!r} there, "
                                   f"{now!r} here); choose a new train.output_dir")
+
+    def _resolve_zero_stage(self, cfg: Config, hf_config) -> Config:
+        """``train.zero_stage: auto`` becomes a number here (logged, and written to run.json)."""
+        if cfg.train.zero_stage == "auto":
+            parameters = count_parameters(cfg, self.data.tokenizer, self.mask_token_id, hf_config)
+            device_bytes = torch.cuda.get_device_properties(self.env.device).total_memory if self.env.on_gpu \
+                else None
+            stage, why = (3, "model.path: parameters not counted before loading") if parameters is None else \
+                choose_zero_stage(parameters, self.env.world_size, device_bytes)
+            self.info(f"train.zero_stage auto -> {stage} ({why})")
+            cfg = replace(cfg, train=replace(cfg.train, zero_stage=stage))
+        return cfg
 
     def _write_run_files(self) -> None:
         if self.env.is_main:
@@ -210,7 +233,7 @@ class Trainer:
                     sampler.observe(noisy.t, sample_losses, noisy.pair_sq_diff(row_loss))
                 if self.ema is not None:
                     self.ema.update(noisy.t, sample_losses)
-            rows_per_sample = noisy.rows / len(batch.input_ids)
+            rows_per_sample = noisy.rows / len(batch.sample_index)
             real = batch.input_ids.numel() if batch.attention_mask is None else int(batch.attention_mask.sum())
             counts += torch.tensor([1.0, noisy.masked_tokens, noisy.eligible_tokens * rows_per_sample,
                                     real * rows_per_sample], dtype=torch.float64)

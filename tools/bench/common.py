@@ -49,6 +49,16 @@ def random_blocks(vocab_size: int, seq_len: int, blocks: int, seed: int = 0) -> 
     return RunData("pretrain", vocabulary_tokenizer(vocab_size), data, None)
 
 
+def random_sft(vocab_size: int, max_len: int, records: int, seed: int = 0, median: int = 256) -> RunData:
+    """SFT records of random non-special tokens whose lengths are log-normal (median ``median``, sigma 1),
+    clipped to [32, ``max_len``]; the first quarter of each record is its prompt."""
+    rng = np.random.default_rng(seed)
+    lengths = np.clip(np.exp(rng.normal(np.log(median), 1.0, records)), 32, max_len).astype(np.int64)
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    tokens = rng.integers(4, vocab_size, size=int(offsets[-1]), dtype=np.int64)
+    return RunData("sft", vocabulary_tokenizer(vocab_size), TokenizedData(tokens, offsets, lengths // 4), None)
+
+
 def parameter_count(config: MDMConfig) -> int:
     d, f, layers, v = config.hidden_size, config.intermediate_size, config.num_hidden_layers, config.vocab_size
     kv = config.num_key_value_heads * config.head_dim

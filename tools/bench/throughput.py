@@ -1,17 +1,23 @@
-"""Training throughput: mdm-scale against a plain hand-written DeepSpeed ZeRO-3 loop, side by side.
+"""Training throughput: mdm-scale against a plain hand-written DeepSpeed loop, side by side.
 
     python tools/bench/throughput.py --gpus 2 --preset 1b --seq-len 2048 --micro-batch 8 --out bench
-    python tools/bench/throughput.py --gpus 1 --preset 1b --vocab 126464 --subjects uniform,uniform_full_logits
+    python tools/bench/throughput.py --gpus 1 --preset 1b --subjects "plain,uniform,uniform[train.zero_stage=2]"
+    python tools/bench/throughput.py --gpus 1 --preset 1b --data sft --grad-accum 4 \
+        --subjects "uniform,uniform[data.packing=true]"
 
-Each subject runs in its own ``deepspeed --num_gpus N`` job on the same random-token data (pretraining-style
-blocks, no padding) and model shape, and reports tokens/s/GPU, TFLOP/s/GPU, MFU (``common.py`` has the FLOP
-convention), peak memory, and a step-time breakdown (forward / backward / optimizer / communication / sampler /
-data)
-from extra steps timed with device synchronisation and DeepSpeed's communication logger (those steps are
-slower, so throughput comes from untimed steps). Results go to ``<out>.json`` and ``<out>.md``.
+Each subject runs in its own ``deepspeed --num_gpus N`` job on the same data and model shape: random-token
+pretraining blocks (``--data blocks``, no padding), or (``--data sft``) random SFT records with log-normal
+lengths between 32 and ``--seq-len`` tokens (median 256; a quarter of each record is prompt). It reports
+tokens/s/GPU (real, non-pad tokens through the model; MIRROR's two rows both count), TFLOP/s/GPU and MFU
+(``common.py`` has the FLOP convention; for SFT data MFU is only a proxy, the attention term assumes full rows),
+peak memory, and a step-time breakdown (forward / backward / optimizer / communication / sampler / data) from
+extra steps timed with device synchronisation and DeepSpeed's communication logger (those steps are slower, so
+throughput comes from untimed steps). Results go to ``<out>.json`` and ``<out>.md``, rewritten after every
+subject (a job stopped by a time limit keeps the subjects it finished).
 
-Subjects (``--subjects``):
-- ``plain``: the reference loop of ``plain_loop.py`` (full logits, DeepSpeed defaults);
+Subjects (``--subjects``; ``name[key=value;key=value]`` adds mdm-scale overrides to one subject):
+- ``plain``: the reference loop of ``plain_loop.py`` (its own model, full logits, ZeRO-3 tuned as the issue's
+  minimal loop); ``plain_zero1`` / ``plain_zero2``: the same loop at ZeRO stage 1 / 2;
 - ``uniform``: mdm-scale with uniform t;
 - ``uniform_full_logits``: the same with the loss from full logits (measures the masked-only head);
 - ``ppots``: mdm-scale with the P-POTS sampler service at the same batch;
@@ -40,8 +46,9 @@ from common import PPOTS_SMALL_ESTIMATE, sync_device  # noqa: E402
 # P-POTS subjects: a small offline estimate (before the timed steps; 2 sequences x 64 t x 2 masks) and a refit
 # every 20 steps (the default is 50), so the timed steps include refits at a higher rate than a default run.
 PPOTS = [*PPOTS_SMALL_ESTIMATE, "variance.ppots_refit_every=20"]
+PLAIN_STAGES = {"plain": 3, "plain_zero1": 1, "plain_zero2": 2}
 SUBJECTS = {
-    "plain": None,
+    **{name: None for name in PLAIN_STAGES},
     "uniform": [],
     "uniform_full_logits": ["model.overrides.loss_head=full"],
     "ppots": PPOTS,
@@ -62,6 +69,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--breakdown-steps", type=int, default=5)
     p.add_argument("--subjects", default="plain,uniform,ppots,ppots_mirror")
     p.add_argument("--set", action="append", default=[], help="extra mdm-scale overrides for every subject")
+    p.add_argument("--data", choices=["blocks", "sft"], default="blocks",
+                   help="random pretraining blocks, or SFT records with log-normal lengths")
     p.add_argument("--profile", default=None, metavar="DIR",
                    help="also record 2 steps with torch.profiler: a Chrome trace and op tables in DIR")
     p.add_argument("--out", default="bench")
@@ -81,28 +90,29 @@ def run_worker(args: argparse.Namespace) -> None:
 
     quiet_third_party_logs()
     env = init_distributed()
-    extra = SUBJECTS[args.worker]
+    name, overrides = parse_subject(args.worker)
+    extra = SUBJECTS[name]
     micro = args.micro_batch // 2 if extra and "half_micro_batch" in extra else args.micro_batch
     if extra is None:
-        subject, config = _plain(args, env)
+        subject, config = _plain(args, env, PLAIN_STAGES[name])
     else:
-        subject, config = _mdm_scale(args, env, micro, [o for o in extra if o != "half_micro_batch"])
+        subject, config = _mdm_scale(args, env, micro, [o for o in extra if o != "half_micro_batch"] + overrides)
     for _ in range(args.warmup):
         subject.step()
     sync_device()
-    start = time.perf_counter()
+    start, tokens = time.perf_counter(), 0
     for _ in range(args.steps):
-        subject.step()
+        tokens += subject.step()
     sync_device()
     elapsed = time.perf_counter() - start
     if args.profile and env.is_main:
         _profile(subject, Path(args.profile) / args.worker)
     result = {
         "subject": args.worker, "gpus": env.world_size, "micro_batch": micro,
-        "grad_accum": args.grad_accum if extra is not None else 1,
-        "tokens_per_step_per_gpu": subject.tokens_per_step,
+        "grad_accum": subject.grad_accum,
+        "tokens_per_step_per_gpu": tokens / args.steps,
         "step_seconds": elapsed / args.steps,
-        "tokens_per_s_per_gpu": subject.tokens_per_step * args.steps / elapsed,
+        "tokens_per_s_per_gpu": tokens / elapsed,
         "peak_memory_gb": torch.cuda.max_memory_allocated() / 2**30 if env.on_gpu else None,
         "peak_reserved_gb": torch.cuda.max_memory_reserved() / 2**30 if env.on_gpu else None,
         "breakdown_ms": subject.breakdown(args.breakdown_steps),
@@ -130,11 +140,11 @@ def _profile(subject, out: Path) -> None:
 
 
 class Subject:
-    """What is timed: ``step()`` runs one optimiser step of ``tokens_per_step`` tokens per GPU. With a
-    ``trainer``, the breakdown also splits each step into the trainer's sections."""
+    """What is timed: ``step()`` runs one optimiser step and returns the real tokens it put through the model
+    on this GPU. With a ``trainer``, the breakdown also splits each step into the trainer's sections."""
 
-    def __init__(self, step, tokens_per_step: int, trainer=None):
-        self.step, self.tokens_per_step, self.trainer = step, tokens_per_step, trainer
+    def __init__(self, step, grad_accum: int = 1, trainer=None):
+        self.step, self.grad_accum, self.trainer = step, grad_accum, trainer
 
     def breakdown(self, steps: int) -> dict:
         """Per-step milliseconds of ``steps`` extra steps run with synchronising timers and the comms logger."""
@@ -162,16 +172,21 @@ class Subject:
         return out
 
 
-def _plain(args, env):
+def parse_subject(spec: str) -> tuple[str, list[str]]:
+    """``uniform[train.zero_stage=2;data.packing=true]`` -> ("uniform", [overrides])."""
+    name, _, rest = spec.partition("[")
+    return name, [item for item in rest.rstrip("]").split(";") if item]
+
+
+def _plain(args, env, zero_stage: int):
     from plain_loop import PlainLoop
 
     from mdm_scale.config.presets import PRESETS
     from mdm_scale.models.configuration_mdm import MDMConfig
 
     preset = {**PRESETS[args.preset], "vocab_size": _vocab(args)}
-    config = MDMConfig(**preset, mask_token_id=2)
-    loop = PlainLoop(config, args.micro_batch, args.seq_len, env.world_size)
-    return Subject(loop.step, loop.tokens_per_step), config
+    loop = PlainLoop(preset, args.micro_batch, args.seq_len, env.world_size, zero_stage)
+    return Subject(loop.step), MDMConfig(**preset)
 
 
 def _vocab(args) -> int:
@@ -181,7 +196,7 @@ def _vocab(args) -> int:
 
 
 def _mdm_scale(args, env, micro: int, overrides: list[str]):
-    from common import random_blocks
+    from common import random_blocks, random_sft
 
     from mdm_scale.config.loader import load_config
     from mdm_scale.training.trainer import Trainer
@@ -193,11 +208,19 @@ def _mdm_scale(args, env, micro: int, overrides: list[str]):
             "train.eval_every=0", "train.lr=1e-4", "logging.tensorboard=false", "train.resume=never",
             *args.set, *overrides]
     cfg = load_config([], sets)
-    blocks = (args.warmup + args.steps + args.breakdown_steps + 1) * micro * args.grad_accum * env.world_size
-    trainer = Trainer(cfg, env, data=random_blocks(_vocab(args), args.seq_len, blocks, seed=cfg.seed))
+    steps = args.warmup + args.steps + args.breakdown_steps + 1
+    if args.data == "sft":
+        data = random_sft(_vocab(args), args.seq_len, 4096, seed=cfg.seed)
+    else:
+        data = random_blocks(_vocab(args), args.seq_len, steps * micro * cfg.train.grad_accum * env.world_size,
+                             seed=cfg.seed)
+    trainer = Trainer(cfg, env, data=data)
     trainer.engine.train()
-    rows = micro * (2 if cfg.variance.mirror else 1)
-    return Subject(trainer.train_step, rows * args.seq_len * args.grad_accum, trainer), trainer.engine.module.config
+
+    def step() -> int:
+        return int(trainer.train_step()[1][3])  # host counts: no device synchronisation
+
+    return Subject(step, cfg.train.grad_accum, trainer), trainer.engine.module.config
 
 
 # ---- the orchestrator ----------------------------------------------------------------------------------------
@@ -207,11 +230,12 @@ def main(argv=None) -> int:
         run_worker(args)
         return 0
     subjects = [s.strip() for s in args.subjects.split(",") if s.strip()]
-    unknown = [s for s in subjects if s not in SUBJECTS]
+    unknown = [s for s in subjects if parse_subject(s)[0] not in SUBJECTS]
     if unknown:
         raise SystemExit(f"unknown subjects {unknown}; choose from {sorted(SUBJECTS)}")
     peak, device = _machine()
     results = []
+    report = _report(results, args, peak, device)
     for subject in subjects:
         unavailable = _unavailable(subject, args)
         if unavailable:
@@ -219,9 +243,9 @@ def main(argv=None) -> int:
             results.append({"subject": subject, "unavailable": unavailable})
             continue
         results.append(_launch(subject, args))
-    report = _report(results, args, peak, device)
-    Path(f"{args.out}.json").write_text(json.dumps(report, indent=2))
-    Path(f"{args.out}.md").write_text(_markdown(report))
+        report = _report(results, args, peak, device)
+        Path(f"{args.out}.json").write_text(json.dumps(report, indent=2))
+        Path(f"{args.out}.md").write_text(_markdown(report))
     print(_markdown(report))
     return 0
 
@@ -231,7 +255,10 @@ def _unavailable(subject: str, args) -> str | None:
     from mdm_scale.config.loader import load_config
     from mdm_scale.config.schema import ConfigError
 
-    overrides = [o for o in (SUBJECTS[subject] or []) if o != "half_micro_batch"]
+    name, extra = parse_subject(subject)
+    if SUBJECTS[name] is None:
+        return None
+    overrides = [o for o in SUBJECTS[name] if o != "half_micro_batch"] + extra
     try:
         load_config([], [*args.set, *overrides])
     except ConfigError as err:
@@ -249,7 +276,7 @@ def _launch(subject: str, args) -> dict:
     launcher = shutil.which("deepspeed") or str(Path(sys.executable).with_name("deepspeed"))
     cmd = [launcher, "--num_gpus", str(args.gpus), "--master_port",
            str(port), __file__, "--worker", subject, "--result", str(result)]
-    for name in ("preset", "seq_len", "micro_batch", "grad_accum", "warmup", "steps", "breakdown_steps"):
+    for name in ("preset", "seq_len", "micro_batch", "grad_accum", "warmup", "steps", "breakdown_steps", "data"):
         cmd += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
     if args.profile:
         cmd += ["--profile", args.profile]
@@ -294,6 +321,7 @@ def _report(results: list[dict], args, peak: float | None, device: str) -> dict:
     return {"date": time.strftime("%Y-%m-%d"), "device": device, "gpus": args.gpus,
             "measured_peak_tflops": peak, "datasheet_peak_tflops": sheet, "command": " ".join(sys.argv),
             "preset": args.preset, "vocab": args.vocab, "seq_len": args.seq_len, "micro_batch": args.micro_batch,
+            "data": args.data,
             "results": results}
 
 
