@@ -12,7 +12,7 @@ from mdm_scale.config.schema import DataConfig
 from mdm_scale.data.build import build_data
 from mdm_scale.data.loader import DataStream, TrainLoader, eval_batches
 from mdm_scale.data.records import DataError, read_records
-from mdm_scale.data.synthetic import write_synthetic_task
+from mdm_scale.data.synthetic import solve, write_synthetic_task
 from mdm_scale.data.tokenizer import build_char_tokenizer
 
 
@@ -40,22 +40,6 @@ def test_pretraining_text_never_contains_an_eval_prompt(tmp_path):
     assert not {t.split("\n")[0] + "\n" for t in texts} & eval_prompts
 
 
-def _solve(family: str, prompt: str) -> str:
-    """The answer of a generated problem, recomputed from its prompt alone."""
-    text = prompt.rstrip("\n")
-    if family == "add":
-        a, op, b, _ = text.split(" ")
-        return str(int(a) + int(b) if op == "+" else int(a) - int(b))
-    if family == "sort":
-        return "".join(sorted(text.split(" ")[1:]))
-    bindings, query = text.split(". ")
-    value = dict(item.split("=") for item in bindings.split(", "))
-    name = query.rstrip("?")
-    while not value[name].isdigit():
-        name = value[name]
-    return value[name]
-
-
 @pytest.mark.parametrize("family", ["add", "sort", "lookup"])
 def test_family_is_deterministic_correct_and_keeps_eval_prompts_out(tmp_path, family):
     a = write_synthetic_task(tmp_path / "a", train=300, eval=100, seed=5, min_ops=1, max_ops=4, pretrain=300,
@@ -70,7 +54,7 @@ def test_family_is_deterministic_correct_and_keeps_eval_prompts_out(tmp_path, fa
     texts = [json.loads(line)["text"] for line in a["pretrain"].read_text().splitlines()]
     for r in train + evals:
         answer = r["response"].rsplit("#### ", 1)[1]
-        assert answer.isdigit() and answer == _solve(family, r["prompt"])  # digits only: never negative
+        assert answer.isdigit() and answer == solve(family, r["prompt"])  # digits only: never negative
     eval_prompts = {r["prompt"] for r in evals}
     assert len(eval_prompts) == 100
     assert not eval_prompts & {r["prompt"] for r in train}

@@ -1,0 +1,39 @@
+"""The error profiles of tools/experiments/family_errors.py credit exactly what they claim."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools" / "experiments"))
+
+from family_errors import error_profile  # noqa: E402
+
+
+def _record(prompt: str, prediction: str, correct: bool) -> dict:
+    return {"prompt": prompt, "prediction": prediction, "correct": correct}
+
+
+def test_sort_profile_separates_copying_from_ordering():
+    records = [_record("sort 3 1 2\n", "#### 123", True),       # right
+               _record("sort 3 1 2\n", "#### 321", False),      # digits kept, not ordered
+               _record("sort 5 1 7 0\n", "#### 0157", True),
+               _record("sort 5 1 7 0\n", "#### 0177", False)]   # ordered, a digit lost
+    p = error_profile("sort", records)
+    assert (p["correct"], p["multiset kept"], p["ordered"]) == (0.5, 0.75, 0.75)
+    assert p["accuracy_by_size"] == {3: 0.5, 4: 0.5}
+
+
+def test_lookup_profile_checks_every_link_of_the_chain():
+    prompt = "k=42, q=17, c=m, z=q, m=k, y=z. c?\n"
+    records = [_record(prompt, "c=m=k=42 #### 42", True),
+               _record(prompt, "c=m=q=17 #### 17", False),   # m=q is not an assignment
+               _record(prompt, "c=m=k=42 #### 17", False)]   # right chain, answer not its end
+    p = error_profile("lookup", records)
+    assert p["chain valid"] == 2 / 3 and p["answer = chain end"] == 2 / 3
+    assert p["accuracy_by_size"] == {3: 1 / 3}
+
+
+def test_add_profile_counts_digits_from_the_right():
+    p = error_profile("add", [_record("4172 - 856 =\n", "#### 3326", False)])  # true 3316
+    assert p["length right"] == 1.0 and p["digits right"] == 0.75
