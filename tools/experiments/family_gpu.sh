@@ -7,7 +7,9 @@
 # - lookup (pretrain, then fine-tune): variable chains of 1-8 hops; pretraining on lookup text (no eval prompt),
 #   export, then fine-tuning per run (configs/family_lookup_{pretrain,finetune}.yaml).
 # Knobs: OUT, FAMILIES (sort,lookup), METHODS, SEEDS, PARALLEL, SORT_LIMIT_S / LOOKUP_LIMIT_S (time bound of each
-# family's runs: what is unfinished then is reported as such and resumed by the next invocation), NO_VARIANCE=1.
+# family's runs: what is unfinished then is reported as such and resumed by the next invocation), NO_VARIANCE=1,
+# EXTRA (more --set items for every training run, e.g. EXTRA="--set train.max_steps=4" for a smoke test),
+# VARIANCE_ARGS (sample sizes of mdm-scale variance; default --x0 64 --t-draws 4 --masks 4).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-results/families}
@@ -31,7 +33,8 @@ pretrain_lookup() {  # pretraining on lookup text, export, and the starting poin
   local dir=$1
   [ -f "$dir/pretrained/config.json" ] && return 0
   one_rank $PY -m mdm_scale.cli train --config $CONFIGS/family_lookup_pretrain.yaml \
-    --set data.train_file="$dir/data/pretrain.jsonl" --set train.output_dir="$dir/pretrain" > "$dir/pretrain.log" 2>&1
+    --set data.train_file="$dir/data/pretrain.jsonl" --set train.output_dir="$dir/pretrain" ${EXTRA:-} \
+    > "$dir/pretrain.log" 2>&1
   one_rank $PY -m mdm_scale.cli export --checkpoint "$dir/pretrain" --out "$dir/pretrained" >> "$dir/pretrain.log" 2>&1
   one_rank $PY -m mdm_scale.cli eval --checkpoint "$dir/pretrained" --data "$dir/data/eval.jsonl" \
     --out "$dir/pretrained_pred.jsonl" --gen-length 28 --steps 28 --batch-size 500 2>>"$dir/pretrain.log" \
@@ -48,7 +51,7 @@ study() {  # every method x seed of one family, bounded by LIMIT seconds
   fi
   timeout --kill-after 20 "$limit" $PY tools/experiments/run.py --config "$config" "${init[@]}" \
     --set data.train_file="$dir/data/train.jsonl" --set data.eval_file="$dir/data/eval.jsonl" \
-    --set train.save_every=50 --set train.keep_last=8 \
+    --set train.save_every=50 --set train.keep_last=8 ${EXTRA:-} \
     --methods "$METHODS" --seeds "$SEEDS" --budget batch,rows --rows "$micro" \
     --eval-data "$dir/data/eval.jsonl" --out "$dir" --parallel "$PARALLEL" \
     --eval-arg=--gen-length="$gen" --eval-arg=--steps="$gen" --eval-arg=--batch-size=500 \
@@ -56,10 +59,10 @@ study() {  # every method x seed of one family, bounded by LIMIT seconds
   echo "$family study: exit $? at $((SECONDS - start)) s"; tail -3 "$dir/study.log"
 }
 
-variance() {  # A/B/C of Standard seed 42's checkpoints: early, middle, late (final)
+variance() {  # A/B/C of the checkpoints of Standard's first seed: early, middle, late (final)
   local family=$1 dir=$OUT/$1
   IFS='|' read -r _ config micro _ early <<< "${SPEC[$family]}"
-  local run=$dir/runs/standard/mb_$micro/seed_42/train init=()
+  local run=$dir/runs/standard/mb_$micro/seed_${SEEDS%%,*}/train init=()
   [ "$family" = lookup ] && init=(--set model.path="$dir/pretrained" --set data.tokenizer="$dir/pretrained")
   local last
   last=$(ls -d "$run"/checkpoints/step_* 2>/dev/null | tail -1)
@@ -71,7 +74,7 @@ variance() {  # A/B/C of Standard seed 42's checkpoints: early, middle, late (fi
     one_rank $PY -m mdm_scale.cli variance --config "$config" "${init[@]}" \
       --set data.train_file="$dir/data/train.jsonl" --set data.eval_file="$dir/data/eval.jsonl" \
       --checkpoint "$path" --out "$dir/variance/step_$((10#$ckpt)).json" \
-      --methods standard,mirror,ppots,ppots+mirror --x0 64 --t-draws 4 --masks 4 \
+      --methods standard,mirror,ppots,ppots+mirror ${VARIANCE_ARGS:---x0 64 --t-draws 4 --masks 4} \
       > "$dir/variance/step_$((10#$ckpt)).log" 2>&1 &
   done
   wait

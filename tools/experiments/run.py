@@ -231,7 +231,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{method}: not available ({why})", flush=True)
     entries = plan([m for m in args.methods if m not in unavailable], args.budget, args.micro, args.rows)
     runs = [run for entry in entries for run in entry.runs(out, args.seeds)]
-    todo = [r for r in runs if not r.result_file.is_file()]
+    # Seed-major order: a time-bounded invocation leaves every row with some seeds, not some rows with none.
+    todo = sorted((r for r in runs if not r.result_file.is_file()), key=lambda r: args.seeds.index(r.seed))
     print(f"{len(runs)} runs, {len(runs) - len(todo)} already finished, {len(todo)} to do "
           f"({args.parallel} at a time)", flush=True)
     threads = max(1, (os.cpu_count() or 1) // args.parallel)
