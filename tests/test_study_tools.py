@@ -1,4 +1,4 @@
-"""The error profiles of tools/experiments/family_errors.py credit exactly what they claim."""
+"""The study tools: family_errors.py credits exactly what it claims; abc_summary.py applies the MIRROR rule."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools" / "experiments"))
 
+from abc_summary import rule  # noqa: E402
 from family_errors import error_profile  # noqa: E402
 
 
@@ -37,3 +38,19 @@ def test_lookup_profile_checks_every_link_of_the_chain():
 def test_add_profile_counts_digits_from_the_right():
     p = error_profile("add", [_record("4172 - 856 =\n", "#### 3326", False)])  # true 3316
     assert p["length right"] == 1.0 and p["digits right"] == 0.75
+
+
+def _report(mirror_a: float) -> dict:
+    standard = {"A": 1.0, "B": 0.2, "C": 0.3, "total": 1.5}
+    mirror = {"A": mirror_a, "B": 0.2, "C": 0.3, "total": mirror_a + 0.5}
+    return {"methods": {"standard": {"loss": standard}, "mirror": {"loss": mirror},
+                        "ppots": {"loss": {**standard, "total": 1.2}}}}
+
+
+def test_mirror_rule_compares_the_pair_spread_with_one_rows_variance():
+    # pair-mean A = (A + K)/2: 0.3 -> K = -0.4, A - K = 1.4 < V = 1.5; 0.2 -> K = -0.6, A - K = 1.6 > V
+    loses, pays = rule(_report(0.3), "loss"), rule(_report(0.2), "loss")
+    assert abs(loses["A-K"] - 1.4) < 1e-12 and loses["A-K"] < loses["V"] and loses["mirror/std, equal rows"] > 1
+    assert abs(pays["A-K"] - 1.6) < 1e-12 and pays["A-K"] > pays["V"] and pays["mirror/std, equal rows"] < 1
+    assert abs(pays["ppots/std"] - 0.8) < 1e-12 and abs(pays["B/V"] - 0.2 / 1.5) < 1e-12
+    assert rule(_report(0.2), "grad") is None
