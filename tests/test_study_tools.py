@@ -9,6 +9,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools" / "experime
 
 from abc_summary import rule  # noqa: E402
 from family_errors import error_profile  # noqa: E402
+from run import pending, plan  # noqa: E402
 
 
 def _record(prompt: str, prediction: str, correct: bool) -> dict:
@@ -54,3 +55,12 @@ def test_mirror_rule_compares_the_pair_spread_with_one_rows_variance():
     assert abs(pays["A-K"] - 1.6) < 1e-12 and pays["A-K"] > pays["V"] and pays["mirror/std, equal rows"] < 1
     assert abs(pays["ppots/std"] - 0.8) < 1e-12 and abs(pays["B/V"] - 0.2 / 1.5) < 1e-12
     assert rule(_report(0.2), "grad") is None
+
+
+def test_pending_runs_go_seed_major_and_skip_finished_ones(tmp_path):
+    entries = plan(["Standard", "MIRROR"], ["batch"], 8, 16)
+    runs = [run for entry in entries for run in entry.runs(tmp_path, [3, 1, 2])]
+    runs[0].directory.mkdir(parents=True)
+    runs[0].result_file.write_text("{}")  # Standard seed 3 is finished
+    order = [(r.method, r.seed) for r in pending(runs, [3, 1, 2])]
+    assert order == [("MIRROR", 3), ("Standard", 1), ("MIRROR", 1), ("Standard", 2), ("MIRROR", 2)]

@@ -106,6 +106,12 @@ def plan(methods: list[str], budgets: list[str], micro: int, rows: int) -> list[
     return list(entries.values())
 
 
+def pending(runs: list[Run], seeds: list[int]) -> list[Run]:
+    """The unfinished runs, seed-major (every row's first seed, then every row's second, ...): an invocation cut
+    short by a time limit leaves every row with some seeds rather than some rows with none."""
+    return sorted((r for r in runs if not r.result_file.is_file()), key=lambda r: seeds.index(r.seed))
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -231,8 +237,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{method}: not available ({why})", flush=True)
     entries = plan([m for m in args.methods if m not in unavailable], args.budget, args.micro, args.rows)
     runs = [run for entry in entries for run in entry.runs(out, args.seeds)]
-    # Seed-major order: a time-bounded invocation leaves every row with some seeds, not some rows with none.
-    todo = sorted((r for r in runs if not r.result_file.is_file()), key=lambda r: args.seeds.index(r.seed))
+    todo = pending(runs, args.seeds)
     print(f"{len(runs)} runs, {len(runs) - len(todo)} already finished, {len(todo)} to do "
           f"({args.parallel} at a time)", flush=True)
     threads = max(1, (os.cpu_count() or 1) // args.parallel)
