@@ -70,7 +70,7 @@ def _synth(args: argparse.Namespace) -> int:
     from mdm_scale.data.synthetic import write_synthetic_task
 
     paths = write_synthetic_task(args.out, train=args.train, eval=args.eval, seed=args.seed, min_ops=args.min_ops,
-                                 max_ops=args.max_ops, pretrain=args.pretrain)
+                                 max_ops=args.max_ops, pretrain=args.pretrain, family=args.family)
     for name, path in paths.items():
         print(f"{name}: {path}")
     return 0
@@ -110,13 +110,16 @@ def build_parser() -> argparse.ArgumentParser:
     variance.set_defaults(func=_variance)
 
     data = commands.add_parser("data", help="data utilities").add_subparsers(dest="data_command", required=True)
-    synth = data.add_parser("synth", help="write the synthetic arithmetic task (train/eval JSONL)")
+    synth = data.add_parser("synth", help="write a synthetic reasoning task (train/eval JSONL)")
     synth.add_argument("--out", default="data/synth")
+    synth.add_argument("--family", default="arith", choices=["arith", "add", "sort", "lookup"],
+                       help="arith: word problems; add: multi-digit +/-; sort: digits; lookup: variable chains")
     synth.add_argument("--train", type=int, default=20000)
     synth.add_argument("--eval", type=int, default=500)
     synth.add_argument("--seed", type=int, default=0)
-    synth.add_argument("--min-ops", type=int, default=1)
-    synth.add_argument("--max-ops", type=int, default=3)
+    synth.add_argument("--min-ops", type=int, default=1,
+                       help="smallest problem size: operations (arith), digits (add), length (sort), hops (lookup)")
+    synth.add_argument("--max-ops", type=int, default=3, help="largest problem size (see --min-ops)")
     synth.add_argument("--pretrain", type=int, default=0, help="also write this many {text} records")
     synth.set_defaults(func=_synth)
     from mdm_scale.generation.cli import add_generation_commands

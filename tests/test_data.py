@@ -12,7 +12,7 @@ from mdm_scale.config.schema import DataConfig
 from mdm_scale.data.build import build_data
 from mdm_scale.data.loader import DataStream, TrainLoader, eval_batches
 from mdm_scale.data.records import DataError, read_records
-from mdm_scale.data.synthetic import write_synthetic_task
+from mdm_scale.data.synthetic import solve, write_synthetic_task
 from mdm_scale.data.tokenizer import build_char_tokenizer
 
 
@@ -38,6 +38,36 @@ def test_pretraining_text_never_contains_an_eval_prompt(tmp_path):
     texts = [json.loads(line)["text"] for line in paths["pretrain"].read_text().splitlines()]
     assert len(texts) == 20000
     assert not {t.split("\n")[0] + "\n" for t in texts} & eval_prompts
+
+
+@pytest.mark.parametrize("family", ["add", "sort", "lookup"])
+def test_family_is_deterministic_correct_and_keeps_eval_prompts_out(tmp_path, family):
+    a = write_synthetic_task(tmp_path / "a", train=300, eval=100, seed=5, min_ops=1, max_ops=4, pretrain=300,
+                             family=family)
+    b = write_synthetic_task(tmp_path / "b", train=300, eval=100, seed=5, min_ops=1, max_ops=4, pretrain=300,
+                             family=family)
+    other = write_synthetic_task(tmp_path / "c", train=300, eval=100, seed=6, min_ops=1, max_ops=4, family=family)
+    for name in ("train", "eval", "pretrain"):
+        assert a[name].read_text() == b[name].read_text()
+    assert a["train"].read_text() != other["train"].read_text()
+    train, evals = ([json.loads(line) for line in a[n].read_text().splitlines()] for n in ("train", "eval"))
+    texts = [json.loads(line)["text"] for line in a["pretrain"].read_text().splitlines()]
+    for r in train + evals:
+        answer = r["response"].rsplit("#### ", 1)[1]
+        assert answer.isdigit() and answer == solve(family, r["prompt"])  # digits only: never negative
+    eval_prompts = {r["prompt"] for r in evals}
+    assert len(eval_prompts) == 100
+    assert not eval_prompts & {r["prompt"] for r in train}
+    assert not eval_prompts & {t.split("\n")[0] + "\n" for t in texts}
+    sizes = {len(r["prompt"]) for r in train}  # the size range is used, not one size
+    assert max(sizes) - min(sizes) >= 6
+
+
+def test_too_small_a_problem_space_is_an_error(tmp_path):
+    with pytest.raises(DataError, match="problem space is too small"):
+        write_synthetic_task(tmp_path, train=500, eval=100, family="add", min_ops=1, max_ops=1)
+    with pytest.raises(DataError, match="family lookup needs"):
+        write_synthetic_task(tmp_path, family="lookup", min_ops=2, max_ops=14)
 
 
 def _write(path: Path, lines: list[str]) -> Path:

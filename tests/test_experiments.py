@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import subprocess
 import sys
 
@@ -13,13 +14,14 @@ from conftest import REPO
 sys.path.insert(0, str(REPO / "tools" / "experiments"))
 import methods as experiment_methods  # noqa: E402
 import report  # noqa: E402
+import run as experiment_run  # noqa: E402
 
 
 def test_summary_and_the_worst_versus_best_check():
     stats = report.summarize([50.0, 52.0, 57.0])
     assert stats["mean"] == pytest.approx(53.0)
     assert stats["sd"] == pytest.approx(((3**2 + 1**2 + 4**2) / 2) ** 0.5)  # sample sd, n - 1
-    assert stats["range"] == pytest.approx(7.0)
+    assert (stats["worst"], stats["best"]) == (50.0, 57.0)
     assert report.summarize([40.0])["sd"] is None
     assert report.worst_vs_best([60.0, 58.6], {"Standard": [50.6, 53.7], "Clipped": [55.6, 58.4]}) == "yes"
     assert report.worst_vs_best([50.8, 53.8], {"Clipped": [47.9, 50.9]}) == "no (Clipped best 50.90 > 50.80)"
@@ -32,7 +34,26 @@ def test_every_method_maps_to_overrides_or_a_clean_reason():
     assert experiment_methods.availability("Standard", ["configs/quickstart.yaml"], []) is None
     assert experiment_methods.availability("MIRROR", ["configs/quickstart.yaml"], []) is None
     assert experiment_methods.availability("Nonsense", ["configs/quickstart.yaml"], []).startswith("unknown method")
+    assert experiment_methods.availability("Standard 2x", ["configs/quickstart.yaml"], []) is None
     assert experiment_methods.slug("P-POTS+MIRROR") == "p-pots+mirror"
+
+
+def test_both_protocols_share_the_runs_they_have_in_common(tmp_path):
+    methods = ["Standard", "Standard 2x", "P-POTS", "MIRROR", "P-POTS+MIRROR", "auto"]
+    entries = experiment_run.plan(methods, ["batch", "rows"], micro=64, rows=128)
+    got = {(e.label, e.method, e.micro, e.rows, "+".join(e.protocols)) for e in entries}
+    assert got == {("Standard", "Standard", 64, 64, "batch"), ("Standard 2x", "Standard", 128, 128, "batch+rows"),
+                   ("P-POTS", "P-POTS", 64, 64, "batch"), ("P-POTS 2x", "P-POTS", 128, 128, "rows"),
+                   ("MIRROR", "MIRROR", 64, 128, "batch+rows"),
+                   ("P-POTS+MIRROR", "P-POTS+MIRROR", 64, 128, "batch+rows"),
+                   ("auto", "auto", 64, 64, "batch"), ("auto 2x", "auto", 128, 128, "rows")}
+    directories = [run.directory for e in entries for run in e.runs(tmp_path, [1, 2])]
+    assert len(set(directories)) == len(directories) == 2 * len(entries)
+    assert tmp_path / "runs" / "standard" / "mb_128" / "seed_2" in directories
+    # Equal rows at R = B: only the MIRROR family moves (to half the sequences); Standard 2x is batch-only.
+    half = {(e.label, e.micro, "+".join(e.protocols)) for e in experiment_run.plan(methods, ["rows"], 64, 64)}
+    assert half == {("Standard", 64, "rows"), ("P-POTS", 64, "rows"), ("MIRROR 0.5x", 32, "rows"),
+                    ("P-POTS+MIRROR 0.5x", 32, "rows"), ("auto", 64, "rows")}
 
 
 @pytest.mark.distributed
@@ -42,7 +63,7 @@ def test_micro_experiment_runs_end_to_end_and_resumes(synth_dir, tmp_path):
 model: {{preset: tiny}}
 data: {{train_file: {synth_dir / 'train.jsonl'}, eval_file: {synth_dir / 'eval.jsonl'}, seq_len: 192,
         response_eos_pad: 40}}
-train: {{max_steps: 3, micro_batch_size: 4, lr: 3.0e-3, eval_every: 0, eval_samples: 8, log_every: 1,
+train: {{max_steps: 3, micro_batch_size: 4, lr: 3.0e-3, eval_every: 1, eval_samples: 8, log_every: 1,
          zero_stage: 0}}
 logging: {{progress_bar: never}}
 """)
@@ -50,34 +71,51 @@ logging: {{progress_bar: never}}
     eval_data.write_text("".join((synth_dir / "eval.jsonl").read_text().splitlines(True)[:4]))
     out = tmp_path / "exp"
     cmd = [sys.executable, "tools/experiments/run.py", "--config", str(config), "--methods",
-           "Standard,MIRROR,Nonsense", "--seeds", "1,2", "--eval-data", str(eval_data), "--out", str(out),
-           "--parallel", "2", "--eval-arg=--gen-length=40", "--eval-arg=--steps=4", "--eval-arg=--block-length=20"]
+           "Standard,Standard 2x,MIRROR,Nonsense", "--seeds", "1,2", "--eval-data", str(eval_data), "--out",
+           str(out), "--budget", "batch,rows", "--parallel", "2", "--eval-arg=--gen-length=40",
+           "--eval-arg=--steps=4", "--eval-arg=--block-length=20"]
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "Nonsense: not available (unknown method" in done.stdout
+    assert "6 runs, 0 already finished, 6 to do" in done.stdout  # Standard 2x and MIRROR serve both protocols
 
     table = (out / "results.md").read_text()
-    header = next(line for line in table.splitlines() if line.startswith("| Method"))
-    assert header.split(" | ")[1:3] == ["seed 1", "seed 2"]
-    rows = {line.split(" | ")[0].lstrip("| "): line for line in table.splitlines() if line.startswith("| ")}
-    assert rows["Standard"].rstrip(" |").endswith("(baseline)")
-    assert rows["MIRROR"].rstrip(" |").endswith(("yes", ")"))
+    header = next(line for line in table.splitlines() if line.startswith("| Method")).strip("| ").split(" | ")
+    assert header[4:6] == ["seed 1", "seed 2"] and header[-3:] == ["rows / run", "tokens / run", "FLOPs / run"]
+    rows = {cells[0]: dict(zip(header, cells)) for line in table.splitlines() if line.startswith("| ")
+            and (cells := line.strip("| ").split(" | "))[0] != "Method" and not cells[0].startswith("-")}
+    assert set(rows) == {"Standard", "Standard 2x", "MIRROR"}
+    assert rows["Standard 2x"]["protocols"] == rows["MIRROR"]["protocols"] == "batch, rows"
+    assert rows["Standard"]["worst run ≥ best baseline run"] == "(baseline)"
+    assert rows["MIRROR"]["worst run ≥ best baseline run"].startswith(("yes", "no ("))
+    assert rows["MIRROR"]["Δ vs Standard, equal batch"] != "–" != rows["MIRROR"]["Δ vs Standard, equal compute"]
     assert "- Nonsense: unknown method" in table
     with (out / "results.csv").open() as f:
-        records = list(csv.DictReader(f))
-    assert sorted((r["method"], r["seed"]) for r in records) == [("MIRROR", "1"), ("MIRROR", "2"),
-                                                                  ("Standard", "1"), ("Standard", "2")]
-    assert all(0.0 <= float(r["accuracy"]) <= 1.0 and r["total"] == "4" for r in records)
+        records = {(r["label"], int(r["seed"])): r for r in csv.DictReader(f)}
+    assert sorted(records) == [(label, seed) for label in ("MIRROR", "Standard", "Standard 2x") for seed in (1, 2)]
+    assert all(0.0 <= float(r["accuracy"]) <= 1.0 and r["total"] == "4" for r in records.values())
+    # Every run spent 3 steps x its rows per micro-batch; MIRROR's rows are Standard 2x's, its tokens twice
+    # Standard's on the same sequences (same seed, same data order at micro-batch 4); FLOPs are tokens x F.
+    for (label, seed), r in records.items():
+        assert float(r["rows"]) == 3 * {"Standard": 4, "Standard 2x": 8, "MIRROR": 8}[label]
+        assert float(r["flops"]) == pytest.approx(float(r["tokens"]) * float(records["Standard", 1]["flops"])
+                                                  / float(records["Standard", 1]["tokens"]), rel=1e-12)
+        if label == "MIRROR":
+            assert float(r["tokens"]) == 2 * float(records["Standard", seed]["tokens"])
+    # The held-out loss curve: an eval every step, at the FLOPs spent so far (the last: the run's total).
+    result = json.loads((out / "runs" / "mirror" / "mb_4" / "seed_1" / "result.json").read_text())
+    curve = report.eval_loss_by_flops(result, report.run_scalars(result, out / "runs" / "mirror" / "mb_4" / "seed_1"))
+    assert sorted(curve) == [1, 2, 3] and curve[3][0] == pytest.approx(result["flops"], rel=1e-9)
+    assert curve[1][0] == pytest.approx(result["flops"] / 3, rel=0.2)
+    assert curve[3][1] == pytest.approx(result["eval_loss"], rel=1e-6)  # TensorBoard keeps float32
     assert (out / "results.png").stat().st_size > 1000
-    assert len((out / "runs" / "mirror" / "seed_2" / "pred.jsonl").read_text().splitlines()) == 4
+    assert len((out / "runs" / "mirror" / "mb_4" / "seed_2" / "pred.jsonl").read_text().splitlines()) == 4
 
     again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert again.returncode == 0 and "4 runs, 4 already finished, 0 to do" in again.stdout
+    assert again.returncode == 0 and "6 runs, 6 already finished, 0 to do" in again.stdout
 
 
 def test_error_profile_of_true_and_corrupted_answers(tmp_path):
-    import json
-
     import synth_errors
 
     from mdm_scale.data.synthetic import write_synthetic_task

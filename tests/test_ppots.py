@@ -236,3 +236,54 @@ def test_bad_variance_settings_name_key_and_value(items, message):
 
     with pytest.raises(ConfigError, match=message):
         load_config([REPO / "configs" / "quickstart.yaml"], items)
+
+
+@pytest.mark.parametrize("overrides", [
+    [],  # the defaults: 64 bins x 10 masks, 192 tokens
+    ["variance.mirror=true", "data.seq_len=256"],
+    ["variance.ppots_x0=3", "variance.ppots_bins=7", "variance.ppots_masks=3", "variance.ppots_forward_tokens=1000",
+     "data.seq_len=192", "train.micro_batch_size=2"],
+])
+def test_offline_estimate_plan_records_every_job_once_in_forwards_of_one_sequence(overrides):
+    from mdm_scale.config.loader import load_config
+    from mdm_scale.training.ppots_estimate import estimate_plan, forward_jobs
+
+    cfg = load_config([REPO / "configs" / "quickstart.yaml"], ["data.seq_len=192", "train.micro_batch_size=64",
+                                                                 *overrides])
+    v = cfg.variance
+    rows = v.ppots_forward_tokens // cfg.data.seq_len
+    plans = {w: estimate_plan(cfg, w) for w in (1, 2, 3, 4, 16)}
+    assert len({(p.per_forward, p.forwards_per_x0) for p in plans.values()}) == 1  # shapes: any world size
+    for world, plan in plans.items():
+        assert plan.per_forward * (2 if v.mirror else 1) <= max(rows, 2 * cfg.train.micro_batch_size)
+        recorded = []
+        for rank in range(world):
+            for f in range(plan.forwards):
+                jobs, n = forward_jobs(plan, f, rank, world, v.ppots_x0)
+                assert len(jobs) == plan.per_forward and len({j // plan.jobs_per_x0 for j in jobs}) == 1
+                recorded += jobs[:n]
+        assert sorted(recorded) == list(range(v.ppots_x0 * v.ppots_bins * v.ppots_masks)), world
+    if not overrides:  # 640 draws of 192 tokens under 65,536 tokens: 2 forwards of 320 per sequence
+        assert (plans[1].per_forward, plans[1].forwards_per_x0, plans[1].forwards) == (320, 2, 20)
+
+
+def test_batched_offline_estimate_equals_micro_batch_forwards(synth_dir, tmp_path, dist_env):
+    """The batching changes which rows share a forward, never a job's loss: the statistics match those of
+    forwards of one micro-batch each (on CPU rows do not interact, so up to float rounding at most)."""
+    from conftest import tiny_overrides
+    from mdm_scale.config.loader import load_config
+    from mdm_scale.training.ppots_estimate import estimate_plan, offline_statistics
+    from mdm_scale.training.trainer import Trainer
+
+    settings = {"variance.t_sampler": "ppots", "variance.mirror": True, "variance.ppots_x0": 0,
+                "variance.ppots_bins": 8, "variance.ppots_masks": 3}
+    cfg = load_config(["configs/quickstart.yaml"], tiny_overrides(synth_dir, tmp_path / "run", **settings))
+    trainer = Trainer(cfg, dist_env)
+    cfg.variance.ppots_x0 = 3
+    statistics = {}
+    for tokens in (1, 10**6):
+        cfg.variance.ppots_forward_tokens = tokens
+        statistics[tokens] = offline_statistics(trainer)
+    assert estimate_plan(cfg, 1).forwards == 3 and cfg.variance.ppots_forward_tokens == 10**6
+    assert statistics[1][:, 0].sum() == 3 * 8 * 3  # every job counted once
+    torch.testing.assert_close(statistics[10**6], statistics[1], rtol=1e-6, atol=0.0)

@@ -56,6 +56,10 @@ def test_resume_continues_exactly(synth_dir, tmp_path, dist_env, mirror, packing
     for step in (4, 5, 6):
         assert b[step] == pytest.approx(a[step], rel=1e-6, abs=1e-7), step
     assert resumed["eval_loss"] == pytest.approx(straight["eval_loss"], rel=1e-6)
+    # The compute spent carries over the checkpoint: forward rows (6 steps x 2 micro-batches x rows) and tokens.
+    rows = 6 * 2 * 4 * (2 if mirror else 1)  # tiny_overrides: micro-batch 4
+    assert (resumed["rows"], resumed["tokens"], resumed["flops"]) == (rows, straight["tokens"], straight["flops"])
+    assert read_scalars(straight["tensorboard_dir"], "train/tokens_seen")[6] == pytest.approx(straight["tokens"])
 
 
 def test_local_bert_masked_lm_trains_through_the_same_path(synth_dir, tmp_path, dist_env):

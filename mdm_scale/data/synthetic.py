@@ -1,19 +1,36 @@
-"""The embedded default task: multi-step arithmetic word problems, generated locally.
+"""Synthetic reasoning tasks, generated locally: the embedded default task and three more families.
 
-Each record is ``{"prompt": question, "response": worked steps + " #### " + answer}``, e.g.
+Each record is ``{"prompt": question, "response": [worked steps] + "#### " + answer}``; the answer is what
+``mdm-scale eval`` scores (the text after the last ``####``). A family's problems have a *size*
+(``min_size`` .. ``max_size``, drawn uniformly per problem), so one eval set mixes easy and hard problems
+and the accuracy of a model degrades gradually with its capacity instead of jumping from floor to ceiling:
 
-    prompt:   "Mia has 12 shells. Mia finds 7 more, then gives away 5. How many shells does Mia have now?\\n"
-    response: "12 + 7 = 19. 19 - 5 = 14. #### 14"
+- ``arith`` (the default): word problems of ``size`` operations (add, subtract, double/triple, equal shares)::
 
-Difficulty grows with the number of operations (``min_ops`` .. ``max_ops``). Generation is a pure function of
-the seed, so ``mdm-scale data synth`` makes the same files everywhere and the quickstart needs no download.
+      prompt:   "Mia has 12 shells. Mia finds 7 more, then gives away 5. How many shells does Mia have now?\\n"
+      response: "12 + 7 = 19. 19 - 5 = 14. #### 14"
+
+- ``add``: addition or subtraction (never negative) of two integers of 1..``size`` digits each, with carries
+  and borrows: ``"4172 - 856 =\\n"`` -> ``"#### 3316"``;
+- ``sort``: sort ``size`` digits: ``"sort 7 3 0 9 3\\n"`` -> ``"#### 03379"``;
+- ``lookup``: variable binding, follow a chain of ``size`` assignments among as many distractors::
+
+      prompt:   "k=42, q=17, c=m, z=q, m=k, y=z. c?\\n"
+      response: "c=m=k=42 #### 42"
+
+Generation is a pure function of the seed, so ``mdm-scale data synth`` makes the same files everywhere and the
+quickstart needs no download.
 """
 
 from __future__ import annotations
 
 import json
 import random
+import string
+from collections.abc import Callable
 from pathlib import Path
+
+from mdm_scale.data.records import DataError
 
 FILES = {"train": "train.jsonl", "eval": "eval.jsonl", "pretrain": "pretrain.jsonl"}
 """What ``write_synthetic_task`` writes into its directory (``data/synth`` by default)."""
@@ -55,24 +72,100 @@ def make_problem(rng: random.Random, min_ops: int = 1, max_ops: int = 3) -> dict
     return {"prompt": prompt, "response": response}
 
 
+def _number(rng: random.Random, digits: int) -> int:
+    """A uniform integer of exactly ``digits`` digits (0..9 for one digit)."""
+    return rng.randint(0 if digits == 1 else 10 ** (digits - 1), 10**digits - 1)
+
+
+def make_addition(rng: random.Random, min_digits: int, max_digits: int) -> dict[str, str]:
+    """``a + b`` or ``a - b`` with a >= b, each operand of min..max digits."""
+    a, b = (_number(rng, rng.randint(min_digits, max_digits)) for _ in range(2))
+    if rng.random() < 0.5:
+        return {"prompt": f"{a} + {b} =\n", "response": f"#### {a + b}"}
+    a, b = max(a, b), min(a, b)
+    return {"prompt": f"{a} - {b} =\n", "response": f"#### {a - b}"}
+
+
+def make_sort(rng: random.Random, min_len: int, max_len: int) -> dict[str, str]:
+    """Sort min..max digits (repeats allowed); the answer is the sorted digits written as one string."""
+    digits = [rng.randint(0, 9) for _ in range(rng.randint(min_len, max_len))]
+    return {"prompt": "sort " + " ".join(map(str, digits)) + "\n",
+            "response": "#### " + "".join(map(str, sorted(digits)))}
+
+
+def make_lookup(rng: random.Random, min_hops: int, max_hops: int) -> dict[str, str]:
+    """Follow ``hops`` assignments from the queried variable to a number, among a distractor chain as long.
+
+    Variables are distinct letters, so a chain has one reading; the assignments are shuffled.
+    """
+    hops = rng.randint(min_hops, max_hops)
+    names = rng.sample(string.ascii_lowercase, 2 * hops)
+    chain, distractor = names[:hops], names[hops:]
+    value, other = rng.sample(range(10, 100), 2)
+    assignments = []
+    for variables, number in ((chain, value), (distractor, other)):
+        assignments += [f"{a}={b}" for a, b in zip(variables, variables[1:])] + [f"{variables[-1]}={number}"]
+    rng.shuffle(assignments)
+    return {"prompt": ", ".join(assignments) + f". {chain[0]}?\n",
+            "response": "=".join(chain) + f"={value} #### {value}"}
+
+
+def solve(family: str, prompt: str) -> str:
+    """The answer of an ``add``, ``sort`` or ``lookup`` prompt, computed from the prompt's text alone."""
+    text = prompt.rstrip("\n")
+    if family == "add":
+        a, op, b, _ = text.split(" ")
+        return str(int(a) + int(b) if op == "+" else int(a) - int(b))
+    if family == "sort":
+        return "".join(sorted(text.split(" ")[1:]))
+    if family == "lookup":
+        bindings, query = text.split(". ")
+        value = dict(item.split("=") for item in bindings.split(", "))
+        name = query.rstrip("?")
+        while not value[name].isdigit():
+            name = value[name]
+        return value[name]
+    raise ValueError(f"solve: family {family!r} has no solver (add, sort, lookup)")
+
+
+FAMILIES: dict[str, tuple[Callable[[random.Random, int, int], dict[str, str]], int]] = {
+    "arith": (make_problem, 20), "add": (make_addition, 18), "sort": (make_sort, 40), "lookup": (make_lookup, 13),
+}
+"""name -> (problem maker(rng, min_size, max_size), largest size it accepts)."""
+
+
 def write_synthetic_task(out_dir: str | Path, train: int = 20000, eval: int = 500, seed: int = 0,
-                         min_ops: int = 1, max_ops: int = 3, pretrain: int = 0) -> dict[str, Path]:
+                         min_ops: int = 1, max_ops: int = 3, pretrain: int = 0, family: str = "arith"
+                         ) -> dict[str, Path]:
     """Write ``train.jsonl`` and ``eval.jsonl`` (SFT records) and optionally ``pretrain.jsonl`` ({"text"}).
 
-    The eval problems are drawn from a separate stream and never repeat a training prompt; the pretraining text
-    never contains an eval prompt either (it may repeat training problems, as real pretraining corpora do).
+    ``min_ops`` .. ``max_ops`` is the size range of the family's problems (operations, digits, list length or
+    hops: module docstring). The eval problems are drawn from a separate stream and never repeat a training
+    prompt; the pretraining text never contains an eval prompt either (it may repeat training problems, as real
+    pretraining corpora do). A size range too small to hold ``eval`` new prompts is an error, not a hang.
     """
+    if family not in FAMILIES:
+        raise DataError(f"--family {family!r}: unknown (known: {', '.join(FAMILIES)})")
+    make, largest = FAMILIES[family]
+    if not 1 <= min_ops <= max_ops <= largest:
+        raise DataError(f"--min-ops {min_ops} --max-ops {max_ops}: family {family} needs 1 <= min <= max <= "
+                         f"{largest}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     train_rng, eval_rng = random.Random(f"{seed}/train"), random.Random(f"{seed}/eval")
-    train_records = [make_problem(train_rng, min_ops, max_ops) for _ in range(train)]
+    train_records = [make(train_rng, min_ops, max_ops) for _ in range(train)]
     seen = {r["prompt"] for r in train_records}
     eval_records: list[dict[str, str]] = []
-    while len(eval_records) < eval:
-        record = make_problem(eval_rng, min_ops, max_ops)
+    for _ in range(100 * eval + 10000):
+        if len(eval_records) == eval:
+            break
+        record = make(eval_rng, min_ops, max_ops)
         if record["prompt"] not in seen:
             seen.add(record["prompt"])
             eval_records.append(record)
+    if len(eval_records) < eval:
+        raise DataError(f"family {family} with sizes {min_ops}..{max_ops}: could not draw {eval} eval problems "
+                         f"unseen in the {train} training problems (the problem space is too small)")
     paths = {"train": out / FILES["train"], "eval": out / FILES["eval"]}
     _write_jsonl(paths["train"], train_records)
     _write_jsonl(paths["eval"], eval_records)
@@ -81,7 +174,7 @@ def write_synthetic_task(out_dir: str | Path, train: int = 20000, eval: int = 50
         eval_prompts = {r["prompt"] for r in eval_records}
         texts = []
         while len(texts) < pretrain:
-            r = make_problem(pretrain_rng, min_ops, max_ops)
+            r = make(pretrain_rng, min_ops, max_ops)
             if r["prompt"] not in eval_prompts:
                 texts.append({"text": f"{r['prompt']} {r['response']}"})
         paths["pretrain"] = out / FILES["pretrain"]

@@ -4,9 +4,15 @@ Design: ``ppots_x0`` training sequences (the first ones of the training order) x
 (the bin centres) x ``ppots_masks`` mask draws, each a no-grad forward row (two with MIRROR: the loss is then
 the pair mean, the quantity training weights). Job j is (x0 = j // (bins masks), bin = (j // masks) mod bins,
 draw = j mod masks); its masks are keyed by (seed, j, ``Stream.PPOTS_MASK``), so they do not depend on the
-world size. Rank r takes the sequences x0 = r, r + W, ... (disjoint x0), in chunks of ``micro_batch_size``
-jobs; every rank runs the same number of forwards (ZeRO-3 gathers parameters collectively), padding with
-repeats that are not recorded.
+world size. Rank r takes the sequences x0 = r, r + W, ... (disjoint x0).
+
+Batching (``estimate_plan``): one forward holds jobs of one sequence only, so its rows share one length (no
+padding) and its shape does not depend on the world size: a sequence's bins x masks jobs are cut into
+``forwards_per_x0`` equal chunks of ``per_forward`` jobs, as large as ``ppots_forward_tokens`` allows (at
+least ``train.micro_batch_size``). With the defaults (64 x 10 jobs, 192 tokens) that is 2 forwards of 320
+rows per sequence instead of 10 of a 64-row micro-batch. Every rank runs the same number of forwards (ZeRO-3
+gathers parameters collectively), filling a short chunk, or a rank with fewer sequences, with repeats that are
+not recorded.
 
 Pooling: each rank writes its jobs' losses into a zero tensor with one slot per job, and one all-reduce sums
 them. Every slot has exactly one non-zero contribution, so the sum is exact, and every rank then forms the
@@ -20,6 +26,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -43,27 +50,54 @@ class GridT(TSampler):
         return t, torch.ones_like(t)
 
 
+@dataclass(frozen=True)
+class EstimatePlan:
+    """How the offline estimate's jobs are cut into forwards (the same shapes for every world size)."""
+
+    jobs_per_x0: int  # bins x masks
+    per_forward: int  # jobs in one forward, all of one sequence
+    forwards_per_x0: int
+    forwards: int  # per rank, the same on every rank
+
+
+def estimate_plan(cfg, world_size: int) -> EstimatePlan:
+    variance = cfg.variance
+    jobs_per_x0 = variance.ppots_bins * variance.ppots_masks
+    rows_per_job = 2 if variance.mirror else 1
+    budget = max(cfg.train.micro_batch_size, variance.ppots_forward_tokens // (cfg.data.seq_len * rows_per_job))
+    per_forward = math.ceil(jobs_per_x0 / math.ceil(jobs_per_x0 / budget))  # equal chunks, fewest forwards
+    forwards_per_x0 = math.ceil(jobs_per_x0 / per_forward)
+    return EstimatePlan(jobs_per_x0, per_forward, forwards_per_x0,
+                        math.ceil(variance.ppots_x0 / world_size) * forwards_per_x0)
+
+
+def forward_jobs(plan: EstimatePlan, f: int, rank: int, world_size: int, n_x0: int) -> tuple[list[int], int]:
+    """Rank ``rank``'s jobs of its forward ``f`` (always ``per_forward`` of them) and how many lead the list
+    to be recorded; the rest are filler (repeats: the same work, not recorded)."""
+    x0 = rank + (f // plan.forwards_per_x0) * world_size
+    source = x0 if x0 < n_x0 else 0  # a rank out of sequences repeats sequence 0's work
+    start = source * plan.jobs_per_x0 + (f % plan.forwards_per_x0) * plan.per_forward
+    jobs = list(range(start, min(start + plan.per_forward, (source + 1) * plan.jobs_per_x0)))
+    recorded = len(jobs) if x0 < n_x0 else 0
+    return jobs + [jobs[-1]] * (plan.per_forward - len(jobs)), recorded
+
+
 @torch.no_grad()
 def offline_statistics(trainer) -> torch.Tensor:
     """Per-bin statistics (bins, 5) of the initial model's losses, identical on every rank."""
     cfg, variance, env = trainer.cfg, trainer.cfg.variance, trainer.env
     bins, masks, n_x0 = variance.ppots_bins, variance.ppots_masks, variance.ppots_x0
-    jobs_per_x0 = bins * masks
+    plan = estimate_plan(cfg, env.world_size)
     examples = DataStream(len(trainer.data.train), cfg.seed).example_ids(range(n_x0))
     grid_t = GridT(bins, masks)
-    losses = torch.zeros(n_x0 * jobs_per_x0, dtype=torch.float64, device=env.device)
+    losses = torch.zeros(n_x0 * plan.jobs_per_x0, dtype=torch.float64, device=env.device)
     pair_sq = torch.zeros_like(losses)
     paired = torch.zeros_like(losses)
 
-    mine = [j for x0 in range(env.rank, n_x0, env.world_size) for j in range(x0 * jobs_per_x0, (x0 + 1) * jobs_per_x0)]
-    chunk = cfg.train.micro_batch_size
-    forwards = math.ceil(math.ceil(n_x0 / env.world_size) * jobs_per_x0 / chunk)
     trainer.engine.eval()
-    for f in range(forwards):
-        jobs = mine[f * chunk:(f + 1) * chunk]
-        recorded = len(jobs)
-        jobs = jobs + [mine[-1] if mine else 0] * (chunk - recorded)  # filler: same work, not recorded
-        batch = collate(trainer.data.train, [examples[j // jobs_per_x0] for j in jobs], jobs, trainer.pad_id,
+    for f in range(plan.forwards):
+        jobs, recorded = forward_jobs(plan, f, env.rank, env.world_size, n_x0)
+        batch = collate(trainer.data.train, [examples[j // plan.jobs_per_x0] for j in jobs], jobs, trainer.pad_id,
                         cfg.data.pad_to_multiple_of, cfg.data.seq_len)
         noisy = trainer.objective.corrupt(batch, Stream.T, Stream.PPOTS_MASK, t_sampler=grid_t).to(env.device)
         out = trainer.engine(**noisy.model_inputs())
@@ -77,7 +111,7 @@ def offline_statistics(trainer) -> torch.Tensor:
             paired[index] = (~torch.isnan(pair)).double()
     trainer.engine.train()
     pooled = all_reduce_sum(torch.stack([losses, pair_sq, paired])).cpu()
-    t = grid_t.sample(torch.arange(n_x0 * jobs_per_x0))[0]
+    t = grid_t.sample(torch.arange(n_x0 * plan.jobs_per_x0))[0]
     pair = torch.where(pooled[2] > 0, pooled[1], float("nan")) if cfg.variance.mirror else None
     return bin_statistics(t, pooled[0], pair, bins, variance.ppots_loss_max)
 
@@ -91,7 +125,7 @@ def initial_fit(trainer) -> None:
     statistics = offline_statistics(trainer)
     sampler = trainer.objective.t_sampler
     sampler.update(statistics, device=trainer.env.device)
-    per_rank = math.ceil(variance.ppots_x0 / trainer.env.world_size) * variance.ppots_bins * variance.ppots_masks
+    plan = estimate_plan(trainer.cfg, trainer.env.world_size)
     trainer.info(f"P-POTS offline estimate: {variance.ppots_x0} sequences x {variance.ppots_bins} t x "
-                 f"{variance.ppots_masks} mask draws ({per_rank} draws per rank), EPR fit with "
-                 f"{variance.ppots_restarts} starts, {time.perf_counter() - start:.1f} s")
+                 f"{variance.ppots_masks} mask draws ({plan.forwards} forwards of {plan.per_forward} draws per "
+                 f"rank), EPR fit with {variance.ppots_restarts} starts, {time.perf_counter() - start:.1f} s")

@@ -29,6 +29,7 @@ from mdm_scale.diffusion.noise import Stream
 from mdm_scale.diffusion.objective import ARMObjective, MDMObjective
 from mdm_scale.diffusion.t_samplers import UniformT
 from mdm_scale.distributed.env import DistEnv, all_reduce_sum, barrier, check_ranks_agree, init_distributed
+from mdm_scale.models.flops import flops_per_token
 from mdm_scale.models.loading import (
     build_model,
     count_parameters,
@@ -94,6 +95,8 @@ class Trainer:
                                   cfg.data.pad_to_multiple_of, cfg.data.seq_len, cfg.data.group_by_length,
                                   cfg.data.packing)
         self.step = 0
+        self.seen = torch.zeros(2, dtype=torch.float64)  # forward rows and tokens of all ranks, counted so far
+        self.uncounted = torch.zeros(2, dtype=torch.float64)  # this rank's since the last count_seen()
         self.guard = NonFiniteGuard(cfg.train.max_nonfinite_steps, self.info)
         self.timer = NoTimer()  # a StepTimer here splits each step's time into sections (diagnostics)
         if self.resume_from is not None:
@@ -180,7 +183,8 @@ class Trainer:
         return train, evaluation
 
     def _client_state(self) -> dict:
-        return {"step": self.step, "samples_seen": self.step * self.global_batch, "nonfinite": self.guard.state_dict()}
+        return {"step": self.step, "samples_seen": self.step * self.global_batch, "nonfinite": self.guard.state_dict(),
+                "rows_seen": self.seen[0].item(), "tokens_seen": self.seen[1].item()}
 
     def _rank_state(self) -> dict:
         """Per-rank state: the t-sampler's (adaptive samplers hold per-rank statistics since the last refit)."""
@@ -191,6 +195,7 @@ class Trainer:
     def _restore(self, path: Path) -> None:
         client = self.checkpoints.load(self.engine, path, self.shapes, self.global_batch)
         self.step = int(client["step"])
+        self.seen = torch.tensor([client.get("rows_seen", 0.0), client.get("tokens_seen", 0.0)], dtype=torch.float64)
         self.guard.load_state_dict(client.get("nonfinite", {}))
         state = rank_state(path, self.env.rank)
         sampler = getattr(self.objective, "t_sampler", None)
@@ -238,6 +243,7 @@ class Trainer:
             counts += torch.tensor([1.0, noisy.masked_tokens, noisy.eligible_tokens * rows_per_sample,
                                     real * rows_per_sample], dtype=torch.float64)
             loss += step_loss.detach()
+            self.uncounted += torch.tensor([noisy.rows, real * rows_per_sample], dtype=torch.float64)
         self.step += 1
         if sampler is not None:
             with self.timer.section("sampler"):
@@ -262,7 +268,23 @@ class Trainer:
         all_reduce_sum(sums)
         return float(sums[0] / sums[1].clamp(min=1))
 
+    def count_seen(self) -> None:
+        """Add every rank's forward rows and non-pad tokens since the last call to ``self.seen`` (collective).
+        They count every forward of training, including steps the non-finite guard skipped: compute spent."""
+        self.seen += all_reduce_sum(self.uncounted.to(self.env.device)).cpu()
+        self.uncounted.zero_()
+
+    def model_flops_per_token(self) -> float | None:
+        """Model FLOPs per trained token (``models/flops.py``, T = data.seq_len), or None for a model whose
+        config names its depth and width otherwise."""
+        config = self.engine.module.config
+        layers, width = getattr(config, "num_hidden_layers", None), getattr(config, "hidden_size", None)
+        if layers is None or width is None:
+            return None
+        return flops_per_token(sum(_numel(s) for s in self.shapes.values()), layers, width, self.cfg.data.seq_len)
+
     def save(self) -> Path:
+        self.count_seen()
         return self.checkpoints.save(self.engine, self.step, self._client_state(), self.shapes, self._rank_state())
 
     def fit(self) -> dict:
@@ -293,6 +315,8 @@ class Trainer:
                 grad_norm = self.engine.get_global_grad_norm()
                 if grad_norm is not None:
                     values["grad_norm"] = float(grad_norm)
+                self.count_seen()
+                values.update(rows_seen=self.seen[0].item(), tokens_seen=self.seen[1].item())
                 if self.env.on_gpu:
                     values["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
                 logger.log(self.step, "train", values)
@@ -312,7 +336,9 @@ class Trainer:
             eval_loss = self._log_eval(logger)
         path = self.save()
         logger.close()
-        summary = {"step": self.step, "eval_loss": eval_loss, "checkpoint": str(path),
+        flops = self.model_flops_per_token()
+        summary = {"step": self.step, "eval_loss": eval_loss, "checkpoint": str(path), "rows": self.seen[0].item(),
+                   "tokens": self.seen[1].item(), "flops": None if flops is None else flops * self.seen[1].item(),
                    "tensorboard_dir": str(tb_dir) if tb_dir else None, "seconds": time.perf_counter() - start,
                    "stopped_by": stopped_by}
         if stopped_by is not None:

@@ -1,11 +1,7 @@
 """Shared pieces of the benchmarks: random token data with an exact vocabulary, FLOP counting, peak rate.
 
-FLOPs per trained token (forward + backward) follow the usual convention (Megatron, PaLM):
-
-    F = 6 N + 12 l d T
-
-with N all parameters (embedding and output layer included), l layers, d model width and T the sequence
-length (bidirectional attention scores and values over all T keys). MIRROR's second row counts as a second
+FLOPs per trained token (forward + backward) follow ``mdm_scale/models/flops.py``, F = 6 N + 12 l d T with N
+all parameters, l layers, d model width and T the sequence length. MIRROR's second row counts as a second
 sequence. MFU = achieved F x tokens/s over the peak bf16 rate, reported against both the rate measured on the
 machine (an 8192^3 bf16 matrix product) and the datasheet (989 TFLOP/s dense for H100/H200 SXM).
 """
@@ -21,6 +17,7 @@ from mdm_scale.data.build import RunData
 from mdm_scale.data.dataset import TokenizedData
 from mdm_scale.data.tokenizer import SPECIAL_TOKENS
 from mdm_scale.models.configuration_mdm import MDMConfig
+from mdm_scale.models.flops import flops_per_token as model_flops_per_token
 
 DATASHEET_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0}
 
@@ -66,7 +63,7 @@ def parameter_count(config: MDMConfig) -> int:
 
 
 def flops_per_token(config: MDMConfig, seq_len: int) -> float:
-    return 6.0 * parameter_count(config) + 12.0 * config.num_hidden_layers * config.hidden_size * seq_len
+    return model_flops_per_token(parameter_count(config), config.num_hidden_layers, config.hidden_size, seq_len)
 
 
 def measured_peak_tflops(size: int = 8192, repeats: int = 20) -> float:

@@ -1,11 +1,18 @@
-"""The experiment report in the form of the paper's Table 1 (SPEC section 6.1), a plot and the raw numbers.
+"""The experiment report in the form of the paper's Table 1 (SPEC section 6.1), with the compute each row spent.
 
-- ``results.md``: per method, the accuracy (%) of every seed, the mean, the sample standard deviation (n - 1)
-  and the range (max - min) over seeds, the gain of the mean over Standard, and the paper's check "the worst
-  run of the method is at least the best run of each baseline" (Standard, Clipped: whichever ran);
-- ``results.csv``: one row per finished run (method, seed, accuracy, correct, total, ...);
-- ``results.png``: accuracy per seed and method, and the training loss curves of every run (read from the runs'
-  TensorBoard event files).
+One row per method and micro-batch (``run.py``'s ``Entry``: a run both protocols asked for is one row):
+
+- ``results.md``: the accuracy (%) of every seed, mean, sample standard deviation (n - 1), worst and best run;
+  the gain of the mean over Standard at equal batch (Standard's row with the same sequences per micro-batch)
+  and at equal compute (Standard's row with the same forward rows per micro-batch: Standard 2x for MIRROR at
+  equal batch); the paper's check "the worst run is at least the best run of every baseline row at equal batch
+  or equal compute"; and the mean forward rows, non-pad tokens and model FLOPs (``mdm_scale/models/flops.py``)
+  a run of the row spent in training (the trainer's final summary);
+- ``results.csv``: one line per finished run;
+- ``results.png``: accuracy per seed, training loss per step, and the held-out loss (the trainer's periodic
+  ``eval/loss``) against training FLOPs, one curve per row: the mean over seeds and a band from the lowest to
+  the highest seed. Curves come from the runs' TensorBoard event files, or else from the console lines of
+  their ``train.log``.
 """
 
 from __future__ import annotations
@@ -16,32 +23,31 @@ import re
 import statistics
 from pathlib import Path
 
-LOG_LOSS = re.compile(r"\[train step (\d+)\] loss=([0-9.eE+-]+)")
-CSV_FIELDS = ["method", "seed", "accuracy", "correct", "total", "no_answer", "eval_loss", "train_seconds",
-              "wall_seconds"]
+import numpy as np
+
+LOG_LINE = re.compile(r"^\[(train|eval) step (\d+)\] (.*)$", re.MULTILINE)
+LOG_VALUE = re.compile(r"(\w+)=([0-9.eE+-]+|nan|inf)")
+CSV_FIELDS = ["label", "method", "micro_batch", "protocols", "seed", "accuracy", "correct", "total", "no_answer",
+              "eval_loss", "steps", "rows", "tokens", "flops", "train_seconds", "wall_seconds"]
 
 
-def load_results(runs) -> dict[str, dict[int, dict]]:
-    """``{method: {seed: result}}`` of the finished runs, in the runs' order."""
-    table: dict[str, dict[int, dict]] = {}
-    for run in runs:
-        table.setdefault(run.method, {})
-        if run.result_file.is_file():
-            table[run.method][run.seed] = json.loads(run.result_file.read_text())
-    return table
+def load_results(groups) -> list[tuple[object, dict[int, dict]]]:
+    """``[(entry, {seed: result})]`` of the finished runs of each ``(entry, runs)`` group."""
+    return [(entry, {run.seed: json.loads(run.result_file.read_text()) for run in runs if run.result_file.is_file()})
+            for entry, runs in groups]
 
 
 def summarize(accuracies: list[float]) -> dict[str, float | None]:
-    """Mean, sample sd (None for fewer than 2 runs) and range of accuracies in %."""
+    """Mean, sample sd (None for fewer than 2 runs), worst and best of accuracies in %."""
     if not accuracies:
-        return {"mean": None, "sd": None, "range": None}
+        return {"mean": None, "sd": None, "worst": None, "best": None}
     return {"mean": statistics.fmean(accuracies),
             "sd": statistics.stdev(accuracies) if len(accuracies) > 1 else None,
-            "range": max(accuracies) - min(accuracies)}
+            "worst": min(accuracies), "best": max(accuracies)}
 
 
 def worst_vs_best(method_acc: list[float], baselines: dict[str, list[float]]) -> str:
-    """The paper's check for one method against every baseline that has runs."""
+    """The paper's check for one row against every baseline row that has runs."""
     if not method_acc or not baselines:
         return "n/a"
     worst = min(method_acc)
@@ -53,25 +59,44 @@ def _fmt(value: float | None) -> str:
     return "–" if value is None else f"{value:.2f}"
 
 
-def markdown_table(table: dict[str, dict[int, dict]], seeds: list[int], baselines: list[str],
+def _sci(values: list) -> str:
+    values = [v for v in values if v is not None]
+    return f"{statistics.fmean(values):.3g}" if values else "–"
+
+
+def markdown_table(results: list[tuple[object, dict[int, dict]]], seeds: list[int], baselines: list[str],
                    unavailable: dict[str, str]) -> str:
-    acc = {m: [100 * r[s]["accuracy"] for s in seeds if s in r] for m, r in table.items()}
-    base_runs = {b: acc[b] for b in baselines if acc.get(b)}
-    reference = summarize(acc.get("Standard", []))["mean"]
-    header = ["Method", *(f"seed {s}" for s in seeds), "mean", "sd", "range", "Δ mean vs Standard",
-              "worst run ≥ best baseline run"]
+    acc = {entry.label: [100 * r[s]["accuracy"] for s in seeds if s in r] for entry, r in results}
+    mean = {label: summarize(values)["mean"] for label, values in acc.items()}
+
+    def standard(entry, field: str) -> float | None:
+        """The mean accuracy of the other Standard row with the entry's ``micro`` (equal batch) or ``rows``."""
+        return next((mean[e.label] for e, _ in results if e.method == "Standard" and e is not entry
+                     and getattr(e, field) == getattr(entry, field)), None)
+
+    header = ["Method", "protocols", "sequences / micro", "rows / micro", *(f"seed {s}" for s in seeds), "mean",
+              "sd", "worst", "best", "Δ vs Standard, equal batch", "Δ vs Standard, equal compute",
+              "worst run ≥ best baseline run", "rows / run", "tokens / run", "FLOPs / run"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for method, results in table.items():
-        stats = summarize(acc[method])
-        gain = None if reference is None or stats["mean"] is None else stats["mean"] - reference
-        check = "(baseline)" if method in base_runs else worst_vs_best(acc[method], base_runs)
-        cells = [method, *(_fmt(100 * results[s]["accuracy"]) if s in results else "–" for s in seeds),
-                 _fmt(stats["mean"]), _fmt(stats["sd"]), _fmt(stats["range"]),
-                 "–" if gain is None else f"{gain:+.2f}", check]
+    for entry, runs in results:
+        stats = summarize(acc[entry.label])
+        gains = [None if ref is None or stats["mean"] is None else stats["mean"] - ref
+                 for ref in (standard(entry, "micro"), standard(entry, "rows"))]
+        peers = {e.label: acc[e.label] for e, _ in results if e.method in baselines and e is not entry
+                 and acc[e.label] and (e.micro == entry.micro or e.rows == entry.rows)}
+        check = "(baseline)" if entry.method in baselines else worst_vs_best(acc[entry.label], peers)
+        cells = [entry.label, ", ".join(entry.protocols), str(entry.micro), str(entry.rows),
+                 *(_fmt(100 * runs[s]["accuracy"]) if s in runs else "–" for s in seeds),
+                 *(_fmt(stats[k]) for k in ("mean", "sd", "worst", "best")),
+                 *("–" if g is None else f"{g:+.2f}" for g in gains), check,
+                 *(_sci([r.get(k) for r in runs.values()]) for k in ("rows", "tokens", "flops"))]
         lines.append("| " + " | ".join(cells) + " |")
-    text = "Exact-match accuracy (%) per training seed; sd is the sample standard deviation over seeds.\n\n"
+    text = ("Exact-match accuracy (%) per training seed; sd is the sample standard deviation over seeds. Equal "
+            "batch: Standard with the same sequences per micro-batch; equal compute: Standard with the same forward "
+            "rows per micro-batch. Rows, tokens (non-pad, both MIRROR rows) and model FLOPs (6N + 12 l d T per "
+            "token) are a run's training totals, mean over seeds.\n\n")
     text += "\n".join(lines) + "\n"
-    missing = [f"- {m} seed {s}: not finished" for m, r in table.items() for s in seeds if s not in r]
+    missing = [f"- {e.label} seed {s}: not finished" for e, r in results for s in seeds if s not in r]
     if missing:
         text += "\nIncomplete:\n" + "\n".join(missing) + "\n"
     if unavailable:
@@ -80,17 +105,19 @@ def markdown_table(table: dict[str, dict[int, dict]], seeds: list[int], baseline
     return text
 
 
-def write_csv(path: Path, table: dict[str, dict[int, dict]]) -> None:
+def write_csv(path: Path, results: list[tuple[object, dict[int, dict]]]) -> None:
     with path.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
         writer.writeheader()
-        for results in table.values():
-            for result in results.values():
-                writer.writerow(result)
+        for entry, runs in results:
+            for result in runs.values():
+                writer.writerow({**result, "label": entry.label, "micro_batch": entry.micro,
+                                 "protocols": "+".join(entry.protocols)})
 
 
-def loss_curve(result: dict, run_dir: Path) -> tuple[list[int], list[float]]:
-    """``train/loss`` of one run from its TensorBoard event files, or else from the console lines of its log."""
+def run_scalars(result: dict, run_dir: Path) -> dict[str, dict[int, float]]:
+    """``{"train/loss": {step: value}, "eval/loss": ..., ...}`` of one run, from its TensorBoard event files or
+    else from the console lines of its ``train.log`` (a resumed run's repeated steps keep the last value)."""
     tensorboard_dir = result.get("tensorboard_dir")
     try:
         from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -99,53 +126,83 @@ def loss_curve(result: dict, run_dir: Path) -> tuple[list[int], list[float]]:
     if tensorboard_dir and Path(tensorboard_dir).is_dir():
         acc = EventAccumulator(str(tensorboard_dir))
         acc.Reload()
-        if "train/loss" in acc.Tags().get("scalars", []):
-            events = acc.Scalars("train/loss")
-            return [e.step for e in events], [e.value for e in events]
+        return {tag: {e.step: e.value for e in acc.Scalars(tag)} for tag in acc.Tags().get("scalars", [])}
     log = run_dir / "train.log"
-    points = LOG_LOSS.findall(log.read_text()) if log.is_file() else []
-    return [int(step) for step, _ in points], [float(loss) for _, loss in points]
+    scalars: dict[str, dict[int, float]] = {}
+    for prefix, step, values in LOG_LINE.findall(log.read_text() if log.is_file() else ""):
+        for name, value in LOG_VALUE.findall(values):
+            scalars.setdefault(f"{prefix}/{name}", {})[int(step)] = float(value)
+    return scalars
 
 
-def write_plot(path: Path, table: dict[str, dict[int, dict]], run_dirs: dict[tuple[str, int], Path]) -> None:
+def eval_loss_by_flops(result: dict, scalars: dict[str, dict[int, float]]) -> dict[int, tuple[float, float]]:
+    """``{eval step: (training FLOPs so far, held-out loss)}``; FLOPs from the cumulative ``train/tokens_seen``
+    (linear between logged steps) times the run's FLOPs per token. Empty without those numbers."""
+    evals, seen = scalars.get("eval/loss", {}), scalars.get("train/tokens_seen", {})
+    if not evals or not seen or not result.get("flops") or not result.get("tokens"):
+        return {}
+    per_token = result["flops"] / result["tokens"]
+    steps = sorted(seen)
+    tokens = np.interp(sorted(evals), [0, *steps], [0.0, *(seen[s] for s in steps)])
+    return {step: (per_token * n, evals[step]) for step, n in zip(sorted(evals), tokens)}
+
+
+def write_plot(path: Path, results: list[tuple[object, dict[int, dict]]], run_dirs: dict[tuple[str, int], Path]
+               ) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, (left, middle, right) = plt.subplots(1, 3, figsize=(18, 4.5))
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for i, (method, results) in enumerate(table.items()):
+    for i, (entry, runs) in enumerate(results):
         colour = colours[i % len(colours)]
-        values = [100 * r["accuracy"] for r in results.values()]
+        values = [100 * r["accuracy"] for r in runs.values()]
         left.scatter([i] * len(values), values, color=colour, alpha=0.8)
         if values:
             left.hlines(statistics.fmean(values), i - 0.3, i + 0.3, color=colour)
-        for j, (seed, result) in enumerate(results.items()):
-            steps, losses = loss_curve(result, run_dirs[method, seed])
-            right.plot(steps, losses, color=colour, alpha=0.6, lw=1, label=method if j == 0 else None)
-    left.set_xticks(range(len(table)), list(table), rotation=20)
+        curves = []
+        for j, (seed, result) in enumerate(runs.items()):
+            scalars = run_scalars(result, run_dirs[entry.label, seed])
+            train_loss = scalars.get("train/loss", {})
+            middle.plot(list(train_loss), list(train_loss.values()), color=colour, alpha=0.6, lw=1,
+                        label=entry.label if j == 0 else None)
+            curves.append(eval_loss_by_flops(result, scalars))
+        common = sorted(set.intersection(*(set(c) for c in curves))) if curves else []
+        if common:
+            flops = [statistics.fmean(c[s][0] for c in curves) for s in common]
+            losses = np.array([[c[s][1] for c in curves] for s in common])
+            right.plot(flops, losses.mean(1), color=colour, label=f"{entry.label} ({len(curves)} seeds)")
+            right.fill_between(flops, losses.min(1), losses.max(1), color=colour, alpha=0.2)
+    left.set_xticks(range(len(results)), [entry.label for entry, _ in results], rotation=20)
     left.set_ylabel("exact-match accuracy (%)")
     left.set_title("accuracy per seed (bar: mean)")
-    right.set_xlabel("step")
-    right.set_ylabel("training loss")
-    right.set_title("training loss per run")
-    if right.lines:
-        right.legend()
+    middle.set_xlabel("step")
+    middle.set_ylabel("training loss")
+    middle.set_title("training loss per run")
+    right.set_xlabel("training FLOPs")
+    right.set_ylabel("held-out loss")
+    right.set_title("held-out loss vs compute (mean, band: min-max over seeds)")
+    for axes in (middle, right):
+        if axes.lines:
+            axes.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
-def write_report(out: Path, runs, seeds: list[int], baselines: list[str], unavailable: dict[str, str]
+def write_report(out: Path, groups, seeds: list[int], baselines: list[str], unavailable: dict[str, str]
                  ) -> list[Path]:
+    """``groups``: ``[(entry, runs)]``, one per report row (``run.py``)."""
     out.mkdir(parents=True, exist_ok=True)
-    table = load_results(runs)
+    results = load_results(groups)
     paths = [out / "results.md", out / "results.csv", out / "results.png"]
-    paths[0].write_text(markdown_table(table, seeds, baselines, unavailable))
-    write_csv(paths[1], table)
+    paths[0].write_text(markdown_table(results, seeds, baselines, unavailable))
+    write_csv(paths[1], results)
     try:
-        write_plot(paths[2], table, {(r.method, r.seed): r.directory for r in runs})
+        write_plot(paths[2], results, {(entry.label, run.seed): run.directory for entry, runs in groups
+                                       for run in runs})
     except ImportError as err:  # a machine without matplotlib still gets the table and the CSV
         print(f"no plot: {err}")
         paths.pop()

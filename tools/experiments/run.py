@@ -1,16 +1,27 @@
 """Methods x seeds on one task: train every run, evaluate its accuracy, write a Table-1-style report.
 
     python tools/experiments/run.py --config tools/experiments/configs/synth_finetune.yaml \\
-        --methods Standard,MIRROR,P-POTS,P-POTS+MIRROR --seeds 42,731,20231,1,2 \\
-        --eval-data data/synth/eval.jsonl --out results/synth --parallel 6 \\
+        --methods Standard,"Standard 2x",MIRROR,P-POTS,P-POTS+MIRROR --seeds 42,731,20231,1,2 \\
+        --eval-data data/synth/eval.jsonl --out results/synth --parallel 6 --budget batch,rows \\
         [--init exports/pretrained] [--set train.max_steps=300] [--eval-arg=--gen-length=64]
 
-Each run lives in ``OUT/runs/<method>/seed_<seed>/``: ``train/`` (the training output directory), ``train.log``,
-``eval.log``, ``pred.jsonl`` and ``result.json``. A run with ``result.json`` is finished and skipped when the
-command is repeated; an interrupted one continues from its newest checkpoint (``train.resume=auto``). Runs are
-independent single-rank processes (``python -m mdm_scale.cli``); ``--parallel K`` runs K at once, sharing the
-machine's GPU (several small runs fit on one). ``--init DIR`` starts every run from a pretrained Hugging Face
-directory (an ``mdm-scale export``): ``model.path`` and ``data.tokenizer`` are set to it.
+Two protocols (``--budget``, one or both), with B the configuration's ``train.micro_batch_size``:
+
+- ``batch`` (the paper's): every method at B sequences per micro-batch (MIRROR then runs 2B forward rows);
+  ``Standard 2x`` is Standard at 2B, the same forward rows as MIRROR;
+- ``rows``: every method at R forward rows per micro-batch (``--rows``, default 2B): MIRROR-family methods at
+  R/2 sequences, the others (and ``auto``, which halves its sequences itself while MIRROR is on) at R.
+
+A run is named by what defines it, ``OUT/runs/<method>/mb_<sequences per micro-batch>/seed_<seed>/``, so a
+run that both protocols ask for is trained once: with R = 2B, Standard at ``rows`` is ``Standard 2x`` at
+``batch`` (``runs/standard/mb_2B``) and MIRROR is the same run under both. Each run directory holds ``train/``
+(the training output directory), ``train.log``, ``eval.log``, ``pred.jsonl`` and ``result.json`` (accuracy,
+and the forward rows, non-pad tokens and model FLOPs that training spent). A run with ``result.json`` is
+finished and skipped when the command is repeated; an interrupted one continues from its newest checkpoint
+(``train.resume=auto``). Runs are independent single-rank processes (``python -m mdm_scale.cli``); ``--parallel
+K`` runs K at once, sharing the machine's GPU (several small runs fit on one). ``--init DIR`` starts every run
+from a pretrained Hugging Face directory (an ``mdm-scale export``): ``model.path`` and ``data.tokenizer`` are set
+to it.
 
 Methods map to configuration overrides (``methods.py``); one whose keys the current schema does not have is
 reported as not available and skipped. The report (``report.py``) is rewritten at the end of every
@@ -34,21 +45,71 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 sys.path[:0] = [str(HERE), str(REPO)]
 
-from methods import BASELINES, METHODS, availability, overrides, slug  # noqa: E402
+from methods import BASELINES, DOUBLED, METHODS, NAMES, availability, overrides, rows_per_sequence, slug  # noqa: E402
 from report import write_report  # noqa: E402
 
+from mdm_scale.config.loader import load_config  # noqa: E402
+from mdm_scale.config.schema import ConfigError  # noqa: E402
 from mdm_scale.training.checkpoint import write_atomic  # noqa: E402
+
+BUDGETS = ("batch", "rows")
 
 
 @dataclass
 class Run:
-    method: str
+    method: str  # a key of METHODS
+    micro: int  # sequences per micro-batch
     seed: int
     directory: Path
 
     @property
     def result_file(self) -> Path:
         return self.directory / "result.json"
+
+
+@dataclass
+class Entry:
+    """A row of the report: one method at one micro-batch, asked for by one or both protocols."""
+
+    label: str  # e.g. "MIRROR", "Standard 2x", "P-POTS 2x" (x: sequences per step over the configuration's)
+    method: str  # a key of METHODS
+    micro: int  # sequences per micro-batch
+    rows: int  # nominal forward rows per micro-batch
+    protocols: list[str]
+
+    def runs(self, out: Path, seeds: list[int]) -> list[Run]:
+        where = out / "runs" / slug(self.method) / f"mb_{self.micro}"
+        return [Run(self.method, self.micro, s, where / f"seed_{s}") for s in seeds]
+
+
+def plan(methods: list[str], budgets: list[str], micro: int, rows: int) -> list[Entry]:
+    """The report's rows for ``methods`` under ``budgets``, each (method, micro-batch) once, in request order.
+
+    ``batch``: every method at ``micro`` sequences, a ``DOUBLED`` one at twice that. ``rows``: every method at
+    ``rows`` forward rows (``rows / rows_per_sequence`` sequences); ``DOUBLED`` methods are the equal-batch
+    protocol's and sit this one out (under ``rows`` plain Standard is the equal-compute baseline).
+    """
+    entries: dict[tuple[str, int], Entry] = {}
+    for budget in budgets:
+        for name in methods:
+            method = DOUBLED.get(name, name)
+            if budget == "batch":
+                size = 2 * micro if name in DOUBLED else micro
+            elif name in DOUBLED:
+                continue
+            else:
+                size = rows // rows_per_sequence(method)
+            label = f"{method} {size / micro:g}x" if size != micro else method
+            entry = entries.setdefault((method, size), Entry(label, method, size, size * rows_per_sequence(method),
+                                                             []))
+            entry.protocols.append(budget)
+    return list(entries.values())
+
+
+def pending(runs: list[Run], seeds: list[int]) -> list[Run]:
+    """The unfinished runs, seed-major (every row's first seed, then every row's second, ...): an invocation cut
+    short by a time limit leaves every row with some seeds rather than some rows with none."""
+    return sorted((r for r in runs if not r.result_file.is_file()), key=lambda r: seeds.index(r.seed))
 
 
 def free_port() -> int:
@@ -88,6 +149,7 @@ def execute(run: Run, args: argparse.Namespace, threads: int) -> dict:
     start = time.perf_counter()
     if not train_file.is_file():
         sets = [*base_overrides(args), *overrides(run.method), f"seed={run.seed}",
+                f"train.micro_batch_size={run.micro}", f"train.global_batch_size={run.micro * args.grad_accum}",
                 f"train.output_dir={run.directory / 'train'}"]
         cmd = [*cli, "train", *[a for c in args.config for a in ("--config", c)], *[a for s in sets
                                                                                     for a in ("--set", s)]]
@@ -96,17 +158,18 @@ def execute(run: Run, args: argparse.Namespace, threads: int) -> dict:
     cmd = [*cli, "eval", "--checkpoint", str(run.directory / "train"), "--data", args.eval_data,
            "--out", str(run.directory / "pred.jsonl"), *args.eval_arg]
     scored = json.loads(_call(cmd, run.directory / "eval.log", threads))
-    result = {"method": run.method, "seed": run.seed, "accuracy": scored["accuracy"], "correct": scored["correct"],
-              "total": scored["total"], "no_answer": scored["no_answer"], "eval_loss": trained.get("eval_loss"),
-              "train_seconds": trained.get("seconds"), "wall_seconds": time.perf_counter() - start,
-              "tensorboard_dir": trained.get("tensorboard_dir")}
+    result = {"method": run.method, "micro_batch": run.micro, "seed": run.seed, "accuracy": scored["accuracy"],
+              "correct": scored["correct"], "total": scored["total"], "no_answer": scored["no_answer"],
+              "eval_loss": trained.get("eval_loss"), "steps": trained.get("step"), "rows": trained.get("rows"),
+              "tokens": trained.get("tokens"), "flops": trained.get("flops"), "train_seconds": trained.get("seconds"),
+              "wall_seconds": time.perf_counter() - start, "tensorboard_dir": trained.get("tensorboard_dir")}
     write_atomic(run.result_file, json.dumps(result, indent=2))
     return result
 
 
 def init_conflict(method: str, init: str | None) -> str | None:
     """ARM rows need a causal starting model: a bidirectional one would see the tokens it predicts."""
-    if init is None or METHODS[method].get("train.objective") != "arm":
+    if init is None or METHODS[DOUBLED.get(method, method)].get("train.objective") != "arm":
         return None
     config = json.loads((Path(init) / "config.json").read_text())
     if config.get("model_type") == "mdm_scale" and not config.get("causal", False):
@@ -122,7 +185,7 @@ def base_overrides(args: argparse.Namespace) -> list[str]:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", action="append", required=True, help="training YAML; repeat to merge")
-    parser.add_argument("--methods", required=True, help=f"comma-separated, from: {', '.join(METHODS)}")
+    parser.add_argument("--methods", required=True, help=f"comma-separated, from: {', '.join(NAMES)}")
     parser.add_argument("--seeds", required=True, help="comma-separated training seeds, e.g. 42,731,20231")
     parser.add_argument("--eval-data", required=True, help="JSONL of {prompt, answer or response}")
     parser.add_argument("--out", required=True, help="experiment directory (re-run to resume)")
@@ -130,6 +193,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for every run")
     parser.add_argument("--eval-arg", action="append", default=[], metavar="ARG",
                         help="argument for `mdm-scale eval`, e.g. --eval-arg=--gen-length=64 (repeatable)")
+    parser.add_argument("--budget", default="batch",
+                        help="protocols, comma-separated: batch (equal sequences per step), rows (equal forward rows)")
+    parser.add_argument("--rows", type=int, default=None,
+                        help="forward rows per micro-batch under --budget rows (default: 2 x train.micro_batch_size)")
     parser.add_argument("--parallel", type=int, default=1, help="runs at once (they share the machine)")
     parser.add_argument("--baselines", default=",".join(BASELINES),
                         help="methods whose best run the others' worst run is compared with")
@@ -145,6 +212,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--eval-data {args.eval_data}: file not found")
     if args.init and not (Path(args.init) / "config.json").is_file():
         parser.error(f"--init {args.init}: not a Hugging Face directory (no config.json)")
+    args.budget = [b.strip() for b in args.budget.split(",") if b.strip()]
+    if not args.budget or set(args.budget) - set(BUDGETS):
+        parser.error(f"--budget {','.join(args.budget)!r}: expected one or both of {', '.join(BUDGETS)}")
+    try:
+        train = load_config(args.config, base_overrides(args)).train
+    except ConfigError as err:
+        parser.error(str(err))
+    args.micro, args.grad_accum = train.micro_batch_size, train.grad_accum
+    args.rows = 2 * args.micro if args.rows is None else args.rows
+    halved = [m for m in args.methods if m in METHODS and rows_per_sequence(m) == 2]
+    if "rows" in args.budget and (args.rows < 2 or (halved and args.rows % 2)):
+        parser.error(f"--rows {args.rows}: MIRROR-family methods ({', '.join(halved) or 'none'}) need an even "
+                     f"number of rows >= 2")
     return args
 
 
@@ -155,9 +235,9 @@ def main(argv: list[str] | None = None) -> int:
                    if (why := availability(m, args.config, base_overrides(args)) or init_conflict(m, args.init))}
     for method, why in unavailable.items():
         print(f"{method}: not available ({why})", flush=True)
-    runs = [Run(m, s, out / "runs" / slug(m) / f"seed_{s}") for m in args.methods if m not in unavailable
-            for s in args.seeds]
-    todo = [r for r in runs if not r.result_file.is_file()]
+    entries = plan([m for m in args.methods if m not in unavailable], args.budget, args.micro, args.rows)
+    runs = [run for entry in entries for run in entry.runs(out, args.seeds)]
+    todo = pending(runs, args.seeds)
     print(f"{len(runs)} runs, {len(runs) - len(todo)} already finished, {len(todo)} to do "
           f"({args.parallel} at a time)", flush=True)
     threads = max(1, (os.cpu_count() or 1) // args.parallel)
@@ -166,16 +246,17 @@ def main(argv: list[str] | None = None) -> int:
     def one(run: Run) -> None:
         try:
             result = execute(run, args, threads)
-            print(f"{run.method} seed {run.seed}: accuracy {100 * result['accuracy']:.2f}% "
+            print(f"{run.method} mb {run.micro} seed {run.seed}: accuracy {100 * result['accuracy']:.2f}% "
                   f"({result['wall_seconds']:.0f} s)", flush=True)
         except Exception as err:  # one failed run must not stop the others; it is reported and retried next time
             failures.append(run)
-            print(f"{run.method} seed {run.seed}: FAILED: {err}", flush=True)
+            print(f"{run.method} mb {run.micro} seed {run.seed}: FAILED: {err}", flush=True)
 
     with ThreadPoolExecutor(max_workers=args.parallel) as pool:
         list(pool.map(one, todo))
     baselines = [b.strip() for b in args.baselines.split(",") if b.strip()]
-    paths = write_report(out, runs, args.seeds, baselines, unavailable)
+    paths = write_report(out, [(entry, entry.runs(out, args.seeds)) for entry in entries], args.seeds, baselines,
+                         unavailable)
     print("report: " + ", ".join(str(p) for p in paths), flush=True)
     return 1 if failures else 0
 

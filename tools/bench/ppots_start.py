@@ -1,0 +1,107 @@
+"""What the P-POTS start costs against the run it precedes, measured inside one job.
+
+The start is the offline estimate (``training/ppots_estimate.py``: ``ppots_x0`` sequences x ``ppots_bins`` t x
+``ppots_masks`` mask draws of no-grad forwards) and the first EPR fit (``ppots_restarts`` random starts). Both
+are timed once on the fresh engine, as in a run, then ``--steps`` training steps of the same trainer after
+``--warmup`` steps. The ratio is the start over ``--run-steps`` training steps (a 1,500-step run by default).
+
+    bash tools/bench/run_gpu.sh python3 tools/bench/ppots_start.py --preset small --seq-len 192 \\
+        --micro-batch 64 --out ppots_start
+
+Random pretraining-style blocks (``common.random_blocks``) of a ``--vocab``-token vocabulary (128: a character
+tokenizer's size); the estimate's settings are the configuration defaults unless ``--set`` changes them.
+Result: ``<out>.json`` and one line on stdout (rank 0).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tools" / "bench"))
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="small")
+    p.add_argument("--seq-len", type=int, default=192)
+    p.add_argument("--micro-batch", type=int, default=64)
+    p.add_argument("--vocab", type=int, default=128)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--steps", type=int, default=20, help="timed training steps")
+    p.add_argument("--run-steps", type=int, default=1500, help="the run length the start is compared with")
+    p.add_argument("--mirror", action="store_true")
+    p.add_argument("--set", action="append", default=[], help="extra mdm-scale overrides (variance.ppots_* too)")
+    p.add_argument("--out", default="ppots_start")
+    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    import torch
+    from common import random_blocks, sync_device
+
+    from mdm_scale.config.loader import load_config
+    from mdm_scale.distributed.env import init_distributed
+    from mdm_scale.training.metrics import quiet_third_party_logs
+    from mdm_scale.training.ppots_estimate import estimate_plan, offline_statistics
+    from mdm_scale.training.trainer import Trainer
+
+    args = parse_args(argv)
+    quiet_third_party_logs()
+    env = init_distributed()
+    cfg = load_config([], [
+        f"model.preset={args.preset}", f"data.seq_len={args.seq_len}", f"train.micro_batch_size={args.micro_batch}",
+        f"train.max_steps={10**6}", f"train.output_dir={args.out}-run", "train.eval_every=0", "train.lr=1e-4",
+        "logging.tensorboard=false", "train.resume=never", "variance.t_sampler=ppots",
+        f"variance.mirror={str(args.mirror).lower()}", *args.set])
+    x0 = cfg.variance.ppots_x0
+    cfg.variance.ppots_x0 = 0  # the trainer starts without the estimate; it is timed below
+    blocks = max(x0, (args.warmup + args.steps + 1) * args.micro_batch * env.world_size)
+    trainer = Trainer(cfg, env, data=random_blocks(args.vocab, args.seq_len, blocks, seed=cfg.seed))
+    cfg.variance.ppots_x0 = x0
+
+    sync_device()
+    start = time.perf_counter()
+    new_statistics = offline_statistics(trainer)
+    sync_device()
+    estimated = time.perf_counter()
+    trainer.objective.t_sampler.update(new_statistics, device=env.device)
+    fitted = time.perf_counter()
+
+    trainer.engine.train()
+    for _ in range(args.warmup):
+        trainer.train_step()
+    times = []
+    for _ in range(args.steps):
+        sync_device()
+        step_start = time.perf_counter()
+        trainer.train_step()
+        sync_device()
+        times.append(time.perf_counter() - step_start)
+    step = statistics.mean(times)
+    plan = estimate_plan(cfg, env.world_size)
+    result = {
+        "preset": args.preset, "seq_len": args.seq_len, "micro_batch": args.micro_batch, "mirror": args.mirror,
+        "gpus": env.world_size, "ppots_x0": x0, "ppots_bins": cfg.variance.ppots_bins,
+        "ppots_masks": cfg.variance.ppots_masks, "ppots_restarts": cfg.variance.ppots_restarts,
+        "estimate_sequences_per_forward": plan.per_forward, "estimate_forwards_per_rank": plan.forwards,
+        "estimate_s": estimated - start, "fit_s": fitted - estimated, "step_ms": 1e3 * step,
+        "step_ms_sd": 1e3 * statistics.stdev(times) if len(times) > 1 else None, "run_steps": args.run_steps,
+        "start_over_run": (fitted - start) / (args.run_steps * step),
+        "device": torch.cuda.get_device_name() if env.on_gpu else "cpu", "command": " ".join(sys.argv),
+    }
+    if env.is_main:
+        Path(f"{args.out}.json").write_text(json.dumps(result, indent=2))
+        print(json.dumps(result), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
