@@ -5,6 +5,7 @@ holds for any world size, batch shape and example lengths."""
 from __future__ import annotations
 
 import json
+import math
 import string
 from collections import Counter
 
@@ -15,12 +16,13 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mdm_scale.config.loader import all_keys, check_batch_arithmetic, load_config
+from mdm_scale.config.loader import all_keys, check_batch_arithmetic, load_config, parse_override
 from mdm_scale.config.schema import Config, ConfigError
 from mdm_scale.data.dataset import TokenizedData
 from mdm_scale.data.loader import TrainLoader
 from mdm_scale.data.records import DataError, read_records
 
+SECTIONS = {k.split(".")[0] for k in all_keys() if "." in k}
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 scalars = st.one_of(st.none(), st.booleans(), st.integers(-10**6, 10**6), st.floats(allow_nan=True),
@@ -39,28 +41,83 @@ def one_line_error(err: Exception) -> None:
     assert text and "\n" not in text, text
 
 
+def names_one_of(err: ConfigError, keys: list[str]) -> None:
+    """The error names (quoted as ``repr`` quotes it) one of ``keys``, a section above one, or a key inside
+    one (a mapping value is checked key by key), or says that a ``--set`` item is malformed."""
+    text = str(err)
+    one_line_error(err)
+
+    def quoted(key: str) -> str:
+        return repr(key)[1:-1]
+
+    def named(key: str) -> bool:
+        parts = key.split(".")
+        whole = [quoted(".".join(parts[:i])) for i in range(1, len(parts) + 1)]
+        return any(f"{q}{w}{q}" in text for w in whole for q in "'\"") or any(
+            f"{q}{quoted(key)}{sep}" in text for q in "'\"" for sep in ".[")
+
+    assert any(named(k) for k in keys) or text.startswith("--set expects key=value"), (text, keys)
+
+
+def dotted(config: Config, key: str):
+    node = config
+    for part in key.split("."):
+        node = getattr(node, part)
+    return node
+
+
+def same_value(actual, expected) -> bool:
+    """The config holds the value given (ints and numeric strings become floats where floats are expected)."""
+    if isinstance(actual, float) and not isinstance(expected, bool):
+        try:
+            expected = float(expected)
+        except (TypeError, ValueError):
+            return False
+        return actual == expected or (math.isnan(actual) and math.isnan(expected))
+    return actual == expected and type(actual) is type(expected)
+
+
+def last_word(items: list[tuple[str, str]]) -> dict[str, object]:
+    """Leaf keys whose value no later item replaces (the same key, a section above it or a key inside it)."""
+    final = {}
+    for i, (key, text) in enumerate(items):
+        later = [k for k, _ in items[i + 1:]]
+        if key in LEAF_KEYS and not any(k == key or key.startswith(k + ".") or k.startswith(key + ".")
+                                        for k in later):
+            final[key] = parse_override(f"{key}={text}")[1]
+    return final
+
+
+LEAF_KEYS = {k for k in all_keys() if k not in SECTIONS}
+
+
 @FUZZ
 @given(items=st.lists(st.tuples(keys, override_values), max_size=4), world=st.integers(1, 64))
-def test_any_overrides_load_or_fail_with_a_config_error(items, world):
+def test_any_overrides_load_with_their_values_or_fail_naming_a_key(items, world):
+    overrides = [f"{key}={value}" for key, value in items]
     try:
-        config = load_config([], [f"{key}={value}" for key, value in items])
+        config = load_config([], overrides)
         check_batch_arithmetic(config, world)
     except ConfigError as err:
-        one_line_error(err)
+        names_one_of(err, [key for key, _ in items] + ["train.global_batch_size"])
     else:
-        assert isinstance(config, Config)
+        for key, value in last_word(items).items():
+            assert same_value(dotted(config, key), value), (key, value, dotted(config, key))
 
 
 @FUZZ
-@given(document=st.dictionaries(st.sampled_from([k.split(".")[0] for k in all_keys()]) | st.text(max_size=8),
-                                json_values, max_size=4))
-def test_any_yaml_file_loads_or_fails_with_a_config_error(document, tmp_path):
+@given(document=st.dictionaries(st.sampled_from(sorted(SECTIONS)) | st.text(max_size=8), json_values, max_size=4))
+def test_any_yaml_file_loads_with_its_values_or_fails_naming_a_key(document, tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(document))
     try:
-        load_config([path])
+        config = load_config([path])
     except ConfigError as err:
-        one_line_error(err)
+        names_one_of(err, [str(key) for key in document] + ["train.global_batch_size"])
+    else:
+        for section, body in document.items():  # a file that loads has only known sections and keys
+            for key, value in body.items():
+                assert same_value(dotted(config, f"{section}.{key}"), value), (section, key, value)
 
 
 def record_is_good(raw: bytes) -> bool:
