@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import math
 import string
+import types
+import typing
 from collections import Counter
 
 import numpy as np
@@ -29,11 +31,38 @@ scalars = st.one_of(st.none(), st.booleans(), st.integers(-10**6, 10**6), st.flo
                     st.text(max_size=12))
 json_values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=3)
                            | st.dictionaries(st.text(max_size=6), inner, max_size=3), max_leaves=6)
-keys = st.one_of(st.sampled_from(all_keys()),
-                 st.lists(st.text(string.ascii_lowercase + "_", min_size=1, max_size=10), min_size=1, max_size=3)
-                 .map(".".join))
+words = st.text(string.ascii_lowercase + "_", min_size=1, max_size=10)
+keys = st.one_of(st.sampled_from(all_keys()), st.lists(words, min_size=1, max_size=3).map(".".join),
+                 st.tuples(st.sampled_from(sorted(SECTIONS)), words).map(".".join))  # unknown key in a section
 override_values = st.one_of(json_values.map(lambda v: yaml.safe_dump(v, default_flow_style=True).strip()),
                             st.text(max_size=20))
+
+
+def field_hint(key: str):
+    """The schema's type annotation of a dotted key."""
+    cls, *parents, name = [Config, *key.split(".")]
+    for part in parents:
+        cls = typing.get_type_hints(cls)[part]
+    return typing.get_type_hints(cls)[name]
+
+
+def values_of(hint) -> st.SearchStrategy:
+    """Values of an annotation's type (the range checks may still refuse some)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is typing.Literal:
+        return st.sampled_from(args)
+    if origin in (typing.Union, types.UnionType):
+        return st.one_of(*(st.none() if a is type(None) else values_of(a) for a in args))
+    if origin is list:
+        return st.lists(values_of(args[0]), max_size=3)
+    return {bool: st.booleans(), int: st.integers(-3, 10**6), float: st.floats(-1.0, 1e4),
+            str: st.text(string.ascii_letters + "/._-", min_size=1, max_size=12)}.get(hint, st.just({}))
+
+
+# Valid-looking items: a known key with a value of its type, so that most runs load and the values are checked.
+typed_items = st.sampled_from(sorted(k for k in all_keys() if k not in SECTIONS)).flatmap(
+    lambda key: values_of(field_hint(key)).map(lambda v: (key, yaml.safe_dump(v, default_flow_style=True)
+                                                          .strip().removesuffix("...").strip())))
 
 
 def one_line_error(err: Exception) -> None:
@@ -56,7 +85,13 @@ def names_one_of(err: ConfigError, keys: list[str]) -> None:
         return any(f"{q}{w}{q}" in text for w in whole for q in "'\"") or any(
             f"{q}{quoted(key)}{sep}" in text for q in "'\"" for sep in ".[")
 
+    keys = keys + [other for k in keys for pair in CROSS_CHECKED if k in pair for other in pair]
     assert any(named(k) for k in keys) or text.startswith("--set expects key=value"), (text, keys)
+
+
+CROSS_CHECKED = [  # the schema's checks of one key against another name either key
+    ("variance.clip_low", "variance.clip_high"),
+]
 
 
 def dotted(config: Config, key: str):
@@ -92,7 +127,7 @@ LEAF_KEYS = {k for k in all_keys() if k not in SECTIONS}
 
 
 @FUZZ
-@given(items=st.lists(st.tuples(keys, override_values), max_size=4), world=st.integers(1, 64))
+@given(items=st.lists(st.tuples(keys, override_values) | typed_items, max_size=4), world=st.integers(1, 64))
 def test_any_overrides_load_with_their_values_or_fail_naming_a_key(items, world):
     overrides = [f"{key}={value}" for key, value in items]
     try:
