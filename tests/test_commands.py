@@ -165,8 +165,7 @@ def test_quickstart_script_trains_two_ranks_and_reports_the_held_out_loss(tmp_pa
     data, out = tmp_path / "synth", tmp_path / "run"
     env = child_env(QUICKSTART_DATA=str(data), QUICKSTART_SETUP="0", MASTER_PORT=str(free_port()))
     knobs = [f"train.output_dir={out}", "train.max_steps=3", "train.warmup_steps=0", "train.micro_batch_size=4",
-             "train.eval_samples=16",
-             "logging.progress_bar=never"]
+             "train.eval_samples=16", "logging.progress_bar=never"]
     proc = subprocess.run(["bash", "launch/quickstart.sh", *[a for k in knobs for a in ("--set", k)]], cwd=REPO,
                           env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
