@@ -196,3 +196,28 @@ def test_chat_template_wraps_every_prompt_in_training_and_generation(synth_dir, 
     assert tokenizer.decode(plain_ids[:plain_len]) == records[0]["prompt"]
     assert list(ids[prompt_len:]) == list(plain_ids[plain_len:])
     assert encode_prompts(tokenizer, [records[0]["prompt"]], True) == [list(ids[:prompt_len])]
+
+
+def test_generate_decodes_a_llada_directory_only_with_trust_remote_code(llada_dir, capsys):
+    """``mdm-scale generate`` on the LLaDA-format directory: refused with a one-line error without
+    ``--trust-remote-code``; with it, the remote model decodes with the config's [MASK] id."""
+    from mdm_scale.cli import main
+    from mdm_scale.data.dataset import encode_prompts
+    from mdm_scale.generation.evaluate import decode_answer
+    from mdm_scale.generation.model_source import load_generation_model
+    from mdm_scale.generation.sampler import SamplingConfig, diffusion_generate
+
+    argv = ["generate", "--checkpoint", str(llada_dir), "--prompt", "Mia has 3 shells.", "--gen-length", "6"]
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"mdm-scale: error: --checkpoint {llada_dir} ships its own modelling code") and \
+        "--trust-remote-code" in err and len(err.splitlines()) == 1, err
+    assert main([*argv, "--trust-remote-code"]) == 0
+    printed = json.loads(capsys.readouterr().out.splitlines()[-1])
+    gm = load_generation_model(llada_dir, torch.device("cpu"), torch.float32, trust_remote_code=True)
+    assert gm.mask_token_id == json.loads((llada_dir / "config.json").read_text())["mask_token_id"]
+    out = diffusion_generate(gm.model, encode_prompts(gm.tokenizer, ["Mia has 3 shells."], False), [0],
+                             gm.mask_token_id, gm.tokenizer.pad_token_id, SamplingConfig(6, 6, 6), torch.device("cpu"))
+    assert printed == {"prompt": "Mia has 3 shells.",
+                       "prediction": decode_answer(gm.tokenizer, out[0, -6:].tolist(), gm.tokenizer.eos_token_id)}
