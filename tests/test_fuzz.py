@@ -25,6 +25,7 @@ from mdm_scale.data.loader import TrainLoader
 from mdm_scale.data.records import DataError, read_records
 
 SECTIONS = {k.split(".")[0] for k in all_keys() if "." in k}
+LEAF_KEYS = sorted(k for k in all_keys() if k not in SECTIONS)
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 scalars = st.one_of(st.none(), st.booleans(), st.integers(-10**6, 10**6), st.floats(allow_nan=True),
@@ -60,7 +61,7 @@ def values_of(hint) -> st.SearchStrategy:
 
 
 # Valid-looking items: a known key with a value of its type, so that most runs load and the values are checked.
-typed_items = st.sampled_from(sorted(k for k in all_keys() if k not in SECTIONS)).flatmap(
+typed_items = st.sampled_from(LEAF_KEYS).flatmap(
     lambda key: values_of(field_hint(key)).map(lambda v: (key, yaml.safe_dump(v, default_flow_style=True)
                                                           .strip().removesuffix("...").strip())))
 
@@ -68,6 +69,11 @@ typed_items = st.sampled_from(sorted(k for k in all_keys() if k not in SECTIONS)
 def one_line_error(err: Exception) -> None:
     text = str(err)
     assert text and "\n" not in text, text
+
+
+CROSS_CHECKED = [  # the schema's checks of one key against another name either key
+    ("variance.clip_low", "variance.clip_high"),
+]
 
 
 def names_one_of(err: ConfigError, keys: list[str]) -> None:
@@ -87,11 +93,6 @@ def names_one_of(err: ConfigError, keys: list[str]) -> None:
 
     keys = keys + [other for k in keys for pair in CROSS_CHECKED if k in pair for other in pair]
     assert any(named(k) for k in keys) or text.startswith("--set expects key=value"), (text, keys)
-
-
-CROSS_CHECKED = [  # the schema's checks of one key against another name either key
-    ("variance.clip_low", "variance.clip_high"),
-]
 
 
 def dotted(config: Config, key: str):
@@ -123,9 +124,6 @@ def last_word(items: list[tuple[str, str]]) -> dict[str, object]:
     return final
 
 
-LEAF_KEYS = {k for k in all_keys() if k not in SECTIONS}
-
-
 @FUZZ
 @given(items=st.lists(st.tuples(keys, override_values) | typed_items, max_size=4), world=st.integers(1, 64))
 def test_any_overrides_load_with_their_values_or_fail_naming_a_key(items, world):
@@ -141,7 +139,8 @@ def test_any_overrides_load_with_their_values_or_fail_naming_a_key(items, world)
 
 
 @FUZZ
-@given(document=st.dictionaries(st.sampled_from(sorted(SECTIONS)) | st.text(max_size=8), json_values, max_size=4))
+@given(document=st.dictionaries(st.sampled_from(sorted({k.split(".")[0] for k in all_keys()})) | st.text(max_size=8),
+                                json_values, max_size=4))
 def test_any_yaml_file_loads_with_its_values_or_fails_naming_a_key(document, tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(document))
@@ -150,9 +149,11 @@ def test_any_yaml_file_loads_with_its_values_or_fails_naming_a_key(document, tmp
     except ConfigError as err:
         names_one_of(err, [str(key) for key in document] + ["train.global_batch_size"])
     else:
-        for section, body in document.items():  # a file that loads has only known sections and keys
-            for key, value in body.items():
-                assert same_value(dotted(config, f"{section}.{key}"), value), (section, key, value)
+        for name, body in document.items():  # a file that loads has only known sections and keys
+            settings = body.items() if name in SECTIONS else [(None, body)]  # seed, deepspeed: one value
+            for key, value in settings:
+                where = name if key is None else f"{name}.{key}"
+                assert same_value(dotted(config, where), value), (where, value)
 
 
 def record_is_good(raw: bytes) -> bool:
