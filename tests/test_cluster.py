@@ -43,10 +43,10 @@ def train_args(synth: Path, out: Path, **extra) -> list[str]:
 
 
 def child_env(**extra) -> dict[str, str]:
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", **extra}
-    for key in LAUNCH_VARS:
-        env.pop(key, None)  # set for this pytest process (one in-process rank); each launch sets its own
-    return env
+    """This environment without the launch variables set for this pytest process (one in-process rank; each
+    launch sets its own), plus ``extra`` (which may set some of them, e.g. MASTER_PORT)."""
+    env = {key: value for key, value in os.environ.items() if key not in LAUNCH_VARS}
+    return {**env, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", **extra}
 
 
 def end_point(summary: dict) -> tuple[float, float]:
@@ -159,8 +159,9 @@ def test_mpirun_discovery_and_kill_9_of_a_rank_then_resume(mpirun, synth_dir, tm
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
         first = out / "checkpoints" / "step_00000025" / MANIFEST
         wait_for(lambda: first.is_file() or proc.poll() is not None, 600, "the first checkpoint")
+        assert proc.poll() is None, (tmp_path / "killed.log").read_text()[-4000:]
         ranks = [p for p in psutil.Process(proc.pid).children(recursive=True) if "mdm_scale.cli" in p.cmdline()]
-        assert proc.poll() is None and len(ranks) == 2, (tmp_path / "killed.log").read_text()[-4000:]
+        assert len(ranks) == 2, (tmp_path / "killed.log").read_text()[-4000:]
         victim = next(p for p in ranks if p.environ().get("PMI_RANK") == "1")
         victim.kill()  # SIGKILL: no handler, no checkpoint
         assert proc.wait(timeout=300) != 0
