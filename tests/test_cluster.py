@@ -4,6 +4,9 @@ ranks.
 
 Every scenario trains the same 2-rank run (same global batch, so the same samples with the same noise) and must
 end exactly where the uninterrupted reference run ends: the same final train loss and held-out loss.
+
+A missing SLURM or mpirun is never silent: the skip is listed in a banner at the end of the pytest run, and in
+CI (``CI=true``) it is a failure unless ``MDM_ALLOW_CLUSTER_SKIP=1`` (``conftest.skip_cluster_test``).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from conftest import REPO, final_summary, free_port, read_scalars, run_deepspeed, tiny_overrides
+from conftest import REPO, final_summary, free_port, read_scalars, run_deepspeed, skip_cluster_test, tiny_overrides
 from mdm_scale.config.loader import load_config
 from mdm_scale.training.checkpoint import MANIFEST, CheckpointError
 from mdm_scale.training.trainer import Trainer
@@ -40,10 +43,10 @@ def train_args(synth: Path, out: Path, **extra) -> list[str]:
 
 
 def child_env(**extra) -> dict[str, str]:
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", **extra}
-    for key in LAUNCH_VARS:
-        env.pop(key, None)  # set for this pytest process (one in-process rank); each launch sets its own
-    return env
+    """This environment without the launch variables set for this pytest process (one in-process rank; each
+    launch sets its own), plus ``extra`` (which may set some of them, e.g. MASTER_PORT)."""
+    env = {key: value for key, value in os.environ.items() if key not in LAUNCH_VARS}
+    return {**env, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", **extra}
 
 
 def end_point(summary: dict) -> tuple[float, float]:
@@ -70,6 +73,14 @@ def slurm_unavailable() -> str | None:
     if probe.returncode != 0 or not re.search(r"idle|mixed|allocated", probe.stdout):
         return f"no SLURM node is up (start one with: bash tools/slurm_local.sh start): {probe.stderr.strip()}"
     return None
+
+
+@pytest.fixture(scope="module")
+def slurm():
+    """Requested before ``reference``, so that a missing SLURM skips before the reference run is paid for."""
+    reason = slurm_unavailable()
+    if reason:
+        skip_cluster_test(reason)
 
 
 def job_state(job: str) -> dict[str, str]:
@@ -100,14 +111,11 @@ def finished(job: str) -> dict[str, str] | None:
     return state if state.get("JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL") else None
 
 
-def test_slurm_both_modes_and_a_preempted_requeued_job_end_like_the_uninterrupted_run(synth_dir, tmp_path,
+def test_slurm_both_modes_and_a_preempted_requeued_job_end_like_the_uninterrupted_run(slurm, synth_dir, tmp_path,
                                                                                       reference):
     """srun mode (one task per rank, SLURM discovery): SIGUSR1 mid-run -> checkpoint, exit 75, the script
     requeues the job, the requeued run resumes and ends exactly like the reference. deepspeed mode (one task per
     node running the deepspeed launcher with a hostfile from SLURM_JOB_NODELIST) runs alongside, uninterrupted."""
-    reason = slurm_unavailable()
-    if reason:
-        pytest.skip(reason)
     logs = {mode: tmp_path / f"{mode}.log" for mode in ("srun", "deepspeed")}
     preempted = submit("srun", logs["srun"], train_args(synth_dir, tmp_path / "srun"), "--ntasks-per-node=2")
     plain = submit("deepspeed", logs["deepspeed"], train_args(synth_dir, tmp_path / "deepspeed"))
@@ -134,10 +142,16 @@ def test_slurm_both_modes_and_a_preempted_requeued_job_end_like_the_uninterrupte
 
 
 # ---- mpirun and kill -9 ---------------------------------------------------------------------------------------
-def test_mpirun_discovery_and_kill_9_of_a_rank_then_resume(synth_dir, tmp_path, reference):
-    mpirun = Path(sys.executable).with_name("mpirun")
-    if not mpirun.is_file():
-        pytest.skip("mpirun not found next to python (pip install mpich, part of the dev extras)")
+@pytest.fixture(scope="module")
+def mpirun() -> Path:
+    """MPICH's mpirun from the dev extra's ``mpich`` wheel, next to this venv's python."""
+    path = Path(sys.executable).with_name("mpirun")
+    if not path.is_file():
+        skip_cluster_test(f"{path} not found (the dev extra's mpich wheel provides it: pip install -e '.[dev]')")
+    return path
+
+
+def test_mpirun_discovery_and_kill_9_of_a_rank_then_resume(mpirun, synth_dir, tmp_path, reference):
     out = tmp_path / "run"
     cmd = [str(mpirun), "-np", "2", sys.executable, "-m", "mdm_scale.cli", "train", *train_args(synth_dir, out)]
     env = child_env(MASTER_PORT=str(free_port()))
@@ -145,8 +159,9 @@ def test_mpirun_discovery_and_kill_9_of_a_rank_then_resume(synth_dir, tmp_path, 
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
         first = out / "checkpoints" / "step_00000025" / MANIFEST
         wait_for(lambda: first.is_file() or proc.poll() is not None, 600, "the first checkpoint")
+        assert proc.poll() is None, (tmp_path / "killed.log").read_text()[-4000:]
         ranks = [p for p in psutil.Process(proc.pid).children(recursive=True) if "mdm_scale.cli" in p.cmdline()]
-        assert proc.poll() is None and len(ranks) == 2, (tmp_path / "killed.log").read_text()[-4000:]
+        assert len(ranks) == 2, (tmp_path / "killed.log").read_text()[-4000:]
         victim = next(p for p in ranks if p.environ().get("PMI_RANK") == "1")
         victim.kill()  # SIGKILL: no handler, no checkpoint
         assert proc.wait(timeout=300) != 0

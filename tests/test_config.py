@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pytest
+import yaml
 
+from conftest import REPO
 from mdm_scale.config.deepspeed_json import build_deepspeed_config
 from mdm_scale.config.loader import check_batch_arithmetic, load_config
 from mdm_scale.config.schema import ConfigError, TrainConfig
 from mdm_scale.training.lr_schedule import lr_factor
 
-QUICKSTART = "configs/quickstart.yaml"
+QUICKSTART = str(REPO / "configs" / "quickstart.yaml")  # any working directory
+SHIPPED_CONFIGS = sorted(p.name for p in (REPO / "configs").glob("*.yaml"))
 
 
 def test_quickstart_config_loads_with_overrides():
@@ -100,9 +102,34 @@ def test_lr_schedule_formulas(schedule):
     assert lr_factor(60, cfg) == pytest.approx(midpoint)
 
 
-@pytest.mark.parametrize("path", sorted(str(p) for p in Path("configs").glob("*.yaml")))
-def test_every_shipped_config_loads(path):
-    load_config([path])
+def yaml_leaves(tree: dict, prefix: str = "") -> dict:
+    """Dotted key -> value of every setting in a YAML mapping (free-form mappings are one value)."""
+    leaves = {}
+    for key, value in tree.items():
+        name = prefix + key
+        if isinstance(value, dict) and name not in ("deepspeed", "model.overrides"):
+            leaves.update(yaml_leaves(value, name + "."))
+        else:
+            leaves[name] = value
+    return leaves
+
+
+def test_the_shipped_configs_are_found_from_any_working_directory():
+    assert {"quickstart.yaml", "llada_8b.yaml", "pretrain_1b.yaml"} <= set(SHIPPED_CONFIGS)
+
+
+@pytest.mark.parametrize("name", SHIPPED_CONFIGS)
+def test_every_shipped_config_loads_with_each_of_its_settings(name):
+    """Every key the file sets arrives in the typed config with the file's value (none dropped or renamed)."""
+    path = REPO / "configs" / name
+    cfg = load_config([path])
+    leaves = yaml_leaves(yaml.safe_load(path.read_text()))
+    assert leaves, name
+    for key, value in leaves.items():
+        node = cfg
+        for part in key.split("."):
+            node = getattr(node, part)
+        assert node == value, (name, key)
 
 
 def test_zero_stage_auto_picks_stage_2_only_when_the_model_states_fit():

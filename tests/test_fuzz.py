@@ -5,7 +5,10 @@ holds for any world size, batch shape and example lengths."""
 from __future__ import annotations
 
 import json
+import math
 import string
+import types
+import typing
 from collections import Counter
 
 import numpy as np
@@ -15,23 +18,52 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mdm_scale.config.loader import all_keys, check_batch_arithmetic, load_config
+from mdm_scale.config.loader import all_keys, check_batch_arithmetic, load_config, parse_override
 from mdm_scale.config.schema import Config, ConfigError
 from mdm_scale.data.dataset import TokenizedData
 from mdm_scale.data.loader import TrainLoader
 from mdm_scale.data.records import DataError, read_records
 
+SECTIONS = {k.split(".")[0] for k in all_keys() if "." in k}
+LEAF_KEYS = sorted(k for k in all_keys() if k not in SECTIONS)
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 scalars = st.one_of(st.none(), st.booleans(), st.integers(-10**6, 10**6), st.floats(allow_nan=True),
                     st.text(max_size=12))
 json_values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=3)
                            | st.dictionaries(st.text(max_size=6), inner, max_size=3), max_leaves=6)
-keys = st.one_of(st.sampled_from(all_keys()),
-                 st.lists(st.text(string.ascii_lowercase + "_", min_size=1, max_size=10), min_size=1, max_size=3)
-                 .map(".".join))
+words = st.text(string.ascii_lowercase + "_", min_size=1, max_size=10)
+keys = st.one_of(st.sampled_from(all_keys()), st.lists(words, min_size=1, max_size=3).map(".".join),
+                 st.tuples(st.sampled_from(sorted(SECTIONS)), words).map(".".join))  # unknown key in a section
 override_values = st.one_of(json_values.map(lambda v: yaml.safe_dump(v, default_flow_style=True).strip()),
                             st.text(max_size=20))
+
+
+def field_hint(key: str):
+    """The schema's type annotation of a dotted key."""
+    cls, *parents, name = [Config, *key.split(".")]
+    for part in parents:
+        cls = typing.get_type_hints(cls)[part]
+    return typing.get_type_hints(cls)[name]
+
+
+def values_of(hint) -> st.SearchStrategy:
+    """Values of an annotation's type (the range checks may still refuse some)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is typing.Literal:
+        return st.sampled_from(args)
+    if origin in (typing.Union, types.UnionType):
+        return st.one_of(*(st.none() if a is type(None) else values_of(a) for a in args))
+    if origin is list:
+        return st.lists(values_of(args[0]), max_size=3)
+    return {bool: st.booleans(), int: st.integers(-3, 10**6), float: st.floats(-1.0, 1e4),
+            str: st.text(string.ascii_letters + "/._-", min_size=1, max_size=12)}.get(hint, st.just({}))
+
+
+# Valid-looking items: a known key with a value of its type, so that most runs load and the values are checked.
+typed_items = st.sampled_from(LEAF_KEYS).flatmap(
+    lambda key: values_of(field_hint(key)).map(lambda v: (key, yaml.safe_dump(v, default_flow_style=True)
+                                                          .strip().removesuffix("...").strip())))
 
 
 def one_line_error(err: Exception) -> None:
@@ -39,28 +71,89 @@ def one_line_error(err: Exception) -> None:
     assert text and "\n" not in text, text
 
 
+CROSS_CHECKED = [  # the schema's checks of one key against another name either key
+    ("variance.clip_low", "variance.clip_high"),
+]
+
+
+def names_one_of(err: ConfigError, keys: list[str]) -> None:
+    """The error names (quoted as ``repr`` quotes it) one of ``keys``, a section above one, or a key inside
+    one (a mapping value is checked key by key), or says that a ``--set`` item is malformed."""
+    text = str(err)
+    one_line_error(err)
+
+    def quoted(key: str) -> str:
+        return repr(key)[1:-1]
+
+    def named(key: str) -> bool:
+        parts = key.split(".")
+        whole = [quoted(".".join(parts[:i])) for i in range(1, len(parts) + 1)]
+        return any(f"{q}{w}{q}" in text for w in whole for q in "'\"") or any(
+            f"{q}{quoted(key)}{sep}" in text for q in "'\"" for sep in ".[")
+
+    keys = keys + [other for k in keys for pair in CROSS_CHECKED if k in pair for other in pair]
+    assert any(named(k) for k in keys) or text.startswith("--set expects key=value"), (text, keys)
+
+
+def dotted(config: Config, key: str):
+    node = config
+    for part in key.split("."):
+        node = getattr(node, part)
+    return node
+
+
+def same_value(actual, expected) -> bool:
+    """The config holds the value given (ints and numeric strings become floats where floats are expected)."""
+    if isinstance(actual, float) and not isinstance(expected, bool):
+        try:
+            expected = float(expected)
+        except (TypeError, ValueError):
+            return False
+        return actual == expected or (math.isnan(actual) and math.isnan(expected))
+    return actual == expected and type(actual) is type(expected)
+
+
+def last_word(items: list[tuple[str, str]]) -> dict[str, object]:
+    """Leaf keys whose value no later item replaces (the same key, a section above it or a key inside it)."""
+    final = {}
+    for i, (key, text) in enumerate(items):
+        later = [k for k, _ in items[i + 1:]]
+        if key in LEAF_KEYS and not any(k == key or key.startswith(k + ".") or k.startswith(key + ".")
+                                        for k in later):
+            final[key] = parse_override(f"{key}={text}")[1]
+    return final
+
+
 @FUZZ
-@given(items=st.lists(st.tuples(keys, override_values), max_size=4), world=st.integers(1, 64))
-def test_any_overrides_load_or_fail_with_a_config_error(items, world):
+@given(items=st.lists(st.tuples(keys, override_values) | typed_items, max_size=4), world=st.integers(1, 64))
+def test_any_overrides_load_with_their_values_or_fail_naming_a_key(items, world):
+    overrides = [f"{key}={value}" for key, value in items]
     try:
-        config = load_config([], [f"{key}={value}" for key, value in items])
+        config = load_config([], overrides)
         check_batch_arithmetic(config, world)
     except ConfigError as err:
-        one_line_error(err)
+        names_one_of(err, [key for key, _ in items] + ["train.global_batch_size"])
     else:
-        assert isinstance(config, Config)
+        for key, value in last_word(items).items():
+            assert same_value(dotted(config, key), value), (key, value, dotted(config, key))
 
 
 @FUZZ
-@given(document=st.dictionaries(st.sampled_from([k.split(".")[0] for k in all_keys()]) | st.text(max_size=8),
+@given(document=st.dictionaries(st.sampled_from(sorted({k.split(".")[0] for k in all_keys()})) | st.text(max_size=8),
                                 json_values, max_size=4))
-def test_any_yaml_file_loads_or_fails_with_a_config_error(document, tmp_path):
+def test_any_yaml_file_loads_with_its_values_or_fails_naming_a_key(document, tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(document))
     try:
-        load_config([path])
+        config = load_config([path])
     except ConfigError as err:
-        one_line_error(err)
+        names_one_of(err, [str(key) for key in document] + ["train.global_batch_size"])
+    else:
+        for name, body in document.items():  # a file that loads has only known sections and keys
+            settings = body.items() if name in SECTIONS else [(None, body)]  # seed, deepspeed: one value
+            for key, value in settings:
+                where = name if key is None else f"{name}.{key}"
+                assert same_value(dotted(config, where), value), (where, value)
 
 
 def record_is_good(raw: bytes) -> bool:

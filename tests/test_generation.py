@@ -36,16 +36,86 @@ def random_model(causal: bool = False) -> MDMForMaskedDiffusion:
 PROMPTS = [[5, 6, 7], [8, 9, 10, 11, 12, 13, 14], [15]]
 
 
-@pytest.mark.parametrize("temperature,remasking", [(0.0, "low_confidence"), (1.0, "low_confidence"),
-                                                   (0.7, "random")])
-def test_diffusion_fills_every_mask_and_keeps_the_prompt(temperature, remasking):
-    cfg = SamplingConfig(gen_length=16, steps=8, block_length=8, temperature=temperature, remasking=remasking, seed=3)
-    out = sampler.diffusion_generate(random_model(), PROMPTS, [0, 1, 2], MASK, PAD, cfg, CPU)
+class KnownLogits:
+    """A stub masked-diffusion "model" with known outputs: at answer position p (after the prompt width) the
+    logit of ``tokens[p]`` is ``scores[p]`` and every other logit is 0, whatever the input. It records the
+    input of every call, so a test sees the state of the answer window before each step."""
+
+    def __init__(self, width: int, tokens: list[int], scores: list[float]):
+        self.width, self.tokens, self.scores, self.inputs = width, tokens, scores, []
+
+    def __call__(self, input_ids, attention_mask=None):
+        self.inputs.append(input_ids.clone())
+        logits = torch.zeros(*input_ids.shape, VOCAB, dtype=torch.float64)
+        for p, (token, score) in enumerate(zip(self.tokens, self.scores)):
+            logits[:, self.width + p, token] = score
+        return SimpleNamespace(logits=logits)
+
+    def filled_per_step(self, out: torch.Tensor, row: int = 0) -> list[set[int]]:
+        """Answer positions unmasked by each step of row ``row``."""
+        states = [x[row, self.width:] != MASK for x in [*self.inputs, out]]
+        return [set((after & ~before).nonzero().flatten().tolist()) for before, after in zip(states, states[1:])]
+
+
+# Block 1 holds the highest scores, and inside each block the order is not left to right: a sampler that
+# ignores blocks, fills positions in order, or keeps the least confident prediction first decodes differently.
+ANSWER = [11, 12, 13, 14, 15, 16, 17, 18]
+SCORES = [1.0, 3.0, 2.0, 0.5, 5.0, 4.0, 6.0, 4.5]
+
+
+@pytest.mark.parametrize("steps, order", [(8, [{1}, {2}, {0}, {3}, {6}, {4}, {7}, {5}]),
+                                          (4, [{1, 2}, {0, 3}, {4, 6}, {5, 7}]),
+                                          (2, [{0, 1, 2, 3}, {4, 5, 6, 7}])])
+def test_low_confidence_remasking_keeps_the_most_confident_predictions_block_by_block(steps, order):
     width = max(map(len, PROMPTS))
-    assert out.shape == (3, width + 16)
-    assert not (out[:, width:] == MASK).any()
+    model = KnownLogits(width, ANSWER, SCORES)
+    cfg = SamplingConfig(gen_length=8, steps=steps, block_length=4)
+    out = sampler.diffusion_generate(model, PROMPTS, [0, 1, 2], MASK, PAD, cfg, CPU)
+    for row in range(len(PROMPTS)):
+        assert model.filled_per_step(out, row) == order
+        assert out[row, width:].tolist() == ANSWER
     padded, _ = sampler.left_pad(PROMPTS, width, PAD)
-    assert torch.equal(out[:, :width], padded)
+    assert torch.equal(out[:, :width], padded) and len(model.inputs) == steps
+    for before in model.inputs:
+        assert torch.equal(before[:, :width], padded)  # the prompt is never masked or rewritten
+
+
+def test_random_remasking_unmasks_the_positions_of_a_block_in_a_uniformly_random_order():
+    """400 records, one position per step: the first position kept is uniform over the block's 4 (counts within
+    4.5 binomial standard deviations of 100; confidence order would always pick position 1), and the decoded
+    tokens are still the argmax."""
+    records = 400
+    model = KnownLogits(1, ANSWER[:4], SCORES[:4])
+    cfg = SamplingConfig(gen_length=4, steps=4, block_length=4, remasking="random", seed=11)
+    out = sampler.diffusion_generate(model, [[5]] * records, list(range(records)), MASK, PAD, cfg, CPU)
+    assert (out[:, 1:] == torch.tensor(ANSWER[:4])).all()
+    first = (model.inputs[1][:, 1:] != MASK).int().argmax(1)
+    counts = torch.bincount(first, minlength=4).tolist()
+    bound = 4.5 * (records * 0.25 * 0.75) ** 0.5
+    assert all(abs(c - records / 4) < bound for c in counts), counts
+
+
+@pytest.mark.parametrize("temperature, p_high", [(0.0, 1.0), (1.0, 0.75), (0.5, 0.9)])
+def test_temperature_samples_from_the_softmax_of_the_scaled_logits(temperature, p_high):
+    """Two candidate tokens with logits 0 and log 3 (all others far below): softmax(logits / T) gives the higher
+    one probability 3/4 at T = 1 and 9/10 at T = 1/2. One step decodes the whole window, so each of the
+    64 x 16 positions is one draw; the share is within 4.5 binomial standard deviations."""
+    records, length, low, high = 64, 16, 21, 22
+    width = 1
+
+    class TwoTokens(KnownLogits):
+        def __call__(self, input_ids, attention_mask=None):
+            logits = torch.full((*input_ids.shape, VOCAB), -1e4, dtype=torch.float64)
+            logits[..., low], logits[..., high] = 0.0, torch.log(torch.tensor(3.0))
+            return SimpleNamespace(logits=logits)
+
+    cfg = SamplingConfig(gen_length=length, steps=1, block_length=length, temperature=temperature, seed=2)
+    out = sampler.diffusion_generate(TwoTokens(width, [], []), [[5]] * records, list(range(records)), MASK, PAD,
+                                     cfg, CPU)[:, width:]
+    assert set(out.unique().tolist()) <= {low, high}
+    share = float((out == high).double().mean())
+    bound = 4.5 * (p_high * (1 - p_high) / out.numel()) ** 0.5
+    assert abs(share - p_high) <= bound, share
 
 
 def test_diffusion_is_deterministic_for_a_seed_and_independent_of_the_batch():
@@ -62,22 +132,9 @@ def test_diffusion_is_deterministic_for_a_seed_and_independent_of_the_batch():
     assert not torch.equal(first, other_seed)
 
 
-def test_one_token_per_step_fills_blocks_left_to_right():
-    """With steps = gen_length each forward unmasks exactly one position, always inside the current block."""
-    model = random_model()
-    calls = []
-    original = model.forward
-
-    def spy(input_ids, attention_mask=None, **kwargs):
-        calls.append((input_ids[:, -8:] == MASK).sum(1).tolist())
-        return original(input_ids, attention_mask, **kwargs)
-
-    model.forward = spy
-    cfg = SamplingConfig(gen_length=8, steps=8, block_length=4)
-    out = sampler.diffusion_generate(model, [[5, 6]], [0], MASK, PAD, cfg, CPU)
-    assert [c[0] for c in calls] == [8, 7, 6, 5, 4, 3, 2, 1]
-    assert not (out == MASK).any()
-    assert sampler.transfer_counts(10, 4) == [3, 3, 2, 2] and sum(sampler.transfer_counts(7, 7)) == 7
+def test_transfer_counts_split_each_block_evenly():
+    assert sampler.transfer_counts(10, 4) == [3, 3, 2, 2] and sampler.transfer_counts(7, 7) == [1] * 7
+    assert sampler.transfer_counts(3, 5) == [1, 1, 1, 0, 0]
 
 
 def test_sampling_settings_are_checked():

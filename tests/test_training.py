@@ -75,7 +75,8 @@ def test_local_bert_masked_lm_trains_through_the_same_path(synth_dir, tmp_path, 
                                                             "train.max_steps": 30, "train.lr": 1e-3})
     losses = read_scalars(summary["tensorboard_dir"], "train/loss")
     assert sum(losses[s] for s in range(26, 31)) < sum(losses[s] for s in range(1, 6)) - 1.0
-    assert summary["eval_loss"] is not None
+    assert summary["eval_loss"] == pytest.approx(read_scalars(summary["tensorboard_dir"], "eval/loss")[30])
+    assert summary["eval_loss"] < sum(losses[s] for s in range(1, 6)) / 5 - 0.5  # held-out loss fell too
 
 
 def test_errors_before_any_model_is_built(synth_dir, tmp_path, dist_env):

@@ -109,7 +109,13 @@ def _from_hf_dir(path: Path, trust_remote_code: bool) -> GenerationModel:
     from mdm_scale.models.loading import HFMaskedLMAdapter
     from mdm_scale.models.modeling_mdm import MDMForMaskedDiffusion
 
-    config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    try:
+        config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    except ValueError as err:
+        if "trust_remote_code" not in str(err):
+            raise
+        raise CheckpointError(f"--checkpoint {path} ships its own modelling code (e.g. LLaDA); pass "
+                              f"--trust-remote-code if you trust it") from None
     tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     info = json.loads((path / EXPORT_INFO).read_text()) if (path / EXPORT_INFO).is_file() else {}
     if config.model_type == MDMConfig.model_type:
