@@ -30,18 +30,12 @@ sys.path.insert(0, str(REPO / "tools" / "bench"))
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="small")
-    p.add_argument("--seq-len", type=int, default=192)
-    p.add_argument("--micro-batch", type=int, default=64)
+    from common import step_bench_parser
+
+    p = step_bench_parser(__doc__, preset="small", seq_len=192, micro_batch=64, warmup=3, out="ppots_start")
     p.add_argument("--vocab", type=int, default=128)
-    p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--steps", type=int, default=20, help="timed training steps")
     p.add_argument("--run-steps", type=int, default=1500, help="the run length the start is compared with")
-    p.add_argument("--mirror", action="store_true")
-    p.add_argument("--set", action="append", default=[], help="extra mdm-scale overrides (variance.ppots_* too)")
-    p.add_argument("--out", default="ppots_start")
-    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
