@@ -251,8 +251,8 @@ def test_offline_estimate_plan_records_every_job_once_in_forwards_of_one_sequenc
     cfg = load_config([REPO / "configs" / "quickstart.yaml"], ["data.seq_len=192", "train.micro_batch_size=64",
                                                                  *overrides])
     v = cfg.variance
-    rows = v.ppots_forward_tokens // cfg.data.seq_len
-    plans = {w: estimate_plan(cfg, w) for w in (1, 2, 3, 4, 16)}
+    rows = (v.ppots_forward_tokens or 65536) // cfg.data.seq_len
+    plans = {w: estimate_plan(cfg, w, on_gpu=True) for w in (1, 2, 3, 4, 16)}
     assert len({(p.per_forward, p.forwards_per_x0) for p in plans.values()}) == 1  # shapes: any world size
     for world, plan in plans.items():
         assert plan.per_forward * (2 if v.mirror else 1) <= max(rows, 2 * cfg.train.micro_batch_size)
@@ -263,8 +263,9 @@ def test_offline_estimate_plan_records_every_job_once_in_forwards_of_one_sequenc
                 assert len(jobs) == plan.per_forward and len({j // plan.jobs_per_x0 for j in jobs}) == 1
                 recorded += jobs[:n]
         assert sorted(recorded) == list(range(v.ppots_x0 * v.ppots_bins * v.ppots_masks)), world
-    if not overrides:  # 640 draws of 192 tokens under 65,536 tokens: 2 forwards of 320 per sequence
+    if not overrides:  # GPU: 640 draws of 192 tokens under 65,536 tokens: 2 forwards of 320 per sequence
         assert (plans[1].per_forward, plans[1].forwards_per_x0, plans[1].forwards) == (320, 2, 20)
+        assert estimate_plan(cfg, 1, on_gpu=False).per_forward == 64  # CPU: one micro-batch
 
 
 def test_batched_offline_estimate_equals_micro_batch_forwards(synth_dir, tmp_path, dist_env):
@@ -284,6 +285,6 @@ def test_batched_offline_estimate_equals_micro_batch_forwards(synth_dir, tmp_pat
     for tokens in (1, 10**6):
         cfg.variance.ppots_forward_tokens = tokens
         statistics[tokens] = offline_statistics(trainer)
-    assert estimate_plan(cfg, 1).forwards == 3 and cfg.variance.ppots_forward_tokens == 10**6
+    assert estimate_plan(cfg, 1, on_gpu=False).forwards == 3 and cfg.variance.ppots_forward_tokens == 10**6
     assert statistics[1][:, 0].sum() == 3 * 8 * 3  # every job counted once
     torch.testing.assert_close(statistics[10**6], statistics[1], rtol=1e-6, atol=0.0)

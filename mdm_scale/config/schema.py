@@ -211,10 +211,11 @@ class VarianceConfig:
     """P-POTS offline estimate: mask draws per (sequence, t) (each draw is a pair with MIRROR)."""
     ppots_bins: int = 64
     """P-POTS t-bins of the statistics; the offline estimate evaluates t at the bin centres."""
-    ppots_forward_tokens: int = 65536
+    ppots_forward_tokens: int | None = None
     """P-POTS offline estimate: token budget of one no-grad forward. A forward holds (t, mask) draws of one
     sequence: up to this // data.seq_len rows (half as many draws with MIRROR's pairs), at least
-    train.micro_batch_size draws (``training/ppots_estimate.py``)."""
+    train.micro_batch_size draws (``training/ppots_estimate.py``). null: 65,536 on GPU; on CPU one
+    micro-batch of draws (large forwards measured slower per row there under ZeRO-3)."""
     ppots_restarts: int = 20
     """Random starts of the first EPR fit (later refits start from the current parameters)."""
     ppots_refit_every: int = 50
@@ -254,8 +255,10 @@ class VarianceConfig:
                  "variance.mirror_plus_threshold", self.mirror_plus_threshold, "must be in (0, 1]")
         for key in ("ppots_x0", "ppots_refit_every"):
             _require(getattr(self, key) >= 0, f"variance.{key}", getattr(self, key), "must be >= 0")
-        for key in ("ppots_masks", "ppots_restarts", "ppots_forward_tokens"):
+        for key in ("ppots_masks", "ppots_restarts"):
             _require(getattr(self, key) >= 1, f"variance.{key}", getattr(self, key), "must be >= 1")
+        _require(self.ppots_forward_tokens is None or self.ppots_forward_tokens >= 1, "variance.ppots_forward_tokens",
+                 self.ppots_forward_tokens, "must be >= 1 or null")
         _require(self.ppots_masks >= 2 or self.mirror, "variance.ppots_masks", self.ppots_masks,
                  "must be >= 2 without MIRROR (the mask variance needs two draws)")
         _require(2 <= self.ppots_bins <= 4096, "variance.ppots_bins", self.ppots_bins, "must be in [2, 4096]")

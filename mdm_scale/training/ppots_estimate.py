@@ -9,10 +9,10 @@ world size. Rank r takes the sequences x0 = r, r + W, ... (disjoint x0).
 Batching (``estimate_plan``): one forward holds jobs of one sequence only, so its rows share one length (no
 padding) and its shape does not depend on the world size: a sequence's bins x masks jobs are cut into
 ``forwards_per_x0`` equal chunks of ``per_forward`` jobs, as large as ``ppots_forward_tokens`` allows (at
-least ``train.micro_batch_size``). With the defaults (64 x 10 jobs, 192 tokens) that is 2 forwards of 320
-rows per sequence instead of 10 of a 64-row micro-batch. Every rank runs the same number of forwards (ZeRO-3
-gathers parameters collectively), filling a short chunk, or a rank with fewer sequences, with repeats that are
-not recorded.
+least ``train.micro_batch_size``; null: 65,536 tokens on GPU, one micro-batch on CPU). With the GPU default
+(64 x 10 jobs, 192 tokens) that is 2 forwards of 320 rows per sequence instead of 10 of a 64-row micro-batch.
+Every rank runs the same number of forwards (ZeRO-3 gathers parameters collectively), filling a short chunk,
+or a rank with fewer sequences, with repeats that are not recorded.
 
 Pooling: each rank writes its jobs' losses into a zero tensor with one slot per job, and one all-reduce sums
 them. Every slot has exactly one non-zero contribution, so the sum is exact, and every rank then forms the
@@ -60,11 +60,16 @@ class EstimatePlan:
     forwards: int  # per rank, the same on every rank
 
 
-def estimate_plan(cfg, world_size: int) -> EstimatePlan:
+GPU_FORWARD_TOKENS = 65536
+"""``ppots_forward_tokens: null`` on GPU (on CPU: one micro-batch of draws per forward)."""
+
+
+def estimate_plan(cfg, world_size: int, on_gpu: bool) -> EstimatePlan:
     variance = cfg.variance
     jobs_per_x0 = variance.ppots_bins * variance.ppots_masks
     rows_per_job = 2 if variance.mirror else 1
-    budget = max(cfg.train.micro_batch_size, variance.ppots_forward_tokens // (cfg.data.seq_len * rows_per_job))
+    tokens = variance.ppots_forward_tokens or (GPU_FORWARD_TOKENS if on_gpu else 1)
+    budget = max(cfg.train.micro_batch_size, tokens // (cfg.data.seq_len * rows_per_job))
     per_forward = math.ceil(jobs_per_x0 / math.ceil(jobs_per_x0 / budget))  # equal chunks, fewest forwards
     forwards_per_x0 = math.ceil(jobs_per_x0 / per_forward)
     return EstimatePlan(jobs_per_x0, per_forward, forwards_per_x0,
@@ -87,7 +92,7 @@ def offline_statistics(trainer) -> torch.Tensor:
     """Per-bin statistics (bins, 5) of the initial model's losses, identical on every rank."""
     cfg, variance, env = trainer.cfg, trainer.cfg.variance, trainer.env
     bins, masks, n_x0 = variance.ppots_bins, variance.ppots_masks, variance.ppots_x0
-    plan = estimate_plan(cfg, env.world_size)
+    plan = estimate_plan(cfg, env.world_size, env.on_gpu)
     examples = DataStream(len(trainer.data.train), cfg.seed).example_ids(range(n_x0))
     grid_t = GridT(bins, masks)
     losses = torch.zeros(n_x0 * plan.jobs_per_x0, dtype=torch.float64, device=env.device)
@@ -125,7 +130,7 @@ def initial_fit(trainer) -> None:
     statistics = offline_statistics(trainer)
     sampler = trainer.objective.t_sampler
     sampler.update(statistics, device=trainer.env.device)
-    plan = estimate_plan(trainer.cfg, trainer.env.world_size)
+    plan = estimate_plan(trainer.cfg, trainer.env.world_size, trainer.env.on_gpu)
     trainer.info(f"P-POTS offline estimate: {variance.ppots_x0} sequences x {variance.ppots_bins} t x "
                  f"{variance.ppots_masks} mask draws ({plan.forwards} forwards of {plan.per_forward} draws per "
                  f"rank), EPR fit with {variance.ppots_restarts} starts, {time.perf_counter() - start:.1f} s")

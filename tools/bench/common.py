@@ -8,6 +8,8 @@ machine (an 8192^3 bf16 matrix product) and the datasheet (989 TFLOP/s dense for
 
 from __future__ import annotations
 
+import argparse
+
 import numpy as np
 import torch
 from tokenizers import Tokenizer, models
@@ -23,6 +25,21 @@ DATASHEET_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0}
 
 PPOTS_SMALL_ESTIMATE = ["variance.t_sampler=ppots", "variance.ppots_x0=2", "variance.ppots_masks=2"]
 """P-POTS overrides with a small offline estimate: the benchmarks time training steps, not the estimate."""
+
+
+def step_bench_parser(doc: str, preset: str, seq_len: int, micro_batch: int, warmup: int, out: str
+                      ) -> argparse.ArgumentParser:
+    """The options the step-timing benchmarks share (model shape, warm-up, MIRROR, overrides, output)."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default=preset)
+    p.add_argument("--seq-len", type=int, default=seq_len)
+    p.add_argument("--micro-batch", type=int, default=micro_batch)
+    p.add_argument("--warmup", type=int, default=warmup)
+    p.add_argument("--mirror", action="store_true", help="MIRROR pairs")
+    p.add_argument("--set", action="append", default=[], help="extra mdm-scale overrides")
+    p.add_argument("--out", default=out)
+    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
+    return p
 
 
 def sync_device() -> None:

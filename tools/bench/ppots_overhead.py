@@ -27,18 +27,12 @@ sys.path.insert(0, str(REPO / "tools" / "bench"))
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="1b")
-    p.add_argument("--seq-len", type=int, default=2048)
-    p.add_argument("--micro-batch", type=int, default=8)
-    p.add_argument("--warmup", type=int, default=5)
+    from common import step_bench_parser
+
+    p = step_bench_parser(__doc__, preset="1b", seq_len=2048, micro_batch=8, warmup=5, out="ppots_overhead")
     p.add_argument("--blocks", type=int, default=5, help="block pairs (service on, service off)")
     p.add_argument("--block-steps", type=int, default=20)
     p.add_argument("--refit-every", type=int, default=20, help="the default run setting is 50")
-    p.add_argument("--mirror", action="store_true", help="MIRROR pairs too (both modes)")
-    p.add_argument("--set", action="append", default=[], help="extra mdm-scale overrides")
-    p.add_argument("--out", default="ppots_overhead")
-    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 

@@ -2,8 +2,10 @@
 
 The start is the offline estimate (``training/ppots_estimate.py``: ``ppots_x0`` sequences x ``ppots_bins`` t x
 ``ppots_masks`` mask draws of no-grad forwards) and the first EPR fit (``ppots_restarts`` random starts). Both
-are timed once on the fresh engine, as in a run, then ``--steps`` training steps of the same trainer after
-``--warmup`` steps. The ratio is the start over ``--run-steps`` training steps (a 1,500-step run by default).
+are timed on the fresh engine, as in a run (``estimate_cold_s``: with CUDA it includes compiling the fused
+kernels for the estimate's shapes), then the estimate once more (``estimate_warm_s``), the first training step
+(``first_step_s``: compiling for the training shapes), and ``--steps`` training steps after ``--warmup`` more.
+The ratios are the start, cold and warm, over ``--run-steps`` training steps (a 1,500-step run by default).
 
     bash tools/bench/run_gpu.sh python3 tools/bench/ppots_start.py --preset small --seq-len 192 \\
         --micro-batch 64 --out ppots_start
@@ -28,18 +30,12 @@ sys.path.insert(0, str(REPO / "tools" / "bench"))
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="small")
-    p.add_argument("--seq-len", type=int, default=192)
-    p.add_argument("--micro-batch", type=int, default=64)
+    from common import step_bench_parser
+
+    p = step_bench_parser(__doc__, preset="small", seq_len=192, micro_batch=64, warmup=3, out="ppots_start")
     p.add_argument("--vocab", type=int, default=128)
-    p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--steps", type=int, default=20, help="timed training steps")
     p.add_argument("--run-steps", type=int, default=1500, help="the run length the start is compared with")
-    p.add_argument("--mirror", action="store_true")
-    p.add_argument("--set", action="append", default=[], help="extra mdm-scale overrides (variance.ppots_* too)")
-    p.add_argument("--out", default="ppots_start")
-    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
@@ -67,34 +63,33 @@ def main(argv=None) -> int:
     trainer = Trainer(cfg, env, data=random_blocks(args.vocab, args.seq_len, blocks, seed=cfg.seed))
     cfg.variance.ppots_x0 = x0
 
-    sync_device()
-    start = time.perf_counter()
-    new_statistics = offline_statistics(trainer)
-    sync_device()
-    estimated = time.perf_counter()
-    trainer.objective.t_sampler.update(new_statistics, device=env.device)
-    fitted = time.perf_counter()
+    def timed(work) -> tuple[float, object]:
+        sync_device()
+        start = time.perf_counter()
+        result = work()
+        sync_device()
+        return time.perf_counter() - start, result
 
+    estimate_cold, new_statistics = timed(lambda: offline_statistics(trainer))
+    fit, _ = timed(lambda: trainer.objective.t_sampler.update(new_statistics, device=env.device))
+    estimate_warm, _ = timed(lambda: offline_statistics(trainer))
     trainer.engine.train()
+    first_step, _ = timed(trainer.train_step)
     for _ in range(args.warmup):
         trainer.train_step()
-    times = []
-    for _ in range(args.steps):
-        sync_device()
-        step_start = time.perf_counter()
-        trainer.train_step()
-        sync_device()
-        times.append(time.perf_counter() - step_start)
+    times = [timed(trainer.train_step)[0] for _ in range(args.steps)]
     step = statistics.mean(times)
-    plan = estimate_plan(cfg, env.world_size)
+    plan = estimate_plan(cfg, env.world_size, env.on_gpu)
     result = {
         "preset": args.preset, "seq_len": args.seq_len, "micro_batch": args.micro_batch, "mirror": args.mirror,
         "gpus": env.world_size, "ppots_x0": x0, "ppots_bins": cfg.variance.ppots_bins,
         "ppots_masks": cfg.variance.ppots_masks, "ppots_restarts": cfg.variance.ppots_restarts,
         "estimate_sequences_per_forward": plan.per_forward, "estimate_forwards_per_rank": plan.forwards,
-        "estimate_s": estimated - start, "fit_s": fitted - estimated, "step_ms": 1e3 * step,
+        "estimate_cold_s": estimate_cold, "estimate_warm_s": estimate_warm, "fit_s": fit,
+        "first_step_s": first_step, "step_ms": 1e3 * step,
         "step_ms_sd": 1e3 * statistics.stdev(times) if len(times) > 1 else None, "run_steps": args.run_steps,
-        "start_over_run": (fitted - start) / (args.run_steps * step),
+        "start_over_run_cold": (estimate_cold + fit) / (args.run_steps * step),
+        "start_over_run_warm": (estimate_warm + fit) / (args.run_steps * step),
         "device": torch.cuda.get_device_name() if env.on_gpu else "cpu", "command": " ".join(sys.argv),
     }
     if env.is_main:
