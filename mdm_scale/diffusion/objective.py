@@ -90,6 +90,27 @@ class NoisyBatch:
         return out.index_add_(0, self.row_sample, row_loss * self.row_scale)
 
 
+def stack_rows(parts: list[NoisyBatch]) -> NoisyBatch:
+    """The rows of several corruptions of the same clean sequences (equal widths) as one batch for one forward:
+    part k's sequences become sequences k B .. (k + 1) B - 1. The loss coefficients are kept, so the stacked
+    loss is the sum of the parts' losses (the online variance probe uses only the token losses)."""
+    width = parts[0].input_ids.shape[1]
+    row_offsets = [0]
+    for part in parts[:-1]:
+        row_offsets.append(row_offsets[-1] + part.rows)
+    seq_offsets = [k * len(parts[0].t) for k in range(len(parts))]
+
+    def cat(name: str, shift=None) -> torch.Tensor:
+        return torch.cat([getattr(p, name) + (0 if shift is None else shift[k]) for k, p in enumerate(parts)])
+
+    masks = [p.attention_mask for p in parts]
+    return NoisyBatch(cat("input_ids"), None if masks[0] is None else torch.cat(masks),
+                      cat("loss_positions", [o * width for o in row_offsets]), cat("loss_targets"), cat("loss_coef"),
+                      cat("token_row", row_offsets), cat("token_scale"), cat("row_sample", seq_offsets),
+                      cat("row_scale"), cat("t"), cat("weight"), sum(p.eligible_tokens for p in parts),
+                      sum(p.rows for p in parts))
+
+
 def _flat_loss_tokens(input_ids: torch.Tensor, selected: torch.Tensor, target_ids: torch.Tensor):
     rows, cols = selected.nonzero(as_tuple=True)
     positions = rows * input_ids.shape[1] + cols

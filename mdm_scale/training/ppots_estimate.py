@@ -78,7 +78,7 @@ def offline_statistics(trainer) -> torch.Tensor:
     trainer.engine.train()
     pooled = all_reduce_sum(torch.stack([losses, pair_sq, paired])).cpu()
     t = grid_t.sample(torch.arange(n_x0 * jobs_per_x0))[0]
-    pair = torch.where(pooled[2] > 0, pooled[1], float("nan")) if cfg.variance.mirror else None
+    pair = torch.where(pooled[2] > 0, pooled[1], float("nan")) if cfg.variance.mirror is True else None
     return bin_statistics(t, pooled[0], pair, bins, variance.ppots_loss_max)
 
 

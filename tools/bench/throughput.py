@@ -196,7 +196,7 @@ def _mdm_scale(args, env, micro: int, overrides: list[str]):
     blocks = (args.warmup + args.steps + args.breakdown_steps + 1) * micro * args.grad_accum * env.world_size
     trainer = Trainer(cfg, env, data=random_blocks(_vocab(args), args.seq_len, blocks, seed=cfg.seed))
     trainer.engine.train()
-    rows = micro * (2 if cfg.variance.mirror else 1)
+    rows = micro * (2 if cfg.variance.mirror is True else 1)
     return Subject(trainer.train_step, rows * args.seq_len * args.grad_accum, trainer), trainer.engine.module.config
 
 
