@@ -106,10 +106,6 @@ class TrainLoader:
             self._layout.append((from_step, start, micro_batch))
             self._step_plan = None
 
-    def position_at(self, step: int) -> int:
-        """The first stream position of optimiser step ``step`` (= sequences consumed before it)."""
-        return self._span(step)[0]
-
     def _span(self, step: int) -> tuple[int, int]:
         """(first stream position, sequences per micro-batch) of optimiser step ``step``."""
         for first_step, first_position, micro in reversed(self._layout):

@@ -180,8 +180,9 @@ class Trainer:
         self.loader.set_micro_batch(from_step, micro // 2 if on else micro)
 
     def _client_state(self) -> dict:
-        return {"step": self.step, "samples_seen": self.loader.position_at(self.step),
-                "nonfinite": self.guard.state_dict()}
+        # samples_seen counts global batches of the configured size (with ``mirror: auto`` the sequences per
+        # step vary, the rows do not); the checkpoint checks the global batch against it on resume.
+        return {"step": self.step, "samples_seen": self.step * self.global_batch, "nonfinite": self.guard.state_dict()}
 
     def _rank_state(self) -> dict:
         """Per-rank state: the t-sampler's (adaptive samplers hold per-rank statistics since the last refit)
