@@ -17,6 +17,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from test_variance_tool import BLOCKS, EPS, MASK, N_TOK, VOCAB, ContextModel, exact_abc, exact_curves, midpoints
 
 from conftest import read_scalars, tiny_overrides
 from mdm_scale.config.loader import load_config
@@ -29,7 +30,6 @@ from mdm_scale.diffusion.objective import MDMObjective
 from mdm_scale.diffusion.online_variance import Probe, VarianceMonitor, estimates, training_statistics
 from mdm_scale.diffusion.t_samplers import UniformT
 from mdm_scale.training.trainer import Trainer
-from test_variance_tool import BLOCKS, EPS, MASK, N_TOK, VOCAB, ContextModel, exact_abc, exact_curves, midpoints
 
 Z = 4.5
 

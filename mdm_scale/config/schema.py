@@ -304,8 +304,8 @@ class Config:
         _require(0 <= self.seed < 2**63, "seed", self.seed, "must be in [0, 2^63)")
         for section in (self.model, self.data, self.train, self.variance):
             section.check()
-        _require(self.train.objective == "mdm" or self.variance.mirror is False, "variance.mirror", self.variance.mirror,
-                 "MIRROR masks apply to the mdm objective only (train.objective = arm)")
+        _require(self.train.objective == "mdm" or self.variance.mirror is False, "variance.mirror",
+                 self.variance.mirror, "MIRROR masks apply to the mdm objective only (train.objective = arm)")
         _require(self.train.objective == "mdm" or self.variance.t_sampler == "uniform", "variance.t_sampler",
                  self.variance.t_sampler, "t-samplers apply to the mdm objective only (train.objective = arm)")
         _require(self.variance.mirror != "auto" or self.train.micro_batch_size % 2 == 0, "train.micro_batch_size",

@@ -26,7 +26,8 @@ under P-POTS, 1 under uniform t). With V = Var(L) = A + B + C (``docs/variance.m
 - **MIRROR at equal rows.** With R rows per step, standard has Var = V / R and MIRROR (R / 2 sequences of two
   antithetic rows) Var = (A + K + 2B + 2C) / R, so MIRROR pays exactly when A - K > V, i.e. when
   E[(L - L')^2] / 2 > Var(L): both sides are measured above. ``mirror: auto`` switches MIRROR on or off at each
-  refit by this rule, halving the sequences per micro-batch while on so the rows per step stay fixed.
+  refit by this rule (when the sides differ by ``SWITCH_Z`` standard errors), halving the sequences per
+  micro-batch while on so the rows per step stay fixed.
   Unbiasedness: each step's loss is unbiased for the uniform objective under either setting, and the setting of
   a step is a function of earlier steps' noise only (samples are never reused: stream positions run on), so
   E[step loss] = objective through every switch (``tests/test_online_variance.py``).
