@@ -47,6 +47,7 @@ from mdm_scale.data.loader import Batch
 from mdm_scale.diffusion.masks import BernoulliMasks
 from mdm_scale.diffusion.noise import Stream, keyed_uniform
 from mdm_scale.diffusion.objective import MDMObjective, NoisyBatch, stack_rows
+from mdm_scale.diffusion.ppots import PPOTSSettings
 from mdm_scale.distributed.env import all_reduce_sum, broadcast_from_main
 
 # Columns of the statistics: training rows (count, sums of L, L^2, L^3, L^4: V and its standard error), then
@@ -62,20 +63,16 @@ SWITCH_Z = 2.0  # ... and until the rule's two sides differ by this many standar
 @dataclass(frozen=True)
 class MonitorSettings:
     refit_every: int = 50
-    half_life: float = 200.0
+    decay: float = 1.0  # factor on the pooled sums at each refit: P-POTS's, 0.5^(refit_every / half_life)
     probe_every: int = 10
     probe_fraction: float = 0.0625
     mirror_auto: bool = False
 
     @classmethod
     def from_config(cls, variance) -> MonitorSettings:
-        return cls(refit_every=variance.ppots_refit_every, half_life=variance.ppots_half_life,
+        return cls(refit_every=variance.ppots_refit_every, decay=PPOTSSettings.from_config(variance).decay,
                    probe_every=variance.probe_every, probe_fraction=variance.probe_fraction,
                    mirror_auto=variance.mirror == "auto")
-
-    @property
-    def decay(self) -> float:
-        return 0.5 ** (self.refit_every / self.half_life) if self.half_life > 0 else 1.0
 
 
 def estimates(stats: torch.Tensor) -> dict[str, float]:
