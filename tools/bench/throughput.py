@@ -6,7 +6,7 @@
 Each subject runs in its own ``deepspeed --num_gpus N`` job on the same random-token data (pretraining-style
 blocks, no padding) and model shape, and reports tokens/s/GPU, TFLOP/s/GPU, MFU (``common.py`` has the FLOP
 convention), peak memory, and a step-time breakdown (forward / backward / optimizer / communication / sampler /
-data)
+online variance probe / data)
 from extra steps timed with device synchronisation and DeepSpeed's communication logger (those steps are
 slower, so throughput comes from untimed steps). Results go to ``<out>.json`` and ``<out>.md``.
 
@@ -303,7 +303,7 @@ def _markdown(report: dict) -> str:
              f"{peak:.0f} TFLOP/s" if peak else f"Device: {report['device']} x {report['gpus']}",
              f"Command: `{report['command']}`", "",
              "| subject | micro (x accum) | tokens/s/GPU | vs plain | TFLOP/s/GPU | MFU (measured / datasheet) | "
-             "peak mem GiB | fwd / bwd / opt / comm / sampler / data ms |",
+             "peak mem GiB | fwd / bwd / opt / comm / sampler / probe / data ms |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in report["results"]:
         if "tokens_per_s_per_gpu" not in r:
@@ -311,7 +311,7 @@ def _markdown(report: dict) -> str:
             continue
         b = r["breakdown_ms"]
         parts = " / ".join(f"{b[k]:.0f}" if k in b else "-" for k in ("forward", "backward", "optimizer",
-                                                                       "communication", "sampler", "data"))
+                                                                       "communication", "sampler", "probe", "data"))
         mfu = " / ".join(f"{100 * m:.1f}%" if m else "-" for m in (r["mfu_measured_peak"], r["mfu_datasheet"]))
         mem = f"{r['peak_memory_gb']:.1f}" if r["peak_memory_gb"] is not None else "-"
         micro = f"{r['micro_batch']}" + (f" x {r['grad_accum']}" if r.get("grad_accum", 1) > 1 else "")
