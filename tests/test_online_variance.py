@@ -196,3 +196,22 @@ def test_two_ranks_pool_the_same_statistics_as_one_rank(synth_dir, tmp_path, dis
         a, b = read_scalars(one, tag), read_scalars(two, tag)
         assert sorted(a) == [3, 6, 9]
         assert a[3] == pytest.approx(b[3], rel=1e-3), tag  # weights differ by float summation order only
+
+
+@pytest.mark.parametrize("mirror", [False, True])
+def test_gradient_norm_proxy_brackets_the_true_logit_gradient_norm(mirror):
+    """``sample_grad_norms`` (``ppots_target: grad``): with 1 - p_y in place of ||softmax - onehot||, the proxy
+    is at most the norm of the autograd gradient of each sequence's loss w.r.t. its logits, and at least
+    1/sqrt(2) of it."""
+    cfg = load_config(None, ["variance.eps=0.05", "seed=4"])
+    objective = MDMObjective(UniformT(4), masks_for(cfg.variance, 4, mirror=mirror), MASK)
+    noisy = objective.corrupt(block_loader(micro=8).micro_batch_at(0, 0))
+    logits = torch.randn(noisy.masked_tokens, VOCAB, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    token_ce = torch.nn.functional.cross_entropy(logits, noisy.loss_targets, reduction="none")
+    losses = noisy.sample_losses(noisy.row_losses(token_ce))
+    proxy = noisy.sample_grad_norms(token_ce.detach())
+    for b in range(len(losses)):
+        (grad,) = torch.autograd.grad(losses[b], logits, retain_graph=True)
+        true = float(grad.norm())
+        assert float(proxy[b]) <= true * (1 + 1e-5) + 1e-7 and true <= 2**0.5 * float(proxy[b]) * (1 + 1e-5) + 1e-7
+    assert bool((proxy > 0).any())

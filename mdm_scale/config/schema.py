@@ -205,6 +205,10 @@ class VarianceConfig:
     """Defensive mixing p <- (1 - lambda) p + lambda with the uniform density."""
     ppots_max_weight: float | None = None
     """Cap on the importance weight 1/p(t), enforced by mixing in just enough uniform density (stays unbiased)."""
+    ppots_target: Literal["loss", "grad"] = "loss"
+    """What P-POTS fits p(t) proportional to sqrt(E[x^2 | t]) of: ``loss``, the per-sequence loss l (the paper);
+    ``grad``, a per-sequence gradient-norm proxy, the norm of the gradient of l with respect to its masked
+    tokens' logits (``NoisyBatch.sample_grad_norms``, no extra backward). Measured in docs/variance.md."""
     ppots_loss_max: float | None = None
     """Clamp per-sequence losses at this value in the P-POTS statistics only (the official code used 10)."""
     t_coupling: Literal["independent", "stratified", "symmetric"] = "independent"

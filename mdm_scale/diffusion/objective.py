@@ -84,6 +84,18 @@ class NoisyBatch:
         pairs.index_add_(0, self.row_sample[:-1], same.to(torch.float32))
         return torch.where(pairs > 0, out, float("nan"))
 
+    def sample_grad_norms(self, token_ce: torch.Tensor) -> torch.Tensor:
+        """A per-sequence gradient-norm proxy, shape (B,): the norm of the gradient of the unweighted sequence
+        loss l with respect to the logits of its masked tokens, with ||softmax - onehot|| replaced by 1 - p_y =
+        1 - exp(-CE) (the true norm lies between that and sqrt(2) times it). Logits of different tokens and rows
+        are different coordinates, so |grad l|^2 = sum_r s_r^2 sum_i (token_scale_i (1 - exp(-CE_i)))^2; it
+        needs no extra backward (``variance.ppots_target: grad``)."""
+        per_token = (self.token_scale * (1.0 - torch.exp(-token_ce.float()))) ** 2
+        rows = torch.zeros(self.rows, dtype=torch.float32, device=token_ce.device).index_add_(0, self.token_row,
+                                                                                              per_token)
+        out = torch.zeros(len(self.t), dtype=torch.float32, device=token_ce.device)
+        return out.index_add_(0, self.row_sample, rows * self.row_scale**2).sqrt()
+
     def sample_losses(self, row_loss: torch.Tensor) -> torch.Tensor:
         """Unweighted loss of each sequence (its rows combined by ``row_scale``), shape (B,)."""
         out = torch.zeros(len(self.t), dtype=torch.float32, device=row_loss.device)

@@ -69,8 +69,10 @@ def offline_statistics(trainer) -> torch.Tensor:
         out = trainer.engine(**noisy.model_inputs())
         row_loss = noisy.row_losses(out.token_ce)
         index = torch.tensor(jobs[:recorded], dtype=torch.long, device=env.device)
-        losses[index] = noisy.sample_losses(row_loss)[:recorded].double()
-        pair = noisy.pair_sq_diff(row_loss)
+        grad_target = variance.ppots_target == "grad"
+        values = noisy.sample_grad_norms(out.token_ce) if grad_target else noisy.sample_losses(row_loss)
+        losses[index] = values[:recorded].double()
+        pair = None if grad_target else noisy.pair_sq_diff(row_loss)
         if pair is not None:
             pair = pair[:recorded].double()
             pair_sq[index] = torch.nan_to_num(pair, nan=0.0)
@@ -78,7 +80,8 @@ def offline_statistics(trainer) -> torch.Tensor:
     trainer.engine.train()
     pooled = all_reduce_sum(torch.stack([losses, pair_sq, paired])).cpu()
     t = grid_t.sample(torch.arange(n_x0 * jobs_per_x0))[0]
-    pair = torch.where(pooled[2] > 0, pooled[1], float("nan")) if cfg.variance.mirror is True else None
+    paired = cfg.variance.mirror is True and variance.ppots_target == "loss"
+    pair = torch.where(pooled[2] > 0, pooled[1], float("nan")) if paired else None
     return bin_statistics(t, pooled[0], pair, bins, variance.ppots_loss_max)
 
 

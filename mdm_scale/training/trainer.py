@@ -244,7 +244,9 @@ class Trainer:
                     pair_sq_diff = noisy.pair_sq_diff(row_loss)
                 if self.monitor is not None:
                     self.monitor.observe(training_statistics(noisy, row_loss, pair_sq_diff))
-                if sampler is not None:
+                if sampler is not None and self.cfg.variance.ppots_target == "grad":
+                    sampler.observe(noisy.t, noisy.sample_grad_norms(out.token_ce), None)
+                elif sampler is not None:
                     sampler.observe(noisy.t, sample_losses, pair_sq_diff)
                 if self.ema is not None:
                     self.ema.update(noisy.t, sample_losses)
