@@ -197,8 +197,11 @@ class VarianceConfig:
     """Distribution of the masking rate t per sequence: ``uniform``; ``ppots`` (t ~ p(t) with weight
     1/p(t), p fitted to the loss: ``diffusion/ppots.py``, SPEC section 3.1); ``clipped``: t ~ U[clip_low,
     clip_high] with weight 1, the BD3-LM baseline, *biased* (``diffusion/clipped_t.py``)."""
-    mirror: bool = False
-    """MIRROR antithetic mask pairs (SPEC section 3.2): two rows per sequence in the same forward."""
+    mirror: bool | Literal["auto"] = False
+    """MIRROR antithetic mask pairs (SPEC section 3.2): two rows per sequence in the same forward. ``auto``:
+    switch MIRROR on or off at every refit (``ppots_refit_every``) by the measured rule "MIRROR pays at equal
+    rows iff E[(L1 - L2)^2] / 2 > Var(L)" (``diffusion/online_variance.py``), starting off; while on, a
+    micro-batch holds ``micro_batch_size / 2`` sequences, so the rows per step stay fixed."""
     mirror_plus_threshold: float | None = None
     """MIRROR only: sequences with t >= this use one mask (saves compute where the pair's anti-correlation is
     weak; the paper's "mirror_plus" used 0.9). null = always two masks."""
@@ -226,6 +229,10 @@ class VarianceConfig:
     """Defensive mixing p <- (1 - lambda) p + lambda with the uniform density."""
     ppots_max_weight: float | None = None
     """Cap on the importance weight 1/p(t), enforced by mixing in just enough uniform density (stays unbiased)."""
+    ppots_target: Literal["loss", "grad"] = "loss"
+    """What P-POTS fits p(t) proportional to sqrt(E[x^2 | t]) of: ``loss``, the per-sequence loss l (the paper);
+    ``grad``, a per-sequence gradient-norm proxy, the norm of the gradient of l with respect to its masked
+    tokens' logits (``NoisyBatch.sample_grad_norms``, no extra backward). Measured in docs/variance.md."""
     ppots_loss_max: float | None = None
     """Clamp per-sequence losses at this value in the P-POTS statistics only (the official code used 10)."""
     t_coupling: Literal["independent", "stratified", "symmetric"] = "independent"
@@ -246,10 +253,18 @@ class VarianceConfig:
     of the logged loss only; the gradient is provably unchanged (``diffusion/ema_baseline.py``)."""
     ema_rate: float = 0.01
     """EMA: the baseline's moving-average rate eta."""
+    probe_every: int = 10
+    """Online A/B/C (``diffusion/online_variance.py``): every this many optimiser steps, a no-grad probe forward
+    evaluates four rows (base mask, its antithetic mask, an independent mask, an independent rate and mask) of
+    the selected sequences; 0 = no probe (V and MIRROR's pair statistic are still measured). The estimates are
+    pooled and logged every ``ppots_refit_every`` steps, for any t_sampler."""
+    probe_fraction: float = 0.0625
+    """Online A/B/C: fraction of the sequences of a probe step that the probe measures (chosen by a keyed draw
+    per global sample index). Cost: about (4/3) probe_fraction / probe_every of the training compute."""
 
     def check(self) -> None:
         _require(0.0 <= self.eps < 1.0, "variance.eps", self.eps, "must be in [0, 1)")
-        _require(self.mirror_plus_threshold is None or self.mirror, "variance.mirror_plus_threshold",
+        _require(self.mirror_plus_threshold is None or self.mirror is True, "variance.mirror_plus_threshold",
                  self.mirror_plus_threshold, "needs variance.mirror = true")
         _require(self.mirror_plus_threshold is None or 0.0 < self.mirror_plus_threshold <= 1.0,
                  "variance.mirror_plus_threshold", self.mirror_plus_threshold, "must be in (0, 1]")
@@ -259,7 +274,7 @@ class VarianceConfig:
             _require(getattr(self, key) >= 1, f"variance.{key}", getattr(self, key), "must be >= 1")
         _require(self.ppots_forward_tokens is None or self.ppots_forward_tokens >= 1, "variance.ppots_forward_tokens",
                  self.ppots_forward_tokens, "must be >= 1 or null")
-        _require(self.ppots_masks >= 2 or self.mirror, "variance.ppots_masks", self.ppots_masks,
+        _require(self.ppots_masks >= 2 or self.mirror is True, "variance.ppots_masks", self.ppots_masks,
                  "must be >= 2 without MIRROR (the mask variance needs two draws)")
         _require(2 <= self.ppots_bins <= 4096, "variance.ppots_bins", self.ppots_bins, "must be in [2, 4096]")
         _require(self.ppots_half_life >= 0, "variance.ppots_half_life", self.ppots_half_life, "must be >= 0")
@@ -274,6 +289,18 @@ class VarianceConfig:
         _require(0.0 < self.isad_delta < 1.0, "variance.isad_delta", self.isad_delta, "must be in (0, 1)")
         _require(all(i >= 0 for i in self.isad_token_ids), "variance.isad_token_ids", self.isad_token_ids,
                  "token ids must be >= 0")
+        _require(self.probe_every >= 0, "variance.probe_every", self.probe_every, "must be >= 0")
+        _require(0.0 <= self.probe_fraction <= 1.0, "variance.probe_fraction", self.probe_fraction,
+                 "must be in [0, 1]")
+        if self.mirror == "auto":
+            _require(self.ppots_refit_every > 0, "variance.ppots_refit_every", self.ppots_refit_every,
+                     "variance.mirror = auto decides at each refit: must be > 0")
+            _require(self.probe_every > 0 and self.probe_fraction > 0, "variance.probe_every",
+                     (self.probe_every, self.probe_fraction),
+                     "variance.mirror = auto measures MIRROR's pairs with the probe while MIRROR is off: "
+                     "probe_every and probe_fraction must be > 0")
+            _require(self.t_coupling != "stratified", "variance.t_coupling", self.t_coupling,
+                     "StraTS stratifies a fixed global batch of sequences, which variance.mirror = auto changes")
         _require(self.ema_bins >= 0, "variance.ema_bins", self.ema_bins, "must be >= 0")
         _require(0.0 < self.ema_rate <= 1.0, "variance.ema_rate", self.ema_rate, "must be in (0, 1]")
         _require(self.ema_bins == 0 or self.t_sampler != "clipped", "variance.ema_bins", self.ema_bins,
@@ -307,9 +334,15 @@ class Config:
         _require(0 <= self.seed < 2**63, "seed", self.seed, "must be in [0, 2^63)")
         for section in (self.model, self.data, self.train, self.variance):
             section.check()
-        _require(self.train.objective == "mdm" or not self.variance.mirror, "variance.mirror", self.variance.mirror,
-                 "MIRROR masks apply to the mdm objective only (train.objective = arm)")
+        _require(self.train.objective == "mdm" or self.variance.mirror is False, "variance.mirror",
+                 self.variance.mirror, "MIRROR masks apply to the mdm objective only (train.objective = arm)")
         _require(self.train.objective == "mdm" or not self.data.packing, "data.packing", self.data.packing,
                  "packed rows need the mdm objective (train.objective = arm would need causal document masks)")
+        _require(self.variance.mirror != "auto" or not self.data.packing, "variance.mirror", self.variance.mirror,
+                 "variance.mirror = auto changes the sequences per micro-batch, which packed rows (data.packing) "
+                 "do not have")
         _require(self.train.objective == "mdm" or self.variance.t_sampler == "uniform", "variance.t_sampler",
                  self.variance.t_sampler, "t-samplers apply to the mdm objective only (train.objective = arm)")
+        _require(self.variance.mirror != "auto" or self.train.micro_batch_size % 2 == 0, "train.micro_batch_size",
+                 self.train.micro_batch_size, "variance.mirror = auto halves the micro-batch while MIRROR is on: "
+                 "must be even")

@@ -8,6 +8,10 @@ with ``perm_e`` a permutation keyed by (seed, epoch). Optimiser step ``k`` consu
 sequences of similar length and little padding. The stream position is also the sample's noise key
 (``diffusion/noise.py``), so the set of (example, noise) pairs per step, and its split into groups, is the same
 for every world size with the same global batch, and a resume only needs the step number.
+
+``set_micro_batch`` changes the sequences per micro-batch from a given step on (``variance.mirror: auto`` halves
+them while MIRROR is on): stream positions stay consecutive, so step k starts where step k - 1 ended, and the
+layout (the list of changes, which the trainer restores from its checkpoint) fixes every step's positions.
 """
 
 from __future__ import annotations
@@ -104,6 +108,24 @@ class TrainLoader:
         self.stream = DataStream(len(data), seed)
         self.packed = PackedStream(self.stream, data.offsets[1:] - data.offsets[:-1], seq_len) if packing else None
         self._step_plan: tuple[int, list[int], list[int]] | None = None
+        self._layout = [(0, 0, micro_batch)]  # (first step, its first stream position, sequences per micro-batch)
+
+    def set_micro_batch(self, from_step: int, micro_batch: int) -> None:
+        """Micro-batches of ``micro_batch`` sequences from optimiser step ``from_step`` (0-based) on."""
+        first_step, first_position, current = self._layout[-1]
+        if from_step < first_step:
+            raise ValueError(f"micro-batch changes must come in step order ({from_step} < {first_step})")
+        if micro_batch != current:
+            start = first_position + (from_step - first_step) * current * self.grad_accum * self.world
+            self._layout.append((from_step, start, micro_batch))
+            self._step_plan = None
+
+    def _span(self, step: int) -> tuple[int, int]:
+        """(first stream position, sequences per micro-batch) of optimiser step ``step``."""
+        for first_step, first_position, micro in reversed(self._layout):
+            if step >= first_step:
+                return first_position + (step - first_step) * micro * self.grad_accum * self.world, micro
+        raise ValueError(f"step {step} < 0")
 
     def micro_batch_at(self, step: int, micro: int) -> Batch:
         group = micro * self.world + self.rank
@@ -113,16 +135,18 @@ class TrainLoader:
             examples = [self.stream.example_ids(row) for row in rows]
             return collate_packed(self.data, list(rows), examples, list(per_row), self.pad_id, self.seq_len)
         positions, examples = self._plan(step)
-        start = group * self.micro_batch
-        mine = slice(start, start + self.micro_batch)
+        size = self._span(step)[1]
+        start = group * size
+        mine = slice(start, start + size)
         return collate(self.data, examples[mine], positions[mine], self.pad_id, self.pad_to_multiple_of,
                        self.seq_len)
 
     def _plan(self, step: int) -> tuple[list[int], list[int]]:
         """The step's stream positions and example ids in group order (computed once per step)."""
         if self._step_plan is None or self._step_plan[0] != step:
-            size = self.micro_batch * self.grad_accum * self.world
-            positions = list(range(step * size, (step + 1) * size))
+            first, micro = self._span(step)
+            size = micro * self.grad_accum * self.world
+            positions = list(range(first, first + size))
             examples = self.stream.example_ids(range(positions[0], positions[-1] + 1))
             if self.group_by_length:
                 lengths = self.data.offsets[1:] - self.data.offsets[:-1]

@@ -26,6 +26,9 @@ def t_sampler_for(v: VarianceConfig, seed: int, global_batch: int) -> TSampler:
     return base
 
 
-def masks_for(v: VarianceConfig, seed: int) -> BernoulliMasks:
-    return build_masks(v.mirror, seed, v.eps, single_above=v.mirror_plus_threshold,
+def masks_for(v: VarianceConfig, seed: int, mirror: bool | None = None) -> BernoulliMasks:
+    """The mask generator of ``v``; ``mirror`` overrides ``v.mirror`` (``mirror: auto`` builds both kinds, and
+    starts without MIRROR; the online variance probe uses both)."""
+    mirror = (v.mirror is True) if mirror is None else mirror
+    return build_masks(mirror, seed, v.eps, single_above=v.mirror_plus_threshold if mirror else None,
                        boosted_ids=tuple(v.isad_token_ids), delta=v.isad_delta)

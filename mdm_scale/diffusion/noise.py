@@ -29,6 +29,10 @@ class Stream(IntEnum):
     EVAL_MASK = 4
     DATA_ORDER = 5  # epoch permutations of the data stream
     PPOTS_MASK = 6  # masks of the P-POTS offline estimate (training/ppots_estimate.py)
+    PROBE_SELECT = 7  # which sequences the online variance probe measures (diffusion/online_variance.py)
+    PROBE_MASK = 8  # the probe's independent second mask at the training t
+    PROBE_T = 9  # the probe's independent second masking rate
+    PROBE_T_MASK = 10  # the probe's mask at that second rate
 
 
 def mix32(x: torch.Tensor) -> torch.Tensor:

@@ -97,10 +97,43 @@ class NoisyBatch:
         pairs.index_add_(0, self.row_sample[:-1], same.to(torch.float32))
         return torch.where(pairs > 0, out, float("nan"))
 
+    def sample_grad_norms(self, token_ce: torch.Tensor) -> torch.Tensor:
+        """A per-sequence gradient-norm proxy, shape (B,): the norm of the gradient of the unweighted sequence
+        loss l with respect to the logits of its masked tokens, with ||softmax - onehot|| replaced by 1 - p_y =
+        1 - exp(-CE) (the true norm lies between that and sqrt(2) times it). Logits of different tokens and rows
+        are different coordinates, so |grad l|^2 = sum_r s_r^2 sum_i (token_scale_i (1 - exp(-CE_i)))^2; it
+        needs no extra backward (``variance.ppots_target: grad``)."""
+        per_token = (self.token_scale * (1.0 - torch.exp(-token_ce.float()))) ** 2
+        rows = torch.zeros(self.rows, dtype=torch.float32, device=token_ce.device).index_add_(0, self.token_row,
+                                                                                              per_token)
+        out = torch.zeros(len(self.t), dtype=torch.float32, device=token_ce.device)
+        return out.index_add_(0, self.row_sample, rows * self.row_scale**2).sqrt()
+
     def sample_losses(self, row_loss: torch.Tensor) -> torch.Tensor:
         """Unweighted loss of each sequence (its rows combined by ``row_scale``), shape (B,)."""
         out = torch.zeros(len(self.t), dtype=torch.float32, device=row_loss.device)
         return out.index_add_(0, self.row_sample, row_loss * self.row_scale)
+
+
+def stack_rows(parts: list[NoisyBatch]) -> NoisyBatch:
+    """The rows of several corruptions of the same clean sequences (equal widths) as one batch for one forward:
+    part k's sequences become sequences k B .. (k + 1) B - 1. The loss coefficients are kept, so the stacked
+    loss is the sum of the parts' losses (the online variance probe uses only the token losses)."""
+    width = parts[0].input_ids.shape[1]
+    row_offsets = [0]
+    for part in parts[:-1]:
+        row_offsets.append(row_offsets[-1] + part.rows)
+    seq_offsets = [k * len(parts[0].t) for k in range(len(parts))]
+
+    def cat(name: str, shift=None) -> torch.Tensor:
+        return torch.cat([getattr(p, name) + (0 if shift is None else shift[k]) for k, p in enumerate(parts)])
+
+    masks = [p.attention_mask for p in parts]
+    return NoisyBatch(cat("input_ids"), None if masks[0] is None else torch.cat(masks),
+                      cat("loss_positions", [o * width for o in row_offsets]), cat("loss_targets"), cat("loss_coef"),
+                      cat("token_row", row_offsets), cat("token_scale"), cat("row_sample", seq_offsets),
+                      cat("row_scale"), cat("t"), cat("weight"), sum(p.eligible_tokens for p in parts),
+                      sum(p.rows for p in parts))
 
 
 def _flat_loss_tokens(input_ids: torch.Tensor, selected: torch.Tensor, target_ids: torch.Tensor):

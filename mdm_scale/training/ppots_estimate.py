@@ -67,7 +67,7 @@ GPU_FORWARD_TOKENS = 65536
 def estimate_plan(cfg, world_size: int, on_gpu: bool) -> EstimatePlan:
     variance = cfg.variance
     jobs_per_x0 = variance.ppots_bins * variance.ppots_masks
-    rows_per_job = 2 if variance.mirror else 1
+    rows_per_job = 2 if variance.mirror is True else 1
     tokens = variance.ppots_forward_tokens or (GPU_FORWARD_TOKENS if on_gpu else 1)
     budget = max(cfg.train.micro_batch_size, tokens // (cfg.data.seq_len * rows_per_job))
     per_forward = math.ceil(jobs_per_x0 / math.ceil(jobs_per_x0 / budget))  # equal chunks, fewest forwards
@@ -98,6 +98,7 @@ def offline_statistics(trainer) -> torch.Tensor:
     losses = torch.zeros(n_x0 * plan.jobs_per_x0, dtype=torch.float64, device=env.device)
     pair_sq = torch.zeros_like(losses)
     paired = torch.zeros_like(losses)
+    grad_target = variance.ppots_target == "grad"
 
     trainer.engine.eval()
     for f in range(plan.forwards):
@@ -108,8 +109,9 @@ def offline_statistics(trainer) -> torch.Tensor:
         out = trainer.engine(**noisy.model_inputs())
         row_loss = noisy.row_losses(out.token_ce)
         index = torch.tensor(jobs[:recorded], dtype=torch.long, device=env.device)
-        losses[index] = noisy.sample_losses(row_loss)[:recorded].double()
-        pair = noisy.pair_sq_diff(row_loss)
+        values = noisy.sample_grad_norms(out.token_ce) if grad_target else noisy.sample_losses(row_loss)
+        losses[index] = values[:recorded].double()
+        pair = None if grad_target else noisy.pair_sq_diff(row_loss)
         if pair is not None:
             pair = pair[:recorded].double()
             pair_sq[index] = torch.nan_to_num(pair, nan=0.0)
@@ -117,7 +119,8 @@ def offline_statistics(trainer) -> torch.Tensor:
     trainer.engine.train()
     pooled = all_reduce_sum(torch.stack([losses, pair_sq, paired])).cpu()
     t = grid_t.sample(torch.arange(n_x0 * plan.jobs_per_x0))[0]
-    pair = torch.where(pooled[2] > 0, pooled[1], float("nan")) if cfg.variance.mirror else None
+    with_pairs = cfg.variance.mirror is True and not grad_target
+    pair = torch.where(pooled[2] > 0, pooled[1], float("nan")) if with_pairs else None
     return bin_statistics(t, pooled[0], pair, bins, variance.ppots_loss_max)
 
 

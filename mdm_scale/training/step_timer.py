@@ -1,4 +1,5 @@
-"""Where the time of a training step goes: data and noise (``sampler``), ``forward``, ``backward``, ``optimizer``.
+"""Where the time of a training step goes: data and noise (``sampler``), ``forward``, ``backward``, ``optimizer``,
+and the online variance ``probe`` (its no-grad forward on probe steps, ``diffusion/online_variance.py``).
 
 Diagnostics only: each section boundary synchronises the device so that wall-clock time is attributed to the
 section that spent it. That removes the overlap between host work and device work, so a timed step is a little

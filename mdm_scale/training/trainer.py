@@ -27,6 +27,7 @@ from mdm_scale.diffusion.ema_baseline import EMABaseline
 from mdm_scale.diffusion.masks import BernoulliMasks
 from mdm_scale.diffusion.noise import Stream
 from mdm_scale.diffusion.objective import ARMObjective, MDMObjective
+from mdm_scale.diffusion.online_variance import MonitorSettings, Probe, VarianceMonitor, training_statistics
 from mdm_scale.diffusion.t_samplers import UniformT
 from mdm_scale.distributed.env import DistEnv, all_reduce_sum, barrier, check_ranks_agree, init_distributed
 from mdm_scale.models.flops import flops_per_token
@@ -49,6 +50,8 @@ from mdm_scale.training.step_timer import NoTimer
 # holds another run. Everything else (max_steps, lr, logging, ...) may change when a run is continued.
 RUN_IDENTITY = ("seed", "model", "data.train_file", "data.tokenizer", "data.task", "data.seq_len",
                 "train.objective", "variance")
+# Online A/B/C (``diffusion/online_variance.py``) written to the console and TensorBoard (``variance/*``) each refit.
+LOGGED_ESTIMATES = ("A", "B", "C", "V", "A_share", "B_share", "C_share", "pair_half_sq", "mirror")
 
 
 class Trainer:
@@ -88,6 +91,7 @@ class Trainer:
                   f"global batch {self.global_batch}")
 
         self.objective, self.eval_objective = self._objectives()
+        self.monitor, self.probe = self._variance_monitor()
         self.ema = EMABaseline(cfg.variance.ema_bins, cfg.variance.ema_rate, self.env.device) \
             if cfg.variance.ema_bins and cfg.train.objective == "mdm" else None
         self.loader = TrainLoader(self.data.train, cfg.seed, self.env.rank, self.env.world_size,
@@ -182,15 +186,42 @@ class Trainer:
         evaluation = MDMObjective(UniformT(cfg.seed), BernoulliMasks(cfg.seed, cfg.variance.eps), self.mask_token_id)
         return train, evaluation
 
+    def _variance_monitor(self) -> tuple[VarianceMonitor | None, Probe | None]:
+        """Online A/B/C for the mdm objective, with its probe unless ``probe_every`` or ``probe_fraction`` is 0
+        or the rows are packed (the probe re-draws whole sequences, one per row)."""
+        v = self.cfg.variance
+        if self.cfg.train.objective != "mdm":
+            return None, None
+        monitor = VarianceMonitor(MonitorSettings.from_config(v))
+        if v.probe_every == 0 or v.probe_fraction == 0:
+            return monitor, None
+        if self.cfg.data.packing:
+            self.info("online variance: no probe with data.packing (A and B are not measured; V is)")
+            return monitor, None
+        pairs = masks_for(replace(v, mirror_plus_threshold=None), self.cfg.seed, mirror=True)
+        return monitor, Probe(self.objective, pairs, masks_for(v, self.cfg.seed, mirror=False), self.cfg.seed,
+                              v.probe_fraction)
+
+    def _set_mirror(self, on: bool, from_step: int) -> None:
+        """``mirror: auto``: MIRROR on or off from optimiser step ``from_step`` (0-based) on, with half the
+        sequences per micro-batch while on, so the forward rows per step stay fixed."""
+        self.objective.masks = masks_for(self.cfg.variance, self.cfg.seed, mirror=on)
+        micro = self.cfg.train.micro_batch_size
+        self.loader.set_micro_batch(from_step, micro // 2 if on else micro)
+
     def _client_state(self) -> dict:
+        # samples_seen counts global batches of the configured size (with ``mirror: auto`` the sequences per
+        # step vary, the rows do not); the checkpoint checks the global batch against it on resume.
         return {"step": self.step, "samples_seen": self.step * self.global_batch, "nonfinite": self.guard.state_dict(),
                 "rows_seen": self.seen[0].item(), "tokens_seen": self.seen[1].item()}
 
     def _rank_state(self) -> dict:
-        """Per-rank state: the t-sampler's (adaptive samplers hold per-rank statistics since the last refit)."""
+        """Per-rank state: the t-sampler's (adaptive samplers hold per-rank statistics since the last refit)
+        and the variance monitor's (pending sums, pooled statistics, ``mirror: auto`` decisions)."""
         sampler = getattr(self.objective, "t_sampler", None)
         return {"t_sampler": sampler.state_dict() if sampler is not None else {},
-                "ema": self.ema.state_dict() if self.ema is not None else {}}
+                "ema": self.ema.state_dict() if self.ema is not None else {},
+                "variance_monitor": self.monitor.state_dict() if self.monitor is not None else {}}
 
     def _restore(self, path: Path) -> None:
         client = self.checkpoints.load(self.engine, path, self.shapes, self.global_batch)
@@ -203,6 +234,10 @@ class Trainer:
             sampler.load_state_dict(state.get("t_sampler", {}))
         if self.ema is not None:
             self.ema.load_state_dict(state.get("ema", {}))
+        if self.monitor is not None:
+            self.monitor.load_state_dict(state.get("variance_monitor", {}))
+            for from_step, on in self.monitor.decisions:
+                self._set_mirror(on, from_step)
         self.info(f"resumed from {path} at step {self.step}")
 
     # ---- the loop -----------------------------------------------------------------------------------------
@@ -216,9 +251,13 @@ class Trainer:
         loss = torch.zeros((), dtype=torch.float64, device=self.env.device)
         counts = torch.zeros(4, dtype=torch.float64)
         sampler = getattr(self.objective, "t_sampler", None)
+        probing = self.probe is not None and self.monitor.probe_step(self.step)
         for micro in range(self.cfg.train.grad_accum):
             with self.timer.section("data"):
                 batch = self.loader.micro_batch_at(self.step, micro)
+            if probing:
+                with self.timer.section("probe"):
+                    self._probe(batch)
             with self.timer.section("sampler"):
                 noisy = self.objective.corrupt(batch)
             with self.timer.section("data"):
@@ -231,11 +270,16 @@ class Trainer:
             with self.timer.section("optimizer"):
                 self.engine.step()
             with self.timer.section("sampler"):
-                if sampler is not None or self.ema is not None:
+                if sampler is not None or self.ema is not None or self.monitor is not None:
                     row_loss = noisy.row_losses(out.token_ce)
                     sample_losses = noisy.sample_losses(row_loss)
-                if sampler is not None:
-                    sampler.observe(noisy.t, sample_losses, noisy.pair_sq_diff(row_loss))
+                    pair_sq_diff = noisy.pair_sq_diff(row_loss)
+                if self.monitor is not None:
+                    self.monitor.observe(training_statistics(noisy, row_loss, pair_sq_diff))
+                if sampler is not None and self.cfg.variance.ppots_target == "grad":
+                    sampler.observe(noisy.t, noisy.sample_grad_norms(out.token_ce), None)
+                elif sampler is not None:
+                    sampler.observe(noisy.t, sample_losses, pair_sq_diff)
                 if self.ema is not None:
                     self.ema.update(noisy.t, sample_losses)
             rows_per_sample = noisy.rows / len(batch.sample_index)
@@ -248,7 +292,28 @@ class Trainer:
         if sampler is not None:
             with self.timer.section("sampler"):
                 sampler.on_optimizer_step(self.step)  # adaptive samplers: all-reduce statistics and refit
+        if self.monitor is not None:
+            with self.timer.section("sampler"):
+                mirror = self.monitor.on_optimizer_step(self.step, self.env.device)  # all-reduce, estimate
+            if mirror is not None:
+                self._set_mirror(mirror, self.step)
+                r = self.monitor.report
+                self.info(f"variance.mirror=auto: MIRROR {'on' if mirror else 'off'} from step {self.step + 1}: "
+                          f"E[(L1-L2)^2]/2 = {r['pair_half_sq']:.4g} {'>' if mirror else '<='} Var(L) = "
+                          f"{r['V']:.4g} (A = {r['A']:.4g}, B = {r['B']:.4g}, C = {r['C']:.4g})")
         return loss, counts
+
+    @torch.no_grad()
+    def _probe(self, batch) -> None:
+        """The online variance probe's no-grad forward on this micro-batch's selected sequences, at the
+        parameters the micro-batch trains with (``diffusion/online_variance.py``). Every rank runs it on probe
+        steps (ZeRO-3 gathers parameters collectively)."""
+        noisy, counted = self.probe.rows(batch)
+        noisy = noisy.to(self.env.device, non_blocking=True)
+        self.engine.eval()
+        out = self.engine(**noisy.model_inputs())
+        self.engine.train()
+        self.monitor.observe(Probe.statistics(noisy, out.token_ce, counted))
 
     @torch.no_grad()
     def evaluate(self) -> float | None:
@@ -306,6 +371,9 @@ class Trainer:
             elif self.guard.tripped:
                 raise self.guard.error(self.step, self.save())
             logger.advance()
+            report = self.monitor.take_report() if self.monitor is not None else None
+            if report is not None:
+                logger.log(self.step, "variance", {k: report[k] for k in LOGGED_ESTIMATES if k in report})
             if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
                 window = torch.cat([window_loss.reshape(1), window_counts.to(self.env.device)])
                 loss, micro, masked, eligible, tokens = all_reduce_sum(window).tolist()

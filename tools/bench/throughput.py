@@ -10,10 +10,10 @@ pretraining blocks (``--data blocks``, no padding), or (``--data sft``) random S
 lengths between 32 and ``--seq-len`` tokens (median 256; a quarter of each record is prompt). It reports
 tokens/s/GPU (real, non-pad tokens through the model; MIRROR's two rows both count), TFLOP/s/GPU and MFU
 (``common.py`` has the FLOP convention; for SFT data MFU is only a proxy, the attention term assumes full rows),
-peak memory, and a step-time breakdown (forward / backward / optimizer / communication / sampler / data) from
-extra steps timed with device synchronisation and DeepSpeed's communication logger (those steps are slower, so
-throughput comes from untimed steps). Results go to ``<out>.json`` and ``<out>.md``, rewritten after every
-subject (a job stopped by a time limit keeps the subjects it finished).
+peak memory, and a step-time breakdown (forward / backward / optimizer / communication / sampler / online
+variance probe / data) from extra steps timed with device synchronisation and DeepSpeed's communication logger
+(those steps are slower, so throughput comes from untimed steps). Results go to ``<out>.json`` and ``<out>.md``,
+rewritten after every subject (a job stopped by a time limit keeps the subjects it finished).
 
 Subjects (``--subjects``; ``name[key=value;key=value]`` adds mdm-scale overrides to one subject):
 - ``plain``: the reference loop of ``plain_loop.py`` (its own model, full logits, ZeRO-3 tuned as the issue's
@@ -331,7 +331,7 @@ def _markdown(report: dict) -> str:
              f"{peak:.0f} TFLOP/s" if peak else f"Device: {report['device']} x {report['gpus']}",
              f"Command: `{report['command']}`", "",
              "| subject | micro (x accum) | tokens/s/GPU | vs plain | TFLOP/s/GPU | MFU (measured / datasheet) | "
-             "peak mem GiB | fwd / bwd / opt / comm / sampler / data ms |",
+             "peak mem GiB | fwd / bwd / opt / comm / sampler / probe / data ms |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in report["results"]:
         if "tokens_per_s_per_gpu" not in r:
@@ -339,7 +339,7 @@ def _markdown(report: dict) -> str:
             continue
         b = r["breakdown_ms"]
         parts = " / ".join(f"{b[k]:.0f}" if k in b else "-" for k in ("forward", "backward", "optimizer",
-                                                                       "communication", "sampler", "data"))
+                                                                       "communication", "sampler", "probe", "data"))
         mfu = " / ".join(f"{100 * m:.1f}%" if m else "-" for m in (r["mfu_measured_peak"], r["mfu_datasheet"]))
         mem = f"{r['peak_memory_gb']:.1f}" if r["peak_memory_gb"] is not None else "-"
         micro = f"{r['micro_batch']}" + (f" x {r['grad_accum']}" if r.get("grad_accum", 1) > 1 else "")

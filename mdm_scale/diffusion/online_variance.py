@@ -1,0 +1,252 @@
+"""Online A/B/C: where the training loss's noise comes from, measured while training (SPEC section 2,
+/work/shared/paper/ONLINE_VARIANCE.md), and the ``variance.mirror: auto`` rule that acts on it.
+
+One row is one forward of one sequence x0 with one mask; its weighted loss is L = w(t) l(x0, t, M) (w = 1/p(t)
+under P-POTS, 1 under uniform t). With V = Var(L) = A + B + C (``docs/variance.md``):
+
+- **V** from the training rows: every row is marginally a standard draw (also MIRROR's second row), so the
+  pooled sums of L and L^2 over all rows give V = E[L^2] - E[L]^2.
+- **A** and **A + B** from a *probe*: on a keyed subset of sequences (``Stream.PROBE_SELECT``; each sequence of
+  every ``probe_every``-th optimiser step with probability ``probe_fraction``) a no-grad forward evaluates
+  four rows of the same x0: the base row (t, M) and its antithetic partner M' = {u > 1 - q} (MIRROR's
+  second mask), an independent mask M2 at the same t (``Stream.PROBE_MASK``), and an independent rate and
+  mask (t3, M3) (``Stream.PROBE_T``, ``Stream.PROBE_T_MASK``). Two i.i.d. draws X, Y given what they share have
+  E[(X - Y)^2] / 2 = Var(X | shared), so
+      E[(L(t, M) - L(t, M2))^2] / 2   = E_{x0,t}[Var_M L]            = A
+      E[(L(t, M) - L(t3, M3))^2] / 2  = E_{x0}[Var_{t,M} L]          = A + B
+      E[(L(t, M) - L(t, M'))^2] / 2   = A - K,  K = E_{x0,t}[Cov(L, L' | x0, t)]  (MIRROR's pair statistic)
+  hence B = (A + B) - A and C = V - (A + B). With MIRROR on, the training pairs add to the last statistic.
+  Why a separate no-grad forward, not extra rows in the training forward with weight 0: both leave the gradient
+  exactly unchanged (a zero coefficient multiplies a finite CE), but weight-0 rows still pay their backward
+  (about 2 forwards each) and a separate forward is a section of its own in the step-time breakdown. The probe
+  runs at the step's current parameters (before the micro-batch's training forward), so its four rows are
+  evaluated by the same function: the estimators above are unbiased at those parameters. Under ZeRO-3 every rank
+  runs the probe forward on probe steps (the step number is global); a rank without selected sequences
+  forwards one uncounted row.
+- **MIRROR at equal rows.** With R rows per step, standard has Var = V / R and MIRROR (R / 2 sequences of two
+  antithetic rows) Var = (A + K + 2B + 2C) / R, so MIRROR pays exactly when A - K > V, i.e. when
+  E[(L - L')^2] / 2 > Var(L): both sides are measured above. ``mirror: auto`` switches MIRROR on or off at each
+  refit by this rule (when the sides differ by ``SWITCH_Z`` standard errors), halving the sequences per
+  micro-batch while on so the rows per step stay fixed.
+  Unbiasedness: each step's loss is unbiased for the uniform objective under either setting, and the setting of
+  a step is a function of earlier steps' noise only (samples are never reused: stream positions run on), so
+  E[step loss] = objective through every switch (``tests/test_online_variance.py``).
+
+Accumulation: per-rank sums on the device (no host synchronisation per step), all-reduced every ``refit_every``
+steps (P-POTS's cadence, for any t-sampler), then decayed by 0.5^(refit_every / half_life) and added, like the
+P-POTS statistics. Standard errors treat the decayed sums as plain sums (approximate).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from mdm_scale.data.loader import Batch
+from mdm_scale.diffusion.masks import BernoulliMasks
+from mdm_scale.diffusion.noise import Stream, keyed_uniform
+from mdm_scale.diffusion.objective import MDMObjective, NoisyBatch, stack_rows
+from mdm_scale.diffusion.ppots import PPOTSSettings
+from mdm_scale.distributed.env import all_reduce_sum, broadcast_from_main
+
+# Columns of the statistics: training rows (count, sums of L, L^2, L^3, L^4: V and its standard error), then
+# (count, sum, sum of squares) of the half squared differences for the independent mask (A), the independent
+# rate (A + B) and the antithetic pair (A - K).
+(ROWS, SUM_L, SUM_L2, SUM_L3, SUM_L4, MASK_N, MASK_SUM, MASK_SQ, RATE_N, RATE_SUM, RATE_SQ, PAIR_N, PAIR_SUM,
+ PAIR_SQ) = range(14)
+COLUMNS = 14
+MIN_PROBES = 8  # ``mirror: auto`` keeps its setting until this many pairs and rows are pooled
+SWITCH_Z = 2.0  # ... and until the rule's two sides differ by this many standard errors
+
+
+@dataclass(frozen=True)
+class MonitorSettings:
+    refit_every: int = 50
+    decay: float = 1.0  # factor on the pooled sums at each refit: P-POTS's, 0.5^(refit_every / half_life)
+    probe_every: int = 10
+    probe_fraction: float = 0.0625
+    mirror_auto: bool = False
+
+    @classmethod
+    def from_config(cls, variance) -> MonitorSettings:
+        return cls(refit_every=variance.ppots_refit_every, decay=PPOTSSettings.from_config(variance).decay,
+                   probe_every=variance.probe_every, probe_fraction=variance.probe_fraction,
+                   mirror_auto=variance.mirror == "auto")
+
+
+def estimates(stats: torch.Tensor) -> dict[str, float]:
+    """A, B, C, V, the MIRROR pair statistic A - K, shares and standard errors from pooled sums (host)."""
+    s = stats.to(torch.float64).tolist()
+
+    def mean_se(n: int, total: int, sq: int) -> tuple[float, float]:
+        if s[n] <= 0:
+            return float("nan"), float("nan")
+        mean = s[total] / s[n]
+        return mean, max(s[sq] / s[n] - mean * mean, 0.0) ** 0.5 / s[n] ** 0.5
+
+    rows = s[ROWS]
+    v = v_se = float("nan")
+    if rows > 1:
+        m1, m2, m3, m4 = (s[c] / rows for c in (SUM_L, SUM_L2, SUM_L3, SUM_L4))
+        v = m2 - m1 * m1
+        central4 = m4 - 4 * m1 * m3 + 6 * m1 * m1 * m2 - 3 * m1**4
+        v_se = max(central4 - v * v, 0.0) ** 0.5 / rows**0.5  # delta method: Var(sample variance) ~ (mu4 - V^2)/n
+    a, a_se = mean_se(MASK_N, MASK_SUM, MASK_SQ)
+    ab, ab_se = mean_se(RATE_N, RATE_SUM, RATE_SQ)
+    pair, pair_se = mean_se(PAIR_N, PAIR_SUM, PAIR_SQ)
+    out = {"V": v, "A": a, "B": ab - a, "C": v - ab, "A+B": ab, "pair_half_sq": pair,
+           "V_se": v_se, "A_se": a_se, "A+B_se": ab_se, "pair_half_sq_se": pair_se,
+           "rows": rows, "probes": s[MASK_N], "pairs": s[PAIR_N]}
+    for term in ("A", "B", "C"):
+        out[f"{term}_share"] = out[term] / v if v > 0 else float("nan")
+    return out
+
+
+def probe_selected(seed: int, sample_index: torch.Tensor, fraction: float) -> torch.Tensor:
+    """Which sequences the probe measures: keyed by (seed, global sample index), never by rank."""
+    return keyed_uniform(seed, sample_index, Stream.PROBE_SELECT) < fraction
+
+
+def select_sequences(batch: Batch, keep: torch.Tensor) -> Batch:
+    mask = None if batch.attention_mask is None else batch.attention_mask[keep]
+    return Batch(batch.input_ids[keep], batch.loss_mask[keep], batch.sample_index[keep], mask)
+
+
+class Probe:
+    """Builds the probe's rows for a micro-batch and turns their losses into statistics (module docstring)."""
+
+    def __init__(self, objective: MDMObjective, pair_masks: BernoulliMasks, single_masks: BernoulliMasks,
+                 seed: int, fraction: float):
+        self.pair = MDMObjective(objective.t_sampler, pair_masks, objective.mask_token_id)
+        self.single = MDMObjective(objective.t_sampler, single_masks, objective.mask_token_id)
+        self.seed, self.fraction = seed, fraction
+
+    def rows(self, batch: Batch) -> tuple[NoisyBatch, int]:
+        """The probe rows of the selected sequences of ``batch`` (B' >= 1 of them; the first sequence,
+        uncounted, if none is selected) and how many are counted."""
+        keep = probe_selected(self.seed, batch.sample_index, self.fraction)
+        counted = int(keep.sum())
+        if counted == 0:
+            keep[0] = True
+        chosen = select_sequences(batch, keep)
+        parts = [self.pair.corrupt(chosen, Stream.T, Stream.MASK),
+                 self.single.corrupt(chosen, Stream.T, Stream.PROBE_MASK),
+                 self.single.corrupt(chosen, Stream.PROBE_T, Stream.PROBE_T_MASK)]
+        return stack_rows(parts), counted
+
+    @staticmethod
+    def statistics(noisy: NoisyBatch, token_ce: torch.Tensor, counted: int) -> torch.Tensor:
+        """(COLUMNS,) float64 sums of the probe's half squared differences, on the device. Rows: 2B' pair rows
+        (base, antithetic), B' independent-mask rows, B' independent-rate rows."""
+        n = len(noisy.t) // 3
+        loss = (noisy.row_losses(token_ce).double() * noisy.weight.double()[noisy.row_sample])
+        base, anti = loss[0:2 * n:2], loss[1:2 * n:2]
+        other_mask, other_rate = loss[2 * n:3 * n], loss[3 * n:4 * n]
+        out = torch.zeros(COLUMNS, dtype=torch.float64, device=loss.device)
+        if counted == 0:
+            return out
+        for (count, total, sq), other in (((MASK_N, MASK_SUM, MASK_SQ), other_mask),
+                                          ((RATE_N, RATE_SUM, RATE_SQ), other_rate),
+                                          ((PAIR_N, PAIR_SUM, PAIR_SQ), anti)):
+            half = (base - other) ** 2 / 2
+            out[count] = n
+            out[total] = half.sum()
+            out[sq] = (half * half).sum()
+        return out
+
+
+def training_statistics(noisy: NoisyBatch, row_loss: torch.Tensor, pair_sq_diff: torch.Tensor | None) -> torch.Tensor:
+    """(COLUMNS,) float64 sums of one training micro-batch on the device: rows for V; MIRROR pairs (the
+    unweighted (l1 - l2)^2, NaN where a sequence has one row) for A - K."""
+    weight = noisy.weight.double()
+    loss = row_loss.double() * weight[noisy.row_sample]
+    finite = torch.isfinite(loss)
+    loss = torch.where(finite, loss, 0.0)
+    out = torch.zeros(COLUMNS, dtype=torch.float64, device=loss.device)
+    square = loss * loss
+    out[ROWS], out[SUM_L], out[SUM_L2] = finite.sum(), loss.sum(), square.sum()
+    out[SUM_L3], out[SUM_L4] = (square * loss).sum(), (square * square).sum()
+    if pair_sq_diff is not None:
+        half = pair_sq_diff.double() * weight * weight / 2
+        paired = torch.isfinite(half)
+        half = torch.where(paired, half, 0.0)
+        out[PAIR_N], out[PAIR_SUM], out[PAIR_SQ] = paired.sum(), half.sum(), (half * half).sum()
+    return out
+
+
+class VarianceMonitor:
+    """Per-rank pending sums, pooled statistics, the latest estimates and ``mirror: auto``'s decisions."""
+
+    def __init__(self, settings: MonitorSettings):
+        self.settings = settings
+        self.statistics = torch.zeros(COLUMNS, dtype=torch.float64)
+        self.pending: torch.Tensor | None = None
+        self.mirror_on = False
+        self.decisions: list[tuple[int, bool]] = []  # (first step with the new setting, MIRROR on)
+        self.report: dict[str, float] | None = None  # set at a refit, taken by the logger
+
+    def probe_step(self, step: int) -> bool:
+        """Whether optimiser step ``step`` (0-based, the same on every rank) runs the probe."""
+        every = self.settings.probe_every
+        return every > 0 and self.settings.probe_fraction > 0 and step % every == 0
+
+    def observe(self, sums: torch.Tensor) -> None:
+        if self.pending is None:
+            self.pending = torch.zeros_like(sums)
+        elif self.pending.device != sums.device:  # restored from a checkpoint on the host
+            self.pending = self.pending.to(sums.device)
+        self.pending += sums
+
+    def on_optimizer_step(self, step: int, device: torch.device) -> bool | None:
+        """After optimiser step ``step`` (1-based), on every rank: at a refit, all-reduce, pool and estimate.
+        Returns the MIRROR setting from the next step on when ``mirror: auto`` changes it, else None."""
+        every = self.settings.refit_every
+        if every == 0 or step % every != 0:
+            return None
+        if self.pending is None:
+            self.pending = torch.zeros(COLUMNS, dtype=torch.float64, device=device)
+        reduced = all_reduce_sum(self.pending.clone()).cpu()
+        self.pending.zero_()
+        self.statistics = self.settings.decay * self.statistics + reduced
+        self.report = estimates(self.statistics)
+        if not self.settings.mirror_auto:
+            return None
+        wanted = self._decide(self.report)
+        flag = broadcast_from_main(torch.tensor([float(wanted)], dtype=torch.float64, device=device))
+        wanted = bool(flag.item() > 0.5)  # all-reduced sums agree on every rank; rank 0's word makes it certain
+        self.report["mirror"] = float(wanted)
+        if wanted == self.mirror_on:
+            return None
+        self.mirror_on = wanted
+        self.decisions.append((step, wanted))
+        return wanted
+
+    def _decide(self, r: dict[str, float]) -> bool:
+        """MIRROR pays at equal rows iff E[(L - L')^2] / 2 > Var(L) (module docstring). The setting changes only
+        when the two sides differ by ``SWITCH_Z`` standard errors: both statistics are heavy-tailed (the weight
+        1/pi(t) reaches 1/eps at small t), and a single extreme pair must not flip the run."""
+        if r["pairs"] < MIN_PROBES or r["rows"] < MIN_PROBES:
+            return self.mirror_on
+        gap = r["pair_half_sq"] - r["V"]
+        se = (r["pair_half_sq_se"] ** 2 + r["V_se"] ** 2) ** 0.5
+        if abs(gap) <= SWITCH_Z * se:
+            return self.mirror_on
+        return gap > 0
+
+    def take_report(self) -> dict[str, float] | None:
+        report, self.report = self.report, None
+        return report
+
+    def state_dict(self) -> dict:
+        pending = self.pending.cpu().clone() if self.pending is not None else torch.zeros(COLUMNS, dtype=torch.float64)
+        return {"statistics": self.statistics.clone(), "pending": pending, "mirror_on": self.mirror_on,
+                "decisions": list(self.decisions)}
+
+    def load_state_dict(self, state: dict) -> None:
+        if not state:
+            return  # a checkpoint from before the monitor existed: start with empty statistics
+        self.statistics = state["statistics"].to(torch.float64, copy=True)
+        self.pending = state["pending"].to(torch.float64, copy=True)
+        self.mirror_on = bool(state["mirror_on"])
+        self.decisions = [(int(s), bool(on)) for s, on in state["decisions"]]
