@@ -119,6 +119,8 @@ def stack_rows(parts: list[NoisyBatch]) -> NoisyBatch:
     """The rows of several corruptions of the same clean sequences (equal widths) as one batch for one forward:
     part k's sequences become sequences k B .. (k + 1) B - 1. The loss coefficients are kept, so the stacked
     loss is the sum of the parts' losses (the online variance probe uses only the token losses)."""
+    if any(p.document_ids is not None for p in parts):
+        raise ValueError("stack_rows takes unpacked rows (one sequence per row)")
     width = parts[0].input_ids.shape[1]
     row_offsets = [0]
     for part in parts[:-1]:
@@ -131,7 +133,7 @@ def stack_rows(parts: list[NoisyBatch]) -> NoisyBatch:
     masks = [p.attention_mask for p in parts]
     return NoisyBatch(cat("input_ids"), None if masks[0] is None else torch.cat(masks),
                       cat("loss_positions", [o * width for o in row_offsets]), cat("loss_targets"), cat("loss_coef"),
-                      cat("token_row", row_offsets), cat("token_scale"), cat("row_sample", seq_offsets),
+                      None, None, cat("token_row", row_offsets), cat("token_scale"), cat("row_sample", seq_offsets),
                       cat("row_scale"), cat("t"), cat("weight"), sum(p.eligible_tokens for p in parts),
                       sum(p.rows for p in parts))
 
