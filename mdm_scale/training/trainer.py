@@ -287,7 +287,8 @@ class Trainer:
             counts += torch.tensor([1.0, noisy.masked_tokens, noisy.eligible_tokens * rows_per_sample,
                                     real * rows_per_sample], dtype=torch.float64)
             loss += step_loss.detach()
-            self.uncounted += torch.tensor([noisy.rows, real * rows_per_sample], dtype=torch.float64)
+            forward_rows = len(noisy.input_ids)  # the model's rows (packed rows hold several sequences)
+            self.uncounted += torch.tensor([forward_rows, real * rows_per_sample], dtype=torch.float64)
         self.step += 1
         if sampler is not None:
             with self.timer.section("sampler"):
