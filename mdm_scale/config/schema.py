@@ -253,11 +253,12 @@ class VarianceConfig:
     of the logged loss only; the gradient is provably unchanged (``diffusion/ema_baseline.py``)."""
     ema_rate: float = 0.01
     """EMA: the baseline's moving-average rate eta."""
-    probe_every: int = 10
+    probe_every: int = 25
     """Online A/B/C (``diffusion/online_variance.py``): every this many optimiser steps, a no-grad probe forward
     evaluates four rows (base mask, its antithetic mask, an independent mask, an independent rate and mask) of
     the selected sequences; 0 = no probe (V and MIRROR's pair statistic are still measured). The estimates are
-    pooled and logged every ``ppots_refit_every`` steps, for any t_sampler."""
+    pooled and logged every ``ppots_refit_every`` steps, for any t_sampler. At 25 the probe costs 0.86% of the
+    step time at the 1.1B shape (one probe step: 63 ms against 293 ms steps, docs/benchmarks.md)."""
     probe_fraction: float = 0.0625
     """Online A/B/C: fraction of the sequences of a probe step that the probe measures (chosen by a keyed draw
     per global sample index). Cost: about (4/3) probe_fraction / probe_every of the training compute."""

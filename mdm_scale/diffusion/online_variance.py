@@ -64,7 +64,7 @@ SWITCH_Z = 2.0  # ... and until the rule's two sides differ by this many standar
 class MonitorSettings:
     refit_every: int = 50
     decay: float = 1.0  # factor on the pooled sums at each refit: P-POTS's, 0.5^(refit_every / half_life)
-    probe_every: int = 10
+    probe_every: int = 25
     probe_fraction: float = 0.0625
     mirror_auto: bool = False
 
