@@ -50,9 +50,9 @@ def features(masked_count: torch.Tensor, context: bool) -> torch.Tensor:
 class AnalyticMDM(nn.Module):
     """Takes a ``NoisyBatch.model_inputs()`` like the built-in model and returns its loss through the real head."""
 
-    def __init__(self, context: bool = True):
+    def __init__(self, context: bool = True, weight: torch.Tensor = W0):
         super().__init__()
-        self.weight = nn.Parameter(W0.clone())
+        self.weight = nn.Parameter(weight.clone())
         self.context = context
 
     def forward(self, input_ids, attention_mask=None, loss_positions=None, loss_targets=None, loss_coef=None):
@@ -111,8 +111,8 @@ class Moments:
 
     f: np.ndarray  # (X, T)
     s: np.ndarray  # (X, T)
-    g: np.ndarray  # (X, T, P)
-    g2: np.ndarray  # (X, T, P)
+    g: np.ndarray  # (X, T, P or d)
+    g2: np.ndarray  # (X, T, P or d)
 
 
 def _row_loss(masks: np.ndarray, tokens: np.ndarray, q: np.ndarray, ce: np.ndarray, grad: np.ndarray):
@@ -123,10 +123,17 @@ def _row_loss(masks: np.ndarray, tokens: np.ndarray, q: np.ndarray, ce: np.ndarr
 
 
 def moments(model: AnalyticMDM, token_rows, t: np.ndarray, eps: float, mirror: bool = False,
-            single_above: float | None = None, boosted=(), delta: float = 0.0) -> Moments:
-    """Exact mask moments of the loss and its gradient for each row of eligible tokens in ``token_rows``."""
+            single_above: float | None = None, boosted=(), delta: float = 0.0,
+            projection: np.ndarray | None = None, gradient: bool = True) -> Moments:
+    """Exact mask moments of the loss and its gradient for each row of eligible tokens in ``token_rows``; with
+    ``projection`` (d, P) the gradient is replaced by its projection (a gradient sketch is a linear map); without
+    ``gradient``, g and g2 have no columns (faster)."""
     longest = max(len(r) for r in token_rows)
     ce, grad = model.tables(longest)
+    if projection is not None:
+        grad = grad @ projection.T
+    if not gradient:
+        grad = grad[..., :0]
     pi = (1 - eps) * t + eps
     out = []
     for row in token_rows:
@@ -156,3 +163,30 @@ def moments(model: AnalyticMDM, token_rows, t: np.ndarray, eps: float, mirror: b
 
 def eligible_tokens(batch_rows=SFT_ROWS) -> list[list[int]]:
     return [response for _, response in batch_rows]
+
+
+def midpoints(lo: float, hi: float, n: int = 2000) -> np.ndarray:
+    return lo + (hi - lo) * (np.arange(n) + 0.5) / n
+
+
+def exact_abc(m: Moments, gradient: bool = False, coupling: str = "independent", group: int = 1,
+              density: np.ndarray | None = None) -> dict:
+    """Exact A, B, C (SPEC section 2) of one sequence's loss (or, ``gradient``, traces for its gradient) from
+    moments on a midpoint grid of t (symmetric about 1/2, splittable into ``group`` strata), x0 uniform over the
+    rows. With an importance ``density`` p (T,) on the grid (t ~ p, weight 1/p): A = int a/p dt and
+    B = int |f|^2/p dt - |int f dt|^2 per x0. SyRM adds Cov_t(fbar(t), fbar(1 - t)); StraTS over ``group``
+    strata removes the between-strata variance of fbar (both per sequence of the coupled unit)."""
+    vec = m.g if gradient else m.f[..., None]
+    a = (m.g2 - m.g**2).sum(-1) if gradient else m.s - m.f**2
+    per_x = vec.mean(1)  # (X, d)
+    p = np.ones(a.shape[1]) if density is None else density
+    big_a = (a / p).mean()
+    big_b = ((vec**2).sum(-1) / p).mean(1).mean() - (per_x**2).sum(-1).mean()
+    big_c = ((per_x - per_x.mean(0)) ** 2).sum(-1).mean()
+    fbar, mu = vec.mean(0), per_x.mean(0)  # (T, d), (d,)
+    if coupling == "symmetric":
+        big_b += (fbar * fbar[::-1]).sum(-1).mean() - (mu**2).sum()
+    if coupling == "stratified":
+        strata = fbar.reshape(group, -1, fbar.shape[-1]).mean(1)
+        big_b -= ((strata - mu) ** 2).sum(-1).mean()
+    return {"A": big_a, "B": big_b, "C": big_c, "total": big_a + big_b + big_c, "mean": float(mu[0])}
