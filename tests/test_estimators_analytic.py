@@ -229,7 +229,8 @@ def weighted_variance(model, density: PiecewiseLinearDensity | None) -> float:
 
 def test_ppots_fit_reaches_the_optimal_variance_and_beats_uniform(model, fitted_density):
     """Var of one sequence's weighted loss under p, given x0 and averaged over x0: mean_x0 (integral
-    E[l^2 | t, x0] / p - mu_x0^2). The optimum p* = sqrt(E[l^2 | t]) / Z (E over x0 too) gives Z^2 - mean mu_x0^2. P-POTS's fit to exact statistics (the fixture) and its service fit
+    E[l^2 | t, x0] / p - mu_x0^2). The optimum p* = sqrt(E[l^2 | t]) / Z (E over x0 too) gives
+    Z^2 - mean mu_x0^2. P-POTS's fit to exact statistics (the fixture) and its service fit
     (``observe`` of 24000 sampled sequences, refit at ``on_optimizer_step``) both get within 0.5% of the optimum's
     variance (measured: +0.2%), and more than 5% below uniform t's (the optimum is 8.6% below it). All values are
     exact integrals for the density the sampler returns; no sampling noise enters except through the service fit's

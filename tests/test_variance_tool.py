@@ -1,13 +1,13 @@
 """``mdm-scale variance`` recovers A, B and C where they are known exactly, and its pieces are unbiased.
 
 The model is ``analytic_mdm.AnalyticMDM`` (token losses that depend on the token and on how many tokens of the row
-are masked, through the real masked head) (its weights doubled: a stronger dependence on t and on the token) on four
-5-token pretraining blocks with very different losses; eps = 0.3 keeps the loss's tails light enough for the tool's normal intervals to be calibrated there
-(``test_variance_intervals.py`` measures their coverage). E_M and Var_M follow by enumerating the masks, the
-t-integrals by a fine midpoint rule, and the x0-average over the blocks (drawn uniformly with replacement): these
-are the exact A, B, C. Each estimate must lie within z = 3.89 (alpha = 1e-4) of the tool's own standard errors,
-and each test checks its power: that tolerance is below the exact value of every term it claims, so an estimate
-of 0 or of twice the value fails.
+are masked, through the real masked head), its weights doubled for a stronger dependence on t and on the token, on
+four 5-token pretraining blocks with very different losses. eps = 0.3 keeps the loss's tails light enough for the
+tool's normal intervals to be calibrated (``test_variance_intervals.py`` measures their coverage). E_M and Var_M
+follow by enumerating the masks, the t-integrals by a fine midpoint rule, and the x0-average over the blocks (drawn
+uniformly with replacement): these are the exact A, B, C. Each estimate must lie within z = 3.89 (alpha = 1e-4) of
+the tool's own standard errors, and each test checks its power: that tolerance is below the exact value of every
+term it claims, so an estimate of 0 or of twice the value fails.
 """
 
 from __future__ import annotations
