@@ -286,3 +286,23 @@ def test_mirror_pair_variance_matches_the_closed_form(t):
     se = math.sqrt(se2)
     assert abs(measured - closed) < Z * se, (measured, closed, se)
     assert (Z + Z_POWER) * se <= 0.2 * closed, ((Z + Z_POWER) * se, closed)
+
+
+def test_ema_correction_has_mean_zero_under_importance_weights():
+    """EMA control variate (SPEC 3.5) with P-POTS weights 1/p(t) (ramp p = 0.2 + 1.6 t): over 96000 keyed draws
+    the correction mean_b w_b b[bin(t_b)] - mean_k b_k is 0 within z_alpha exact SEs (Var of one draw:
+    integral b[bin(t)]^2 / p(t) dt - (mean_k b_k)^2). Detects a bias of 1.5% of mean_k b_k; a correction without the
+    weight is off by +16% here."""
+    from mdm_scale.diffusion.ema_baseline import EMABaseline
+
+    ema = EMABaseline(bins=10, rate=0.05, device=torch.device("cpu"))
+    ema.baseline = 1.0 + 3.0 * (torch.arange(10, dtype=torch.float32) + 0.5) / 10  # like a rising E[l | t]
+    t, weight = ppots(81, RAMP).sample(torch.arange(96_000))
+    correction = float(ema.correction(t, weight))
+    nodes, w = gauss_legendre(np.linspace(0, 1, 11))
+    b = ema.baseline.double().numpy()[np.minimum((nodes * 10).astype(int), 9)]
+    p = RAMP.pdf(torch.from_numpy(nodes)).numpy()
+    mean_b = float(ema.baseline.double().mean())
+    se = math.sqrt(((b**2 / p) @ w - mean_b**2) / len(t))
+    assert abs(correction) < Z * se, (correction, se)
+    assert (Z + Z_POWER) * se <= 0.015 * mean_b
