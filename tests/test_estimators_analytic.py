@@ -38,7 +38,8 @@ from mdm_scale.diffusion.coupled_t import StratifiedT, SymmetricT
 from mdm_scale.diffusion.masks import BernoulliMasks, MirrorMasks
 from mdm_scale.diffusion.objective import MDMObjective
 from mdm_scale.diffusion.ppots import STAT_COLUMNS, SUM, SUMSQ, PiecewiseLinearDensity, PPOTSSampler, PPOTSSettings
-from mdm_scale.diffusion.t_samplers import TSampler, UniformT
+from mdm_scale.diffusion.t_samplers import UniformT
+from test_mirror import ConstantT
 
 EPS = 0.02
 ALPHA = 1e-4
@@ -250,17 +251,6 @@ def test_ppots_fit_reaches_the_optimal_variance_and_beats_uniform(model, fitted_
         fitted = weighted_variance(model, density)
         assert optimum <= fitted <= 1.005 * optimum, (fitted, optimum)
         assert fitted < 0.95 * uniform, (fitted, uniform)
-
-
-class ConstantT(TSampler):
-    """Every sequence at rate t with weight 1: isolates the masking-pattern variance."""
-
-    def __init__(self, t: float):
-        super().__init__(seed=0)
-        self.t = t
-
-    def transform(self, u):
-        return torch.full_like(u, self.t), torch.ones_like(u)
 
 
 @pytest.mark.parametrize("t", [0.25, 0.5, 0.8])
