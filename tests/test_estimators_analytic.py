@@ -6,7 +6,7 @@ couplings), mask generators (Bernoulli, MIRROR, mirror_plus, ISAD), ``MDMObjecti
 ``sum_i loss_coef_i CE_i`` with its custom backward, on the analytic model of ``analytic_mdm.py`` whose moments are
 exact. Each test splits the differentiated loss into its per-sequence terms X_b (B x the sum of coef * CE over b's
 tokens; their mean is the loss, checked to 1e-9) and compares the mean of independent units (a unit: one copy of
-the three SFT rows, or six sequences for a coupling) with the exact objective by a z-score. The variance is exact
+the three SFT rows, or 24 sequences for a coupling) with the exact objective by a z-score. The variance is exact
 where it is known in closed form (independent t: integral E[l_t^2 | x0] / p(t) dt - mu_x0^2), the sample variance
 of the units for the couplings. alpha = 1e-4 two-sided per test (the gradient: Bonferroni over its 16 entries).
 Each test also asserts the smallest bias it detects with power 95%, |bias| >= (z_alpha + z_0.95) SE, stated as a
@@ -92,7 +92,7 @@ def per_sequence_terms(objective: MDMObjective, model: AnalyticMDM, copies: int 
     sequence = noisy.row_sample[noisy.token_row]
     coef = noisy.loss_coef.to(torch.float64) * sequences
     x = torch.zeros(sequences, dtype=torch.float64).index_add_(0, sequence, coef * out.token_ce)
-    with torch.no_grad():  # dCE_i/dW = (softmax(W h_i) - e_{y_i}) h_i^T, from the model's own tables
+    with torch.no_grad():  # the closed form dCE_i/dW = (softmax(W h_i) - e_{y_i}) h_i^T per token
         hidden = features((noisy.input_ids == MASK).sum(1)[noisy.token_row], model.context)
         residual = torch.softmax(hidden @ model.weight.T, 1)
         residual[torch.arange(len(residual)), noisy.loss_targets] -= 1.0
