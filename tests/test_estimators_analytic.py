@@ -296,3 +296,44 @@ def test_ema_correction_has_mean_zero_under_importance_weights():
     se = math.sqrt(((b**2 / p) @ w - mean_b**2) / len(t))
     assert abs(correction) < Z * se, (correction, se)
     assert (Z + Z_POWER) * se <= 0.015 * mean_b
+
+
+# ---- contracts that the mutation run (docs/testing.md) found untested ----------------------------------------
+@pytest.mark.parametrize("name", ["uniform", "ppots", "strats", "syrm", "strats+ppots"])
+def test_samplers_return_float32_rates_and_weights(name):
+    """TSampler.sample's contract: (t, weight), float32 (B,), t in [0, 1), weight 1/p(t) > 0."""
+    inner = ppots(91, RAMP) if name.endswith("ppots") else UniformT(91)
+    sampler = {"strats": StratifiedT(inner, 5), "syrm": SymmetricT(inner)}.get(name.split("+")[0], inner)
+    t, weight = sampler.sample(torch.arange(7, 1007))
+    assert t.dtype == weight.dtype == torch.float32 and t.shape == weight.shape == (1000,)
+    assert bool(((t >= 0) & (t < 1)).all()) and bool((weight > 0).all())
+
+
+def test_mirror_plus_pairs_report_nan_for_single_rows():
+    """With mirror_plus, a batch of paired and single sequences: pair_sq_diff is (l1 - l2)^2 for pairs, NaN for the
+    single rows (so P-POTS's statistics skip them)."""
+    sampler = UniformT(0)
+    sampler.transform = lambda u: (torch.tensor([0.2, 0.7, 0.4]), torch.ones(3))  # fixed rates
+    noisy = MDMObjective(sampler, MirrorMasks(1, EPS, single_above=0.5), MASK).corrupt(sft_batch(1))
+    assert noisy.row_sample.tolist() == [0, 0, 1, 2, 2]
+    row_loss = torch.tensor([1.0, 3.0, 5.0, 2.0, 6.0])
+    diff = noisy.pair_sq_diff(row_loss)
+    assert diff[0] == 4.0 and diff[2] == 16.0 and bool(torch.isnan(diff[1]))
+    assert noisy.sample_losses(row_loss).tolist() == [2.0, 5.0, 4.0]
+
+
+def test_arm_batch_fields_with_filler_rows_and_single_targets():
+    """ARM's NoisyBatch: a filler row (valid 0) gets coefficient 0, a row with one target has token_scale 1, and
+    the statistics fields map tokens to rows and rows to sequences one to one."""
+    from mdm_scale.diffusion.objective import ARMObjective
+
+    batch = sft_batch(1, rows=(([1, 3], [4, 5, 3, 7]), ([1, 4, 5, 6, 7], [3]), ([1], [6, 6, 4])))
+    batch.valid = torch.tensor([True, True, False])
+    noisy = ARMObjective().corrupt(batch)
+    assert noisy.rows == 3 and noisy.eligible_tokens == 8 and noisy.attention_mask is batch.attention_mask
+    assert noisy.token_row.tolist() == [0, 0, 0, 0, 1, 2, 2, 2]
+    assert noisy.token_scale.tolist() == pytest.approx([0.25] * 4 + [1.0] + [1 / 3] * 3)
+    assert noisy.loss_coef.tolist() == pytest.approx([0.25 / 3] * 4 + [1 / 3] + [0.0] * 3)
+    assert noisy.row_sample.tolist() == [0, 1, 2] and noisy.row_scale.tolist() == [1.0] * 3
+    assert noisy.t.tolist() == [0.0] * 3 and noisy.weight.tolist() == [1.0, 1.0, 0.0]
+    assert noisy.sample_losses(noisy.row_losses(torch.ones(8))).tolist() == pytest.approx([1.0, 1.0, 1.0])
