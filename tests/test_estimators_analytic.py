@@ -337,3 +337,17 @@ def test_arm_batch_fields_with_filler_rows_and_single_targets():
     assert noisy.row_sample.tolist() == [0, 1, 2] and noisy.row_scale.tolist() == [1.0] * 3
     assert noisy.t.tolist() == [0.0] * 3 and noisy.weight.tolist() == [1.0, 1.0, 0.0]
     assert noisy.sample_losses(noisy.row_losses(torch.ones(8))).tolist() == pytest.approx([1.0, 1.0, 1.0])
+
+
+def test_strats_permutations_depend_on_seed_and_stream():
+    """StraTS's stratum permutation is keyed by (seed, stream, step): two seeds, or the training and eval streams,
+    assign different strata to the same positions (64! permutations: equal by chance with probability 1/64!)."""
+    from mdm_scale.diffusion.noise import Stream
+
+    def strata(seed: int, stream: int) -> list[int]:
+        u = StratifiedT(UniformT(seed), 64).uniforms(torch.arange(64), stream)
+        return (u * 64).floor().long().tolist()
+
+    assert strata(1, Stream.T) != strata(2, Stream.T)
+    assert strata(1, Stream.T) != strata(1, Stream.EVAL_T)
+    assert sorted(strata(1, Stream.T)) == list(range(64))
