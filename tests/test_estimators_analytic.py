@@ -351,3 +351,15 @@ def test_strats_permutations_depend_on_seed_and_stream():
     assert strata(1, Stream.T) != strata(2, Stream.T)
     assert strata(1, Stream.T) != strata(1, Stream.EVAL_T)
     assert sorted(strata(1, Stream.T)) == list(range(64))
+
+
+def test_build_masks_passes_every_setting_on():
+    """``build_masks`` (what configs use) hands mirror_plus's threshold and ISAD's ids and delta to the generator."""
+    from mdm_scale.diffusion.masks import build_masks
+
+    mirror = build_masks(True, 3, EPS, single_above=0.9, boosted_ids=(6,), delta=0.25)
+    single = build_masks(False, 3, EPS, boosted_ids=(6,), delta=0.25)
+    assert isinstance(mirror, MirrorMasks) and mirror.single_above == 0.9
+    assert type(single) is BernoulliMasks
+    for masks in (mirror, single):
+        assert (masks.seed, masks.eps, masks.boosted_ids.tolist(), masks.delta) == (3, EPS, [6], 0.25)
