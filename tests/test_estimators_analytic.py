@@ -363,3 +363,29 @@ def test_build_masks_passes_every_setting_on():
     assert type(single) is BernoulliMasks
     for masks in (mirror, single):
         assert (masks.seed, masks.eps, masks.boosted_ids.tolist(), masks.delta) == (3, EPS, [6], 0.25)
+
+
+def test_corrupt_fills_every_field_for_filler_rows_streams_isad_and_one_token_rows():
+    """``MDMObjective.corrupt``: filler rows (valid 0) get weight and coefficients 0; the t stream is the one asked
+    for; a single ISAD id is masked at q = min(pi + delta, 1) and weighted 1/(q n); a one-token response has
+    token_scale 1/pi; padding reaches the model; ``eligible_tokens`` counts the response tokens."""
+    from mdm_scale.diffusion.noise import Stream
+
+    rows = (([1, 3], [4, 6, 3, 7]), ([1, 4, 5, 6, 7], [3]), ([1], [6, 6, 4]))
+    batch = sft_batch(200, rows=rows)
+    batch.valid = torch.arange(600) % 3 != 2  # the third row of each copy is filler
+    objective = MDMObjective(UniformT(5), BernoulliMasks(6, EPS, boosted_ids=(6,), delta=0.3), MASK)
+    noisy = objective.corrupt(batch)
+    assert noisy.eligible_tokens == 200 * 8 and torch.equal(noisy.attention_mask, batch.attention_mask)
+    filler = ~batch.valid
+    assert bool((noisy.weight[filler] == 0).all()) and bool((noisy.weight[~filler] == 1).all())
+    sequence = noisy.row_sample[noisy.token_row]
+    assert bool((noisy.loss_coef[filler[sequence]] == 0).all())
+    pi = (1 - EPS) * noisy.t[sequence] + EPS
+    q = torch.where(noisy.loss_targets == 6, (pi + 0.3).clamp(max=1.0), pi)
+    n = batch.loss_mask.sum(1)[sequence]
+    assert torch.allclose(noisy.token_scale, 1 / (q * n), rtol=1e-6)
+    assert bool((n == 1).any())  # the one-token rows were masked somewhere, and checked above
+    eval_t = objective.corrupt(batch, t_stream=Stream.EVAL_T).t
+    assert torch.equal(eval_t, UniformT(5).sample(batch.sample_index, Stream.EVAL_T)[0])
+    assert not torch.equal(eval_t, noisy.t)

@@ -95,3 +95,13 @@ def test_gradient_of_one_input_when_the_other_is_frozen(frozen):
     (grad,) = torch.autograd.grad(chunked_linear_cross_entropy(hidden, weight, targets, coef, 7)[0], [live])
     (ref,) = torch.autograd.grad(_reference(hidden, weight, targets, coef), [live])
     assert torch.allclose(grad, ref, rtol=1e-10, atol=1e-12)
+
+
+def test_a_single_loss_row_is_not_mistaken_for_an_empty_selection():
+    g = torch.Generator().manual_seed(2)
+    hidden = torch.randn(1, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(11, 8, generator=g, dtype=torch.float64)
+    targets, coef = torch.tensor([3]), torch.tensor([0.5])
+    loss, ce = chunked_linear_cross_entropy(hidden, weight, targets, coef, 4)
+    reference = _reference(hidden, weight, targets, coef)
+    assert float(loss.detach()) == pytest.approx(float(reference.detach()), rel=1e-12) and ce.shape == (1,)
