@@ -63,3 +63,45 @@ def test_model_masked_path_equals_full_logits_path():
     model.config.loss_head = "full"  # the switch used for comparisons computes the same loss
     switched = model(x, loss_positions=positions, loss_targets=targets, loss_coef=coef).loss
     assert torch.allclose(switched, full, rtol=1e-6)
+
+
+def _reference(hidden, weight, targets, coef):
+    ce = F.cross_entropy(F.linear(hidden.double(), weight.double()), targets, reduction="none")
+    return (ce * coef.double()).sum()
+
+
+def test_bf16_head_keeps_the_input_dtypes_and_matches_full_logits():
+    """bf16 activations and weights: fp32 accumulation inside, bf16 gradients out, within bf16 rounding."""
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(40, 16, generator=g).to(torch.bfloat16).requires_grad_()
+    weight = torch.randn(33, 16, generator=g).to(torch.bfloat16).requires_grad_()
+    targets, coef = torch.randint(0, 33, (40,), generator=g), torch.rand(40, generator=g)
+    loss, _ = chunked_linear_cross_entropy(hidden, weight, targets, coef, 16)
+    grad_h, grad_w = torch.autograd.grad(loss, [hidden, weight])
+    ref_h, ref_w = torch.autograd.grad(_reference(hidden, weight, targets, coef), [hidden, weight])
+    assert grad_h.dtype == grad_w.dtype == torch.bfloat16
+    assert torch.allclose(grad_h.double(), ref_h.double(), rtol=2e-2, atol=2e-2)
+    assert torch.allclose(grad_w.double(), ref_w.double(), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("frozen", ["hidden", "weight"])
+def test_gradient_of_one_input_when_the_other_is_frozen(frozen):
+    """A frozen head (weight without grad) still back-propagates into the hidden states, and vice versa."""
+    g = torch.Generator().manual_seed(1)
+    hidden = torch.randn(30, 8, generator=g, dtype=torch.float64, requires_grad=frozen != "hidden")
+    weight = torch.randn(11, 8, generator=g, dtype=torch.float64, requires_grad=frozen != "weight")
+    targets, coef = torch.randint(0, 11, (30,), generator=g), torch.rand(30, generator=g)
+    live = weight if frozen == "hidden" else hidden
+    (grad,) = torch.autograd.grad(chunked_linear_cross_entropy(hidden, weight, targets, coef, 7)[0], [live])
+    (ref,) = torch.autograd.grad(_reference(hidden, weight, targets, coef), [live])
+    assert torch.allclose(grad, ref, rtol=1e-10, atol=1e-12)
+
+
+def test_a_single_loss_row_is_not_mistaken_for_an_empty_selection():
+    g = torch.Generator().manual_seed(2)
+    hidden = torch.randn(1, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(11, 8, generator=g, dtype=torch.float64)
+    targets, coef = torch.tensor([3]), torch.tensor([0.5])
+    loss, ce = chunked_linear_cross_entropy(hidden, weight, targets, coef, 4)
+    reference = _reference(hidden, weight, targets, coef)
+    assert float(loss.detach()) == pytest.approx(float(reference.detach()), rel=1e-12) and ce.shape == (1,)

@@ -21,7 +21,8 @@ and across units (balanced nested ANOVA; every estimator is unbiased):
 The *direct* total is the sample variance over units of one draw Y[0, 0]; A + B + C estimates the same
 quantity, which the report checks. Confidence intervals are estimate +- z * SE with SE the standard error of a
 mean over units of the per-unit terms (a_u, v_u - a_u/K, and the per-unit share of C), which is asymptotically
-exact for i.i.d. units.
+exact for i.i.d. units. Measured coverage (docs/testing.md): 95-98% at 480 units of a light-tailed loss, but
+91-93% at 64 units, and about 90% for A with heavy-tailed losses (small eps), where the per-unit terms are skewed.
 """
 
 from __future__ import annotations
