@@ -1,12 +1,12 @@
 """Online A/B/C (``diffusion/online_variance.py``) and ``variance.mirror: auto``.
 
-1. On the synthetic model of ``test_variance_tool.py`` (A, B, C, V and MIRROR's pair statistic known exactly by
+1. On the analytic model of ``analytic_mdm.py`` (A, B, C, V and MIRROR's pair statistic known exactly by
    enumerating masks), the probe and training-row estimators recover the exact values within 4.5 of their own
    standard errors.
 2. On a real (tiny) model, the online estimates pooled during training agree with ``mdm-scale variance`` on the
    checkpoint of the same weights (learning rate ~0 keeps them fixed), within 4.5 combined standard errors.
 3. Through ``mirror: auto``'s switches the per-step loss and its gradient stay unbiased for the uniform
-   objective (exact values of the synthetic model), and the stream positions stay consecutive and disjoint.
+   objective (exact values of the analytic model), and the stream positions stay consecutive and disjoint.
 4. A tiny ``mirror: auto`` run logs its decisions and resumes exactly across a switch.
 """
 
@@ -17,8 +17,8 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from test_variance_tool import BLOCKS, EPS, MASK, N_TOK, VOCAB, ContextModel, exact_abc, exact_curves, midpoints
 
+from analytic_mdm import MASK, PAD, SFT_ROWS, VOCAB, AnalyticMDM, eligible_tokens, exact_abc, midpoints, moments
 from conftest import read_scalars, tiny_overrides
 from mdm_scale.config.loader import load_config
 from mdm_scale.config.schema import ConfigError
@@ -32,28 +32,36 @@ from mdm_scale.diffusion.t_samplers import UniformT
 from mdm_scale.training.trainer import Trainer
 
 Z = 4.5
+EPS = 0.05
 
 
-def block_loader(micro: int, seed: int = 5) -> TrainLoader:
-    tokens = BLOCKS.reshape(-1)
-    data = TokenizedData(tokens, np.arange(0, len(tokens) + 1, N_TOK), np.zeros(len(BLOCKS), dtype=np.int64))
-    return TrainLoader(data, seed, 0, 1, micro, 1, pad_id=0, pad_to_multiple_of=1, seq_len=N_TOK)
+def analytic_loader(micro: int, seed: int = 5) -> TrainLoader:
+    """The training stream over the analytic model's SFT rows (x0 uniform over them, epoch by epoch)."""
+    rows = [prompt + response for prompt, response in SFT_ROWS]
+    data = TokenizedData(np.concatenate(rows), np.cumsum([0, *map(len, rows)]),
+                         np.array([len(prompt) for prompt, _ in SFT_ROWS]))
+    return TrainLoader(data, seed, 0, 1, micro, 1, pad_id=PAD, pad_to_multiple_of=1, seq_len=16)
 
 
-def exact_values() -> dict:
+def exact_values(model: AnalyticMDM) -> dict:
     t = midpoints(0.0, 1.0, 1000)
-    single, paired = exact_curves(False, False, t, None), exact_curves(True, False, t, None)
-    abc = exact_abc(single["f"], single["a"])
+    single = moments(model, eligible_tokens(), t, EPS, gradient=False)
+    paired = moments(model, eligible_tokens(), t, EPS, mirror=True, gradient=False)
+    abc = exact_abc(single)
     # MIRROR's pair mean has mask variance (A + K) / 2 per (x0, t), so A - K = 2 A - 2 a_pair.
-    return {**abc, "V": abc["total"], "A+B": abc["A"] + abc["B"], "pair_half_sq": 2 * abc["A"] - 2 * paired["a"].mean()}
+    pair_mask_variance = (paired.s - paired.f**2).mean()
+    return {**abc, "V": abc["total"], "A+B": abc["A"] + abc["B"], "pair_half_sq": 2 * abc["A"] - 2 * pair_mask_variance}
 
 
 def test_online_estimators_recover_exact_values_on_a_known_model():
+    """Every online term within 4.5 of its standard error of the exact value. On this model A dominates
+    (A 3.57, B 0.15, C 0.01, pair statistic 4.72): the test resolves A, V and the pair statistic (a missing 1/2
+    fails it), while B and C lie below its resolution and are checked only for consistency."""
     cfg = load_config(None, [f"variance.eps={EPS}", "seed=3"])
-    model = ContextModel()
+    model = AnalyticMDM()
     objective = MDMObjective(UniformT(3), masks_for(cfg.variance, 3), MASK)
     probe = Probe(objective, masks_for(cfg.variance, 3, mirror=True), masks_for(cfg.variance, 3), 3, fraction=1.0)
-    loader = block_loader(micro=16)
+    loader = analytic_loader(micro=16)
     total = torch.zeros(online_variance.COLUMNS, dtype=torch.float64)
     with torch.no_grad():
         for step in range(150):
@@ -63,13 +71,14 @@ def test_online_estimators_recover_exact_values_on_a_known_model():
             noisy = objective.corrupt(batch)
             row_loss = noisy.row_losses(model(**noisy.model_inputs()).token_ce.float())
             total += training_statistics(noisy, row_loss, noisy.pair_sq_diff(row_loss))
-    r, exact = estimates(total), exact_values()
+    r, exact = estimates(total), exact_values(model)
     se = {"A": r["A_se"], "A+B": r["A+B_se"], "V": r["V_se"], "pair_half_sq": r["pair_half_sq_se"],
           "C": (r["V_se"] ** 2 + r["A+B_se"] ** 2) ** 0.5, "B": (r["A_se"] ** 2 + r["A+B_se"] ** 2) ** 0.5}
     assert r["probes"] == 150 * 16 and r["rows"] == 150 * 16
     for term, error in se.items():
         assert abs(r[term] - exact[term]) <= Z * error, (term, r[term], exact[term], error)
-    assert exact["pair_half_sq"] > exact["A"] + 0.5  # K < 0 (antithetic masks): the pair statistic is not A
+    # K < 0 (antithetic masks): the pair statistic is not A, by more than this test resolves.
+    assert exact["pair_half_sq"] - exact["A"] > Z * se["pair_half_sq"], (exact["pair_half_sq"], exact["A"])
     assert r["A_share"] + r["B_share"] + r["C_share"] == pytest.approx(1.0)
 
 
@@ -108,8 +117,8 @@ def test_loss_and_gradient_stay_unbiased_through_mirror_switches():
     """The trainer's own switch (``Trainer._set_mirror``) toggles MIRROR every few steps; the mean step loss and
     gradient over the run equal the exact uniform objective and its gradient."""
     cfg = load_config(None, [f"variance.eps={EPS}", "seed=3", "variance.mirror=auto", "train.micro_batch_size=8"])
-    model = ContextModel()
-    host = SimpleNamespace(cfg=cfg, loader=block_loader(micro=8),
+    model = AnalyticMDM()
+    host = SimpleNamespace(cfg=cfg, loader=analytic_loader(micro=8),
                            objective=MDMObjective(UniformT(3), masks_for(cfg.variance, 3), MASK))
     losses, grads, seen = [], [], []
     for step in range(1500):
@@ -121,11 +130,11 @@ def test_loss_and_gradient_stay_unbiased_through_mirror_switches():
         out = model(**host.objective.corrupt(batch).model_inputs())
         out.loss.backward()
         losses.append(float(out.loss))
-        grads.append(model.c.grad.clone().numpy())
+        grads.append(model.weight.grad.reshape(-1).clone().numpy())
     assert seen == list(range(len(seen)))  # consecutive, never reused, through every switch
     t = midpoints(0.0, 1.0, 1000)
-    exact = exact_curves(False, False, t, np.eye(VOCAB))
-    exact_loss, exact_grad = exact["f"].mean(), exact["fg"].mean((0, 1))
+    exact = moments(model, eligible_tokens(), t, EPS)
+    exact_loss, exact_grad = exact.f.mean(), exact.g.mean((0, 1))
     losses, grads = np.array(losses), np.array(grads)
     n = len(losses)
     assert abs(losses.mean() - exact_loss) <= Z * losses.std(ddof=1) / n**0.5, (losses.mean(), exact_loss)
@@ -205,7 +214,7 @@ def test_gradient_norm_proxy_brackets_the_true_logit_gradient_norm(mirror):
     1/sqrt(2) of it."""
     cfg = load_config(None, ["variance.eps=0.05", "seed=4"])
     objective = MDMObjective(UniformT(4), masks_for(cfg.variance, 4, mirror=mirror), MASK)
-    noisy = objective.corrupt(block_loader(micro=8).micro_batch_at(0, 0))
+    noisy = objective.corrupt(analytic_loader(micro=8).micro_batch_at(0, 0))
     logits = torch.randn(noisy.masked_tokens, VOCAB, generator=torch.Generator().manual_seed(0), requires_grad=True)
     token_ce = torch.nn.functional.cross_entropy(logits, noisy.loss_targets, reduction="none")
     losses = noisy.sample_losses(noisy.row_losses(token_ce))
