@@ -100,5 +100,5 @@ def test_checkpoint_of_another_shape_and_output_dir_of_another_run(finished_run,
     assert cli(tiny_overrides(synth_dir, finished_run, **{"model.preset": "small"})) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1
-    assert f"train.output_dir '{finished_run}' holds another run (model: " in err, err
+    assert f"train.output_dir '{finished_run}' holds another run (model.preset: " in err, err
     assert {p: p.stat().st_mtime_ns for p in finished_run.rglob("*")} == before

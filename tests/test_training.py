@@ -91,8 +91,16 @@ def test_errors_before_any_model_is_built(synth_dir, tmp_path, dist_env):
 
 def test_checkpoints_of_another_run_are_refused(synth_dir, tmp_path, dist_env):
     run(synth_dir, tmp_path / "run", dist_env, **{"train.max_steps": 2})
-    with pytest.raises(ConfigError, match=r"holds another run \(model: .*preset': 'tiny'.*preset': 'small'"):
+    with pytest.raises(ConfigError, match=r"holds another run \(model.preset: 'tiny' there, 'small' here\)"):
         run(synth_dir, tmp_path / "run", dist_env, **{"train.max_steps": 4, "model.preset": "small"})
+    with pytest.raises(ConfigError, match=r"holds another run \(variance.probe_every: 25 there, 5 here\)"):
+        run(synth_dir, tmp_path / "run", dist_env, **{"train.max_steps": 4, "variance.probe_every": 5})
+    # A run written by an mdm-scale without a key ran with that key's default: it continues.
+    run_file = tmp_path / "run" / "run.json"
+    written = json.loads(run_file.read_text())
+    del written["config"]["variance"]["probe_every"], written["config"]["data"]["packing"]
+    run_file.write_text(json.dumps(written))
+    assert run(synth_dir, tmp_path / "run", dist_env, **{"train.max_steps": 3})["step"] == 3
     with pytest.raises(ConfigError, match="already holds checkpoints and train.resume=never"):
         run(synth_dir, tmp_path / "run", dist_env, **{"train.max_steps": 4, "train.resume": "never"})
     cfg = load_config(["configs/quickstart.yaml"], tiny_overrides(

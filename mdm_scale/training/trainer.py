@@ -50,6 +50,7 @@ from mdm_scale.training.step_timer import NoTimer
 # holds another run. Everything else (max_steps, lr, logging, ...) may change when a run is continued.
 RUN_IDENTITY = ("seed", "model", "data.train_file", "data.tokenizer", "data.task", "data.seq_len",
                 "train.objective", "variance")
+FREE_FORM = ("model.overrides", "deepspeed")  # config mappings without a schema: compared whole
 # Online A/B/C (``diffusion/online_variance.py``) written to the console and TensorBoard (``variance/*``) each refit.
 LOGGED_ESTIMATES = ("A", "B", "C", "V", "A_share", "B_share", "C_share", "pair_half_sq", "mirror")
 
@@ -132,10 +133,13 @@ class Trainer:
         run_file = self.out / "run.json"
         if not run_file.is_file() or not self.checkpoints.complete():
             return
-        previous = json.loads(run_file.read_text())["config"]
-        current = asdict(self.cfg)
-        for key in RUN_IDENTITY:
-            before, now = _dotted(previous, key), _dotted(current, key)
+        previous = _leaves(json.loads(run_file.read_text())["config"])
+        current, defaults = _leaves(asdict(self.cfg)), _leaves(asdict(Config()))
+        for key, now in current.items():
+            if not any(key == k or key.startswith(k + ".") for k in RUN_IDENTITY):
+                continue
+            # A key that the earlier run's mdm-scale did not have yet ran with its default behaviour.
+            before = previous.get(key, defaults.get(key))
             if before != now:
                 raise ConfigError(f"train.output_dir '{self.out}' holds another run ({key}: {before!r} there, "
                                   f"{now!r} here); choose a new train.output_dir")
@@ -426,10 +430,16 @@ class Trainer:
         return loss
 
 
-def _dotted(tree: dict, key: str):
-    for part in key.split("."):
-        tree = tree.get(part) if isinstance(tree, dict) else None
-    return tree
+def _leaves(tree: dict, prefix: str = "") -> dict:
+    """Dotted key -> value of every setting of a config dict (free-form mappings such as ``model.overrides``
+    are compared whole)."""
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and f"{prefix}{key}" not in FREE_FORM:
+            out.update(_leaves(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 def _numel(shape: list[int]) -> int:
