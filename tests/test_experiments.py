@@ -209,7 +209,7 @@ def test_init_fine_tunes_every_run_from_a_pretrained_directory(synth_dir, tmp_pa
                            "--eval-arg=--gen-length=8"], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert f"ARM: not available (--init {init} holds a bidirectional model; ARM needs a causal one" in done.stdout
-    run = out / "runs" / "standard" / "seed_5"
+    run = out / "runs" / "standard" / "mb_4" / "seed_5"  # micro_experiment: micro-batch 4
     config_used = json.loads((run / "train" / "run.json").read_text())["config"]
     assert (config_used["model"]["path"], config_used["data"]["tokenizer"], config_used["seed"]) == (str(init),
                                                                                                       str(init), 5)

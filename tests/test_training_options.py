@@ -75,7 +75,7 @@ def test_activation_checkpointing_of_a_hugging_face_masked_lm(synth_dir):
                                                     **{"model.activation_checkpointing": True}))
     tokenizer = build_char_tokenizer(["abc"])
     built = build_model(cfg, tokenizer, tokenizer.mask_token_id, None, {"zero_optimization": {"stage": 0}}, 0)
-    assert built.model.activation_checkpointing is True
+    assert built.model.checkpointed_blocks == len(built.model.layers) > 0
 
 
 def test_cpu_offload_of_optimizer_and_parameters_trains_like_no_offload(synth_dir, tmp_path, dist_env):

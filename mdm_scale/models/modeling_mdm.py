@@ -221,7 +221,6 @@ class MDMForMaskedDiffusion(MDMPreTrainedModel):
         layers = len(self.model.layers)
         self.model.checkpointed_blocks = (layers if blocks is None else min(blocks, layers)) if enabled else 0
 
-
     def set_kernels(self, fused: bool, sdpa_backend: str = "auto") -> None:
         """Fused (compiled) or eager elementwise kernels (``kernels.py``), and the SDPA backend (``auto`` lets
         PyTorch choose; ``flash``, ``cudnn``, ``efficient`` or ``math`` force one)."""
