@@ -33,6 +33,23 @@ def test_control_variate_is_unbiased_and_lowers_the_loss_variance():
     assert corrected.var() < 0.2 * raw.var()
 
 
+def test_update_moves_each_seen_bin_by_the_rate_and_restores_exactly():
+    """Two bins of four: bin 0 holds two sequences (mean 3), bin 3 one (5), bins 1 and 2 none. With rate 0.25
+    from a baseline of 1: b = (1.5, 1, 1, 2). A bf16 loss (a bf16 model's) updates the float32 baseline alike;
+    the state round-trips, and an empty state (a checkpoint from before EMA) keeps the baseline."""
+    ema = EMABaseline(bins=4, rate=0.25, device=torch.device("cpu"))
+    ema.baseline = torch.ones(4)
+    ema.update(torch.tensor([0.1, 0.2, 0.9]), torch.tensor([2.0, 4.0, 5.0], dtype=torch.bfloat16))
+    assert ema.baseline.dtype == torch.float32
+    assert ema.baseline.tolist() == [1.5, 1.0, 1.0, 2.0]
+    assert ema.correction(torch.tensor([0.1, 0.9]), torch.tensor([1.0, 3.0])).item() == (1.5 + 6.0) / 2 - 5.5 / 4
+    restored = EMABaseline(bins=4, rate=0.25, device=torch.device("cpu"))
+    restored.load_state_dict(ema.state_dict())
+    assert restored.baseline.dtype == torch.float32 and restored.baseline.tolist() == [1.5, 1.0, 1.0, 2.0]
+    restored.load_state_dict({})
+    assert restored.baseline.tolist() == [1.5, 1.0, 1.0, 2.0]
+
+
 def test_training_with_the_ema_baseline_takes_exactly_the_same_steps(synth_dir, tmp_path, dist_env):
     runs = {}
     for bins in (0, 10):

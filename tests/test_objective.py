@@ -134,3 +134,40 @@ def test_keyed_uniforms_are_uniform_and_uncorrelated():
     expected = n / 16
     chi2 = ((hist - expected) ** 2 / expected).sum().item()
     assert chi2 < 40  # chi-square with 15 degrees of freedom: P(> 40) < 1e-3
+
+
+def _lowbias32(x: int) -> int:
+    """Wellons' lowbias32 on Python integers: the published reference of ``noise.mix32``."""
+    x ^= x >> 16
+    x = (x * 0x21F0AAAD) & 0xFFFFFFFF
+    x ^= x >> 15
+    x = (x * 0x735A2D97) & 0xFFFFFFFF
+    return x ^ (x >> 15)
+
+
+def _reference_uniform(seed: int, index: int, stream: int, position: int | None) -> float:
+    """noise.py's key chain written out on Python integers: (seed lo, seed hi, stream, index lo, index hi)."""
+    h = 0x9E3779B9
+    for word in (seed & 0xFFFFFFFF, seed >> 32, stream, index & 0xFFFFFFFF, index >> 32):
+        h = _lowbias32(h ^ word)
+    h = _lowbias32(h ^ 0x68E31DA4) if position is None else _lowbias32(_lowbias32(h ^ position) ^ 0x1B56C4E9)
+    return float(torch.tensor(h >> 8, dtype=torch.float32).add(0.5).mul(1.0 / (1 << 24)))  # float32, as trained
+
+
+def test_keyed_noise_equals_the_integer_reference_hash():
+    """The noise is part of a run's identity (exact resume, the same samples on any number of ranks, across
+    versions): every draw must equal the hash written out on Python integers, bit for bit."""
+    from mdm_scale.diffusion.noise import keyed_generator, mix32
+
+    x = torch.tensor([0, 1, 0xDEADBEEF, 0xFFFFFFFF, 12345678], dtype=torch.int64)
+    assert mix32(x).tolist() == [_lowbias32(v) for v in x.tolist()]
+    seed, index = (1 << 33) + 7, torch.tensor([0, 5, (1 << 35) + 3])
+    per_position = keyed_uniform(seed, index, Stream.MASK, 3)
+    per_sample = keyed_uniform(seed, index, Stream.T)
+    for row, i in enumerate(index.tolist()):
+        assert per_sample[row].item() == _reference_uniform(seed, i, int(Stream.T), None)
+        assert per_position[row].tolist() == [_reference_uniform(seed, i, int(Stream.MASK), p) for p in range(3)]
+    h = 0x9E3779B9
+    for word in (seed & 0xFFFFFFFF, seed >> 32, 4, 9):
+        h = _lowbias32(h ^ word)
+    assert keyed_generator(seed, 4, 9).initial_seed() == h

@@ -171,6 +171,76 @@ def test_mirror_auto_run_logs_decisions_and_resumes_exactly(synth_dir, tmp_path,
         assert b[step] == pytest.approx(a[step], rel=1e-6, abs=1e-7), step
 
 
+def pooled_sums(rows: list[float], mask: list[float], rate: list[float], pair: list[float]) -> torch.Tensor:
+    """The statistics columns of given training-row losses and half squared differences, summed by hand."""
+    stats = torch.zeros(online_variance.COLUMNS, dtype=torch.float64)
+    loss = torch.tensor(rows, dtype=torch.float64)
+    stats[online_variance.ROWS] = len(rows)
+    for power, column in enumerate((online_variance.SUM_L, online_variance.SUM_L2, online_variance.SUM_L3,
+                                    online_variance.SUM_L4), start=1):
+        stats[column] = (loss**power).sum()
+    for half, columns in ((mask, (online_variance.MASK_N, online_variance.MASK_SUM, online_variance.MASK_SQ)),
+                          (rate, (online_variance.RATE_N, online_variance.RATE_SUM, online_variance.RATE_SQ)),
+                          (pair, (online_variance.PAIR_N, online_variance.PAIR_SUM, online_variance.PAIR_SQ))):
+        h = torch.tensor(half, dtype=torch.float64)
+        stats[columns[0]], stats[columns[1]], stats[columns[2]] = len(half), h.sum(), (h * h).sum()
+    return stats
+
+
+def test_estimates_from_pooled_sums_equal_the_sample_formulas():
+    """V is the (1/n) sample variance of the rows with the delta-method SE sqrt((mu4 - V^2) / n); A, A + B and
+    the pair statistic are means of their half squared differences with SE sd / sqrt(n); B and C are the
+    differences. Columns without data, or a single row, give NaN; one difference gives SE 0."""
+    rows, mask, rate = [1.0, 2.0, 4.0, 7.0], [0.5, 1.0, 2.0], [1.0, 2.5]
+    r = estimates(pooled_sums(rows, mask, rate, [0.8]))
+    loss = np.array(rows)
+    v = loss.var()
+    assert r["V"] == pytest.approx(v, rel=1e-12)
+    assert r["V_se"] == pytest.approx(np.sqrt((np.mean((loss - loss.mean()) ** 4) - v * v) / 4), rel=1e-12)
+    for key, half in (("A", mask), ("A+B", rate)):
+        assert r[key] == pytest.approx(np.mean(half), rel=1e-12)
+        assert r[f"{key}_se"] == pytest.approx(np.std(half) / np.sqrt(len(half)), rel=1e-12)
+    assert (r["pair_half_sq"], r["pair_half_sq_se"]) == (pytest.approx(0.8), 0.0)
+    assert r["B"] == pytest.approx(np.mean(rate) - np.mean(mask), rel=1e-12)
+    assert r["C"] == pytest.approx(v - np.mean(rate), rel=1e-12)
+    assert r["C_share"] == pytest.approx(r["C"] / v, rel=1e-12)
+    assert (r["rows"], r["probes"], r["pairs"]) == (4, 3, 1)
+    two = estimates(pooled_sums([1.0, 3.0], [], [], []))
+    assert two["V"] == 1.0 and two["V_se"] == 0.0
+    assert np.isnan([two["A"], two["A_se"], two["pair_half_sq_se"], two["A+B_se"], two["B"]]).all()
+    one = estimates(pooled_sums([5.0], [1.0], [], []))
+    assert np.isnan([one["V"], one["V_se"], one["A_share"]]).all()
+
+
+def test_monitor_pools_at_refits_decides_with_a_margin_and_restores():
+    """Refit every 2 steps with decay 0.5; probe steps are multiples of probe_every. ``mirror: auto`` keeps its
+    setting below MIN_PROBES and inside SWITCH_Z standard errors, switches on when the pair statistic clearly
+    exceeds V, and records the step; the state round-trips."""
+    monitor = VarianceMonitor(online_variance.MonitorSettings(refit_every=2, decay=0.5, probe_every=3,
+                                                              probe_fraction=0.5, mirror_auto=True))
+    assert [monitor.probe_step(step) for step in range(4)] == [True, False, False, True]
+    assert not VarianceMonitor(online_variance.MonitorSettings(probe_fraction=0.0)).probe_step(0)
+    rows, pairs = [1.0, 2.0] * 4, [5.0, 6.0] * 4  # V = 0.25, pair statistic 5.5: MIRROR pays
+    monitor.observe(pooled_sums(rows[:4], [], [], pairs[:7]))
+    assert monitor.on_optimizer_step(1, torch.device("cpu")) is None  # not a refit step
+    assert monitor.on_optimizer_step(2, torch.device("cpu")) is None  # 7 pairs < MIN_PROBES: keep off
+    assert monitor.take_report()["pairs"] == 7 and monitor.take_report() is None
+    first = monitor.statistics.clone()
+    monitor.observe(pooled_sums(rows, [], [], pairs))
+    assert monitor.on_optimizer_step(4, torch.device("cpu")) is True
+    assert torch.allclose(monitor.statistics, 0.5 * first + pooled_sums(rows, [], [], pairs))
+    assert monitor.decisions == [(4, True)] and monitor.mirror_on
+    assert monitor.on_optimizer_step(6, torch.device("cpu")) is None  # nothing new: the setting stays
+    restored = VarianceMonitor(monitor.settings)
+    restored.load_state_dict(monitor.state_dict())
+    assert torch.equal(restored.statistics, monitor.statistics) and restored.mirror_on
+    assert restored.decisions == [(4, True)] and torch.equal(restored.pending, torch.zeros(online_variance.COLUMNS,
+                                                                                          dtype=torch.float64))
+    close = {"pairs": 8, "rows": 8, "pair_half_sq": 1.0, "V": 0.0, "pair_half_sq_se": 0.3, "V_se": 0.4}
+    assert restored._decide(close) is True  # gap 1.0 <= 2 x 0.5: keeps MIRROR on
+    assert restored._decide({**close, "pair_half_sq": -1.01}) is False
+
+
 @pytest.mark.parametrize("items, message", [
     (["variance.mirror=auto", "train.micro_batch_size=5"], r"'train.micro_batch_size' = 5: .*must be even"),
     (["variance.mirror=auto", "variance.t_coupling=stratified"], r"'variance.t_coupling' = 'stratified'"),
