@@ -164,6 +164,7 @@ def test_keyed_noise_equals_the_integer_reference_hash():
     seed, index = (1 << 33) + 7, torch.tensor([0, 5, (1 << 35) + 3])
     per_position = keyed_uniform(seed, index, Stream.MASK, 3)
     per_sample = keyed_uniform(seed, index, Stream.T)
+    assert torch.equal(keyed_uniform(seed, index[:2].int(), Stream.T), per_sample[:2])  # int32 indices widened
     for row, i in enumerate(index.tolist()):
         assert per_sample[row].item() == _reference_uniform(seed, i, int(Stream.T), None)
         assert per_position[row].tolist() == [_reference_uniform(seed, i, int(Stream.MASK), p) for p in range(3)]

@@ -23,7 +23,7 @@ from conftest import read_scalars, tiny_overrides
 from mdm_scale.config.loader import load_config
 from mdm_scale.config.schema import ConfigError
 from mdm_scale.data.dataset import TokenizedData
-from mdm_scale.data.loader import TrainLoader
+from mdm_scale.data.loader import Batch, TrainLoader
 from mdm_scale.diffusion import online_variance
 from mdm_scale.diffusion.build import masks_for
 from mdm_scale.diffusion.objective import MDMObjective
@@ -214,31 +214,67 @@ def test_estimates_from_pooled_sums_equal_the_sample_formulas():
 
 def test_monitor_pools_at_refits_decides_with_a_margin_and_restores():
     """Refit every 2 steps with decay 0.5; probe steps are multiples of probe_every. ``mirror: auto`` keeps its
-    setting below MIN_PROBES and inside SWITCH_Z standard errors, switches on when the pair statistic clearly
-    exceeds V, and records the step; the state round-trips."""
-    monitor = VarianceMonitor(online_variance.MonitorSettings(refit_every=2, decay=0.5, probe_every=3,
-                                                              probe_fraction=0.5, mirror_auto=True))
+    setting below MIN_PROBES pairs, switches on when the pair statistic clearly exceeds V, and records the step;
+    the state round-trips without sharing tensors with the checkpoint."""
+    settings = online_variance.MonitorSettings(refit_every=2, decay=0.5, probe_every=3, probe_fraction=0.5,
+                                               mirror_auto=True)
+    monitor = VarianceMonitor(settings)
     assert [monitor.probe_step(step) for step in range(4)] == [True, False, False, True]
-    assert not VarianceMonitor(online_variance.MonitorSettings(probe_fraction=0.0)).probe_step(0)
+    for every, fraction, expected in ((1, 0.5, True), (0, 0.5, False), (3, 0.0, False)):
+        other = online_variance.MonitorSettings(probe_every=every, probe_fraction=fraction)
+        assert VarianceMonitor(other).probe_step(1 if every == 1 else 0) is expected
+    fresh = VarianceMonitor(settings).state_dict()["pending"]
+    assert fresh.dtype == torch.float64 and not fresh.any() and len(fresh) == online_variance.COLUMNS
     rows, pairs = [1.0, 2.0] * 4, [5.0, 6.0] * 4  # V = 0.25, pair statistic 5.5: MIRROR pays
-    monitor.observe(pooled_sums(rows[:4], [], [], pairs[:7]))
+    monitor.observe(pooled_sums(rows[:4], [], [], pairs[:3]))
+    monitor.observe(pooled_sums(rows[4:], [], [], pairs[3:7]))
+    assert torch.equal(monitor.state_dict()["pending"], pooled_sums(rows, [], [], pairs[:7]))
     assert monitor.on_optimizer_step(1, torch.device("cpu")) is None  # not a refit step
-    assert monitor.on_optimizer_step(2, torch.device("cpu")) is None  # 7 pairs < MIN_PROBES: keep off
-    assert monitor.take_report()["pairs"] == 7 and monitor.take_report() is None
+    assert monitor.on_optimizer_step(2, torch.device("cpu")) is None  # 8 rows but 7 pairs < MIN_PROBES: keep off
+    report = monitor.take_report()
+    assert (report["rows"], report["pairs"], report["mirror"]) == (8, 7, 0.0) and monitor.take_report() is None
     first = monitor.statistics.clone()
     monitor.observe(pooled_sums(rows, [], [], pairs))
     assert monitor.on_optimizer_step(4, torch.device("cpu")) is True
     assert torch.allclose(monitor.statistics, 0.5 * first + pooled_sums(rows, [], [], pairs))
-    assert monitor.decisions == [(4, True)] and monitor.mirror_on
-    assert monitor.on_optimizer_step(6, torch.device("cpu")) is None  # nothing new: the setting stays
-    restored = VarianceMonitor(monitor.settings)
-    restored.load_state_dict(monitor.state_dict())
+    assert monitor.decisions == [(4, True)] and monitor.mirror_on and monitor.take_report()["mirror"] == 1.0
+    assert monitor.on_optimizer_step(6, torch.device("cpu")) is None  # nothing new (no observe): the setting stays
+    every_step = VarianceMonitor(online_variance.MonitorSettings(refit_every=1))
+    assert every_step.on_optimizer_step(1, torch.device("cpu")) is None and every_step.take_report() is not None
+    state = monitor.state_dict()
+    restored = VarianceMonitor(settings)
+    restored.load_state_dict(state)
     assert torch.equal(restored.statistics, monitor.statistics) and restored.mirror_on
-    assert restored.decisions == [(4, True)] and torch.equal(restored.pending, torch.zeros(online_variance.COLUMNS,
-                                                                                          dtype=torch.float64))
-    close = {"pairs": 8, "rows": 8, "pair_half_sq": 1.0, "V": 0.0, "pair_half_sq_se": 0.3, "V_se": 0.4}
-    assert restored._decide(close) is True  # gap 1.0 <= 2 x 0.5: keeps MIRROR on
-    assert restored._decide({**close, "pair_half_sq": -1.01}) is False
+    assert restored.decisions == [(4, True)]
+    restored.observe(pooled_sums(rows, [], [], []))
+    assert torch.equal(state["pending"], torch.zeros(online_variance.COLUMNS, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("mirror_on", [False, True])
+def test_mirror_auto_switches_only_past_the_margin(mirror_on):
+    """With standard errors 1.5 and 2 (combined 2.5) the margin is SWITCH_Z x 2.5 = 5: a gap of exactly 5 keeps
+    the setting, 5.125 switches MIRROR on; with exact statistics any positive gap switches it on."""
+    monitor = VarianceMonitor(online_variance.MonitorSettings(mirror_auto=True))
+    monitor.mirror_on = mirror_on
+    r = {"pairs": 8, "rows": 8, "pair_half_sq": 5.5, "V": 0.5, "pair_half_sq_se": 1.5, "V_se": 2.0}
+    assert monitor._decide(r) is mirror_on
+    assert monitor._decide({**r, "pair_half_sq": 5.625}) is True
+    assert monitor._decide({**r, "pair_half_sq": -4.625}) is False
+    assert monitor._decide({**r, "pair_half_sq": 1.0, "pair_half_sq_se": 0.0, "V_se": 0.0}) is True
+    assert monitor._decide({**r, "pair_half_sq": 0.0, "pair_half_sq_se": 0.0, "V_se": 0.0}) is False
+    assert monitor._decide({**r, "pairs": 7, "pair_half_sq": 100.0}) is mirror_on
+    assert monitor._decide({**r, "rows": 7, "pair_half_sq": 100.0}) is mirror_on
+
+
+def test_probe_keeps_the_attention_mask_of_the_selected_sequences():
+    ids = torch.arange(12).view(3, 4)
+    attention = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]], dtype=torch.bool)
+    batch = Batch(ids, attention.clone(), torch.arange(3), attention)
+    keep = torch.tensor([True, False, True])
+    chosen = online_variance.select_sequences(batch, keep)
+    assert torch.equal(chosen.input_ids, ids[keep]) and torch.equal(chosen.sample_index, torch.tensor([0, 2]))
+    assert torch.equal(chosen.attention_mask, attention[keep]) and torch.equal(chosen.loss_mask, attention[keep])
+    assert online_variance.select_sequences(Batch(ids, attention, torch.arange(3), None), keep).attention_mask is None
 
 
 @pytest.mark.parametrize("items, message", [
