@@ -248,6 +248,8 @@ def test_monitor_pools_at_refits_decides_with_a_margin_and_restores():
     assert restored.decisions == [(4, True)]
     restored.observe(pooled_sums(rows, [], [], []))
     assert torch.equal(state["pending"], torch.zeros(online_variance.COLUMNS, dtype=torch.float64))
+    restored.observe(pooled_sums(rows, [], [], []).to("meta"))  # a host checkpoint resumed on an accelerator
+    assert restored.pending.device.type == "meta"
 
 
 @pytest.mark.parametrize("mirror_on", [False, True])
@@ -275,6 +277,50 @@ def test_probe_keeps_the_attention_mask_of_the_selected_sequences():
     assert torch.equal(chosen.input_ids, ids[keep]) and torch.equal(chosen.sample_index, torch.tensor([0, 2]))
     assert torch.equal(chosen.attention_mask, attention[keep]) and torch.equal(chosen.loss_mask, attention[keep])
     assert online_variance.select_sequences(Batch(ids, attention, torch.arange(3), None), keep).attention_mask is None
+
+
+def test_training_statistics_weight_rows_and_pairs_and_skip_non_finite_ones():
+    """Weights (2, 0.5) per sequence, rows (1, 3 | NaN): weighted losses 2 and 6 count, the NaN row does not.
+    The pair difference 4 of sequence 0 becomes w^2 * 4 / 2 = 8; sequence 1 has no pair (NaN)."""
+    noisy = SimpleNamespace(weight=torch.tensor([2.0, 0.5]), row_sample=torch.tensor([0, 0, 1]))
+    out = training_statistics(noisy, torch.tensor([1.0, 3.0, float("nan")]), torch.tensor([4.0, float("nan")]))
+    assert out.dtype == torch.float64
+    expected = {online_variance.ROWS: 2, online_variance.SUM_L: 8, online_variance.SUM_L2: 40,
+                online_variance.SUM_L3: 224, online_variance.SUM_L4: 1312, online_variance.PAIR_N: 1,
+                online_variance.PAIR_SUM: 8, online_variance.PAIR_SQ: 64}
+    assert out.tolist() == [expected.get(column, 0) for column in range(online_variance.COLUMNS)]
+    assert not training_statistics(noisy, torch.tensor([1.0, 3.0, 2.0]), None)[online_variance.PAIR_N:].any()
+
+
+def test_probe_statistics_weight_each_row_by_its_own_sequence():
+    """Two probed sequences: rows (base, antithetic) x 2, then the independent-mask and independent-rate rows,
+    with per-sequence weights; the half squared differences are summed by hand. Nothing counted: zeros."""
+    noisy = SimpleNamespace(t=torch.zeros(6), weight=torch.tensor([2.0, 0.5, 1.0, 1.0, 3.0, 1.0]),
+                            row_sample=torch.tensor([0, 0, 1, 1, 2, 3, 4, 5]), row_losses=lambda ce: ce)
+    ce = torch.tensor([1.0, 2.0, 3.0, 5.0, 4.0, 7.0, 1.0, 2.0])  # weighted: base (2, 1.5), anti (4, 2.5),
+    out = Probe.statistics(noisy, ce, counted=1)                  # other mask (4, 7), other rate (3, 2)
+    assert out.dtype == torch.float64
+    expected = {online_variance.MASK_N: 2, online_variance.MASK_SUM: 17.125, online_variance.MASK_SQ: 232.765625,
+                online_variance.RATE_N: 2, online_variance.RATE_SUM: 0.625, online_variance.RATE_SQ: 0.265625,
+                online_variance.PAIR_N: 2, online_variance.PAIR_SUM: 2.5, online_variance.PAIR_SQ: 4.25}
+    assert out.tolist() == [expected.get(column, 0) for column in range(online_variance.COLUMNS)]
+    assert not Probe.statistics(noisy, ce, counted=0).any()
+
+
+def test_probe_rows_share_the_training_t_and_fall_back_to_one_uncounted_sequence():
+    """The base pair and the independent mask use the training t (Stream.T), the third row an independent rate.
+    With nothing selected, the first sequence is forwarded and not counted."""
+    cfg = load_config(None, [f"variance.eps={EPS}", "seed=3"])
+    objective = MDMObjective(UniformT(3), masks_for(cfg.variance, 3), MASK)
+    batch = analytic_loader(micro=4).micro_batch_at(0, 0)
+    probes = [Probe(objective, masks_for(cfg.variance, 3, mirror=True), masks_for(cfg.variance, 3), 3, fraction)
+              for fraction in (1.0, 0.0)]
+    rows, counted = probes[0].rows(batch)
+    training_t = objective.corrupt(batch).t
+    assert counted == 4 and torch.equal(rows.t[:4], training_t) and torch.equal(rows.t[4:8], training_t)
+    assert not torch.isclose(rows.t[8:], training_t).any()
+    rows, counted = probes[1].rows(batch)
+    assert counted == 0 and len(rows.t) == 3 and torch.equal(rows.t[:2], training_t[:1].repeat(2))
 
 
 @pytest.mark.parametrize("items, message", [
