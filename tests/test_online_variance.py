@@ -219,6 +219,7 @@ def test_monitor_pools_at_refits_decides_with_a_margin_and_restores():
     settings = online_variance.MonitorSettings(refit_every=2, decay=0.5, probe_every=3, probe_fraction=0.5,
                                                mirror_auto=True)
     monitor = VarianceMonitor(settings)
+    assert monitor.take_report() is None  # nothing to log before the first refit
     assert [monitor.probe_step(step) for step in range(4)] == [True, False, False, True]
     for every, fraction, expected in ((1, 0.5, True), (0, 0.5, False), (3, 0.0, False)):
         other = online_variance.MonitorSettings(probe_every=every, probe_fraction=fraction)
@@ -250,6 +251,14 @@ def test_monitor_pools_at_refits_decides_with_a_margin_and_restores():
     assert torch.equal(state["pending"], torch.zeros(online_variance.COLUMNS, dtype=torch.float64))
     restored.observe(pooled_sums(rows, [], [], []).to("meta"))  # a host checkpoint resumed on an accelerator
     assert restored.pending.device.type == "meta"
+
+
+def test_monitor_settings_follow_the_variance_config():
+    cfg = load_config(None, ["variance.mirror=auto", "variance.ppots_refit_every=10", "variance.ppots_half_life=20",
+                             "variance.probe_every=4", "variance.probe_fraction=0.25", "train.micro_batch_size=4"])
+    assert online_variance.MonitorSettings.from_config(cfg.variance) == online_variance.MonitorSettings(
+        refit_every=10, decay=0.5**0.5, probe_every=4, probe_fraction=0.25, mirror_auto=True)
+    assert not online_variance.MonitorSettings.from_config(load_config(None, []).variance).mirror_auto
 
 
 @pytest.mark.parametrize("mirror_on", [False, True])
