@@ -205,9 +205,10 @@ def test_estimates_from_pooled_sums_equal_the_sample_formulas():
     assert r["C"] == pytest.approx(v - np.mean(rate), rel=1e-12)
     assert r["C_share"] == pytest.approx(r["C"] / v, rel=1e-12)
     assert (r["rows"], r["probes"], r["pairs"]) == (4, 3, 1)
-    two = estimates(pooled_sums([1.0, 3.0], [], [], []))
-    assert two["V"] == 1.0 and two["V_se"] == 0.0
-    assert np.isnan([two["A"], two["A_se"], two["pair_half_sq_se"], two["A+B_se"], two["B"]]).all()
+    two = estimates(pooled_sums([1.0, 3.0], [0.5], [], []))
+    assert two["V"] == 1.0 and two["V_se"] == 0.0 and two["A_share"] == 0.5
+    assert np.isnan([two["A+B"], two["A+B_se"], two["pair_half_sq"], two["pair_half_sq_se"], two["B"]]).all()
+    assert np.isnan(estimates(pooled_sums([2.0, 2.0], [1.0], [], []))["A_share"])  # V = 0: no shares
     one = estimates(pooled_sums([5.0], [1.0], [], []))
     assert np.isnan([one["V"], one["V_se"], one["A_share"]]).all()
 
