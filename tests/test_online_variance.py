@@ -243,6 +243,7 @@ def test_monitor_pools_at_refits_decides_with_a_margin_and_restores():
     assert monitor.on_optimizer_step(6, torch.device("cpu")) is None  # nothing new (no observe): the setting stays
     every_step = VarianceMonitor(online_variance.MonitorSettings(refit_every=1))
     assert every_step.on_optimizer_step(1, torch.device("cpu")) is None and every_step.take_report() is not None
+    assert every_step.pending.dtype == torch.float64  # later sums accumulate in float64
     state = monitor.state_dict()
     restored = VarianceMonitor(settings)
     restored.load_state_dict(state)
