@@ -46,7 +46,7 @@ def exact_cdf(density: PiecewiseLinearDensity, t: torch.Tensor) -> torch.Tensor:
 
 def test_epr_fit_recovers_a_known_density_exactly():
     fit = fit_epr(GRID, np.exp(log_w(Z_KNOWN, GRID)))
-    assert fit.kl < 1e-10
+    assert abs(fit.kl) < 1e-10
     fitted, known = epr_density(fit.z).values, epr_density(Z_KNOWN).values
     assert ((fitted - known).abs() / known).max() < 1e-4
 
@@ -69,6 +69,49 @@ def test_fit_rejects_bad_targets():
         fit_epr(GRID, -np.ones_like(GRID))
     with pytest.raises(ValueError, match="increasing"):
         fit_epr(GRID[::-1], np.ones_like(GRID))
+
+
+def test_log_w_is_the_epr_formula_and_its_jacobian_matches_finite_differences():
+    """log w = 0.5 log(a t^r + b (1 - t)^q + A^2 exp(2 k t^m)) with the softplus maps of the module docstring,
+    written out here (z0 = -20 makes a ~ 2e-9, where the 1e-9 floor matters); t is clipped to [1e-6, 1 - 1e-6].
+    The analytic Jacobian agrees with central differences."""
+    from mdm_scale.diffusion.epr import _log_w_and_jacobian
+
+    z = np.array([-20.0, 0.4, -1.0, 0.3, 0.2, -0.2, 0.2])
+    sp = np.log1p(np.exp(z))
+    a, b, big_a = sp[:3] + 1e-9
+    r, q, k, m = 1 + sp[3], 1 + sp[4], sp[5], 1 + sp[6]
+    t = np.array([0.0, 0.1, 0.5, 0.9, 1.0])
+    tc = np.clip(t, 1e-6, 1 - 1e-6)
+    expected = 0.5 * np.log(a * tc**r + b * (1 - tc) ** q + big_a**2 * np.exp(2 * k * tc**m))
+    np.testing.assert_allclose(log_w(z, t), expected, rtol=1e-12)
+    h = 1e-6
+    for point in (z, np.r_[-20.0, -20.0, -20.0, z[3:]]):  # a, b, A all near the floor: every share of order 1
+        _, jac = _log_w_and_jacobian(point, t)
+        numeric = np.stack([(log_w(point + h * e, t) - log_w(point - h * e, t)) / (2 * h) for e in np.eye(7)], 1)
+        np.testing.assert_allclose(jac, numeric, rtol=1e-5, atol=1e-8)
+
+
+def test_trapezoid_weights_integrate_on_an_uneven_grid():
+    from mdm_scale.diffusion.epr import _trapezoid_weights
+
+    t, y = np.array([0.0, 0.1, 0.4, 0.5, 1.0]), np.array([1.0, 3.0, -2.0, 5.0, 0.5])
+    assert _trapezoid_weights(t) @ y == pytest.approx(np.sum(np.diff(t) * (y[1:] + y[:-1]) / 2), rel=1e-12)
+
+
+def test_fit_epr_checks_its_input_exactly_and_is_deterministic():
+    """Two points and zero targets are allowed; equal points, mismatched shapes, NaN, negative or all-zero
+    targets are not. A cold fit is a pure function of its inputs (every rank gets the same z)."""
+    two = fit_epr(np.array([0.25, 0.75]), np.array([0.5, 0.0]))
+    assert np.all(np.isfinite(two.z))
+    for t, w in ((np.array([0.1, 0.1, 0.5]), np.ones(3)), (GRID, np.ones(3)), (GRID[:, None], np.ones((64, 1)))):
+        with pytest.raises(ValueError, match="increasing grid points"):
+            fit_epr(t, w)
+    for w in (np.r_[np.ones(63), np.nan], np.r_[np.ones(63), -0.5], np.zeros(64)):
+        with pytest.raises(ValueError, match="^fit_epr needs finite, non-negative targets, not all zero$"):
+            fit_epr(GRID, w)
+    target = np.exp(log_w(Z_KNOWN, GRID))
+    assert np.array_equal(fit_epr(GRID, target, restarts=3).z, fit_epr(GRID, target, restarts=3).z)
 
 
 def test_inverse_cdf_is_exact_and_density_integrates_to_one():

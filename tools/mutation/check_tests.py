@@ -16,6 +16,8 @@ import os
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -30,7 +32,7 @@ def main(spec: str, mutants: list[str]) -> None:
         for test in tests:
             try:
                 test()
-            except Exception as error:  # any failure of the test kills the mutant, as under pytest
+            except (Exception, pytest.fail.Exception) as error:  # any failure kills the mutant, as in pytest
                 verdict = f"killed by {test.__name__} ({type(error).__name__})"
                 break
         print(f"{mutant}: {verdict}", flush=True)
