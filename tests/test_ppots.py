@@ -114,6 +114,66 @@ def test_fit_epr_checks_its_input_exactly_and_is_deterministic():
     assert np.array_equal(fit_epr(GRID, target, restarts=3).z, fit_epr(GRID, target, restarts=3).z)
 
 
+def test_piecewise_density_checks_nodes_and_evaluates_by_hand():
+    """Nodes (1, 2, 4, 3) on 3 cells have area 8/3, so p = (3/8) (1, 2, 4, 3). pdf is linear inside a cell and
+    clamped to [0, 1] outside; inverse_cdf inverts the exact CDF also where p < 1; the last CDF node is 1."""
+    two = PiecewiseLinearDensity(torch.tensor([1.0, 3.0]))
+    assert two.values.tolist() == [0.5, 1.5]
+    message = "^a piecewise-linear density needs >= 2 finite, positive node values$"
+    for bad in (torch.ones(2, 2), torch.ones(1), torch.tensor([1.0, float("nan")]), torch.tensor([1.0, 0.0]),
+                torch.tensor([1.0, -1.0])):
+        with pytest.raises(ValueError, match=message):
+            PiecewiseLinearDensity(bad)
+    density = PiecewiseLinearDensity(torch.tensor([1.0, 2.0, 4.0, 3.0]))
+    assert density.cdf[-1].item() == 1.0 and density.cdf.dtype == torch.float64
+    t = torch.tensor([-0.5, 0.0, 0.5 / 3, 0.5, 2.5 / 3, 1.0, 1.5], dtype=torch.float64)
+    expected = 3 / 8 * torch.tensor([1.0, 1.0, 1.5, 3.0, 3.5, 3.0, 3.0], dtype=torch.float64)
+    assert torch.allclose(density.pdf(t), expected, rtol=1e-12)
+    inside = torch.tensor([0.05, 0.2, 0.5, 0.9], dtype=torch.float64)
+    assert torch.allclose(density.inverse_cdf(exact_cdf(density, inside)), inside, rtol=1e-12)
+    assert torch.allclose(density.mixed(1.0, None).values, torch.ones(4, dtype=torch.float64))
+    capped = density.mixed(0.0, 2.0)  # lowest 3/8 < 1/2: lambda = (1/2 - 3/8) / (1 - 3/8) = 0.2
+    assert torch.allclose(capped.values, 0.8 * density.values + 0.2, rtol=1e-12)
+    assert capped.values.min().item() == pytest.approx(0.5, rel=1e-12)
+
+
+def test_epr_density_is_the_curve_on_the_nodes_even_for_huge_log_w():
+    z = Z_KNOWN.copy()
+    nodes = np.linspace(0.0, 1.0, 5)
+    curve = np.exp(log_w(z, nodes))
+    assert np.allclose(epr_density(z, cells=4).values.numpy(), curve / np.sum((curve[1:] + curve[:-1]) / 8))
+    z[5] = 600.0  # k = 600: log w reaches 600, exp of it overflows without the shift by the maximum
+    assert torch.isfinite(epr_density(z, cells=4).values).all()
+
+
+def test_bins_and_fit_target_by_hand():
+    """Bin k of 4 holds t in [k/4, (k+1)/4), t = 1 (and anything outside [0, 1]) is clamped to the end bins.
+    Targets sqrt(sum l^2 / count) come from filled bins only, including a bin with one sample."""
+    from mdm_scale.diffusion.ppots import fit_target, t_bin
+
+    assert bin_centres(4).tolist() == [0.125, 0.375, 0.625, 0.875]
+    assert t_bin(torch.tensor([-0.1, 0.0, 0.3, 0.999, 1.0, 1.2]), 4).tolist() == [0, 0, 1, 3, 3, 3]
+    stats = torch.zeros(4, 5, dtype=torch.float64)
+    stats[0, COUNT], stats[0, SUMSQ] = 2, 8.0
+    stats[2, COUNT], stats[2, SUMSQ] = 1, 0.25
+    stats[3, COUNT], stats[3, SUMSQ] = 4, 36.0
+    t, w = fit_target(stats)
+    assert t.tolist() == [0.125, 0.625, 0.875] and w.tolist() == [2.0, 0.5, 3.0]
+    loss, pairs = torch.tensor([1.5, 2.0, 3.0]), torch.tensor([0.5, float("nan"), 2.0])
+    single = bin_statistics(torch.tensor([0.1, 0.6, 1.0]), loss, pairs, 4)  # float32 losses: float64 sums
+    assert single.dtype == torch.float64
+    assert single.tolist() == [[1, 1.5, 2.25, 1, 0.5], [0] * 5, [1, 2.0, 4.0, 0, 0], [1, 3.0, 9.0, 1, 2.0]]
+
+
+def test_ppots_settings_follow_the_variance_config():
+    from mdm_scale.config.loader import load_config
+
+    cfg = load_config(None, ["variance.ppots_bins=16", "variance.ppots_restarts=3", "variance.ppots_mix_uniform=0.1",
+                             "variance.ppots_max_weight=8", "variance.ppots_loss_max=20",
+                             "variance.ppots_refit_every=5", "variance.ppots_half_life=10"])
+    assert PPOTSSettings.from_config(cfg.variance) == PPOTSSettings(16, 3, 0.1, 8.0, 20.0, 5, 10.0)
+
+
 def test_inverse_cdf_is_exact_and_density_integrates_to_one():
     density = epr_density(Z_KNOWN, cells=37)
     v = density.values
