@@ -313,6 +313,28 @@ def test_service_refits_every_n_steps_with_decay_and_warm_start():
         PPOTSSampler(0, PPOTSSettings(bins=16)).load_state_dict(sampler.state_dict())
 
 
+def test_service_accumulates_pairs_and_capped_losses_and_bounds_its_draw_log(monkeypatch):
+    """observe adds every micro-batch (MIRROR pair differences and the ``loss_max`` cap included) to the
+    pending sums, moves them to the statistics' new device after a resume, refits every step with
+    refit_every = 1, returns float32 weights, and keeps drawn t only up to the log limit."""
+    import mdm_scale.diffusion.ppots as ppots
+
+    sampler = PPOTSSampler(0, PPOTSSettings(bins=4, refit_every=1, restarts=2, loss_max=2.0))
+    t, loss, pairs = torch.tensor([0.1, 0.6, 0.9]), torch.tensor([1.0, 5.0, 2.0]), torch.tensor([1.0, 3.0, 0.5])
+    sampler.observe(t, loss, pairs)
+    sampler.observe(t, loss, pairs)
+    assert torch.equal(sampler.pending, 2 * bin_statistics(t, loss.clamp(max=2.0), pairs, 4))
+    assert sampler.pending[:, PAIRS].sum() == 6
+    assert sampler.on_optimizer_step(1) is True and sampler.refits == 1
+    sampler.observe(t.to("meta"), loss.to("meta"), None)  # a host checkpoint resumed on an accelerator
+    assert sampler.pending.device.type == "meta"
+    monkeypatch.setattr(ppots, "_DRAW_LOG_LIMIT", 6)
+    drawing = PPOTSSampler(0, PPOTSSettings(bins=4))
+    for _ in range(3):
+        assert drawing.transform(torch.rand(4))[1].dtype == torch.float32
+    assert len(drawing._drawn) == 2  # 4 then 8 >= 6 draws: the third batch is not kept
+
+
 def test_log_statistics_reports_weights_and_draws():
     sampler = fitted_sampler()
     _, weight = sampler.sample(torch.arange(1000))
