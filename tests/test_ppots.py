@@ -319,13 +319,27 @@ def test_service_accumulates_pairs_and_capped_losses_and_bounds_its_draw_log(mon
     refit_every = 1, returns float32 weights, and keeps drawn t only up to the log limit."""
     import mdm_scale.diffusion.ppots as ppots
 
-    sampler = PPOTSSampler(0, PPOTSSettings(bins=4, refit_every=1, restarts=2, loss_max=2.0))
+    settings = PPOTSSettings(bins=4, refit_every=1, restarts=2, loss_max=2.0, max_weight=1.5)
+    sampler = PPOTSSampler(0, settings)
+    fresh = sampler.state_dict()
+    assert fresh["z"] is None and not fresh["pending"].any() and fresh["pending"].shape == (4, 5)
     t, loss, pairs = torch.tensor([0.1, 0.6, 0.9]), torch.tensor([1.0, 5.0, 2.0]), torch.tensor([1.0, 3.0, 0.5])
     sampler.observe(t, loss, pairs)
     sampler.observe(t, loss, pairs)
     assert torch.equal(sampler.pending, 2 * bin_statistics(t, loss.clamp(max=2.0), pairs, 4))
-    assert sampler.pending[:, PAIRS].sum() == 6
+    assert sampler.pending[:, PAIRS].sum() == 6 and torch.equal(sampler.state_dict()["pending"], sampler.pending)
     assert sampler.on_optimizer_step(1) is True and sampler.refits == 1
+    assert sampler.density.values.min() >= 1 / 1.5 - 1e-12  # the weight cap holds after a refit
+    sampler.observe(t, loss, None)
+    state = sampler.state_dict()
+    restored = PPOTSSampler(0, settings)
+    restored.load_state_dict(state)
+    assert restored.refits == 1 and torch.equal(restored.pending, sampler.pending)
+    restored.observe(t, loss, None)
+    assert torch.equal(state["pending"], sampler.pending)  # the checkpoint's tensors are not shared
+    PPOTSSampler(0, settings).load_state_dict(fresh)
+    with pytest.raises(ValueError, match="^the checkpoint's P-POTS state has 4 bins and variance.ppots_bins is 8$"):
+        PPOTSSampler(0, PPOTSSettings(bins=8)).load_state_dict(state)
     sampler.observe(t.to("meta"), loss.to("meta"), None)  # a host checkpoint resumed on an accelerator
     assert sampler.pending.device.type == "meta"
     monkeypatch.setattr(ppots, "_DRAW_LOG_LIMIT", 6)
@@ -345,7 +359,10 @@ def test_log_statistics_reports_weights_and_draws():
     assert len(values["drawn_t"]) == 1000 and values["refits"] == 0.0
     figure = values["density"]()
     assert len(figure.axes) == 2
-    assert "drawn_t" not in sampler.log_statistics()  # the draw buffer is emptied at each log
+    assert torch.equal(values["drawn_t"], sampler.density.inverse_cdf(sampler.uniforms(torch.arange(1000), Stream.T))
+                       .float()) and values["weight_mean"] == pytest.approx(float(w.mean()))
+    again = sampler.log_statistics()
+    assert "drawn_t" not in again and "density" not in again  # draws emptied, one figure per fit
 
 
 @pytest.mark.parametrize("items, message", [
