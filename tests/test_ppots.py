@@ -330,6 +330,14 @@ def test_service_accumulates_pairs_and_capped_losses_and_bounds_its_draw_log(mon
     assert sampler.pending[:, PAIRS].sum() == 6 and torch.equal(sampler.state_dict()["pending"], sampler.pending)
     assert sampler.on_optimizer_step(1) is True and sampler.refits == 1
     assert sampler.density.values.min() >= 1 / 1.5 - 1e-12  # the weight cap holds after a refit
+    assert sampler.z is not None
+    for times, losses, fits in (([0.1, 0.6], [0.5, 0.25], 1), ([0.1, 0.6], [0.0, 0.0], 0), ([0.1, 0.2], [1.0, 2.0], 0),
+                                ([], [], 0)):  # two filled bins suffice; all-zero targets or one bin keep p
+        other = PPOTSSampler(0, settings)
+        if times:
+            other.observe(torch.tensor(times), torch.tensor(losses), None)
+        assert other.on_optimizer_step(1) is True and other.refits == fits
+        assert other.pending.dtype == torch.float64 and other.pending.shape == (4, 5)
     sampler.observe(t, loss, None)
     state = sampler.state_dict()
     restored = PPOTSSampler(0, settings)
