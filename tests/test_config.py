@@ -9,7 +9,7 @@ import yaml
 
 from conftest import REPO
 from mdm_scale.config.deepspeed_json import build_deepspeed_config
-from mdm_scale.config.loader import check_batch_arithmetic, load_config
+from mdm_scale.config.loader import check_batch_arithmetic, leaves, load_config
 from mdm_scale.config.schema import ConfigError, TrainConfig
 from mdm_scale.training.lr_schedule import lr_factor
 
@@ -102,18 +102,6 @@ def test_lr_schedule_formulas(schedule):
     assert lr_factor(60, cfg) == pytest.approx(midpoint)
 
 
-def yaml_leaves(tree: dict, prefix: str = "") -> dict:
-    """Dotted key -> value of every setting in a YAML mapping (free-form mappings are one value)."""
-    leaves = {}
-    for key, value in tree.items():
-        name = prefix + key
-        if isinstance(value, dict) and name not in ("deepspeed", "model.overrides"):
-            leaves.update(yaml_leaves(value, name + "."))
-        else:
-            leaves[name] = value
-    return leaves
-
-
 def test_the_shipped_configs_are_found_from_any_working_directory():
     assert {"quickstart.yaml", "llada_8b.yaml", "pretrain_1b.yaml"} <= set(SHIPPED_CONFIGS)
 
@@ -123,9 +111,9 @@ def test_every_shipped_config_loads_with_each_of_its_settings(name):
     """Every key the file sets arrives in the typed config with the file's value (none dropped or renamed)."""
     path = REPO / "configs" / name
     cfg = load_config([path])
-    leaves = yaml_leaves(yaml.safe_load(path.read_text()))
-    assert leaves, name
-    for key, value in leaves.items():
+    settings = leaves(yaml.safe_load(path.read_text()))
+    assert settings, name
+    for key, value in settings.items():
         node = cfg
         for part in key.split("."):
             node = getattr(node, part)

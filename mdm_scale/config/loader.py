@@ -99,6 +99,19 @@ def all_keys(cls: type = Config, prefix: str = "") -> list[str]:
     return keys
 
 
+def leaves(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Dotted key -> value of every setting in a config mapping (YAML or ``asdict``); the free-form mappings
+    (``deepspeed``, ``model.overrides``) are one value each."""
+    out = {}
+    for key, value in tree.items():
+        name = prefix + key
+        if isinstance(value, dict) and name not in _FREE_FORM:
+            out.update(leaves(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
 def from_dict(cls: type, raw: Any, prefix: str = "") -> Any:
     """Build dataclass ``cls`` from a mapping, checking every key and type."""
     if not isinstance(raw, dict):

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from mdm_scale.config.deepspeed_json import build_deepspeed_config, choose_zero_stage
-from mdm_scale.config.loader import check_batch_arithmetic
+from mdm_scale.config.loader import check_batch_arithmetic, leaves
 from mdm_scale.config.schema import Config, ConfigError
 from mdm_scale.data.build import RunData, build_data
 from mdm_scale.data.loader import TrainLoader, eval_batches
@@ -50,7 +50,6 @@ from mdm_scale.training.step_timer import NoTimer
 # holds another run. Everything else (max_steps, lr, logging, ...) may change when a run is continued.
 RUN_IDENTITY = ("seed", "model", "data.train_file", "data.tokenizer", "data.task", "data.seq_len",
                 "train.objective", "variance")
-FREE_FORM = ("model.overrides", "deepspeed")  # config mappings without a schema: compared whole
 # Online A/B/C (``diffusion/online_variance.py``) written to the console and TensorBoard (``variance/*``) each refit.
 LOGGED_ESTIMATES = ("A", "B", "C", "V", "A_share", "B_share", "C_share", "pair_half_sq", "mirror")
 
@@ -133,8 +132,8 @@ class Trainer:
         run_file = self.out / "run.json"
         if not run_file.is_file() or not self.checkpoints.complete():
             return
-        previous = _leaves(json.loads(run_file.read_text())["config"])
-        current, defaults = _leaves(asdict(self.cfg)), _leaves(asdict(Config()))
+        previous = leaves(json.loads(run_file.read_text())["config"])
+        current, defaults = leaves(asdict(self.cfg)), leaves(asdict(Config()))
         for key, now in current.items():
             if not any(key == k or key.startswith(k + ".") for k in RUN_IDENTITY):
                 continue
@@ -428,18 +427,6 @@ class Trainer:
             logger.log(self.step, "eval", {"loss": loss})
             logger.flush()
         return loss
-
-
-def _leaves(tree: dict, prefix: str = "") -> dict:
-    """Dotted key -> value of every setting of a config dict (free-form mappings such as ``model.overrides``
-    are compared whole)."""
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict) and f"{prefix}{key}" not in FREE_FORM:
-            out.update(_leaves(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
 
 
 def _numel(shape: list[int]) -> int:
