@@ -80,6 +80,23 @@ def test_fused_kernels_match_eager():
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
+def test_eager_kernels_swaps_every_module_for_the_block_and_restores_them_even_on_error():
+    """The P-POTS estimate runs eagerly inside ``eager_kernels`` and training gets its fused kernels back."""
+    from mdm_scale.models.kernels import EAGER, Kernels, eager_kernels
+
+    model = tiny()
+    marker = Kernels(*(lambda *a: None for _ in range(3)))  # stands in for the compiled set (no compile on CPU)
+    holders = [m for m in model.modules() if hasattr(m, "kernels")]
+    assert holders
+    for module in holders:
+        module.kernels = marker
+    with pytest.raises(RuntimeError, match="inside"):
+        with eager_kernels(model):
+            assert all(m.kernels is EAGER for m in holders)
+            raise RuntimeError("inside")
+    assert all(m.kernels is marker for m in holders)
+
+
 def test_selective_checkpointing_recomputes_only_the_chosen_blocks_and_keeps_the_gradient():
     x = torch.randint(0, 40, (2, 12))
     grads, calls = [], []

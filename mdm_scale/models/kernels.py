@@ -12,8 +12,9 @@ arguments, so ZeRO-3's module hooks, which gather parameters around module forwa
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -53,3 +54,20 @@ EAGER = Kernels(rms_norm, rotary, swiglu)
 def fused() -> Kernels:
     """Compiled once per process, lazily (the first call compiles for the shapes it sees)."""
     return Kernels(*(torch.compile(fn) for fn in (rms_norm, rotary, swiglu)))
+
+
+@contextlib.contextmanager
+def eager_kernels(model: torch.nn.Module) -> Iterator[None]:
+    """Run ``model``'s modules with the ``EAGER`` kernels inside the block, and give them back what they had
+    after. For one-off no-grad forwards whose shapes training never runs (the P-POTS offline estimate): compiling
+    the fused kernels for them (~10 s on an H200, ``tools/bench/ppots_start.py``) costs more than the forwards.
+    A model without these kernels (any other Hugging Face model) is left as it is."""
+    saved = {module: module.kernels for module in model.modules() if isinstance(getattr(module, "kernels", None),
+                                                                                 Kernels)}
+    for module in saved:
+        module.kernels = EAGER
+    try:
+        yield
+    finally:
+        for module, kernels in saved.items():
+            module.kernels = kernels

@@ -35,6 +35,7 @@ from mdm_scale.diffusion.noise import Stream
 from mdm_scale.diffusion.ppots import bin_centres, bin_statistics
 from mdm_scale.diffusion.t_samplers import TSampler
 from mdm_scale.distributed.env import all_reduce_sum
+from mdm_scale.models.kernels import eager_kernels
 
 
 class GridT(TSampler):
@@ -101,21 +102,22 @@ def offline_statistics(trainer) -> torch.Tensor:
     grad_target = variance.ppots_target == "grad"
 
     trainer.engine.eval()
-    for f in range(plan.forwards):
-        jobs, recorded = forward_jobs(plan, f, env.rank, env.world_size, n_x0)
-        batch = collate(trainer.data.train, [examples[j // plan.jobs_per_x0] for j in jobs], jobs, trainer.pad_id,
-                        cfg.data.pad_to_multiple_of, cfg.data.seq_len)
-        noisy = trainer.objective.corrupt(batch, Stream.T, Stream.PPOTS_MASK, t_sampler=grid_t).to(env.device)
-        out = trainer.engine(**noisy.model_inputs())
-        row_loss = noisy.row_losses(out.token_ce)
-        index = torch.tensor(jobs[:recorded], dtype=torch.long, device=env.device)
-        values = noisy.sample_grad_norms(out.token_ce) if grad_target else noisy.sample_losses(row_loss)
-        losses[index] = values[:recorded].double()
-        pair = None if grad_target else noisy.pair_sq_diff(row_loss)
-        if pair is not None:
-            pair = pair[:recorded].double()
-            pair_sq[index] = torch.nan_to_num(pair, nan=0.0)
-            paired[index] = (~torch.isnan(pair)).double()
+    with eager_kernels(trainer.engine.module):  # shapes training never runs: compiling them costs more
+        for f in range(plan.forwards):
+            jobs, recorded = forward_jobs(plan, f, env.rank, env.world_size, n_x0)
+            batch = collate(trainer.data.train, [examples[j // plan.jobs_per_x0] for j in jobs], jobs, trainer.pad_id,
+                            cfg.data.pad_to_multiple_of, cfg.data.seq_len)
+            noisy = trainer.objective.corrupt(batch, Stream.T, Stream.PPOTS_MASK, t_sampler=grid_t).to(env.device)
+            out = trainer.engine(**noisy.model_inputs())
+            row_loss = noisy.row_losses(out.token_ce)
+            index = torch.tensor(jobs[:recorded], dtype=torch.long, device=env.device)
+            values = noisy.sample_grad_norms(out.token_ce) if grad_target else noisy.sample_losses(row_loss)
+            losses[index] = values[:recorded].double()
+            pair = None if grad_target else noisy.pair_sq_diff(row_loss)
+            if pair is not None:
+                pair = pair[:recorded].double()
+                pair_sq[index] = torch.nan_to_num(pair, nan=0.0)
+                paired[index] = (~torch.isnan(pair)).double()
     trainer.engine.train()
     pooled = all_reduce_sum(torch.stack([losses, pair_sq, paired])).cpu()
     t = grid_t.sample(torch.arange(n_x0 * plan.jobs_per_x0))[0]
