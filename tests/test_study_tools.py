@@ -26,6 +26,15 @@ def test_sort_profile_separates_copying_from_ordering():
     assert p["accuracy_by_size"] == {3: 0.5, 4: 0.5}
 
 
+def test_count_profile_separates_near_misses_from_counting_the_whole_list():
+    records = [_record("count 3 in 3 1 3 9\n", "#### 2", True),    # right
+               _record("count 3 in 3 1 3 9\n", "#### 4", False),   # the list's length
+               _record("count 1 in 3 1 3 9 1\n", "#### 3", False)]  # off by one
+    p = error_profile("count", records)
+    assert p["correct"] == 1 / 3 and p["off by one"] == 2 / 3 and p["said the list length"] == 1 / 3
+    assert p["accuracy_by_size"] == {4: 0.5, 5: 0.0}
+
+
 def test_lookup_profile_checks_every_link_of_the_chain():
     prompt = "k=42, q=17, c=m, z=q, m=k, y=z. c?\n"
     records = [_record(prompt, "c=m=k=42 #### 42", True),

@@ -1,4 +1,4 @@
-"""Synthetic reasoning tasks, generated locally: the embedded default task and three more families.
+"""Synthetic reasoning tasks, generated locally: the embedded default task and four more families.
 
 Each record is ``{"prompt": question, "response": [worked steps] + "#### " + answer}``; the answer is what
 ``mdm-scale eval`` scores (the text after the last ``####``). A family's problems have a *size*
@@ -13,6 +13,7 @@ and the accuracy of a model degrades gradually with its capacity instead of jump
 - ``add``: addition or subtraction (never negative) of two integers of 1..``size`` digits each, with carries
   and borrows: ``"4172 - 856 =\\n"`` -> ``"#### 3316"``;
 - ``sort``: sort ``size`` digits: ``"sort 7 3 0 9 3\\n"`` -> ``"#### 03379"``;
+- ``count``: how often one digit occurs among ``size`` digits: ``"count 3 in 3 1 3 9\\n"`` -> ``"#### 2"``;
 - ``lookup``: variable binding, follow a chain of ``size`` assignments among as many distractors::
 
       prompt:   "k=42, q=17, c=m, z=q, m=k, y=z. c?\\n"
@@ -93,6 +94,19 @@ def make_sort(rng: random.Random, min_len: int, max_len: int) -> dict[str, str]:
             "response": "#### " + "".join(map(str, sorted(digits)))}
 
 
+def make_count(rng: random.Random, min_len: int, max_len: int) -> dict[str, str]:
+    """Count how often a digit occurs among min..max digits: ``"count 3 in 3 1 3 9\\n"`` -> ``"#### 2"``.
+
+    The count is drawn uniformly from 0..min(length, 4) and the other digits differ from the queried one, so no
+    single answer is right for more than a fifth of the problems of a length > 3 (a constant answer scores low).
+    """
+    length = rng.randint(min_len, max_len)
+    query, count = rng.randint(0, 9), rng.randint(0, min(length, 4))
+    digits = [query] * count + [rng.choice([d for d in range(10) if d != query]) for _ in range(length - count)]
+    rng.shuffle(digits)
+    return {"prompt": f"count {query} in " + " ".join(map(str, digits)) + "\n", "response": f"#### {count}"}
+
+
 def make_lookup(rng: random.Random, min_hops: int, max_hops: int) -> dict[str, str]:
     """Follow ``hops`` assignments from the queried variable to a number, among a distractor chain as long.
 
@@ -111,13 +125,16 @@ def make_lookup(rng: random.Random, min_hops: int, max_hops: int) -> dict[str, s
 
 
 def solve(family: str, prompt: str) -> str:
-    """The answer of an ``add``, ``sort`` or ``lookup`` prompt, computed from the prompt's text alone."""
+    """The answer of an ``add``, ``sort``, ``count`` or ``lookup`` prompt, from the prompt's text alone."""
     text = prompt.rstrip("\n")
     if family == "add":
         a, op, b, _ = text.split(" ")
         return str(int(a) + int(b) if op == "+" else int(a) - int(b))
     if family == "sort":
         return "".join(sorted(text.split(" ")[1:]))
+    if family == "count":
+        query, digits = text.split(" in ")
+        return str(digits.split(" ").count(query.split(" ")[1]))
     if family == "lookup":
         bindings, query = text.split(". ")
         value = dict(item.split("=") for item in bindings.split(", "))
@@ -125,11 +142,12 @@ def solve(family: str, prompt: str) -> str:
         while not value[name].isdigit():
             name = value[name]
         return value[name]
-    raise ValueError(f"solve: family {family!r} has no solver (add, sort, lookup)")
+    raise ValueError(f"solve: family {family!r} has no solver (add, sort, count, lookup)")
 
 
 FAMILIES: dict[str, tuple[Callable[[random.Random, int, int], dict[str, str]], int]] = {
-    "arith": (make_problem, 20), "add": (make_addition, 18), "sort": (make_sort, 40), "lookup": (make_lookup, 13),
+    "arith": (make_problem, 20), "add": (make_addition, 18), "sort": (make_sort, 40), "count": (make_count, 40),
+    "lookup": (make_lookup, 13),
 }
 """name -> (problem maker(rng, min_size, max_size), largest size it accepts)."""
 

@@ -4,10 +4,13 @@
     python tools/experiments/family_errors.py --family sort results/families/sort/runs/*/mb_*/seed_*/pred.jsonl
 
 For each PRED.jsonl (records ``{"prompt", "prediction", "correct"}``) it prints one markdown row: exact-match
-accuracy, accuracy by problem size (digits to sort, hops, operand digits), and the family's partial credits:
+accuracy, accuracy by problem size (digits to sort or to count in, hops, operand digits), and the family's
+partial credits:
 
 - ``sort``: **multiset kept** (the answer holds exactly the prompt's digits, in any order) and **ordered** (its
   digits never decrease): copying failing points at reading the prompt, ordering failing at the sorting itself;
+- ``count``: **off by one** (the answer is within one of the true count) and **said the list length** (the
+  answer is the number of digits, not of the queried one's occurrences);
 - ``lookup``: **chain valid** (every ``x=y`` of the worked chain is an assignment of the prompt, from the queried
   variable on) and **answer = chain end** (the answer is the value the written chain reaches);
 - ``add``: **length right** (as many digits as the true result) and **digits right** (share of the true result's
@@ -31,6 +34,8 @@ def _size(family: str, prompt: str) -> int:
     text = prompt.rstrip("\n")
     if family == "sort":
         return len(text.split(" ")) - 1
+    if family == "count":
+        return len(text.split(" in ")[1].split(" "))
     if family == "lookup":
         return sum(not value.isdigit() for value in (a.split("=")[1] for a in text.split(". ")[0].split(", "))) // 2 + 1
     a, _, b, _ = text.split(" ")
@@ -44,6 +49,10 @@ def _credits(family: str, prompt: str, prediction: str, answer: str | None, gold
         got = answer or ""
         return {"multiset kept": sorted(got) == sorted(given),
                 "ordered": bool(got) and got.isdigit() and list(got) == sorted(got)}
+    if family == "count":
+        number = int(answer) if answer is not None and answer.isdigit() else None
+        return {"off by one": number is not None and abs(number - int(gold)) <= 1,
+                "said the list length": number == _size(family, prompt)}
     if family == "lookup":
         bindings, query = text.split(". ")
         value = dict(item.split("=") for item in bindings.split(", "))
@@ -77,7 +86,7 @@ def error_profile(family: str, records: list[dict]) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--family", required=True, choices=["sort", "lookup", "add"])
+    parser.add_argument("--family", required=True, choices=["sort", "count", "lookup", "add"])
     parser.add_argument("predictions", nargs="+", type=Path, help="PRED.jsonl files of mdm-scale eval")
     args = parser.parse_args(argv)
     rows = []
