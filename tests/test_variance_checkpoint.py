@@ -29,3 +29,17 @@ def test_checkpoint_weights_load_through_either_path(synth_dir, tmp_path, dist_e
     assert untrained["methods"]["standard"]["loss"]["mean"] != pytest.approx(loaded[0], rel=1e-3)
     with pytest.raises(CheckpointError, match="no such directory"):
         run_variance(cfg, settings, tmp_path / "x" / "report.json", str(tmp_path / "missing"), env=dist_env)
+
+
+def test_zero_shards_are_found_under_both_deepspeed_names(tmp_path):
+    """A bf16 run on GPU writes ``bf16_zero_pp_rank_*`` shards; they are read through zero_to_fp32 on any device."""
+    from mdm_scale.variance.runner import has_zero_shards
+
+    (tmp_path / "mp_rank_00_model_states.pt").touch()
+    assert not has_zero_shards(tmp_path)
+    (tmp_path / "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt").touch()
+    assert has_zero_shards(tmp_path)
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    (plain / "zero_pp_rank_0_mp_rank_00_optim_states.pt").touch()
+    assert has_zero_shards(plain)

@@ -177,6 +177,13 @@ def fit_ppots(sampler, ckpt: Path | None, saved: dict | None, draws: list[tuple[
     return f"a fit to the {len(draws)} (t, loss) draws of the standard method"
 
 
+def has_zero_shards(ckpt: Path) -> bool:
+    """Whether ``ckpt`` holds ZeRO optimizer shards: ``zero_pp_rank_*`` files, or ``bf16_zero_pp_rank_*`` from
+    DeepSpeed's bf16 optimizer (a bf16 run on GPU writes those; the same config on CPU expects the others, so
+    such a checkpoint is read through ``zero_to_fp32`` rather than the engine)."""
+    return any(ckpt.glob("*zero_pp_rank_*_optim_states.pt"))
+
+
 def load_weights(trainer, ckpt: Path) -> None:
     """Model weights only. A ZeRO-3 engine loads the sharded checkpoint directly (same world size as the run
     that wrote it); other stages load the consolidated fp32 weights (DeepSpeed's ``zero_to_fp32``), so a
@@ -184,8 +191,7 @@ def load_weights(trainer, ckpt: Path) -> None:
     manifest = trainer.checkpoints.verify(ckpt)
     if manifest is not None:
         raise CheckpointError(f"--checkpoint {ckpt}: {manifest}")
-    sharded = any(ckpt.glob("zero_pp_rank_*_optim_states.pt"))
-    if trainer.cfg.train.zero_stage == 3 or not sharded:
+    if trainer.cfg.train.zero_stage == 3 or not has_zero_shards(ckpt):
         trainer.checkpoints.load(trainer.engine, ckpt, trainer.shapes, global_batch=None)
     else:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
