@@ -102,7 +102,8 @@ def make_count(rng: random.Random, min_len: int, max_len: int) -> dict[str, str]
     """
     length = rng.randint(min_len, max_len)
     query, count = rng.randint(0, 9), rng.randint(0, min(length, 4))
-    digits = [query] * count + [rng.choice([d for d in range(10) if d != query]) for _ in range(length - count)]
+    others = [d for d in range(10) if d != query]
+    digits = [query] * count + [rng.choice(others) for _ in range(length - count)]
     rng.shuffle(digits)
     return {"prompt": f"count {query} in " + " ".join(map(str, digits)) + "\n", "response": f"#### {count}"}
 
