@@ -1,22 +1,23 @@
 #!/usr/bin/env bash
-# The study of docs/results.md on one GPU: synthetic reasoning families, every method x seed under both
+# The studies of docs/results.md on one GPU: synthetic reasoning tasks, every method x seed under both
 # protocols of run.py (--budget batch,rows), and the A/B/C variance decomposition of Standard's checkpoints
 # early, middle and late. Re-running resumes (finished runs, a finished pretraining are skipped).
 #   bash tools/bench/run_gpu.sh bash tools/experiments/family_gpu.sh
+# Studies (SPEC below; a study names a generator family, its sizes and configs):
 # - sort (from scratch): sort 1-8 digits, tools/experiments/configs/family_sort.yaml;
-# - count (pretrain, then fine-tune): how often one digit occurs among 1-12; pretraining on count text (no eval
-#   prompt), export, then fine-tuning per run (configs/family_count_{pretrain,finetune}.yaml);
-# - lookup (pretrain, then fine-tune; not in the default FAMILIES: at the floor for this model size): variable
-#   chains of 1-8 hops (configs/family_lookup_{pretrain,finetune}.yaml).
-# Knobs: OUT, FAMILIES (sort,count), PARTS (study,variance: the study's runs, the A/B/C of Standard's checkpoints;
-# variance alone re-measures the checkpoints a study left), METHODS, SEEDS, PARALLEL, LIMIT_S (time bound of each family's runs: what is
-# unfinished then is reported as such and resumed by the next invocation),
-# EXTRA (more --set items for every training run, e.g. EXTRA="--set train.max_steps=4" for a smoke test),
-# VARIANCE_ARGS (sample sizes of mdm-scale variance; default --x0 64 --t-draws 4 --masks 4).
+# - sort_ft (pretrain, then fine-tune): pretraining on sort text (no eval prompt), export, then fine-tuning per
+#   run (configs/family_pretrain.yaml, configs/family_sort_finetune.yaml);
+# - count, lookup (pretrain, then fine-tune; not in the default FAMILIES: at chance / at the floor for this
+#   model size): configs/family_pretrain.yaml + family_count_finetune.yaml, family_lookup_{pretrain,finetune}.yaml.
+# Knobs: OUT, FAMILIES (studies; default sort,sort_ft), PARTS (study,variance: the study's runs, the A/B/C of
+# Standard's checkpoints; variance alone re-measures the checkpoints a study left), METHODS, SEEDS, PARALLEL,
+# LIMIT_S (time bound of each study's runs: what is unfinished then is reported as such and resumed by the next
+# invocation), EXTRA (more --set items for every training run, e.g. EXTRA="--set train.max_steps=4" for a smoke
+# test), VARIANCE_ARGS (sample sizes of mdm-scale variance; default --x0 64 --t-draws 4 --masks 4).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-results/families}
-FAMILIES=${FAMILIES:-sort,count}
+FAMILIES=${FAMILIES:-sort,sort_ft}
 PARTS=${PARTS:-study,variance}
 METHODS=${METHODS:-Standard,Standard 2x,Clipped,P-POTS,MIRROR,P-POTS+MIRROR,P-POTS+StraTS,auto}
 SEEDS=${SEEDS:-42,731,20231,1,2}
@@ -104,7 +105,8 @@ for family in "${families[@]}"; do
   if [[ ",$PARTS," == *,study,* ]]; then
     if [ -n "${pretraining[$family]:-}" ]; then
       wait "${pretraining[$family]}"
-      [ -f "$OUT/$family/pretrained/config.json" ] || { echo "$family: pretraining failed: $OUT/$family/pretrain.log"; continue; }
+      [ -f "$OUT/$family/pretrained/config.json" ] ||
+        { echo "$family: pretraining failed: $OUT/$family/pretrain.log"; continue; }
     fi
     study "$family"
   fi
