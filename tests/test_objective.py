@@ -172,3 +172,26 @@ def test_keyed_noise_equals_the_integer_reference_hash():
     for word in (seed & 0xFFFFFFFF, seed >> 32, 4, 9):
         h = _lowbias32(h ^ word)
     assert keyed_generator(seed, 4, 9).initial_seed() == h
+
+
+def test_host_corruption_gathers_without_cpu_advanced_indexing():
+    """The corruption runs on the host before every forward; CPU advanced indexing (``aten::index``,
+    ``aten::index_put_``) costs milliseconds per call on a busy host, so the objective, the masks, the P-POTS
+    density and the packed-row view gather with ``index_select`` (docs/benchmarks.md, 2026-12-02)."""
+    from torch.profiler import profile
+
+    from mdm_scale.data.loader import TrainLoader
+    from mdm_scale.diffusion.masks import MirrorMasks
+    from mdm_scale.diffusion.ppots import PPOTSSampler, PPOTSSettings
+    from test_packing import PAD_ID, SEQ_LEN, sft_data
+
+    packed = TrainLoader(sft_data(), seed=0, rank=0, world=1, micro_batch=4, grad_accum=1, pad_id=PAD_ID,
+                         pad_to_multiple_of=8, seq_len=SEQ_LEN, packing=True).micro_batch_at(step=0, micro=0)
+    cases = [(objective(), make_batch()), (MDMObjective(UniformT(0), MirrorMasks(0, EPS, 0.5), MASK), make_batch()),
+             (MDMObjective(PPOTSSampler(0, PPOTSSettings()), BernoulliMasks(0, EPS), MASK), make_batch()),
+             (objective(mirror=True), packed)]
+    for objective_, batch in cases:
+        with profile() as prof:
+            objective_.corrupt(batch)
+        names = {event.name for event in prof.events()}
+        assert not names & {"aten::index", "aten::index_put_", "aten::take"}, type(objective_.masks).__name__

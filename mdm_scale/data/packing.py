@@ -119,6 +119,11 @@ def record_view(batch) -> tuple[torch.Tensor, torch.Tensor]:
     width = int(batch.record_length.max())
     cols = torch.arange(width)
     inside = cols[None, :] < batch.record_length[:, None]
-    src = (batch.record_offset[:, None] + cols[None, :]).clamp(max=batch.input_ids.shape[1] - 1)
-    rows = batch.record_row[:, None].expand_as(src)
-    return batch.input_ids[rows, src].masked_fill(~inside, 0), batch.loss_mask[rows, src] & inside
+    length = batch.input_ids.shape[1]
+    flat = (batch.record_row[:, None] * length + (batch.record_offset[:, None] + cols[None, :]).clamp(max=length - 1)
+            ).reshape(-1)
+
+    def view(x: torch.Tensor) -> torch.Tensor:  # index_select: see diffusion/objective.py's take
+        return x.reshape(-1).index_select(0, flat).view(inside.shape)
+
+    return view(batch.input_ids).masked_fill(~inside, 0), view(batch.loss_mask) & inside

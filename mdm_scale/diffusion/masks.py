@@ -89,10 +89,11 @@ class MirrorMasks(BernoulliMasks):
         u = keyed_uniform(self.seed, sample_index, stream, eligible.shape[1])
         masked = torch.stack([(u < q) & eligible, (u > 1.0 - q) & eligible], dim=1).flatten(0, 1)
         paired = torch.ones(len(t), dtype=torch.bool) if self.single_above is None else t < self.single_above
-        keep = torch.stack([torch.ones_like(paired), paired], dim=1).flatten()
+        kept = torch.stack([torch.ones_like(paired), paired], dim=1).flatten().nonzero().squeeze(1)
+        row_sample = kept // 2  # rows 2b and 2b + 1 corrupt sequence b
         scale = torch.where(paired, 0.5, 1.0).repeat_interleave(2)
-        return MaskDraw(masked=masked[keep], inclusion=q.repeat_interleave(2, dim=0)[keep],
-                        row_sample=torch.arange(len(t)).repeat_interleave(2)[keep], row_scale=scale[keep])
+        return MaskDraw(masked=masked.index_select(0, kept), inclusion=q.index_select(0, row_sample),
+                        row_sample=row_sample, row_scale=scale.index_select(0, kept))
 
 
 def build_masks(mirror: bool, seed: int, eps: float, single_above: float | None = None,

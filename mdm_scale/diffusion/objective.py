@@ -138,10 +138,17 @@ def stack_rows(parts: list[NoisyBatch]) -> NoisyBatch:
                       sum(p.rows for p in parts))
 
 
+def take(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``values[index]`` along the first dimension. The host-side corruption gathers through ``index_select``:
+    CPU advanced indexing (``values[index]``, ``aten::index``) runs through a parallel kernel that costs
+    milliseconds per call on a busy host, tens of milliseconds per micro-batch (docs/benchmarks.md)."""
+    return values.index_select(0, index)
+
+
 def _flat_loss_tokens(input_ids: torch.Tensor, selected: torch.Tensor, target_ids: torch.Tensor):
     rows, cols = selected.nonzero(as_tuple=True)
     positions = rows * input_ids.shape[1] + cols
-    return rows, positions, target_ids.reshape(-1)[positions]
+    return rows, positions, take(target_ids.reshape(-1), positions)
 
 
 class MDMObjective:
@@ -161,19 +168,20 @@ class MDMObjective:
         draw = self.masks.draw(batch.sample_index, t, eligible, mask_stream, ids)
         source = draw.row_sample
         rows, cols = draw.masked.nonzero(as_tuple=True)
-        targets = ids[source[rows], cols]
+        sample_of_token = take(source, rows)
+        targets = take(ids.reshape(-1), sample_of_token * ids.shape[1] + cols)
         n_eligible = eligible.sum(1).clamp(min=1).to(torch.float32)
-        sample_of_token = source[rows]
-        token_scale = 1.0 / (draw.inclusion[draw.masked] * n_eligible[sample_of_token])
+        token_scale = 1.0 / (draw.inclusion.masked_select(draw.masked) * take(n_eligible, sample_of_token))
         denominator = torch.full((len(weight),), float(len(weight))) if batch.loss_denominator is None \
             else batch.loss_denominator
-        coef = weight[sample_of_token] * draw.row_scale[rows] * token_scale / denominator[sample_of_token]
+        coef = take(weight, sample_of_token) * take(draw.row_scale, rows) * token_scale / take(denominator,
+                                                                                       sample_of_token)
         model = _packed_rows(batch, source) if packed else _ModelRows(
-            torch.arange(len(source)), torch.zeros(len(source), dtype=torch.int64), batch.input_ids[source],
-            None if batch.attention_mask is None else batch.attention_mask[source], None, None)
-        positions = model.row[rows] * model.input_ids.shape[1] + model.offset[rows] + cols
+            torch.arange(len(source)), torch.zeros(len(source), dtype=torch.int64), take(batch.input_ids, source),
+            None if batch.attention_mask is None else take(batch.attention_mask, source), None, None)
+        positions = take(model.row, rows) * model.input_ids.shape[1] + take(model.offset, rows) + cols
         noisy_ids = model.input_ids.clone()
-        noisy_ids.view(-1)[positions] = self.mask_token_id
+        noisy_ids.view(-1).index_fill_(0, positions, self.mask_token_id)
         return NoisyBatch(noisy_ids, model.attention_mask, positions, targets, coef, model.document_ids,
                           model.position_ids, rows, token_scale, source, draw.row_scale, t, weight,
                           int(eligible.sum()), len(source))
@@ -201,7 +209,7 @@ def _packed_rows(batch: Batch, source: torch.Tensor) -> _ModelRows:
     def repeat(x):
         return None if x is None else x.repeat_interleave(copies, dim=0)
 
-    return _ModelRows(batch.record_row[source] * copies + copy, batch.record_offset[source],
+    return _ModelRows(take(batch.record_row, source) * copies + copy, take(batch.record_offset, source),
                       repeat(batch.input_ids), repeat(batch.attention_mask), repeat(batch.document_ids),
                       repeat(batch.position_ids))
 
@@ -219,7 +227,7 @@ class ARMObjective:
         n_targets = predicts.sum(1).clamp(min=1).to(torch.float32)
         valid = torch.ones(len(ids)) if batch.valid is None else batch.valid.to(torch.float32)
         token_scale = 1.0 / n_targets[rows]
-        coef = valid[rows] * token_scale / len(ids)
+        coef = take(valid, rows) * token_scale / len(ids)
         return NoisyBatch(ids, batch.attention_mask, positions, targets, coef, None, None, rows, token_scale,
                           torch.arange(len(ids)), torch.ones(len(ids)), torch.zeros(len(ids)), valid,
                           int(predicts.sum()), len(ids))

@@ -77,16 +77,17 @@ class PiecewiseLinearDensity:
         t = t.to(torch.float64).clamp(0.0, 1.0)
         k = (t / self.h).floor().clamp(max=self.cells - 1).long()
         x = t - k.to(torch.float64) * self.h
-        return self.values[k] + (self.values[k + 1] - self.values[k]) * (x / self.h)
+        left, right = self.values.index_select(0, k), self.values.index_select(0, k + 1)
+        return left + (right - left) * (x / self.h)
 
     def inverse_cdf(self, u: torch.Tensor) -> torch.Tensor:
         """t with CDF(t) = u, float64. Inside cell k the CDF is C_k + p_k x + s x^2 / 2 (s the slope), so
         x = 2 r / (p_k + sqrt(p_k^2 + 2 s r)) with r = u - C_k (the stable root, exact also for s = 0)."""
         u = u.to(torch.float64)
         k = (torch.searchsorted(self.cdf, u, right=True) - 1).clamp(0, self.cells - 1)
-        r = (u - self.cdf[k]).clamp(min=0.0)
-        p_k = self.values[k]
-        slope = (self.values[k + 1] - p_k) / self.h
+        r = (u - self.cdf.index_select(0, k)).clamp(min=0.0)
+        p_k = self.values.index_select(0, k)
+        slope = (self.values.index_select(0, k + 1) - p_k) / self.h
         root = torch.sqrt((p_k * p_k + 2.0 * slope * r).clamp(min=0.0))
         x = (2.0 * r / (p_k + root).clamp(min=1e-300)).clamp(0.0, self.h)
         return k.to(torch.float64) * self.h + x

@@ -123,7 +123,8 @@ def run_worker(args: argparse.Namespace) -> None:
 
 
 def _profile(subject, out: Path) -> None:
-    """Two steps under torch.profiler: ``trace.json`` (chrome://tracing) and the top ops by host and device time."""
+    """Two steps under torch.profiler: ``trace.json.gz`` (chrome://tracing, Perfetto) and the top ops by host and
+    device time."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
@@ -133,7 +134,7 @@ def _profile(subject, out: Path) -> None:
         for _ in range(2):
             subject.step()
         sync_device()
-    prof.export_chrome_trace(str(out / "trace.json"))
+    prof.export_chrome_trace(str(out / "trace.json.gz"))
     device_key = "self_device_time_total" if torch.cuda.is_available() else "cpu_time_total"
     tables = [prof.key_averages().table(sort_by=key, row_limit=30) for key in ("self_cpu_time_total", device_key)]
     (out / "ops.txt").write_text("\n\n".join(tables))
