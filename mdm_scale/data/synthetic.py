@@ -108,6 +108,27 @@ def make_count(rng: random.Random, min_len: int, max_len: int) -> dict[str, str]
     return {"prompt": f"count {query} in " + " ".join(map(str, digits)) + "\n", "response": f"#### {count}"}
 
 
+def make_common(rng: random.Random, min_len: int, max_len: int) -> dict[str, str]:
+    """The digits two lists share, sorted and each once: ``"common 1 5 7 5 ; 5 3 7 9\\n"`` -> ``"#### 57"``.
+
+    Each list has min..max digits; lists that share none are redrawn, so every answer is a non-empty set.
+    """
+    while True:
+        left, right = ([rng.randint(0, 9) for _ in range(rng.randint(min_len, max_len))] for _ in range(2))
+        shared = sorted(set(left) & set(right))
+        if shared:
+            return {"prompt": f"common {' '.join(map(str, left))} ; {' '.join(map(str, right))}\n",
+                    "response": "#### " + "".join(map(str, shared))}
+
+
+def make_missing(rng: random.Random, min_len: int, max_len: int) -> dict[str, str]:
+    """The digits 0-9 that a list of min..max digits lacks, in order: ``"missing 7 3 0 9 3 1 2 4 5\\n"`` ->
+    ``"#### 68"``."""
+    digits = [rng.randint(0, 9) for _ in range(rng.randint(min_len, max_len))]
+    return {"prompt": "missing " + " ".join(map(str, digits)) + "\n",
+            "response": "#### " + "".join(str(d) for d in range(10) if d not in digits)}
+
+
 def make_lookup(rng: random.Random, min_hops: int, max_hops: int) -> dict[str, str]:
     """Follow ``hops`` assignments from the queried variable to a number, among a distractor chain as long.
 
@@ -136,6 +157,11 @@ def solve(family: str, prompt: str) -> str:
     if family == "count":
         query, digits = text.split(" in ")
         return str(digits.split(" ").count(query.split(" ")[1]))
+    if family == "common":
+        left, right = (set(part.split()) for part in text.removeprefix("common ").split(" ; "))
+        return "".join(sorted(left & right))
+    if family == "missing":
+        return "".join(d for d in "0123456789" if d not in text.split(" ")[1:])
     if family == "lookup":
         bindings, query = text.split(". ")
         value = dict(item.split("=") for item in bindings.split(", "))
@@ -148,7 +174,7 @@ def solve(family: str, prompt: str) -> str:
 
 FAMILIES: dict[str, tuple[Callable[[random.Random, int, int], dict[str, str]], int]] = {
     "arith": (make_problem, 20), "add": (make_addition, 18), "sort": (make_sort, 40), "count": (make_count, 40),
-    "lookup": (make_lookup, 13),
+    "common": (make_common, 20), "missing": (make_missing, 40), "lookup": (make_lookup, 13),
 }
 """name -> (problem maker(rng, min_size, max_size), largest size it accepts)."""
 

@@ -5,11 +5,12 @@
 #   bash tools/bench/run_gpu.sh bash tools/experiments/family_gpu.sh
 # Studies (SPEC below; a study names a generator family, its sizes and configs):
 # - sort (from scratch): sort 1-8 digits, tools/experiments/configs/family_sort.yaml;
+# - missing (from scratch): the digits 0-9 that a list of 1-6 digits lacks, configs/family_missing.yaml;
 # - sort_ft (pretrain, then fine-tune): pretraining on sort text (no eval prompt), export, then fine-tuning per
 #   run (configs/family_pretrain.yaml, configs/family_sort_finetune.yaml);
 # - count, lookup (pretrain, then fine-tune; not in the default FAMILIES: at chance / at the floor for this
 #   model size): configs/family_pretrain.yaml + family_count_finetune.yaml, family_lookup_{pretrain,finetune}.yaml.
-# Knobs: OUT, FAMILIES (studies; default sort,sort_ft), PARTS (study,variance: the study's runs, the A/B/C of
+# Knobs: OUT, FAMILIES (studies; default sort,sort_ft,missing), PARTS (study,variance: the study's runs, the A/B/C of
 # Standard's checkpoints; variance alone re-measures the checkpoints a study left), METHODS, SEEDS, PARALLEL,
 # LIMIT_S (time bound of each study's runs: what is unfinished then is reported as such and resumed by the next
 # invocation), EXTRA (more --set items for every training run, e.g. EXTRA="--set train.max_steps=4" for a smoke
@@ -17,7 +18,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-results/families}
-FAMILIES=${FAMILIES:-sort,sort_ft}
+FAMILIES=${FAMILIES:-sort,sort_ft,missing}
 PARTS=${PARTS:-study,variance}
 METHODS=${METHODS:-Standard,Standard 2x,Clipped,P-POTS,MIRROR,P-POTS+MIRROR,P-POTS+StraTS,auto}
 SEEDS=${SEEDS:-42,731,20231,1,2}
@@ -30,6 +31,7 @@ start=$SECONDS
 # pretraining config, or - for a study trained from scratch"
 declare -A SPEC=(
   [sort]="sort|--min-ops 1 --max-ops 8|$CONFIGS/family_sort.yaml|64|18|50 200|-"
+  [missing]="missing|--min-ops 1 --max-ops 6|$CONFIGS/family_missing.yaml|64|18|50 200|-"
   [sort_ft]="sort|--min-ops 1 --max-ops 8 --pretrain 100000|$CONFIGS/family_sort_finetune.yaml|64|18|50 200|$CONFIGS/family_pretrain.yaml"
   [count]="count|--min-ops 1 --max-ops 12 --pretrain 100000|$CONFIGS/family_count_finetune.yaml|64|8|50 150|$CONFIGS/family_pretrain.yaml"
   [lookup]="lookup|--min-ops 1 --max-ops 8 --pretrain 100000|$CONFIGS/family_lookup_finetune.yaml|32|28|50 150|$CONFIGS/family_lookup_pretrain.yaml"
