@@ -178,12 +178,12 @@ def test_host_corruption_gathers_without_cpu_advanced_indexing():
     """The corruption runs on the host before every forward; CPU advanced indexing (``aten::index``,
     ``aten::index_put_``) costs milliseconds per call on a busy host, so the objective, the masks, the P-POTS
     density and the packed-row view gather with ``index_select`` (docs/benchmarks.md, 2026-12-02)."""
+    from test_packing import PAD_ID, SEQ_LEN, sft_data
     from torch.profiler import profile
 
     from mdm_scale.data.loader import TrainLoader
     from mdm_scale.diffusion.masks import MirrorMasks
     from mdm_scale.diffusion.ppots import PPOTSSampler, PPOTSSettings
-    from test_packing import PAD_ID, SEQ_LEN, sft_data
 
     packed = TrainLoader(sft_data(), seed=0, rank=0, world=1, micro_batch=4, grad_accum=1, pad_id=PAD_ID,
                          pad_to_multiple_of=8, seq_len=SEQ_LEN, packing=True).micro_batch_at(step=0, micro=0)

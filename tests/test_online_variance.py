@@ -387,3 +387,18 @@ def test_gradient_norm_proxy_brackets_the_true_logit_gradient_norm(mirror):
         true = float(grad.norm())
         assert float(proxy[b]) <= true * (1 + 1e-5) + 1e-7 and true <= 2**0.5 * float(proxy[b]) * (1 + 1e-5) + 1e-7
     assert bool((proxy > 0).any())
+
+
+def test_mirror_auto_can_switch_only_at_the_steps_it_names():
+    """The trainer corrupts the next step's first micro-batch early except after the steps at which
+    ``may_switch_after`` is true; a decision at any other step would train on a stale micro-batch."""
+    from mdm_scale.diffusion.online_variance import MonitorSettings
+
+    auto = VarianceMonitor(MonitorSettings(refit_every=5, mirror_auto=True))
+    assert [s for s in range(1, 16) if auto.may_switch_after(s)] == [5, 10, 15]
+    assert not any(VarianceMonitor(MonitorSettings(refit_every=5)).may_switch_after(s) for s in range(1, 16))
+    for step in range(1, 16):  # a decision comes from on_optimizer_step only where may_switch_after said so
+        auto.observe(torch.ones(online_variance.COLUMNS, dtype=torch.float64))
+        auto.on_optimizer_step(step, torch.device("cpu"))
+        assert (auto.report is not None) == auto.may_switch_after(step)
+        auto.report = None

@@ -121,3 +121,20 @@ def test_zero3_with_leaf_blocks_trains_like_plain_data_parallel(synth_dir, tmp_p
     assert losses[0][1] == pytest.approx(losses[3][1], rel=1e-6)
     for step in (2, 3, 4):
         assert losses[0][step] == pytest.approx(losses[3][step], rel=1e-4), step
+
+
+@pytest.mark.parametrize("accum", [1, 2])
+def test_early_corruption_trains_exactly_as_drawing_at_use(synth_dir, tmp_path, dist_env, monkeypatch, accum):
+    """The trainer corrupts the next micro-batch before the optimiser step (``Trainer._prefetch``). Across a
+    P-POTS refit (every 2 steps here) the draw must wait for the new p(t): the losses of every step equal those
+    of a run that draws each micro-batch when it is used."""
+    settings = {"variance.t_sampler": "ppots", "variance.ppots_x0": 2, "variance.ppots_bins": 8,
+                "variance.ppots_masks": 2, "variance.ppots_refit_every": 2, "variance.mirror": True,
+                "train.grad_accum": accum, "train.max_steps": 6, "train.warmup_steps": 2}
+    early = run(synth_dir, tmp_path / "early", dist_env, **settings)
+    monkeypatch.setattr(Trainer, "_prefetch", lambda self, step, micro: None)
+    at_use = run(synth_dir, tmp_path / "at_use", dist_env, **settings)
+    a, b = (read_scalars(s["tensorboard_dir"], "train/loss") for s in (early, at_use))
+    assert sorted(a) == list(range(1, 7))
+    for step in a:
+        assert a[step] == pytest.approx(b[step], rel=1e-6, abs=1e-7), step

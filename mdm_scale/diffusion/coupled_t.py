@@ -46,6 +46,9 @@ class CoupledT(TSampler):
     def on_optimizer_step(self, step: int) -> bool:
         return self.inner.on_optimizer_step(step)
 
+    def changes_after(self, step: int) -> bool:
+        return self.inner.changes_after(step)
+
     def log_statistics(self) -> dict:
         return self.inner.log_statistics()
 

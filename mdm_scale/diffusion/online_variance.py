@@ -198,6 +198,11 @@ class VarianceMonitor:
             self.pending = self.pending.to(sums.device)
         self.pending += sums
 
+    def may_switch_after(self, step: int) -> bool:
+        """Whether ``on_optimizer_step(step)`` may switch MIRROR (``mirror: auto``, at a refit)."""
+        every = self.settings.refit_every
+        return self.settings.mirror_auto and every > 0 and step % every == 0
+
     def on_optimizer_step(self, step: int, device: torch.device) -> bool | None:
         """After optimiser step ``step`` (1-based), on every rank: at a refit, all-reduce, pool and estimate.
         Returns the MIRROR setting from the next step on when ``mirror: auto`` changes it, else None."""

@@ -206,9 +206,12 @@ class PPOTSSampler(TSampler):
             self.pending = self.pending.to(batch.device)
         self.pending += batch
 
-    def on_optimizer_step(self, step: int) -> bool:
+    def changes_after(self, step: int) -> bool:
         every = self.settings.refit_every
-        if every == 0 or step % every != 0:
+        return every > 0 and step % every == 0
+
+    def on_optimizer_step(self, step: int) -> bool:
+        if not self.changes_after(step):
             return False
         if self.pending is None:
             device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"

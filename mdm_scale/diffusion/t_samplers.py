@@ -62,6 +62,11 @@ class TSampler:
         """Called on every rank after optimiser step ``step`` (1-based). Returns True if p(t) changed."""
         return False
 
+    def changes_after(self, step: int) -> bool:
+        """Whether ``on_optimizer_step(step)`` may change p(t); until then draws are fixed by their keys, so the
+        trainer may corrupt the next step's first micro-batch early."""
+        return False
+
     def log_statistics(self) -> dict[str, LogValue]:
         return {}
 

@@ -5,6 +5,9 @@ One optimiser step = ``grad_accum`` micro-batches per rank. For each micro-batch
 clean batch on the host (keyed noise, no device sync), the engine runs forward and backward, and
 ``engine.step()`` applies the update at the accumulation boundary (DeepSpeed scales the loss by
 1/grad_accum and averages gradients over ranks, so the update follows the mean loss over the global batch).
+The next micro-batch is loaded and corrupted while the device still runs this one's backward (``_prefetch``):
+its noise is a function of its keys, so only a refit of p(t) or a MIRROR switch between two steps can change
+it, and across those boundaries it is drawn when it is used.
 """
 
 from __future__ import annotations
@@ -20,13 +23,13 @@ from mdm_scale.config.deepspeed_json import build_deepspeed_config, choose_zero_
 from mdm_scale.config.loader import check_batch_arithmetic, leaves
 from mdm_scale.config.schema import Config, ConfigError
 from mdm_scale.data.build import RunData, build_data
-from mdm_scale.data.loader import TrainLoader, eval_batches
+from mdm_scale.data.loader import Batch, TrainLoader, eval_batches
 from mdm_scale.data.tokenizer import special_ids
 from mdm_scale.diffusion.build import masks_for, t_sampler_for
 from mdm_scale.diffusion.ema_baseline import EMABaseline
 from mdm_scale.diffusion.masks import BernoulliMasks
 from mdm_scale.diffusion.noise import Stream
-from mdm_scale.diffusion.objective import ARMObjective, MDMObjective
+from mdm_scale.diffusion.objective import ARMObjective, MDMObjective, NoisyBatch
 from mdm_scale.diffusion.online_variance import MonitorSettings, Probe, VarianceMonitor, training_statistics
 from mdm_scale.diffusion.t_samplers import UniformT
 from mdm_scale.distributed.env import DistEnv, all_reduce_sum, barrier, check_ranks_agree, init_distributed
@@ -99,6 +102,7 @@ class Trainer:
                                   cfg.data.pad_to_multiple_of, cfg.data.seq_len, cfg.data.group_by_length,
                                   cfg.data.packing)
         self.step = 0
+        self.next_micro: tuple[tuple[int, int], Batch, NoisyBatch] | None = None  # ((step, micro), clean, noisy)
         self.seen = torch.zeros(2, dtype=torch.float64)  # forward rows and tokens of all ranks, counted so far
         self.uncounted = torch.zeros(2, dtype=torch.float64)  # this rank's since the last count_seen()
         self.guard = NonFiniteGuard(cfg.train.max_nonfinite_steps, self.info)
@@ -255,14 +259,12 @@ class Trainer:
         counts = torch.zeros(4, dtype=torch.float64)
         sampler = getattr(self.objective, "t_sampler", None)
         probing = self.probe is not None and self.monitor.probe_step(self.step)
-        for micro in range(self.cfg.train.grad_accum):
-            with self.timer.section("data"):
-                batch = self.loader.micro_batch_at(self.step, micro)
+        accum = self.cfg.train.grad_accum
+        for micro in range(accum):
+            batch, noisy = self._micro_batch(self.step, micro)
             if probing:
                 with self.timer.section("probe"):
                     self._probe(batch)
-            with self.timer.section("sampler"):
-                noisy = self.objective.corrupt(batch)
             with self.timer.section("data"):
                 noisy = noisy.to(self.env.device, non_blocking=True)
             with self.timer.section("forward"):
@@ -270,6 +272,10 @@ class Trainer:
             step_loss = out.loss if self.ema is None else out.loss - self.ema.correction(noisy.t, noisy.weight)
             with self.timer.section("backward"):
                 self.engine.backward(step_loss)
+            if micro + 1 < accum:
+                self._prefetch(self.step, micro + 1)
+            elif self._noise_fixed_after(self.step + 1):
+                self._prefetch(self.step + 1, 0)
             with self.timer.section("optimizer"):
                 self.engine.step()
             with self.timer.section("sampler"):
@@ -306,6 +312,31 @@ class Trainer:
                           f"E[(L1-L2)^2]/2 = {r['pair_half_sq']:.4g} {'>' if mirror else '<='} Var(L) = "
                           f"{r['V']:.4g} (A = {r['A']:.4g}, B = {r['B']:.4g}, C = {r['C']:.4g})")
         return loss, counts
+
+    def _micro_batch(self, step: int, micro: int) -> tuple[Batch, NoisyBatch]:
+        """Micro-batch ``micro`` of optimiser step ``step`` (0-based), clean and corrupted (on the host)."""
+        if self.next_micro is not None and self.next_micro[0] == (step, micro):
+            _, batch, noisy = self.next_micro
+        else:
+            with self.timer.section("data"):
+                batch = self.loader.micro_batch_at(step, micro)
+            with self.timer.section("sampler"):
+                noisy = self.objective.corrupt(batch)
+        self.next_micro = None
+        return batch, noisy
+
+    def _prefetch(self, step: int, micro: int) -> None:
+        """Load and corrupt a micro-batch now, while the device runs the queued backward, instead of after the
+        optimiser step, when the device would wait for the host."""
+        if step < self.cfg.train.max_steps:
+            self.next_micro = ((step, micro), *self._micro_batch(step, micro))
+
+    def _noise_fixed_after(self, step: int) -> bool:
+        """Whether the end of optimiser step ``step`` (1-based) leaves the next step's noise as it is: no refit
+        of p(t) and no ``mirror: auto`` decision (which also changes the sequences per micro-batch)."""
+        sampler = getattr(self.objective, "t_sampler", None)
+        return not (sampler is not None and sampler.changes_after(step)) and \
+            not (self.monitor is not None and self.monitor.may_switch_after(step))
 
     @torch.no_grad()
     def _probe(self, batch) -> None:
