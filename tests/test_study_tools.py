@@ -45,6 +45,17 @@ def test_lookup_profile_checks_every_link_of_the_chain():
     assert p["accuracy_by_size"] == {3: 1 / 3}
 
 
+def test_set_profiles_separate_wrong_digits_from_left_out_ones():
+    records = [_record("missing 7 3 0 9 3 1 2 4 5\n", "#### 68", True),
+               _record("missing 7 3 0 9 3 1 2 4 5\n", "#### 678", False),   # 7 is in the list
+               _record("missing 7 3 0 9 3 1 2 4\n", "#### 58", False)]      # 6 is left out (true 568)
+    p = error_profile("missing", records)
+    assert p["correct"] == 1 / 3 and p["no wrong digit"] == 2 / 3 and p["no digit left out"] == 2 / 3
+    assert p["accuracy_by_size"] == {8: 0.0, 9: 0.5}
+    q = error_profile("common", [_record("common 1 5 7 ; 5 3 7 9\n", "#### 5", False)])  # true 57
+    assert (q["no wrong digit"], q["no digit left out"], q["accuracy_by_size"]) == (1.0, 0.0, {4: 0.0})
+
+
 def test_add_profile_counts_digits_from_the_right():
     p = error_profile("add", [_record("4172 - 856 =\n", "#### 3326", False)])  # true 3316
     assert p["length right"] == 1.0 and p["digits right"] == 0.75

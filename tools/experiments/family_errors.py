@@ -4,7 +4,7 @@
     python tools/experiments/family_errors.py --family sort results/families/sort/runs/*/mb_*/seed_*/pred.jsonl
 
 For each PRED.jsonl (records ``{"prompt", "prediction", "correct"}``) it prints one markdown row: exact-match
-accuracy, accuracy by problem size (digits to sort or to count in, hops, operand digits), and the family's
+accuracy, accuracy by problem size (list length, the longer list for ``common``, hops, operand digits), and the family's
 partial credits:
 
 - ``sort``: **multiset kept** (the answer holds exactly the prompt's digits, in any order) and **ordered** (its
@@ -13,6 +13,8 @@ partial credits:
   answer is the number of digits, not of the queried one's occurrences);
 - ``lookup``: **chain valid** (every ``x=y`` of the worked chain is an assignment of the prompt, from the queried
   variable on) and **answer = chain end** (the answer is the value the written chain reaches);
+- ``common``, ``missing`` (set answers): **no wrong digit** (every digit of the answer belongs to the true set)
+  and **no digit left out** (every digit of the true set is in the answer);
 - ``add``: **length right** (as many digits as the true result) and **digits right** (share of the true result's
   digits in place, counted from the right).
 """
@@ -32,8 +34,10 @@ ANSWER = AnswerPattern()
 
 def _size(family: str, prompt: str) -> int:
     text = prompt.rstrip("\n")
-    if family == "sort":
+    if family in ("sort", "missing"):
         return len(text.split(" ")) - 1
+    if family == "common":
+        return max(len(part.split()) for part in text.removeprefix("common ").split(" ; "))
     if family == "count":
         return len(text.split(" in ")[1].split(" "))
     if family == "lookup":
@@ -49,6 +53,9 @@ def _credits(family: str, prompt: str, prediction: str, answer: str | None, gold
         got = answer or ""
         return {"multiset kept": sorted(got) == sorted(given),
                 "ordered": bool(got) and got.isdigit() and list(got) == sorted(got)}
+    if family in ("common", "missing"):
+        got = set(answer or "")
+        return {"no wrong digit": got <= set(gold), "no digit left out": set(gold) <= got}
     if family == "count":
         number = int(answer) if answer is not None and answer.isdigit() else None
         return {"off by one": number is not None and abs(number - int(gold)) <= 1,
@@ -86,7 +93,7 @@ def error_profile(family: str, records: list[dict]) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--family", required=True, choices=["sort", "count", "lookup", "add"])
+    parser.add_argument("--family", required=True, choices=["sort", "count", "common", "missing", "lookup", "add"])
     parser.add_argument("predictions", nargs="+", type=Path, help="PRED.jsonl files of mdm-scale eval")
     args = parser.parse_args(argv)
     rows = []
