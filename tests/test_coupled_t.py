@@ -81,17 +81,17 @@ def test_training_step_stratifies_the_global_batch_across_accumulation(synth_dir
         synth_dir, tmp_path, **{"train.grad_accum": 2, "variance.t_coupling": "stratified", "variance.mirror": True,
                                 "variance.isad_token_ids": [5, 6], "train.max_steps": 3}))
     trainer = Trainer(cfg, dist_env)
-    seen, corrupt = [], trainer.objective.corrupt
+    seen, corrupt = {}, trainer.objective.corrupt
 
-    def recording(batch, *args, **kwargs):
+    def recording(batch, *args, **kwargs):  # t by sample index (the trainer corrupts the next step's early)
         noisy = corrupt(batch, *args, **kwargs)
-        seen.append(noisy.t)
+        seen.update(zip(batch.sample_index.tolist(), noisy.t.tolist()))
         return noisy
 
     trainer.objective.corrupt = recording
-    for _ in range(3):
+    for step in range(3):
         trainer.train_step()
-        rates = torch.cat(seen[-2:])
+        rates = torch.tensor([seen[index] for index in range(8 * step, 8 * step + 8)])
         assert sorted((rates * 8).floor().long().tolist()) == list(range(8))
 
 
