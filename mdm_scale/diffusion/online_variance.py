@@ -198,16 +198,19 @@ class VarianceMonitor:
             self.pending = self.pending.to(sums.device)
         self.pending += sums
 
+    def refits_at(self, step: int) -> bool:
+        """Whether optimiser step ``step`` (1-based) ends with a refit (all-reduce, estimate, ``auto`` decision)."""
+        every = self.settings.refit_every
+        return every > 0 and step % every == 0
+
     def may_switch_after(self, step: int) -> bool:
         """Whether ``on_optimizer_step(step)`` may switch MIRROR (``mirror: auto``, at a refit)."""
-        every = self.settings.refit_every
-        return self.settings.mirror_auto and every > 0 and step % every == 0
+        return self.settings.mirror_auto and self.refits_at(step)
 
     def on_optimizer_step(self, step: int, device: torch.device) -> bool | None:
         """After optimiser step ``step`` (1-based), on every rank: at a refit, all-reduce, pool and estimate.
         Returns the MIRROR setting from the next step on when ``mirror: auto`` changes it, else None."""
-        every = self.settings.refit_every
-        if every == 0 or step % every != 0:
+        if not self.refits_at(step):
             return None
         if self.pending is None:
             self.pending = torch.zeros(COLUMNS, dtype=torch.float64, device=device)
