@@ -1,5 +1,5 @@
 """An analytic masked-diffusion model: its per-token loss is a known function of the mask, so every moment of the
-training estimator (SPEC sections 1-3) is an exact finite sum. Used by the estimator and variance-tool tests.
+training estimator (docs/spec.md sections 1-3) is an exact finite sum. Used by the estimator and variance-tool tests.
 
 **Model.** Row r of a corrupted batch holds S_r [MASK] tokens. Each loss position of row r gets the hidden vector
 h(S_r) = (1, S_r) (with ``context=False``: (1, 0)), and the real masked head (``models/masked_head.py``) computes
@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from mdm_scale.data.loader import Batch
+from mdm_scale.core.batch import Batch
 from mdm_scale.models.masked_head import chunked_linear_cross_entropy
 from mdm_scale.models.modeling_mdm import MDMOutput
 
@@ -171,7 +171,7 @@ def midpoints(lo: float, hi: float, n: int = 2000) -> np.ndarray:
 
 def exact_abc(m: Moments, gradient: bool = False, coupling: str = "independent", group: int = 1,
               density: np.ndarray | None = None) -> dict:
-    """Exact A, B, C (SPEC section 2) of one sequence's loss (or, ``gradient``, traces for its gradient) from
+    """Exact A, B, C (docs/spec.md section 2) of one sequence's loss (or, ``gradient``, traces for its gradient) from
     moments on a midpoint grid of t (symmetric about 1/2, splittable into ``group`` strata), x0 uniform over the
     rows. With an importance ``density`` p (T,) on the grid (t ~ p, weight 1/p): A = int a/p dt and
     B = int |f|^2/p dt - |int f dt|^2 per x0. SyRM adds Cov_t(fbar(t), fbar(1 - t)); StraTS over ``group``

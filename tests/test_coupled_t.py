@@ -8,10 +8,10 @@ import torch
 
 from conftest import tiny_overrides
 from mdm_scale.config.loader import load_config
+from mdm_scale.core.noise import Stream
 from mdm_scale.diffusion.clipped_t import ClippedT
 from mdm_scale.diffusion.coupled_t import StratifiedT, SymmetricT
 from mdm_scale.diffusion.masks import BernoulliMasks, MirrorMasks
-from mdm_scale.diffusion.noise import Stream
 from mdm_scale.diffusion.t_samplers import UniformT
 from mdm_scale.training.trainer import Trainer
 

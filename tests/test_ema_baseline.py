@@ -1,4 +1,4 @@
-"""EMA (SPEC 3.5): the per-t-bin baseline leaves every update exactly unchanged, and as a control variate of the
+"""EMA (docs/spec.md 3.5): the per-t-bin baseline leaves every update exactly unchanged, and as a control variate of the
 loss value it is unbiased and removes most of the masking-rate noise."""
 
 from __future__ import annotations

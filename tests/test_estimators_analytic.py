@@ -279,7 +279,7 @@ def test_mirror_pair_variance_matches_the_closed_form(t):
 
 
 def test_ema_correction_has_mean_zero_under_importance_weights():
-    """EMA control variate (SPEC 3.5) with P-POTS weights 1/p(t) (ramp p = 0.2 + 1.6 t): over 96000 keyed draws
+    """EMA control variate (docs/spec.md 3.5) with P-POTS weights 1/p(t) (ramp p = 0.2 + 1.6 t): over 96000 keyed draws
     the correction mean_b w_b b[bin(t_b)] - mean_k b_k is 0 within z_alpha exact SEs (Var of one draw:
     integral b[bin(t)]^2 / p(t) dt - (mean_k b_k)^2). Detects a bias of 1.5% of mean_k b_k; a correction without the
     weight is off by +16% here."""
@@ -342,7 +342,7 @@ def test_arm_batch_fields_with_filler_rows_and_single_targets():
 def test_strats_permutations_depend_on_seed_and_stream():
     """StraTS's stratum permutation is keyed by (seed, stream, step): two seeds, or the training and eval streams,
     assign different strata to the same positions (64! permutations: equal by chance with probability 1/64!)."""
-    from mdm_scale.diffusion.noise import Stream
+    from mdm_scale.core.noise import Stream
 
     def strata(seed: int, stream: int) -> list[int]:
         u = StratifiedT(UniformT(seed), 64).uniforms(torch.arange(64), stream)
@@ -369,7 +369,7 @@ def test_corrupt_fills_every_field_for_filler_rows_streams_isad_and_one_token_ro
     """``MDMObjective.corrupt``: filler rows (valid 0) get weight and coefficients 0; the t stream is the one asked
     for; a single ISAD id is masked at q = min(pi + delta, 1) and weighted 1/(q n); a one-token response has
     token_scale 1/pi; padding reaches the model; ``eligible_tokens`` counts the response tokens."""
-    from mdm_scale.diffusion.noise import Stream
+    from mdm_scale.core.noise import Stream
 
     rows = (([1, 3], [4, 6, 3, 7]), ([1, 4, 5, 6, 7], [3]), ([1], [6, 6, 4]))
     batch = sft_batch(200, rows=rows)

@@ -1,6 +1,7 @@
-"""Imports point down the layers: config -> data/diffusion/distributed/models -> training -> variance/generation
--> cli. A module may import its own layer or a lower one, never a higher one (checked on every import
-statement of every module, including imports inside functions)."""
+"""Imports point down the layers (docs/architecture.md): config and core (keyed noise, ``Batch``) on the ground
+floor, then data / distributed / models, then diffusion, training, variance / generation, and cli on top. A module
+may import its own layer or a lower one, never a higher one (checked on every import statement of every module,
+including imports inside functions), and no two modules import each other, directly or through others."""
 
 from __future__ import annotations
 
@@ -8,8 +9,8 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "mdm_scale"
-RANK = {"config": 0, "data": 1, "diffusion": 1, "distributed": 1, "models": 1, "training": 2, "variance": 3,
-        "generation": 3, "cli": 4}
+RANK = {"config": 0, "core": 0, "data": 1, "distributed": 1, "models": 1, "diffusion": 2, "training": 3,
+        "variance": 4, "generation": 4, "cli": 5}
 
 
 def layer(module: str) -> str:
@@ -49,6 +50,54 @@ def upward_imports() -> list[str]:
 
 def test_every_import_points_down_the_layers():
     assert upward_imports() == []
+
+
+def module_name(path: Path) -> str:
+    return ".".join(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+
+
+def import_cycles() -> list[list[str]]:
+    """Cycles of the module graph (an edge for every mdm_scale import, also inside functions), each once."""
+    modules = {module_name(p): p for p in PACKAGE.rglob("*.py") if p.name != "__init__.py"}
+    graph = {m: sorted({name for _, name in imported_modules(p) if name in modules and name != m})
+             for m, p in modules.items()}
+    cycles, done = [], set()
+
+    def visit(node: str, path: list[str]) -> None:
+        for nxt in graph[node]:
+            if nxt in path:
+                cycle = path[path.index(nxt):]
+                start = cycle.index(min(cycle))
+                cycle = cycle[start:] + cycle[:start]
+                if cycle not in cycles:
+                    cycles.append(cycle)
+            elif nxt not in done:
+                visit(nxt, path + [nxt])
+        done.add(node)
+
+    for module in sorted(graph):
+        if module not in done:
+            visit(module, [module])
+    return cycles
+
+
+def test_no_import_cycles():
+    assert import_cycles() == []
+
+
+def test_the_checks_see_an_upward_import_and_a_cycle(tmp_path, monkeypatch):
+    """Power: a data module importing diffusion, and two data modules importing each other, are both found."""
+    import shutil
+    import sys
+
+    copy = tmp_path / "mdm_scale"
+    shutil.copytree(PACKAGE, copy)
+    planted = "from mdm_scale.data.b import f\nfrom mdm_scale.diffusion.objective import take\n"
+    (copy / "data" / "a.py").write_text(planted)
+    (copy / "data" / "b.py").write_text("def f():\n    from mdm_scale.data.a import take\n")
+    monkeypatch.setattr(sys.modules[__name__], "PACKAGE", copy)
+    assert any("data imports mdm_scale.diffusion" in p for p in upward_imports())
+    assert ["mdm_scale.data.a", "mdm_scale.data.b"] in import_cycles()
 
 
 def test_relative_imports_are_resolved():

@@ -1,4 +1,4 @@
-"""MIRROR (SPEC section 3.2): antithetic mask pairs from one shared uniform per token. Statistical tests with
+"""MIRROR (docs/spec.md section 3.2): antithetic mask pairs from one shared uniform per token. Statistical tests with
 fixed keys; tolerances are 5 standard errors of the sample size."""
 
 from __future__ import annotations
@@ -8,9 +8,9 @@ import math
 import pytest
 import torch
 
-from mdm_scale.data.loader import Batch
+from mdm_scale.core.batch import Batch
+from mdm_scale.core.noise import Stream
 from mdm_scale.diffusion.masks import BernoulliMasks, MirrorMasks, mask_probability
-from mdm_scale.diffusion.noise import Stream
 from mdm_scale.diffusion.objective import MDMObjective
 from mdm_scale.diffusion.t_samplers import TSampler
 from mdm_scale.models.configuration_mdm import MDMConfig

@@ -1,4 +1,4 @@
-"""The MDM objective of SPEC section 1: masks, hand-computed loss values, the ARM baseline, keyed noise."""
+"""The MDM objective of docs/spec.md section 1: masks, hand-computed loss values, the ARM baseline, keyed noise."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mdm_scale.data.loader import Batch
+from mdm_scale.core.batch import Batch
+from mdm_scale.core.noise import Stream, keyed_uniform
 from mdm_scale.diffusion.masks import BernoulliMasks, mask_probability
-from mdm_scale.diffusion.noise import Stream, keyed_uniform
 from mdm_scale.diffusion.objective import ARMObjective, MDMObjective
 from mdm_scale.diffusion.t_samplers import UniformT
 from mdm_scale.models.configuration_mdm import MDMConfig
@@ -100,7 +100,7 @@ def test_arm_loss_is_mean_next_token_ce_over_the_response():
 
 
 def test_bernoulli_mask_loss_is_unbiased_for_fixed_token_losses():
-    """E_M[sum_i M_i c_i / pi / n] = mean_i c_i for any fixed per-token losses c (SPEC section 1)."""
+    """E_M[sum_i M_i c_i / pi / n] = mean_i c_i for any fixed per-token losses c (docs/spec.md section 1)."""
     batch = make_batch()
     c = torch.rand(3, 8, generator=torch.Generator().manual_seed(0)) * 5
     t = torch.tensor([0.05, 0.5, 0.9])
@@ -157,7 +157,7 @@ def _reference_uniform(seed: int, index: int, stream: int, position: int | None)
 def test_keyed_noise_equals_the_integer_reference_hash():
     """The noise is part of a run's identity (exact resume, the same samples on any number of ranks, across
     versions): every draw must equal the hash written out on Python integers, bit for bit."""
-    from mdm_scale.diffusion.noise import keyed_generator, mix32
+    from mdm_scale.core.noise import keyed_generator, mix32
 
     x = torch.tensor([0, 1, 0xDEADBEEF, 0xFFFFFFFF, 12345678], dtype=torch.int64)
     assert mix32(x).tolist() == [_lowbias32(v) for v in x.tolist()]

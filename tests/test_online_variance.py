@@ -22,8 +22,9 @@ from analytic_mdm import MASK, PAD, SFT_ROWS, VOCAB, AnalyticMDM, eligible_token
 from conftest import read_scalars, tiny_overrides
 from mdm_scale.config.loader import load_config
 from mdm_scale.config.schema import ConfigError
+from mdm_scale.core.batch import Batch
 from mdm_scale.data.dataset import TokenizedData
-from mdm_scale.data.loader import Batch, TrainLoader
+from mdm_scale.data.loader import TrainLoader
 from mdm_scale.diffusion import online_variance
 from mdm_scale.diffusion.build import masks_for
 from mdm_scale.diffusion.objective import MDMObjective

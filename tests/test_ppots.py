@@ -1,4 +1,4 @@
-"""P-POTS (SPEC section 3.1): the EPR fit, the exactly normalised sampled density, unbiased weights, and the
+"""P-POTS (docs/spec.md section 3.1): the EPR fit, the exactly normalised sampled density, unbiased weights, and the
 statistics service on one rank. Tolerances are derived from the number of draws (4-5 standard errors)."""
 
 from __future__ import annotations
@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from conftest import REPO
-from mdm_scale.data.loader import Batch
+from mdm_scale.core.batch import Batch
+from mdm_scale.core.noise import Stream
 from mdm_scale.diffusion.epr import fit_epr, log_w
 from mdm_scale.diffusion.masks import BernoulliMasks
-from mdm_scale.diffusion.noise import Stream
 from mdm_scale.diffusion.objective import MDMObjective
 from mdm_scale.diffusion.ppots import (
     COUNT,

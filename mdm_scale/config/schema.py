@@ -114,7 +114,7 @@ class TrainConfig:
     """The optimisation loop (``mdm_scale/training``)."""
 
     objective: Literal["mdm", "arm"] = "mdm"
-    """``mdm``: the masked-diffusion loss (SPEC section 1). ``arm``: next-token loss with causal attention."""
+    """``mdm``: the masked-diffusion loss (docs/spec.md section 1). ``arm``: next-token loss with causal attention."""
     max_steps: int = 100
     output_dir: str = "runs/default"
     micro_batch_size: int = 8
@@ -191,14 +191,14 @@ class TrainConfig:
 
 @dataclass
 class VarianceConfig:
-    """The diffusion noise: how t and the masks are drawn (``mdm_scale/diffusion``, SPEC sections 1-3)."""
+    """The diffusion noise: how t and the masks are drawn (``mdm_scale/diffusion``, docs/spec.md sections 1-3)."""
 
     t_sampler: Literal["uniform", "ppots", "clipped"] = "uniform"
     """Distribution of the masking rate t per sequence: ``uniform``; ``ppots`` (t ~ p(t) with weight
-    1/p(t), p fitted to the loss: ``diffusion/ppots.py``, SPEC section 3.1); ``clipped``: t ~ U[clip_low,
+    1/p(t), p fitted to the loss: ``diffusion/ppots.py``, docs/spec.md section 3.1); ``clipped``: t ~ U[clip_low,
     clip_high] with weight 1, the BD3-LM baseline, *biased* (``diffusion/clipped_t.py``)."""
     mirror: bool | Literal["auto"] = False
-    """MIRROR antithetic mask pairs (SPEC section 3.2): two rows per sequence in the same forward. ``auto``:
+    """MIRROR antithetic mask pairs (docs/spec.md section 3.2): two rows per sequence in the same forward. ``auto``:
     switch MIRROR on or off at every refit (``ppots_refit_every``) by the measured rule "MIRROR pays at equal
     rows iff E[(L1 - L2)^2] / 2 > Var(L)" (``diffusion/online_variance.py``), starting off; while on, a
     micro-batch holds ``micro_batch_size / 2`` sequences, so the rows per step stay fixed."""
@@ -237,19 +237,19 @@ class VarianceConfig:
     """Clamp per-sequence losses at this value in the P-POTS statistics only (the official code used 10)."""
     t_coupling: Literal["independent", "stratified", "symmetric"] = "independent"
     """How the rates of one batch are coupled (``diffusion/coupled_t.py``): ``stratified`` = StraTS, one rate per
-    stratum of the global batch of each optimiser step (SPEC 3.4); ``symmetric`` = SyRM, rows paired as t and
-    1 - t inside each micro-batch (SPEC 3.7, an interpretation). Both compose with any t_sampler and MIRROR."""
+    stratum of the global batch of each optimiser step (docs/spec.md 3.4); ``symmetric`` = SyRM, rows paired as t and
+    1 - t inside each micro-batch (docs/spec.md 3.7, an interpretation). Both compose with any t_sampler and MIRROR."""
     clip_low: float = 0.3
     """Clipped t-sampler: lower end beta of U[beta, omega]."""
     clip_high: float = 0.8
     """Clipped t-sampler: upper end omega of U[beta, omega]."""
     isad_token_ids: list[int] = field(default_factory=list)
-    """ISAD (SPEC 3.6): token ids masked with probability min(pi + isad_delta, 1), weighted by 1/q
+    """ISAD (docs/spec.md 3.6): token ids masked with probability min(pi + isad_delta, 1), weighted by 1/q
     (Horvitz-Thompson); empty = off."""
     isad_delta: float = 0.2
     """ISAD: how much the mask probability of the chosen token ids is raised."""
     ema_bins: int = 0
-    """EMA (SPEC 3.5): per-t-bin moving-average baseline with this many bins, 0 = off. It is a control variate
+    """EMA (docs/spec.md 3.5): per-t-bin moving-average baseline with this many bins, 0 = off. It is a control variate
     of the logged loss only; the gradient is provably unchanged (``diffusion/ema_baseline.py``)."""
     ema_rate: float = 0.01
     """EMA: the baseline's moving-average rate eta."""

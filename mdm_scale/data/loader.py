@@ -6,7 +6,7 @@ with ``perm_e`` a permutation keyed by (seed, epoch). Optimiser step ``k`` consu
 ``micro``: micro-step ``a`` of rank ``r`` takes group ``a W + r``. The groups are consecutive positions, or, with
 ``group_by_length``, the step's samples sorted by length (ties by position), so that a micro-batch holds
 sequences of similar length and little padding. The stream position is also the sample's noise key
-(``diffusion/noise.py``), so the set of (example, noise) pairs per step, and its split into groups, is the same
+(``core/noise.py``), so the set of (example, noise) pairs per step, and its split into groups, is the same
 for every world size with the same global batch, and a resume only needs the step number.
 
 ``set_micro_batch`` changes the sequences per micro-batch from a given step on (``variance.mirror: auto`` halves
@@ -17,42 +17,13 @@ layout (the list of changes, which the trainer restores from its checkpoint) fix
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
 
 import torch
 
+from mdm_scale.core.batch import Batch
+from mdm_scale.core.noise import Stream, keyed_generator
 from mdm_scale.data.dataset import TokenizedData
 from mdm_scale.data.packing import PackedStream, collate_packed
-from mdm_scale.diffusion.noise import Stream, keyed_generator
-
-
-@dataclass
-class Batch:
-    """A micro-batch of clean sequences.
-
-    ``loss_mask`` marks eligible positions (response and EOS for SFT, everything for pretraining blocks);
-    ``attention_mask`` is None when no row is padded; ``valid`` is False for filler rows (eval only).
-    Packed rows (``data/packing.py``) also carry, per position, ``document_ids`` (the record's number in
-    ``sample_index``, -1 for padding) and ``position_ids`` (position inside the record), per record its
-    ``record_row``, ``record_offset`` and ``record_length``, and ``loss_denominator``: what each record's loss
-    is divided by (None: the number of sequences, as unpacked).
-    """
-
-    input_ids: torch.Tensor
-    loss_mask: torch.Tensor
-    sample_index: torch.Tensor
-    attention_mask: torch.Tensor | None = None
-    valid: torch.Tensor | None = None
-    document_ids: torch.Tensor | None = None
-    position_ids: torch.Tensor | None = None
-    record_row: torch.Tensor | None = None
-    record_offset: torch.Tensor | None = None
-    record_length: torch.Tensor | None = None
-    loss_denominator: torch.Tensor | None = None
-
-    def to(self, device) -> Batch:
-        return Batch(**{f.name: None if getattr(self, f.name) is None else getattr(self, f.name).to(device)
-                        for f in fields(self)})
 
 
 class DataStream:

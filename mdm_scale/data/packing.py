@@ -29,6 +29,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from mdm_scale.core.batch import Batch
 from mdm_scale.data.dataset import TokenizedData
 
 
@@ -84,8 +85,6 @@ def collate_packed(data: TokenizedData, rows: list[list[int]], example_ids: list
     """A packed micro-batch: rows of exactly ``seq_len`` tokens (fixed shapes), records left-aligned one after
     the other, the rest padding. ``rows[i]`` are the stream positions (noise keys) of row i's records and
     ``example_ids[i]`` their examples; ``per_row[i]`` is the records per row of row i's epoch."""
-    from mdm_scale.data.loader import Batch
-
     input_ids = torch.full((len(rows), seq_len), pad_id, dtype=torch.int64)
     loss_mask = torch.zeros((len(rows), seq_len), dtype=torch.bool)
     document_ids = torch.full((len(rows), seq_len), -1, dtype=torch.int64)

@@ -1,4 +1,4 @@
-"""The t-sampler and mask generator that a ``variance`` config section describes (SPEC sections 1-3)."""
+"""The t-sampler and mask generator that a ``variance`` config section describes (docs/spec.md sections 1-3)."""
 
 from __future__ import annotations
 

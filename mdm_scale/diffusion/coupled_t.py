@@ -6,15 +6,15 @@ Both replace only the *uniforms* u that a t-sampler maps to (t, weight) through 
 batch loss stays an unbiased estimate of the same objective; only the joint distribution inside a batch
 changes, which lowers the masking-rate noise (B) of the batch mean.
 
-StraTS (SPEC section 3.4). Optimiser step s consumes stream positions [s G, (s+1) G) with G the *global* batch
+StraTS (docs/spec.md section 3.4). Optimiser step s consumes stream positions [s G, (s+1) G) with G the *global* batch
 (micro x accumulation x world, ``data/loader.py``). Position s G + i gets stratum pi_s(i) of a permutation pi_s
 of {0..G-1} keyed by (seed, stream, s), and u = (pi_s(i) + v) / G with v ~ U(0, 1) keyed by the position. So
 the G rates of one step cover the G strata [k/G, (k+1)/G) exactly once, across all ranks and accumulation
 micro-steps, with no communication: every rank computes the same permutation from the step number. (The
-prototype stratified per rank only, SPEC section 8.) Marginally, pi_s(i) is uniform on {0..G-1} and v is
+prototype stratified per rank only, docs/spec.md section 8.) Marginally, pi_s(i) is uniform on {0..G-1} and v is
 uniform, so u ~ U(0, 1).
 
-SyRM (SPEC section 3.7; the paper's definition is unknown, this is our interpretation: symmetric rates).
+SyRM (docs/spec.md section 3.7; the paper's definition is unknown, this is our interpretation: symmetric rates).
 Rows 2m and 2m+1 of a micro-batch form a pair: u_{2m+1} = 1 - u_{2m} (t paired with 1 - t under uniform t;
 antithetic in u under P-POTS). Pairs are formed inside the micro-batch handed to ``sample``, so they never
 straddle micro-batches or ranks; an odd last row keeps its own independent u. ``noise.py`` makes u and 1 - u
@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from mdm_scale.diffusion.noise import keyed_generator, keyed_uniform
+from mdm_scale.core.noise import keyed_generator, keyed_uniform
 from mdm_scale.diffusion.t_samplers import TSampler
 
 

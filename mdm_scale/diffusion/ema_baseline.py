@@ -1,4 +1,4 @@
-"""EMA: a per-t-bin moving-average baseline (SPEC section 3.5), as an unbiased control variate of the loss.
+"""EMA: a per-t-bin moving-average baseline (docs/spec.md section 3.5), as an unbiased control variate of the loss.
 
 The prototype subtracts c * b[bin(t)] from the loss, with b an exponential moving average of past losses per
 t-bin. b and c do not depend on the parameters, so **the gradient, and hence every update, is exactly unchanged**

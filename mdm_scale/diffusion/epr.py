@@ -1,4 +1,4 @@
-"""The EPR density family of P-POTS and its KL fit (SPEC section 3.1).
+"""The EPR density family of P-POTS and its KL fit (docs/spec.md section 3.1).
 
 Shape (the official ``_fit_powerU_w_KL``; "Exponential-Power-Root"):
 

@@ -1,12 +1,12 @@
 """Mask generators: which eligible tokens of each sequence are replaced by [MASK] at rate t.
 
-SPEC section 1: pi(t) = (1 - eps) t + eps, and M_i ~ Bernoulli(pi) independently for every eligible position
+docs/spec.md section 1: pi(t) = (1 - eps) t + eps, and M_i ~ Bernoulli(pi) independently for every eligible position
 (response, non-pad); prompt and padding are never masked. A generator may emit several corrupted rows per
 sequence (MIRROR emits two); ``row_scale`` is each row's share of its sequence's loss, and ``inclusion`` is the
 probability with which each token was masked, so the objective can weight CE_i by 1/inclusion_i
 (Horvitz-Thompson) and stay unbiased for any generator.
 
-ISAD (SPEC section 3.6, token-level importance sampling): tokens whose id is in ``boosted_ids`` are masked with
+ISAD (docs/spec.md section 3.6, token-level importance sampling): tokens whose id is in ``boosted_ids`` are masked with
 the higher probability q = min(pi + delta, 1) instead of pi; their CE is weighted by 1/q (Horvitz-Thompson), so
 E[M_i / q_i] = 1 for every token. Caveat, stated in docs/variance.md: HT makes the *token sum* unbiased when a
 token's CE does not depend on which other tokens are masked; for a real bidirectional model raising q also
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mdm_scale.diffusion.noise import keyed_uniform
+from mdm_scale.core.noise import keyed_uniform
 
 
 def mask_probability(t: torch.Tensor, eps: float) -> torch.Tensor:
@@ -63,7 +63,7 @@ class BernoulliMasks:
 
 
 class MirrorMasks(BernoulliMasks):
-    """MIRROR (SPEC section 3.2): two antithetic rows per sequence from one shared uniform per token.
+    """MIRROR (docs/spec.md section 3.2): two antithetic rows per sequence from one shared uniform per token.
 
     Row 1 masks {u_i < pi}, row 2 masks {u_i > 1 - pi}. Each row is marginally Bernoulli(pi) (``noise.py``
     makes u and 1 - u equally distributed); per token the indicators have covariance -pi^2 for pi <= 1/2 and

@@ -1,6 +1,6 @@
 """Training objectives: turn a clean micro-batch into model inputs with per-token loss weights.
 
-MDM (SPEC section 1). For sequence b with eligible positions R_b (n_b = |R_b|), masking rate t_b ~ p with
+MDM (docs/spec.md section 1). For sequence b with eligible positions R_b (n_b = |R_b|), masking rate t_b ~ p with
 importance weight w_b = 1/p(t_b), and corrupted rows r of b (one, or two for MIRROR) with row shares s_r:
 
     l_b  = w_b * sum_r s_r * (1/n_b) * sum_{i in R_b} M_ri * CE_ri / q_ri          (q_ri = P(M_ri = 1) = pi(t_b))
@@ -22,10 +22,10 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from mdm_scale.data.loader import Batch
+from mdm_scale.core.batch import Batch
+from mdm_scale.core.noise import Stream
 from mdm_scale.data.packing import record_view
 from mdm_scale.diffusion.masks import BernoulliMasks
-from mdm_scale.diffusion.noise import Stream
 from mdm_scale.diffusion.t_samplers import TSampler
 
 
@@ -152,7 +152,7 @@ def _flat_loss_tokens(input_ids: torch.Tensor, selected: torch.Tensor, target_id
 
 
 class MDMObjective:
-    """Masked-diffusion loss with pluggable t-sampler and mask generator (SPEC sections 1-3)."""
+    """Masked-diffusion loss with pluggable t-sampler and mask generator (docs/spec.md sections 1-3)."""
 
     def __init__(self, t_sampler: TSampler, masks: BernoulliMasks, mask_token_id: int):
         self.t_sampler, self.masks, self.mask_token_id = t_sampler, masks, mask_token_id

@@ -1,5 +1,5 @@
-"""Online A/B/C: where the training loss's noise comes from, measured while training (SPEC section 2,
-/work/shared/paper/ONLINE_VARIANCE.md), and the ``variance.mirror: auto`` rule that acts on it.
+"""Online A/B/C: where the training loss's noise comes from, measured while training (docs/spec.md
+sections 2 and 2.2), and the ``variance.mirror: auto`` rule that acts on it.
 
 One row is one forward of one sequence x0 with one mask; its weighted loss is L = w(t) l(x0, t, M) (w = 1/p(t)
 under P-POTS, 1 under uniform t). With V = Var(L) = A + B + C (``docs/variance.md``):
@@ -43,9 +43,9 @@ from dataclasses import dataclass
 
 import torch
 
-from mdm_scale.data.loader import Batch
+from mdm_scale.core.batch import Batch
+from mdm_scale.core.noise import Stream, keyed_uniform
 from mdm_scale.diffusion.masks import BernoulliMasks
-from mdm_scale.diffusion.noise import Stream, keyed_uniform
 from mdm_scale.diffusion.objective import MDMObjective, NoisyBatch, stack_rows
 from mdm_scale.diffusion.ppots import PPOTSSettings
 from mdm_scale.distributed.env import all_reduce_sum, broadcast_from_main

@@ -1,10 +1,10 @@
-"""P-POTS: the importance t-sampler fitted to the loss, refitted during training (SPEC sections 2 and 3.1).
+"""P-POTS: the importance t-sampler fitted to the loss, refitted during training (docs/spec.md sections 2 and 3.1).
 
 **Target.** For the weighted estimator ell(t) / p(t) with t ~ p, Var = integral E[ell_t^2] / p(t) dt - const,
 minimised over densities by p*(t) proportional to sqrt(E[ell_t^2]) (Cauchy-Schwarz), where ell_t is the
 unweighted per-sequence loss at rate t (with MIRROR: the mean of the pair, the quantity that is weighted).
 E[ell_t^2] = v(t) + s(t): masking-pattern variance plus the mean square over x0 of the mask-averaged loss
-(SPEC section 2; the released code uses the square of the x0-averaged loss instead of s, which drops the
+(docs/spec.md section 2; the released code uses the square of the x0-averaged loss instead of s, which drops the
 data spread). Statistics per t-bin (count, sum, sum of squares, with MIRROR the pair count and the sum of
 (ell_1 - ell_2)^2) give w_j = sqrt(sum of squares / count) at the bin centres; the EPR shape (``epr.py``) is
 fitted to w by KL.

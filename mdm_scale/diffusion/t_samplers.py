@@ -1,6 +1,6 @@
 """Masking-rate samplers: one t per sequence, with its importance weight against U(0, 1).
 
-Contract (SPEC sections 1 and 3.1): a sampler with density p on (0, 1) returns ``weight = 1 / p(t)``, so for
+Contract (docs/spec.md sections 1 and 3.1): a sampler with density p on (0, 1) returns ``weight = 1 / p(t)``, so for
 any function f, E_{t~p}[weight * f(t)] = integral_0^1 f(t) dt: the weighted loss estimates the same objective
 as uniform t, and only its variance changes.
 
@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from mdm_scale.diffusion.noise import Stream, keyed_uniform
+from mdm_scale.core.noise import Stream, keyed_uniform
 
 # ``log_statistics`` values: a float is a scalar, a 1-D tensor a histogram, a callable returns a matplotlib
 # figure (called only where it is written, so other ranks pay nothing for plotting).

@@ -1,4 +1,4 @@
-"""Answer extraction and exact-match scoring (SPEC section 6: GSM8K's "the answer after ####").
+"""Answer extraction and exact-match scoring (docs/spec.md section 6: GSM8K's "the answer after ####").
 
 ``extract_answer`` takes the text after the last ``####`` (or, with a regex, its last match: group 1 when the
 pattern has a group, else the whole match) and normalises it: surrounding whitespace, a trailing full stop,

@@ -18,7 +18,7 @@ there is no GPU).
   first of the task's ``until`` strings. The answer window is ``gen_length`` whatever the task's
   ``max_gen_toks``. ARM checkpoints decode greedily left to right.
 - ``loglikelihood``: a masked diffusion model has no exact log p(c | x). As LLaDA's evaluation does, it returns
-  a Monte Carlo estimate of the lower bound that the training loss also estimates (SPEC section 1), for a
+  a Monte Carlo estimate of the lower bound that the training loss also estimates (docs/spec.md section 1), for a
   continuation c of L tokens after the context x:
 
       log p(c | x) >= E_{l ~ U{1..L}} E_{M ~ U(l-subsets of c)} [ (L / l) * sum_{i in M} log p(c_i | x, c_{-M}) ]
@@ -44,7 +44,7 @@ import torch
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
-from mdm_scale.diffusion.noise import keyed_uniform
+from mdm_scale.core.noise import keyed_uniform
 from mdm_scale.generation.evaluate import decode_shard, resolve_dtype
 from mdm_scale.generation.model_source import GenerationModel, load_generation_model
 from mdm_scale.generation.sampler import GenerationError, SamplingConfig, diffusion_generate

@@ -1,6 +1,6 @@
 """Decoding: LLaDA's masked-diffusion sampler and greedy left-to-right decoding for ARM checkpoints.
 
-Masked diffusion (LLaDA ``generate``, SPEC section 6): the answer window of ``gen_length`` positions starts all
+Masked diffusion (LLaDA ``generate``, docs/spec.md section 6): the answer window of ``gen_length`` positions starts all
 [MASK] after the prompt and is filled block by block, left to right (``block_length`` positions per block,
 ``steps / num_blocks`` steps per block). At each step the model predicts every position at once:
 
@@ -14,7 +14,7 @@ last step and the prompt is never changed. [MASK] itself is never predicted. Gum
 samples x0_i from softmax(logits/T).
 
 Random numbers (Gumbel noise, random confidences) are keyed by (seed, sample index, step) with the counter hash
-of ``diffusion/noise.py``, so a prompt decodes the same in any batch, on any rank and any number of ranks.
+of ``core/noise.py``, so a prompt decodes the same in any batch, on any rank and any number of ranks.
 
 Rows are left-padded to the longest prompt with the attention mask hiding the pads (rotary attention depends
 only on relative positions, so a left-padded row sees what an unpadded one sees). ARM checkpoints (causal
@@ -29,7 +29,7 @@ from typing import Literal
 
 import torch
 
-from mdm_scale.diffusion.noise import keyed_uniform
+from mdm_scale.core.noise import keyed_uniform
 
 GENERATION_STREAM = 0x47454E00
 """Base of the noise streams used by decoding (one per step: base + step); far from the training streams."""

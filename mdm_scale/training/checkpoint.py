@@ -21,7 +21,7 @@ falls back to the previous good one; a checkpoint of another model shape is refu
 Elastic resume: ZeRO shards are cut for one world size. When the world size changed, rank 0 converts the
 checkpoint once with DeepSpeed's ``ds_to_universal`` into ``universal/`` and every rank loads its new slice
 from there (``checkpoint.load_universal``). The data stream and the noise are keyed by the global sample index
-(``data/loader.py``, ``diffusion/noise.py``), so with the same global batch the run continues on the same
+(``data/loader.py``, ``core/noise.py``), so with the same global batch the run continues on the same
 samples with the same noise; a different global batch is refused, naming the ``train.grad_accum`` that keeps
 it. The t-sampler state is saved per rank (``rank_state<r>.pt``): after a world-size change rank r takes rank
 r's state, or rank 0's where the old run had fewer ranks.

@@ -1,4 +1,4 @@
-"""The P-POTS offline estimate before the first training step (SPEC section 3.1), spread over all ranks.
+"""The P-POTS offline estimate before the first training step (docs/spec.md section 3.1), spread over all ranks.
 
 Design: ``ppots_x0`` training sequences (the first ones of the training order) x ``ppots_bins`` values of t
 (the bin centres) x ``ppots_masks`` mask draws, each a no-grad forward row (two with MIRROR: the loss is then
@@ -30,8 +30,8 @@ from dataclasses import dataclass
 
 import torch
 
+from mdm_scale.core.noise import Stream
 from mdm_scale.data.loader import DataStream, collate
-from mdm_scale.diffusion.noise import Stream
 from mdm_scale.diffusion.ppots import bin_centres, bin_statistics
 from mdm_scale.diffusion.t_samplers import TSampler
 from mdm_scale.distributed.env import all_reduce_sum

@@ -22,13 +22,14 @@ import torch
 from mdm_scale.config.deepspeed_json import build_deepspeed_config, choose_zero_stage
 from mdm_scale.config.loader import check_batch_arithmetic, leaves
 from mdm_scale.config.schema import Config, ConfigError
+from mdm_scale.core.batch import Batch
+from mdm_scale.core.noise import Stream
 from mdm_scale.data.build import RunData, build_data
-from mdm_scale.data.loader import Batch, TrainLoader, eval_batches
+from mdm_scale.data.loader import TrainLoader, eval_batches
 from mdm_scale.data.tokenizer import special_ids
 from mdm_scale.diffusion.build import masks_for, t_sampler_for
 from mdm_scale.diffusion.ema_baseline import EMABaseline
 from mdm_scale.diffusion.masks import BernoulliMasks
-from mdm_scale.diffusion.noise import Stream
 from mdm_scale.diffusion.objective import ARMObjective, MDMObjective, NoisyBatch
 from mdm_scale.diffusion.online_variance import MonitorSettings, Probe, VarianceMonitor, training_statistics
 from mdm_scale.diffusion.t_samplers import UniformT

@@ -1,1 +1,1 @@
-"""The A/B/C variance decomposition tool (``mdm-scale variance``, SPEC section 2 and docs/variance.md)."""
+"""The A/B/C variance decomposition tool (``mdm-scale variance``, docs/spec.md section 2 and docs/variance.md)."""

@@ -1,5 +1,5 @@
 """Nested law-of-total-variance decomposition of a one-sample estimator into (A) masking pattern, (B) masking
-rate and (C) data (SPEC section 2 and the recipe of section 2.1).
+rate and (C) data (docs/spec.md section 2 and the recipe of section 2.1).
 
 Sampling is nested: U independent *units* of data x0, J masking-rate draws per unit, K mask draws per (unit,
 rate). A unit holds the ``group`` sequences that a method couples (1 for i.i.d. methods, 2 for SyRM pairs, the

@@ -22,8 +22,8 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from mdm_scale.config.schema import Config, ConfigError
+from mdm_scale.core.noise import keyed_generator
 from mdm_scale.diffusion.build import masks_for, t_sampler_for
-from mdm_scale.diffusion.noise import keyed_generator
 from mdm_scale.diffusion.objective import ARMObjective, MDMObjective
 from mdm_scale.diffusion.t_samplers import TSampler
 

@@ -1,7 +1,7 @@
 """``mdm-scale variance``: measure the A/B/C decomposition of each method on a model and its training data.
 
 For each method: U units of data x0 (drawn with replacement from the training set by a keyed generator, the
-same x0 for every method), J rate draws per unit, K mask draws per (unit, rate) (SPEC section 2.1). Each cell
+same x0 for every method), J rate draws per unit, K mask draws per (unit, rate) (docs/spec.md section 2.1). Each cell
 (u, j, k) is one forward (and, for the gradient, one backward) of the unit's sequences through the run's
 DeepSpeed engine, with the noise keys of a training step: sample index (u J + j) g + i for member i of a unit of
 g sequences (so for StraTS, (unit, rate draw) plays the role of an optimiser step), and the k-th mask draw from
@@ -26,8 +26,8 @@ import torch
 import torch.distributed as dist
 
 from mdm_scale.config.schema import Config, ConfigError
+from mdm_scale.core.noise import keyed_generator
 from mdm_scale.data.loader import collate
-from mdm_scale.diffusion.noise import keyed_generator
 from mdm_scale.distributed.env import DistEnv, barrier, init_distributed
 from mdm_scale.training.checkpoint import CheckpointError, rank_state, resolve_checkpoint
 from mdm_scale.variance.decomposition import UnitSummary, decompose, summarize_unit
@@ -144,7 +144,7 @@ def gather(result: MethodResult) -> MethodResult:
 
 
 def t_curves(curve: list[tuple[float, float, float]], bins: int) -> dict:
-    """Mean over samples, per t-bin, of the mask-mean and mask-variance of the unweighted loss (SPEC 2.1: the
+    """Mean over samples, per t-bin, of the mask-mean and mask-variance of the unweighted loss (docs/spec.md 2.1: the
     P-POTS inputs g(t) and v(t))."""
     if not curve:
         return {}

@@ -7,7 +7,7 @@ every rank and world size (GPU and CPU generators differ, so a CPU and a GPU run
 signs are independent with mean 0, E_s <S(x), S(y)> = <x, y> for any fixed x, y whatever the buckets are, so
 squared norms and variances (traces) of sketched gradients are unbiased for those of the full gradient; their
 relative error is about sqrt(2/d) when no bucket holds much of the energy (consecutive elements of a row land
-in different buckets; a prime d spreads matrix columns). SPEC section 2.1 suggests d ~ 1e3-1e4. Buckets are
+in different buckets; a prime d spreads matrix columns). docs/spec.md section 2.1 suggests d ~ 1e3-1e4. Buckets are
 contiguous, so the sketch is one sign draw and a dense reshape-and-sum per chunk, with no scattered atomic adds.
 
 The sketch is taken in tensor hooks on the parameters, which see each parameter's gradient of *this rank's*
@@ -25,7 +25,7 @@ import zlib
 import torch
 from torch import nn
 
-from mdm_scale.diffusion.noise import mix32
+from mdm_scale.core.noise import mix32
 
 _M32 = 0xFFFFFFFF
 _CHUNK = 1 << 22

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Prepare a GPU machine that has torch/transformers but no DeepSpeed (the lent H100/H200 image), then run
-# the given command. Wheels come from .whl/ (made here by `bash ../shared/tools/gpu-wheels.sh` plus
+# the given command. Wheels come from .whl/ (DeepSpeed and its pure-Python needs built as wheels on a machine with PyPI, plus
 # datasets/dill/multiprocess); the op builder needs TORCH_CUDA_ARCH_LIST=9.0 on Hopper.
 #   bash tools/bench/run_gpu.sh python3 tools/bench/throughput.py --gpus 1 --preset 1b
 set -euo pipefail

@@ -3,7 +3,7 @@
     python tools/experiments/abc_summary.py results/families/sort/variance/step_*.json
 
 Per report and quantity (loss; gradient sketch, squared norms) one markdown row, from the ``standard`` and
-``mirror`` / ``ppots`` entries (SPEC section 2; /work/shared/paper/ONLINE_VARIANCE.md):
+``mirror`` / ``ppots`` entries (docs/spec.md sections 2 and 2.2):
 
 - V = A + B + C of one standard row, and the shares A/V (mask), B/V (rate), C/V (data);
 - MIRROR's pair mean has mask variance (A + K)/2 (the tool's ``mirror`` A), so the antithetic covariance is

@@ -1,4 +1,4 @@
-"""The methods of the paper's Table 1 as configuration overrides (SPEC sections 3 and 6).
+"""The methods of the paper's Table 1 as configuration overrides (docs/spec.md sections 3 and 6).
 
 One line per method. A method is *available* when its overrides pass the current configuration schema
 (``mdm_scale/config/schema.py``); otherwise the harness reports it as not available, with the schema's own

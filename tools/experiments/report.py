@@ -1,4 +1,4 @@
-"""The experiment report in the form of the paper's Table 1 (SPEC section 6.1), with the compute each row spent.
+"""The experiment report in the form of the paper's Table 1 (docs/spec.md section 6.1), with the compute each row spent.
 
 One row per method and micro-batch (``run.py``'s ``Entry``: a run both protocols asked for is one row):
 

@@ -2,7 +2,7 @@
 
 Every random draw of the diffusion objective (t, masks, ...) is a pure function of its key, never of the rank
 or of how many draws happened before. So a sample gets the same noise on 1 or 64 GPUs, after a resume, and
-on CPU or GPU (the hash is integer arithmetic, identical on every device). SPEC section 8 describes the
+on CPU or GPU (the hash is integer arithmetic, identical on every device). docs/spec.md section 8 describes the
 per-rank seeding of the official code that this replaces.
 
 The hash is Wellons' ``lowbias32`` integer finaliser, chained over the key words in int64 tensors whose values

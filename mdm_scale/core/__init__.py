@@ -1,0 +1,1 @@
+"""The ground floor: primitives every other package may use (keyed noise, the clean micro-batch)."""
