@@ -1,4 +1,5 @@
-"""The Clipped baseline (docs/spec.md section 3.1 Table 1, after Arriola et al. 2025, BD3-LM): t ~ U[beta, omega].
+"""The Clipped baseline (docs/spec.md section 3; Table 1 in section 6.1): t ~ U[beta, omega], after Arriola et
+al. 2025 (BD3-LM).
 
 The loss weight stays 1 (not 1/p(t) = omega - beta), as in BD3-LM's clipped schedule, so the estimator is
 *biased* for the standard objective: with f(t) = E_{x0, M}[l | t] its expectation is
