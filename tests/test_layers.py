@@ -1,7 +1,8 @@
 """Imports point down the layers (docs/architecture.md): config and core (keyed noise, ``Batch``) on the ground
-floor, then data / distributed / models, then diffusion, training, variance / generation, and cli on top. A module
-may import its own layer or a lower one, never a higher one (checked on every import statement of every module,
-including imports inside functions), and no two modules import each other, directly or through others."""
+floor, then data / distributed / models, then diffusion, training, variance / generation / experiments, and cli on
+top. A module may import its own layer or a lower one, never a higher one (checked on every import statement of
+every module, including imports inside functions), and no two modules import each other, directly or through
+others."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "mdm_scale"
 RANK = {"config": 0, "core": 0, "data": 1, "distributed": 1, "models": 1, "diffusion": 2, "training": 3,
-        "variance": 4, "generation": 4, "cli": 5}
+        "variance": 4, "generation": 4, "experiments": 4, "cli": 5}
 
 
 def layer(module: str) -> str:
