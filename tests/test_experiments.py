@@ -217,3 +217,18 @@ def test_init_fine_tunes_every_run_from_a_pretrained_directory(synth_dir, tmp_pa
     assert trained.keys() == start.keys()
     assert max(float((trained[k] - start[k]).abs().max()) for k in start) < 1e-4
     assert json.loads((run / "result.json").read_text())["total"] == 4
+
+
+def test_bad_flags_are_one_line_errors_before_any_run(synth_dir, tmp_path, capsys):
+    from mdm_scale.cli import main
+
+    base = ["experiment", "run", "--config", str(REPO / "configs/quickstart.yaml"), "--methods", "Standard",
+            "--eval-data", str(synth_dir / "eval.jsonl"), "--out", str(tmp_path / "exp")]
+    cases = {("--seeds", "1,x"): "--seeds '1,x': expected comma-separated integers",
+             ("--seeds", "1", "--init", str(synth_dir)): f"--init {synth_dir}: not a Hugging Face directory",
+             ("--seeds", "1", "--budget", "steps"): "--budget 'steps': expected one or both of batch, rows"}
+    for flags, message in cases.items():
+        assert main([*base, *flags]) == 2, flags
+        err = capsys.readouterr().err
+        assert err.startswith(f"mdm-scale: error: {message}") and err.count("\n") == 1, err
+    assert not (tmp_path / "exp").exists()

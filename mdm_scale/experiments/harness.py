@@ -46,8 +46,8 @@ from mdm_scale.config.loader import load_config
 from mdm_scale.config.schema import ConfigError
 from mdm_scale.experiments.methods import DOUBLED, METHODS, availability, overrides, rows_per_sequence, slug
 from mdm_scale.experiments.report import write_report
-from mdm_scale.training.checkpoint import CheckpointError, write_atomic
-from mdm_scale.training.run_reader import read_run
+from mdm_scale.training.checkpoint import write_atomic
+from mdm_scale.training.run_reader import is_hf_dir, read_run
 
 BUDGETS = ("batch", "rows")
 
@@ -189,14 +189,9 @@ def resolve_arguments(args: argparse.Namespace) -> argparse.Namespace:
         raise ConfigError("--parallel must be >= 1")
     if not Path(args.eval_data).is_file():
         raise ConfigError(f"--eval-data {args.eval_data}: file not found")
-    if args.init:
-        try:
-            pretrained = read_run(args.init)
-        except CheckpointError as err:
-            raise ConfigError(f"--init {args.init}: {err}") from None
-        if pretrained.is_checkpoint:
-            raise ConfigError(f"--init {args.init}: a training checkpoint; give its export (mdm-scale export), "
-                              f"a Hugging Face directory")
+    if args.init and not is_hf_dir(Path(args.init)):
+        raise ConfigError(f"--init {args.init}: not a Hugging Face directory (config.json and weights); give a "
+                          f"pretrained model or the mdm-scale export of a training run")
     args.budget = [b.strip() for b in args.budget.split(",") if b.strip()]
     if not args.budget or set(args.budget) - set(BUDGETS):
         raise ConfigError(f"--budget {','.join(args.budget)!r}: expected one or both of {', '.join(BUDGETS)}")

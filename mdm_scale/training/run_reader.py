@@ -39,7 +39,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from mdm_scale.config.loader import from_dict
-from mdm_scale.config.schema import Config
+from mdm_scale.config.schema import Config, ConfigError
 from mdm_scale.distributed.env import DistEnv, control_group
 from mdm_scale.training.checkpoint import MANIFEST, CheckpointError, check_shapes, rank_state, resolve_checkpoint
 
@@ -129,7 +129,7 @@ def read_run(path: str | Path) -> RunSource:
 def _config(raw: dict, where: Path) -> Config:
     try:
         return from_dict(Config, raw)
-    except Exception as err:  # a run written by another version of mdm-scale
+    except ConfigError as err:  # a run written by another version of mdm-scale
         raise CheckpointError(f"{where}: the run's configuration does not load ({err})") from None
 
 
