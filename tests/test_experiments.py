@@ -1,4 +1,5 @@
-"""The methods x seeds harness (``tools/experiments``): report arithmetic, and a micro experiment end to end."""
+"""The methods x seeds harness (``mdm-scale experiment run``, ``mdm_scale/experiments``): report arithmetic, and a
+micro experiment end to end."""
 
 from __future__ import annotations
 
@@ -11,11 +12,9 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO
-
-sys.path.insert(0, str(REPO / "tools" / "experiments"))
-import methods as experiment_methods  # noqa: E402
-import report  # noqa: E402
-import run as experiment_run  # noqa: E402
+from mdm_scale.experiments import harness as experiment_run
+from mdm_scale.experiments import methods as experiment_methods
+from mdm_scale.experiments import report
 
 
 def test_summary_and_the_worst_versus_best_check():
@@ -108,7 +107,7 @@ logging: {{progress_bar: never}}
 def test_micro_experiment_runs_end_to_end_and_resumes(synth_dir, tmp_path):
     config, eval_data = micro_experiment(synth_dir, tmp_path)
     out = tmp_path / "exp"
-    cmd = [sys.executable, "tools/experiments/run.py", "--config", str(config), "--methods",
+    cmd = [sys.executable, "-m", "mdm_scale.cli", "experiment", "run", "--config", str(config), "--methods",
            "Standard,Standard 2x,MIRROR,Nonsense", "--seeds", "1,2", "--eval-data", str(eval_data), "--out",
            str(out), "--budget", "batch,rows", "--parallel", "2", "--eval-arg=--gen-length=40",
            "--eval-arg=--steps=4", "--eval-arg=--block-length=20"]
@@ -158,25 +157,24 @@ def test_micro_experiment_runs_end_to_end_and_resumes(synth_dir, tmp_path):
 
 
 def test_error_profile_of_true_and_corrupted_answers(tmp_path):
-    import synth_errors
-
     from mdm_scale.data.synthetic import write_synthetic_task
+    from mdm_scale.experiments import answer_errors
 
     paths = write_synthetic_task(tmp_path, train=10, eval=40, seed=1, min_ops=2, max_ops=3)
     records = [json.loads(line) for line in paths["eval"].read_text().splitlines()]
     true = [{"prompt": r["prompt"], "prediction": r["response"], "correct": True} for r in records]
-    p = synth_errors.error_profile(true)
+    p = answer_errors.arith_profile(true)
     shares = ("accuracy", "start_copied", "steps_true", "chained", "answer_is_last_step")
     assert [p[k] for k in shares] == [1, 1, 1, 1, 1]
     assert set(p["accuracy_by_ops"]) == {2, 3}
     # Off by one in every first result: that step is false, the next no longer chains, the answer is kept.
     wrong = []
     for r in true:
-        first = synth_errors.STEP.search(r["prediction"])
+        first = answer_errors.STEP.search(r["prediction"])
         bad = f"{first.group(1)} {first.group(2)} {first.group(3)} = {int(first.group(4)) + 1}"
         wrong.append({**r, "prediction": r["prediction"].replace(first.group(0), bad, 1), "correct": False})
-    q = synth_errors.error_profile(wrong)
-    steps = sum(len(synth_errors.STEP.findall(r["response"])) for r in records)
+    q = answer_errors.arith_profile(wrong)
+    steps = sum(len(answer_errors.STEP.findall(r["response"])) for r in records)
     assert q["steps_true"] == pytest.approx((steps - len(records)) / steps)
     assert q["chained"] == pytest.approx((steps - 2 * len(records)) / (steps - len(records)))
     assert (q["accuracy"], q["start_copied"], q["answer_is_last_step"]) == (0, 1, 1)
@@ -203,7 +201,8 @@ def test_init_fine_tunes_every_run_from_a_pretrained_directory(synth_dir, tmp_pa
     tokenizer.save_pretrained(str(init))
     config, eval_data = micro_experiment(synth_dir, tmp_path)
     out = tmp_path / "exp"
-    done = subprocess.run([sys.executable, "tools/experiments/run.py", "--config", str(config), "--methods",
+    done = subprocess.run([sys.executable, "-m", "mdm_scale.cli", "experiment", "run", "--config", str(config),
+                           "--methods",
                            "Standard,ARM", "--seeds", "5", "--init", str(init), "--eval-data", str(eval_data),
                            "--out", str(out), "--set", "train.max_steps=1", "--set", "train.lr=1e-6",
                            "--eval-arg=--gen-length=8"], cwd=REPO, capture_output=True, text=True, timeout=600)
@@ -218,3 +217,18 @@ def test_init_fine_tunes_every_run_from_a_pretrained_directory(synth_dir, tmp_pa
     assert trained.keys() == start.keys()
     assert max(float((trained[k] - start[k]).abs().max()) for k in start) < 1e-4
     assert json.loads((run / "result.json").read_text())["total"] == 4
+
+
+def test_bad_flags_are_one_line_errors_before_any_run(synth_dir, tmp_path, capsys):
+    from mdm_scale.cli import main
+
+    base = ["experiment", "run", "--config", str(REPO / "configs/quickstart.yaml"), "--methods", "Standard",
+            "--eval-data", str(synth_dir / "eval.jsonl"), "--out", str(tmp_path / "exp")]
+    cases = {("--seeds", "1,x"): "--seeds '1,x': expected comma-separated integers",
+             ("--seeds", "1", "--init", str(synth_dir)): f"--init {synth_dir}: not a Hugging Face directory",
+             ("--seeds", "1", "--budget", "steps"): "--budget 'steps': expected one or both of batch, rows"}
+    for flags, message in cases.items():
+        assert main([*base, *flags]) == 2, flags
+        err = capsys.readouterr().err
+        assert err.startswith(f"mdm-scale: error: {message}") and err.count("\n") == 1, err
+    assert not (tmp_path / "exp").exists()

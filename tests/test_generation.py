@@ -296,22 +296,3 @@ def test_a_response_of_exactly_response_eos_pad_tokens_has_no_room_for_its_eos(s
         assert len(tail) == pad and tail.count(run_data.tokenizer.eos_token_id) == eos_count
         truncated[pad] = run_data.train.counts["truncated (response over data.response_eos_pad)"]
     assert truncated[n] - truncated[n + 1] == lengths.count(n)  # exactly the responses of n tokens
-
-
-class _NotATensor:  # a pickled class: torch.load(weights_only=True) must refuse to build it
-    pass
-
-
-def test_stage_0_weights_load_without_unpickling_code(tmp_path):
-    from mdm_scale.generation.model_source import consolidated_state_dict
-    from mdm_scale.training.checkpoint import CheckpointError
-
-    step = tmp_path / "step_00000001"
-    step.mkdir()
-    weights = {"w": torch.arange(4, dtype=torch.bfloat16)}
-    torch.save({"module": weights, "ds_config": {"a": [1, 2]}}, step / "mp_rank_00_model_states.pt")
-    loaded = consolidated_state_dict(step, zero_stage=0)
-    assert loaded["w"].dtype == torch.float32 and torch.equal(loaded["w"], weights["w"].float())
-    torch.save({"module": weights, "extra": _NotATensor()}, step / "mp_rank_00_model_states.pt")
-    with pytest.raises(CheckpointError, match="weights_only=True"):
-        consolidated_state_dict(step, zero_stage=0)

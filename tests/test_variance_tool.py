@@ -12,8 +12,6 @@ term it claims, so an estimate of 0 or of twice the value fails.
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import numpy as np
 import pytest
 import torch
@@ -25,7 +23,7 @@ from mdm_scale.data.dataset import TokenizedData
 from mdm_scale.distributed.env import DistEnv
 from mdm_scale.variance.decomposition import Z_95, decompose, summarize_unit
 from mdm_scale.variance.methods import build_method
-from mdm_scale.variance.runner import ToolSettings, VarianceRun
+from mdm_scale.variance.runner import Subject, ToolSettings, VarianceRun
 from mdm_scale.variance.sketch import GradientSketch
 
 N_TOK, EPS = 5, 0.3
@@ -47,13 +45,11 @@ class Engine:
         loss.backward()
 
 
-def fake_trainer(cfg, model):
+def subject(cfg, model) -> Subject:
     tokens = BLOCKS.reshape(-1)
     offsets = np.arange(0, len(tokens) + 1, N_TOK)
     data = TokenizedData(tokens, offsets, np.zeros(len(BLOCKS), dtype=np.int64))
-    env = DistEnv(0, 1, 0, torch.device("cpu"))
-    return SimpleNamespace(engine=Engine(model), env=env, data=SimpleNamespace(train=data), cfg=cfg, pad_id=0,
-                           mask_token_id=MASK)
+    return Subject(cfg, DistEnv(0, 1, 0, torch.device("cpu")), Engine(model), data, pad_id=0, mask_token_id=MASK)
 
 
 def exact_moments(mirror: bool, isad: bool, t: np.ndarray, projection: np.ndarray | None = None):
@@ -105,7 +101,7 @@ def test_tool_recovers_exact_loss_decomposition(tool_cfg, name):
     group = 4
     settings = ToolSettings(methods=[name], num_x0=480, num_t=4, num_masks=2, grad_dim=0, strats_batch=group)
     method = build_method(name, tool_cfg, group)
-    result = VarianceRun(fake_trainer(tool_cfg, AnalyticMDM(weight=WEIGHT)), settings).measure(method)
+    result = VarianceRun(subject(tool_cfg, AnalyticMDM(weight=WEIGHT)), settings).measure(method)
     measured = decompose([s for _, s in result.loss], settings.num_t, settings.num_masks, method.group)
     t = midpoints(*CLIP, 1000) if name == "clipped" else midpoints(0.0, 1.0, 1000)
     coupling = {"syrm": "symmetric", "strats": "stratified"}.get(name, "independent")
@@ -135,7 +131,7 @@ def test_tool_recovers_exact_decomposition_under_importance_sampled_t(tool_cfg, 
     method = build_method(name, tool_cfg, 4)
     method.t_sampler.density = PiecewiseLinearDensity(torch.tensor([0.5, 1.5], dtype=torch.float64))
     settings = ToolSettings(methods=[name], num_x0=480, num_t=4, num_masks=2, grad_dim=0)
-    result = VarianceRun(fake_trainer(tool_cfg, AnalyticMDM(weight=WEIGHT)), settings).measure(method)
+    result = VarianceRun(subject(tool_cfg, AnalyticMDM(weight=WEIGHT)), settings).measure(method)
     measured = decompose([s for _, s in result.loss], settings.num_t, settings.num_masks)
     t = midpoints(0.0, 1.0, 1000)
     m = exact_moments(name == "ppots+mirror", False, t)
@@ -157,7 +153,7 @@ def test_tool_recovers_exact_gradient_decomposition(tool_cfg, name):
     probe.remove()
     projection = np.stack(columns, 1)  # (d, P): the sketch is this linear map
     settings = ToolSettings(methods=[name], num_x0=400, num_t=3, num_masks=2, grad_dim=dim)
-    result = VarianceRun(fake_trainer(tool_cfg, model), settings).measure(build_method(name, tool_cfg, 4))
+    result = VarianceRun(subject(tool_cfg, model), settings).measure(build_method(name, tool_cfg, 4))
     measured = decompose([s for _, s in result.grad], settings.num_t, settings.num_masks)
     m = exact_moments(name == "mirror", False, midpoints(0.0, 1.0, 400), projection)
     assert_recovered(measured, exact_abc(m, gradient=True), powered=("A", "C"))  # the gradient's B is small here

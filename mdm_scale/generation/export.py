@@ -1,12 +1,13 @@
 """``mdm-scale export``: a training checkpoint as a self-contained Hugging Face directory.
 
-The DeepSpeed shards are consolidated to fp32 (``generation/model_source.py``) and written with
+The checkpoint is read by ``training/run_reader.py`` (the DeepSpeed shards consolidated to fp32) and written with
 ``save_pretrained`` as ``model.safetensors`` + ``config.json``, with the run's tokenizer and
-``mdm_scale_export.json`` (prompt encoding, source checkpoint). For the built-in model the directory also holds
-its modelling code (``modeling_mdm.py`` and the files it imports relatively: ``configuration_mdm.py``,
-``kernels.py``, ``masked_head.py``, copied unchanged from ``mdm_scale/models``) and ``config.json`` maps the
-Auto classes to it (``auto_map``), as diffusion LMs such as LLaDA are shared. So a Python with only torch and
-transformers loads it:
+``mdm_scale_export.json`` (prompt encoding, the run's configuration and step, source checkpoint), so that
+``read_run`` gives the same configuration, step and weights for the export as for the checkpoint. For the
+built-in model the directory also holds its modelling code (``modeling_mdm.py`` and the files it imports
+relatively: ``configuration_mdm.py``, ``kernels.py``, ``masked_head.py``, copied unchanged from
+``mdm_scale/models``) and ``config.json`` maps the Auto classes to it (``auto_map``), as diffusion LMs such as
+LLaDA are shared. So a Python with only torch and transformers loads it:
 
     AutoModelForMaskedLM.from_pretrained(HF_DIR, trust_remote_code=True)
 
@@ -20,14 +21,14 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import asdict
 from pathlib import Path
 
-import torch
 from transformers.dynamic_module_utils import get_relative_import_files
 
-from mdm_scale.generation.model_source import EXPORT_INFO, load_generation_model
 from mdm_scale.models import modeling_mdm
 from mdm_scale.models.modeling_mdm import MDMForMaskedDiffusion
+from mdm_scale.training.run_reader import EXPORT_INFO, read_run
 
 AUTO_MAP = {"AutoConfig": "configuration_mdm.MDMConfig", "AutoModel": "modeling_mdm.MDMModel",
             "AutoModelForMaskedLM": "modeling_mdm.MDMForMaskedDiffusion"}
@@ -38,9 +39,10 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, trust_remote_code
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"--out {out}: the directory exists and is not empty")
-    gm = load_generation_model(checkpoint, torch.device("cpu"), torch.float32, trust_remote_code)
-    builtin = isinstance(gm.model, MDMForMaskedDiffusion)
-    model = gm.model if builtin else gm.model.model
+    source = read_run(checkpoint)
+    loaded, tokenizer, _ = source.load_model(trust_remote_code)
+    builtin = isinstance(loaded, MDMForMaskedDiffusion)
+    model = loaded if builtin else loaded.model
     staging = out.with_name(out.name + ".tmp")
     shutil.rmtree(staging, ignore_errors=True)
     if builtin:
@@ -48,8 +50,9 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, trust_remote_code
     model.save_pretrained(str(staging), safe_serialization=True)
     if builtin:
         ship_modelling_code(staging)
-    gm.tokenizer.save_pretrained(str(staging))
-    info = {"chat_template": gm.chat_template, "source": gm.source, "causal": gm.causal}
+    tokenizer.save_pretrained(str(staging))
+    info = {"chat_template": source.chat_template, "source": str(source.path), "causal": source.causal,
+            "step": source.step, "config": asdict(source.config) if source.config is not None else None}
     (staging / EXPORT_INFO).write_text(json.dumps(info, indent=2) + "\n")
     if out.exists():
         out.rmdir()

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from mdm_scale.config.deepspeed_json import build_deepspeed_config, choose_zero_stage
+from mdm_scale.config.deepspeed_json import build_deepspeed_config
 from mdm_scale.config.loader import check_batch_arithmetic, leaves
 from mdm_scale.config.schema import Config, ConfigError
 from mdm_scale.core.batch import Batch
@@ -37,7 +37,6 @@ from mdm_scale.distributed.env import DistEnv, all_reduce_sum, barrier, check_ra
 from mdm_scale.models.flops import flops_per_token
 from mdm_scale.models.loading import (
     build_model,
-    count_parameters,
     load_hf_config,
     parameter_shapes,
     resolve_mask_token_id,
@@ -49,6 +48,7 @@ from mdm_scale.training.metrics import MetricLogger, Throughput
 from mdm_scale.training.ppots_estimate import initial_fit
 from mdm_scale.training.preemption import StopRequest
 from mdm_scale.training.step_timer import NoTimer
+from mdm_scale.training.zero_stage import resolve_zero_stage
 
 # Config keys that define a run: an output directory with checkpoints of a run that differs in one of these
 # holds another run. Everything else (max_steps, lr, logging, ...) may change when a run is continued.
@@ -81,7 +81,8 @@ class Trainer:
 
         hf_config = load_hf_config(cfg)
         self.mask_token_id = resolve_mask_token_id(cfg, self.data.tokenizer, hf_config)
-        self.cfg = cfg = self._resolve_zero_stage(cfg, hf_config)
+        self.cfg = cfg = resolve_zero_stage(cfg, self.data.tokenizer, self.mask_token_id, hf_config, self.env,
+                                            self.info)
         self.ds_config = build_deepspeed_config(cfg, self.env.world_size, self.env.on_gpu)
         self.ds_config.update(self.checkpoints.load_settings(self.resume_from))  # elastic resume
         model = build_model(cfg, self.data.tokenizer, self.mask_token_id, hf_config, self.ds_config, cfg.seed)
@@ -147,18 +148,6 @@ class Trainer:
             if before != now:
                 raise ConfigError(f"train.output_dir '{self.out}' holds another run ({key}: {before!r} there, "
                                   f"{now!r} here); choose a new train.output_dir")
-
-    def _resolve_zero_stage(self, cfg: Config, hf_config) -> Config:
-        """``train.zero_stage: auto`` becomes a number here (logged, and written to run.json)."""
-        if cfg.train.zero_stage == "auto":
-            parameters = count_parameters(cfg, self.data.tokenizer, self.mask_token_id, hf_config)
-            device_bytes = torch.cuda.get_device_properties(self.env.device).total_memory if self.env.on_gpu \
-                else None
-            stage, why = (3, "model.path: parameters not counted before loading") if parameters is None else \
-                choose_zero_stage(parameters, self.env.world_size, device_bytes)
-            self.info(f"train.zero_stage auto -> {stage} ({why})")
-            cfg = replace(cfg, train=replace(cfg.train, zero_stage=stage))
-        return cfg
 
     def _write_run_files(self) -> None:
         if self.env.is_main:

@@ -12,14 +12,14 @@ cd "$(dirname "$0")/../.."
 out=${1:-bench_out}
 parts=${PARTS:-1b,sft,start}
 mkdir -p "$out"
-run="bash tools/bench/run_gpu.sh python3 tools/bench/throughput.py --gpus 1"
+run="bash tools/bench/run_gpu.sh python3 -m tools.bench.throughput --gpus 1"
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv > "$out/gpu.txt" 2>&1
 [[ ",$parts," == *,1b,* ]] && timeout 560 $run --preset 1b --warmup 4 --steps 12 --breakdown-steps 1 --out "$out/b1" \
   --subjects "plain,uniform,uniform[train.zero_stage=2],uniform[train.zero_stage=0],ppots_mirror,ppots_mirror[train.zero_stage=0]" \
   > "$out/log_1b.txt" 2>&1
 [[ ",$parts," == *,sft,* ]] && timeout 190 $run --preset 1b --data sft --grad-accum 4 --warmup 2 --steps 4 \
   --breakdown-steps 0 --out "$out/b2" --subjects "uniform[data.packing=true],uniform" > "$out/log_sft.txt" 2>&1
-[[ ",$parts," == *,start,* ]] && timeout 110 bash tools/bench/run_gpu.sh python3 tools/bench/ppots_start.py \
+[[ ",$parts," == *,start,* ]] && timeout 110 bash tools/bench/run_gpu.sh python3 -m tools.bench.ppots_start \
   --preset small --seq-len 192 --micro-batch 64 --out "$out/ppots_start" > "$out/log_ppots_start.txt" 2>&1
 for f in "$out"/b*.md; do cat "$f"; done
 [ -f "$out/log_ppots_start.txt" ] && tail -n 2 "$out/log_ppots_start.txt"

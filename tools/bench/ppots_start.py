@@ -7,7 +7,7 @@ kernels for the estimate's shapes), then the estimate once more (``estimate_warm
 (``first_step_s``: compiling for the training shapes), and ``--steps`` training steps after ``--warmup`` more.
 The ratios are the start, cold and warm, over ``--run-steps`` training steps (a 1,500-step run by default).
 
-    bash tools/bench/run_gpu.sh python3 tools/bench/ppots_start.py --preset small --seq-len 192 \\
+    bash tools/bench/run_gpu.sh python3 -m tools.bench.ppots_start --preset small --seq-len 192 \\
         --micro-batch 64 --out ppots_start
 
 Random pretraining-style blocks (``common.random_blocks``) of a ``--vocab``-token vocabulary (128: a character
@@ -24,13 +24,9 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tools" / "bench"))
-
 
 def parse_args(argv=None) -> argparse.Namespace:
-    from common import step_bench_parser
+    from tools.bench.common import step_bench_parser
 
     p = step_bench_parser(__doc__, preset="small", seq_len=192, micro_batch=64, warmup=3, out="ppots_start")
     p.add_argument("--vocab", type=int, default=128)
@@ -41,13 +37,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     import torch
-    from common import random_blocks, sync_device
 
     from mdm_scale.config.loader import load_config
     from mdm_scale.distributed.env import init_distributed
     from mdm_scale.training.metrics import quiet_third_party_logs
     from mdm_scale.training.ppots_estimate import estimate_plan, offline_statistics
     from mdm_scale.training.trainer import Trainer
+    from tools.bench.common import random_blocks, sync_device
 
     args = parse_args(argv)
     quiet_third_party_logs()

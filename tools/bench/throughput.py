@@ -1,8 +1,8 @@
 """Training throughput: mdm-scale against a plain hand-written DeepSpeed loop, side by side.
 
-    python tools/bench/throughput.py --gpus 2 --preset 1b --seq-len 2048 --micro-batch 8 --out bench
-    python tools/bench/throughput.py --gpus 1 --preset 1b --subjects "plain,uniform,uniform[train.zero_stage=2]"
-    python tools/bench/throughput.py --gpus 1 --preset 1b --data sft --grad-accum 4 \
+    python -m tools.bench.throughput --gpus 2 --preset 1b --seq-len 2048 --micro-batch 8 --out bench
+    python -m tools.bench.throughput --gpus 1 --preset 1b --subjects "plain,uniform,uniform[train.zero_stage=2]"
+    python -m tools.bench.throughput --gpus 1 --preset 1b --data sft --grad-accum 4 \
         --subjects "uniform,uniform[data.packing=true]"
 
 Each subject runs in its own ``deepspeed --num_gpus N`` job on the same data and model shape: random-token
@@ -37,11 +37,9 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tools" / "bench"))
+from tools.bench.common import PPOTS_SMALL_ESTIMATE, sync_device
 
-from common import PPOTS_SMALL_ESTIMATE, sync_device  # noqa: E402
+REPO = Path(__file__).resolve().parents[2]
 
 # P-POTS subjects: a small offline estimate (before the timed steps; 2 sequences x 64 t x 2 masks) and a refit
 # every 20 steps (the default is 50), so the timed steps include refits at a higher rate than a default run.
@@ -83,10 +81,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 # ---- one subject, inside a deepspeed job ---------------------------------------------------------------------
 def run_worker(args: argparse.Namespace) -> None:
     import torch
-    from common import flops_per_token, parameter_count
 
     from mdm_scale.distributed.env import init_distributed
     from mdm_scale.training.metrics import quiet_third_party_logs
+    from tools.bench.common import flops_per_token, parameter_count
 
     quiet_third_party_logs()
     env = init_distributed()
@@ -180,10 +178,9 @@ def parse_subject(spec: str) -> tuple[str, list[str]]:
 
 
 def _plain(args, env, zero_stage: int):
-    from plain_loop import PlainLoop
-
     from mdm_scale.config.presets import PRESETS
     from mdm_scale.models.configuration_mdm import MDMConfig
+    from tools.bench.plain_loop import PlainLoop
 
     preset = {**PRESETS[args.preset], "vocab_size": _vocab(args)}
     loop = PlainLoop(preset, args.micro_batch, args.seq_len, env.world_size, zero_stage)
@@ -197,10 +194,9 @@ def _vocab(args) -> int:
 
 
 def _mdm_scale(args, env, micro: int, overrides: list[str]):
-    from common import random_blocks, random_sft
-
     from mdm_scale.config.loader import load_config
     from mdm_scale.training.trainer import Trainer
+    from tools.bench.common import random_blocks, random_sft
 
     out = Path(args.result).parent / "run"  # the same directory on every rank (the config must agree)
     sets = [f"model.preset={args.preset}", f"data.seq_len={args.seq_len}", f"train.micro_batch_size={micro}",
@@ -276,7 +272,7 @@ def _launch(subject: str, args) -> dict:
     result = Path(tempfile.mkdtemp()) / "result.json"
     launcher = shutil.which("deepspeed") or str(Path(sys.executable).with_name("deepspeed"))
     cmd = [launcher, "--num_gpus", str(args.gpus), "--master_port",
-           str(port), __file__, "--worker", subject, "--result", str(result)]
+           str(port), "--module", "tools.bench.throughput", "--worker", subject, "--result", str(result)]
     for name in ("preset", "seq_len", "micro_batch", "grad_accum", "warmup", "steps", "breakdown_steps", "data"):
         cmd += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
     if args.profile:
@@ -297,7 +293,7 @@ def _machine() -> tuple[float | None, str]:
 
     if not torch.cuda.is_available():
         return None, "cpu"
-    from common import measured_peak_tflops
+    from tools.bench.common import measured_peak_tflops
 
     peak = measured_peak_tflops()
     torch.cuda.empty_cache()  # leave the subjects' jobs all the memory but this process's context
@@ -305,7 +301,7 @@ def _machine() -> tuple[float | None, str]:
 
 
 def _report(results: list[dict], args, peak: float | None, device: str) -> dict:
-    from common import datasheet_peak
+    from tools.bench.common import datasheet_peak
 
     sheet = datasheet_peak(device)
     for r in results:

@@ -6,8 +6,9 @@ one-line reason, and runs the rest. Adding a method, or a variance-reduction key
 no other change.
 
 A method's forward rows per sequence (``rows_per_sequence``) set its micro-batch under the equal-rows protocol
-(``run.py --budget rows``): 2 for MIRROR-family methods (``variance.mirror: true``), 1 otherwise; ``auto``
-(``variance.mirror: auto``) halves its sequences itself while MIRROR is on, so it is given the full rows.
+(``mdm-scale experiment run --budget rows``): 2 for MIRROR-family methods (``variance.mirror: true``), 1
+otherwise; ``auto`` (``variance.mirror: auto``) halves its sequences itself while MIRROR is on, so it is given
+the full rows.
 ``DOUBLED`` methods are another method's overrides at twice the sequences per step (equal-batch protocol only).
 """
 
