@@ -225,12 +225,30 @@ def test_cached_forward_reuses_the_refresh_keys_and_values_outside_the_forwarded
         assert (cached - exact).abs().max() > 1e-4
 
 
+class ShiftedLogits(MDMForMaskedDiffusion):
+    """A model with Dream's convention (``config.logit_shift``): its logits at position i are those the plain
+    model gives at i - 1 (the first position keeps its own)."""
+
+    def forward(self, *args, **kwargs):
+        logits = super().forward(*args, **kwargs).logits
+        return SimpleNamespace(logits=torch.cat([logits[:, :1], logits[:, :-1]], 1))
+
+
+def shifted(model: MDMForMaskedDiffusion) -> ShiftedLogits:
+    model.config.logit_shift = True
+    model.__class__ = ShiftedLogits
+    return model
+
+
+@pytest.mark.parametrize("shift", [False, True], ids=["plain", "logit_shift"])
 @pytest.mark.parametrize("options", FAST_OPTIONS[1:])
-def test_cached_decoding_equals_uncached_decoding_where_the_cache_is_exact(options):
+def test_cached_decoding_equals_uncached_decoding_where_the_cache_is_exact(options, shift):
     """A one-layer model: the keys and values at a position depend on its token alone, and the tokens outside the
     block never change while the block is decoded, so both caches are exact and decode what the uncached sampler
-    decodes. A deep model with one step per block: every step is a refresh, bit for bit the uncached forward."""
+    decodes (also for a model with a logit shift, whose cached steps forward one position before the block). A
+    deep model with one step per block: every step is a refresh, bit for bit the uncached forward."""
     model = random_model(layers=1, sharp=True)
+    model = shifted(model) if shift else model
     cfg = SamplingConfig(**{"gen_length": 12, "steps": 12, "block_length": 4, "temperature": 1.0, "seed": 3,
                             **options})
     uncached = sampler.diffusion_generate(model, PROMPTS, [4, 5, 6], MASK, PAD, replace(cfg, cache="none"), CPU)
@@ -240,6 +258,26 @@ def test_cached_decoding_equals_uncached_decoding_where_the_cache_is_exact(optio
     assert torch.equal(sampler.diffusion_generate(deep, PROMPTS, [4, 5, 6], MASK, PAD, one_step, CPU),
                        sampler.diffusion_generate(deep, PROMPTS, [4, 5, 6], MASK, PAD,
                                                   replace(one_step, cache="none"), CPU))
+
+
+@pytest.mark.parametrize("shift", [False, True], ids=["plain", "logit_shift"])
+@pytest.mark.parametrize("cache", ["prefix", "dual"])
+def test_each_block_records_the_cache_once_and_then_forwards_only_the_positions_its_mode_recomputes(cache, shift):
+    """Prompts padded to 7, 3 blocks of 4, 4 steps each: every block's first forward is the whole sequence (the
+    refresh, into an empty cache), its other three forward [a, 19) (prefix) or [a, a + 4) (dual) from the block's
+    start a, or from a - 1 with a logit shift."""
+    model = random_model()
+    model = shifted(model) if shift else model
+    calls = []
+    model.register_forward_pre_hook(lambda _, args, kwargs: calls.append(
+        (kwargs.get("query_start", 0), kwargs["input_ids"].shape[1], kwargs["kv_cache"].length)), with_kwargs=True)
+    cfg = SamplingConfig(gen_length=12, steps=12, block_length=4, cache=cache)
+    sampler.diffusion_generate(model, PROMPTS, [0, 1, 2], MASK, PAD, cfg, CPU)
+    expected = []
+    for a in (7, 11, 15):
+        s = a - shift
+        expected += [(0, 19, 0)] + [(s, (19 if cache == "prefix" else a + 4) - s, 19)] * 3
+    assert calls == expected
 
 
 def test_transfer_counts_split_each_block_evenly():
