@@ -30,7 +30,8 @@ CPU = torch.device("cpu")
 def random_model(causal: bool = False, layers: int = 2, sharp: bool = False) -> MDMForMaskedDiffusion:
     """A random tiny model in fp64, so that padding changes no argmax through rounding. ``sharp`` scales the
     output layer by 60, which spreads the confidences over (0, 1) (a random head gives about 1/V everywhere), so
-    that a threshold step unmasks several positions in some rows and one in others."""
+    that a threshold step unmasks several positions in some rows and one in others, and the attention
+    projections by 8, so that attention is far from uniform and depends on the positions."""
     torch.manual_seed(0)
     config = MDMConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
                        num_attention_heads=4, causal=causal, mask_token_id=MASK)
@@ -38,6 +39,8 @@ def random_model(causal: bool = False, layers: int = 2, sharp: bool = False) -> 
     if sharp:
         with torch.no_grad():
             model.lm_head.weight.mul_(60.0)
+            for layer in model.model.layers:
+                layer.attn.qkv_proj.weight.mul_(8.0)
     return model
 
 
