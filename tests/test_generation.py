@@ -303,6 +303,21 @@ def test_sampling_settings_are_checked():
         sampler.diffusion_generate(KnownLogits(1, [], []), [[5]], [0], MASK, PAD, SamplingConfig(cache="dual"), CPU)
 
 
+def test_generate_and_eval_read_the_fast_decoding_options(capsys):
+    from mdm_scale.cli import build_parser
+    from mdm_scale.generation.cli import _sampling
+
+    common = ["--checkpoint", "missing", "--gen-length", "16", "--block-length", "4"]
+    args = build_parser().parse_args(["eval", *common, "--data", "d", "--out", "o", "--threshold", "0.9", "--cache",
+                                      "dual"])
+    assert _sampling(args) == SamplingConfig(gen_length=16, steps=16, block_length=4, threshold=0.9, cache="dual")
+    args = build_parser().parse_args(["generate", *common, "--prompt", "a", "--cache", "prefix"])
+    assert _sampling(args) == SamplingConfig(gen_length=16, steps=16, block_length=4, cache="prefix")
+    capsys.readouterr()
+    assert main(["generate", *common, "--prompt", "a", "--steps", "8", "--threshold", "0.9"]) == 2
+    assert "--steps 8 and --threshold 0.9: give one" in capsys.readouterr().err  # before any model is loaded
+
+
 def test_greedy_arm_decoding_matches_a_step_by_step_argmax():
     model = random_model(causal=True)
     out = sampler.greedy_generate(model, PROMPTS, PAD, None, 5, CPU)

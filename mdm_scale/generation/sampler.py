@@ -85,6 +85,20 @@ class SamplingConfig:
             raise GenerationError(f"--cache {self.cache!r}: choose none, prefix or dual")
 
 
+def sampling_config(gen_length: int, steps: int | None, block_length: int | None, temperature: float = 0.0,
+                    remasking: str = "low_confidence", seed: int = 0, threshold: float | None = None,
+                    cache: str = "none") -> SamplingConfig:
+    """The settings of ``generate``, ``eval`` and the lm-eval model, where unset ``steps`` and ``block_length``
+    mean ``gen_length`` (one token per step, one block); ``steps`` and ``threshold`` exclude each other."""
+    if steps is not None and threshold is not None:
+        raise GenerationError(f"--steps {steps} and --threshold {threshold}: give one (the threshold decides how "
+                              f"many steps a block takes)")
+    cfg = SamplingConfig(gen_length=gen_length, steps=steps or gen_length, block_length=block_length or gen_length,
+                         temperature=temperature, remasking=remasking, seed=seed, threshold=threshold, cache=cache)
+    cfg.check()
+    return cfg
+
+
 def transfer_counts(masked: int, steps: int) -> list[int]:
     """How many positions each step unmasks: ``masked`` split evenly, the remainder on the first steps."""
     base, extra = divmod(masked, steps)
