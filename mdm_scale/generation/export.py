@@ -4,9 +4,9 @@ The DeepSpeed shards are consolidated to fp32 (``generation/model_source.py``) a
 ``save_pretrained`` as ``model.safetensors`` + ``config.json``, with the run's tokenizer and
 ``mdm_scale_export.json`` (prompt encoding, source checkpoint). For the built-in model the directory also holds
 its modelling code (``modeling_mdm.py`` and the files it imports relatively: ``configuration_mdm.py``,
-``kernels.py``, ``masked_head.py``, copied unchanged from ``mdm_scale/models``) and ``config.json`` maps the
-Auto classes to it (``auto_map``), as diffusion LMs such as LLaDA are shared. So a Python with only torch and
-transformers loads it:
+``kernels.py``, ``kv_cache.py``, ``masked_head.py``, copied unchanged from ``mdm_scale/models``) and
+``config.json`` maps the Auto classes to it (``auto_map``), as diffusion LMs such as LLaDA are shared. So a
+Python with only torch and transformers loads it:
 
     AutoModelForMaskedLM.from_pretrained(HF_DIR, trust_remote_code=True)
 

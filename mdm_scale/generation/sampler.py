@@ -13,8 +13,25 @@ its steps (the first ``block_length mod steps`` steps take one more), so every m
 last step and the prompt is never changed. [MASK] itself is never predicted. Gumbel-max with temperature T
 samples x0_i from softmax(logits/T).
 
+Fast decoding (Fast-dLLM, Wu et al. 2025, arXiv 2505.22618), two options that compose with the above:
+
+- ``threshold`` tau (confidence-threshold parallel unmasking): instead of a fixed k, each step keeps every
+  still-masked position of the block with c_i > tau, and in each row with a mask left at least the most confident
+  one; a block ends when no row has a mask left in it (at most ``block_length`` steps), so the number of forwards
+  adapts to how sure the model is. A row that has finished the block waits, unchanged, for the others.
+- ``cache`` ``prefix`` / ``dual``: the block-wise approximate key/value cache of ``models/kv_cache.py``. The
+  first step of each block is the ordinary full forward and records every layer's keys and values; the block's
+  later steps forward only [a, L) (prefix: the block and everything after it) or [a, b) (dual: the block alone),
+  attending to the recorded keys and values elsewhere. For a model with a logit shift (``logit_shift``: logits at
+  i come from the hidden state at i - 1) the slice starts one position earlier, at a - 1.
+
+With neither option the sampler is the fixed schedule above, bit for bit.
+
 Random numbers (Gumbel noise, random confidences) are keyed by (seed, sample index, step) with the counter hash
-of ``core/noise.py``, so a prompt decodes the same in any batch, on any rank and any number of ranks.
+of ``core/noise.py``, so a prompt decodes the same in any batch, on any rank and any number of ranks. The step of
+the key is ``block * steps_per_block + i`` for the i-th step of a block (``block * block_length + i`` with a
+threshold): every row of a batch starts a block at the same step, so a row's noise does not depend on how many
+steps its neighbours needed.
 
 Rows are left-padded to the longest prompt with the attention mask hiding the pads (rotary attention depends
 only on relative positions, so a left-padded row sees what an unpadded one sees). ARM checkpoints (causal

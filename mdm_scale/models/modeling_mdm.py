@@ -11,8 +11,12 @@ rotary, SwiGLU) come from ``kernels.py``, eager or fused (``set_kernels``).
   masked-only head (``masked_head.py``); logits are never materialised for the whole batch;
 - otherwise: returns full logits, for generation and export checks.
 
-This file, ``configuration_mdm.py``, ``kernels.py`` and ``masked_head.py`` import nothing from mdm-scale but
-each other (relative imports), so ``mdm-scale export`` ships them unchanged next to the weights and plain
+For decoding, ``kv_cache`` (``kv_cache.py``) records every layer's keys and values, or reuses them while a slice
+of positions starting at ``query_start`` is forwarded (rotary positions from ``query_start``); the hook is the
+``kv`` argument of ``Attention.forward``.
+
+This file, ``configuration_mdm.py``, ``kernels.py``, ``kv_cache.py`` and ``masked_head.py`` import nothing from
+mdm-scale but each other (relative imports), so ``mdm-scale export`` ships them unchanged next to the weights and plain
 ``transformers`` loads the export with ``trust_remote_code=True``. The Auto classes are registered by
 ``mdm_scale/models/__init__.py``, not here, so loading an export's copy never re-registers ``mdm_scale``.
 """
