@@ -175,11 +175,13 @@ def test_threshold_unmasks_exactly_the_masked_positions_above_it_and_at_least_th
               [9.0, 9.0, 9.0, 9.0, 0.5, 0.4, 0.3, 0.2]]
     model = ScoredSteps(3, scores)
     cfg = SamplingConfig(gen_length=8, block_length=4, threshold=0.9)
-    out = sampler.diffusion_generate(model, [[5, 6, 7], [8, 9, 4]], [0, 1], MASK, PAD, cfg, CPU)
+    decoding = sampler.Decoding(model, [[5, 6, 7], [8, 9, 4]], [0, 1], MASK, PAD, cfg, CPU)
+    out = decoding.run()
     calls = (out[:, 3:] - 10).tolist()
     assert calls == [[0, 2, 1, 0, 5, 3, 4, 3],
                      [0, 0, 0, 0, 3, 4, 5, 6]]
     assert model.calls == 3 + 4  # block 0 ends when row 0 has no mask left, block 1 when row 1 has none
+    assert decoding.row_forwards.tolist() == [3 + 3, 1 + 4]  # the forwards a row waits through do not count
     assert out[:, :3].tolist() == [[5, 6, 7], [8, 9, 4]]
 
 
@@ -410,7 +412,7 @@ def test_export_round_trip_generates_identically(synth_dir, tmp_path, dist_env, 
                      "40", "--steps", "20", "--block-length", "20", "--temperature", "0.5", "--batch-size", "4"]) == 0
         summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
         predictions = [json.loads(line) for line in out.read_text().splitlines()]
-        assert summary["total"] == len(predictions) == 6
+        assert summary["total"] == len(predictions) == 6 and summary["forwards_per_prompt"] == 20
         assert [p["prompt"] for p in predictions] == [json.loads(x)["prompt"] for x in data.read_text().splitlines()]
         results[source.name] = (summary["accuracy"], [p["prediction"] for p in predictions])
     assert results["run"] == results["export"]

@@ -24,7 +24,7 @@ from mdm_scale.data.records import DataError
 from mdm_scale.distributed.env import DistEnv
 from mdm_scale.generation.answers import AnswerPattern, Score, normalize
 from mdm_scale.generation.model_source import GenerationModel, load_generation_model
-from mdm_scale.generation.sampler import SamplingConfig, diffusion_generate, greedy_generate
+from mdm_scale.generation.sampler import Decoding, SamplingConfig, greedy_generate
 from mdm_scale.training.checkpoint import write_atomic
 
 
@@ -78,19 +78,25 @@ def generation_env() -> DistEnv:
 
 
 def generate_predictions(gm: GenerationModel, prompts: list[str], sampling: SamplingConfig, batch_size: int,
-                         env: DistEnv) -> list[str] | None:
-    """Predicted texts for ``prompts`` in input order on rank 0 (None on other ranks)."""
-    texts = decode_shard(gm, prompts, sampling, batch_size, env.rank, env.world_size, env.device)
+                         env: DistEnv) -> tuple[list[str], list[int]] | None:
+    """Predicted texts for ``prompts`` in input order, and the forwards each masked-diffusion prompt took (empty
+    for ARM checkpoints), on rank 0 (None on other ranks)."""
+    forwards: dict[int, int] = {}
+    texts = decode_shard(gm, prompts, sampling, batch_size, env.rank, env.world_size, env.device, forwards)
     if env.world_size > 1:
-        gathered: list[dict[int, str] | None] = [None] * env.world_size
-        dist.all_gather_object(gathered, texts)
-        texts = {k: v for part in gathered for k, v in part.items()}
-    return [texts[i] for i in range(len(prompts))] if env.is_main else None
+        gathered: list[tuple[dict[int, str], dict[int, int]] | None] = [None] * env.world_size
+        dist.all_gather_object(gathered, (texts, forwards))
+        texts = {k: v for part, _ in gathered for k, v in part.items()}
+        forwards = {k: v for _, part in gathered for k, v in part.items()}
+    if not env.is_main:
+        return None
+    return [texts[i] for i in range(len(prompts))], [forwards[i] for i in sorted(forwards)]
 
 
 def decode_shard(gm: GenerationModel, prompts: list[str], sampling: SamplingConfig, batch_size: int, rank: int,
-                 world_size: int, device: torch.device) -> dict[int, str]:
-    """``{record index: predicted text}`` for this rank's records ``rank, rank + world_size, ...``."""
+                 world_size: int, device: torch.device, forwards: dict[int, int] | None = None) -> dict[int, str]:
+    """``{record index: predicted text}`` for this rank's records ``rank, rank + world_size, ...``; ``forwards``,
+    if given, receives ``{record index: forwards its row took}`` (``Decoding.row_forwards``; masked diffusion)."""
     from mdm_scale.data.dataset import encode_prompts
     from mdm_scale.data.tokenizer import special_ids
 
@@ -107,8 +113,11 @@ def decode_shard(gm: GenerationModel, prompts: list[str], sampling: SamplingConf
         if gm.causal:
             out = greedy_generate(gm.model, batch_ids, pad_id, eos_id, sampling.gen_length, device)
         else:
-            out = diffusion_generate(gm.model, batch_ids, [mine[j] for j in chunk], gm.mask_token_id, pad_id,
-                                     sampling, device)[:, -sampling.gen_length:]
+            decoding = Decoding(gm.model, batch_ids, [mine[j] for j in chunk], gm.mask_token_id, pad_id, sampling,
+                                device)
+            out = decoding.run()[:, -sampling.gen_length:]
+            if forwards is not None:
+                forwards.update(zip((mine[j] for j in chunk), decoding.row_forwards.tolist()))
         for j, row in zip(chunk, out.tolist()):
             texts[mine[j]] = decode_answer(gm.tokenizer, row, eos_id)
     return texts
@@ -133,9 +142,10 @@ def run_generation(checkpoint: str, records: list[PromptRecord], out: str | None
     sampling.check()
     env = generation_env()
     gm = load_generation_model(checkpoint, env.device, resolve_dtype(dtype, env.on_gpu), trust_remote_code)
-    predictions = generate_predictions(gm, [r.prompt for r in records], sampling, batch_size, env)
-    if predictions is None:
+    decoded = generate_predictions(gm, [r.prompt for r in records], sampling, batch_size, env)
+    if decoded is None:
         return None
+    predictions, forwards = decoded
     score, lines = Score(), []
     for record, prediction in zip(records, predictions):
         line = {"prompt": record.prompt, "prediction": prediction}
@@ -148,6 +158,8 @@ def run_generation(checkpoint: str, records: list[PromptRecord], out: str | None
         target.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(target, "\n".join(lines) + "\n")
     summary: dict = {"checkpoint": gm.source, "records": len(records)}
+    if forwards:  # masked diffusion: how many forwards a prompt took, on average (gen_length / this: tokens each)
+        summary["forwards_per_prompt"] = sum(forwards) / len(forwards)
     if answers is not None:
         summary.update(accuracy=score.accuracy, correct=score.correct, total=score.total, no_answer=score.no_answer)
     if out is not None:

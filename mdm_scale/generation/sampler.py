@@ -138,15 +138,14 @@ def diffusion_generate(model, prompts: list[list[int]], sample_index: list[int],
                        cfg: SamplingConfig, device: torch.device) -> torch.Tensor:
     """``(B, P + gen_length)``: the left-padded prompts (P = the longest prompt) followed by the decoded answer
     windows of a masked diffusion model."""
-    decoding = Decoding(model, prompts, sample_index, mask_id, pad_id, cfg, device)
-    for block in range(decoding.blocks):
-        decoding.decode_block(block)
-    return decoding.x.cpu()
+    return Decoding(model, prompts, sample_index, mask_id, pad_id, cfg, device).run()
 
 
 class Decoding:
-    """One batch of prompts being decoded: the buffer ``x`` (left-padded prompts, then the answer window) and the
-    block loop of ``diffusion_generate`` (which runs ``decode_block`` for every block in order)."""
+    """One batch of prompts being decoded: the buffer ``x`` (left-padded prompts, then the answer window), the
+    block loop (``run`` decodes every block in order with ``decode_block``) and ``row_forwards``, the forwards
+    each row took part in while it still had a mask in the current block (with a threshold, a row that has
+    finished a block does not count the forwards it waits through)."""
 
     def __init__(self, model, prompts: list[list[int]], sample_index: list[int], mask_id: int, pad_id: int,
                  cfg: SamplingConfig, device: torch.device):
@@ -165,6 +164,13 @@ class Decoding:
         self.blocks = cfg.gen_length // cfg.block_length
         self.steps_per_block = cfg.steps // self.blocks
         self.shift = logit_shift(model)
+        self.row_forwards = torch.zeros(batch, dtype=torch.int64, device=device)
+
+    def run(self) -> torch.Tensor:
+        """Decode every block; ``(B, P + gen_length)`` on the CPU, as ``diffusion_generate``."""
+        for block in range(self.blocks):
+            self.decode_block(block)
+        return self.x.cpu()
 
     def decode_block(self, block: int) -> int:
         """Fill block ``block`` (every mask of it); returns the number of model forwards it took."""
@@ -183,6 +189,7 @@ class Decoding:
                 break
             logits = self._block_logits(start, cache, refresh=i == 0).float()
             forwards += 1
+            self.row_forwards += masked.any(1)
             logits[..., self.mask_id] = -torch.inf  # a decoded position is never [MASK] again
             prediction, confidence = _predict(logits, self.keys, block * per_block + i, cfg)
             confidence = torch.where(masked, confidence, -torch.inf)
