@@ -135,6 +135,20 @@ def resolve_dtype(dtype: str, on_gpu: bool) -> torch.dtype:
     return {"bf16": torch.bfloat16, "fp32": torch.float32}.get(dtype, torch.bfloat16 if on_gpu else torch.float32)
 
 
+def score_predictions(records: list[PromptRecord], predictions: list[str], answers: AnswerPattern | None
+                      ) -> tuple[Score, list[dict]]:
+    """One ``{"prompt", "prediction"}`` line per record, with ``answers`` also its extracted ``"answer"`` and
+    whether it is ``"correct"``, counted in the score."""
+    score, lines = Score(), []
+    for record, prediction in zip(records, predictions):
+        line = {"prompt": record.prompt, "prediction": prediction}
+        if answers is not None:
+            line["answer"] = answers.extract(prediction)
+            line["correct"] = score.add(line["answer"], record.gold)
+        lines.append(line)
+    return score, lines
+
+
 def run_generation(checkpoint: str, records: list[PromptRecord], out: str | None, sampling: SamplingConfig,
                    batch_size: int, answers: AnswerPattern | None, dtype: str = "auto", trust_remote_code: bool = False
                    ) -> dict | None:
@@ -146,13 +160,8 @@ def run_generation(checkpoint: str, records: list[PromptRecord], out: str | None
     if decoded is None:
         return None
     predictions, forwards = decoded
-    score, lines = Score(), []
-    for record, prediction in zip(records, predictions):
-        line = {"prompt": record.prompt, "prediction": prediction}
-        if answers is not None:
-            line["answer"] = answers.extract(prediction)
-            line["correct"] = score.add(line["answer"], record.gold)
-        lines.append(json.dumps(line))
+    score, scored = score_predictions(records, predictions, answers)
+    lines = [json.dumps(line) for line in scored]
     if out is not None:
         target = Path(out)
         target.parent.mkdir(parents=True, exist_ok=True)
