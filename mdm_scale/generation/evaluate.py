@@ -7,7 +7,10 @@ the run with file and line before any model is loaded.
 Rank r of W decodes records r, r + W, r + 2W, ... in micro-batches of similar prompt length (less padding;
 masked-diffusion noise is keyed by the record's index, so results do not depend on W or on the batching
 order); rank 0 gathers everything and writes one ``{"prompt", "prediction", "answer", "correct"}`` line per
-input record, in input order. A prediction is the decoded text up to the first EOS.
+input record, in input order. A prediction is the decoded text up to the first EOS. For a masked diffusion model
+the summary also gives ``forwards_per_prompt``, the mean number of forwards a prompt took part in while its block
+still had a mask (``Decoding.row_forwards``): ``gen_length`` divided by it is the tokens decoded per forward, which
+``--threshold`` makes adaptive.
 """
 
 from __future__ import annotations
