@@ -63,7 +63,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--block", type=int, default=32, help="block length")
     p.add_argument("--threshold", type=float, default=0.9)
     p.add_argument("--tokens-per-step", type=int, default=4, help="k of the k/step subjects")
-    p.add_argument("--seconds", type=float, default=6.0, help="time bound of each subject (at least one block)")
+    p.add_argument("--seconds", type=float, default=5.0, help="time bound of each subject (at least one block)")
     p.add_argument("--subjects", default=None, help="a comma-separated subset of the subjects (default: all)")
     p.add_argument("--out", required=True, help="directory for decode_speed.jsonl and decode_speed.md")
     return p.parse_args(argv)
