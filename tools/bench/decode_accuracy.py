@@ -3,7 +3,7 @@
     bash tools/bench/run_gpu.sh python3 tools/bench/decode_accuracy.py \\
         --study results/families/sort --study results/families/missing --out results/decode_accuracy
 
-A study is a directory of ``tools/experiments/family_gpu.sh`` (or ``run.py --out``): its eval set is
+A study is a directory that ``tools/experiments/family_gpu.sh`` writes (``OUT/<study>``): its eval set is
 ``STUDY/data/eval.jsonl`` (``--data`` overrides it) and its checkpoints are the training directories that
 ``--runs`` (a glob relative to the study; default: Standard's runs, every micro-batch and seed) matches. Each
 checkpoint is loaded once and evaluated exactly as ``mdm-scale eval`` does (same prompts, same scoring, the
