@@ -151,8 +151,8 @@ class Decoding:
                  cfg: SamplingConfig, device: torch.device):
         cfg.check()
         if cfg.cache != "none" and not isinstance(model, MDMForMaskedDiffusion):
-            raise GenerationError(f"--cache {cfg.cache}: {type(model).__name__} has no cache-aware forward (the "
-                                  f"built-in model has, with the checkpoint formats it loads); use --cache none")
+            raise GenerationError(f"--cache {cfg.cache}: {type(model).__name__} has no cache-aware forward (only the "
+                                  f"built-in model class has one); use --cache none")
         self.model, self.mask_id, self.cfg = model, mask_id, cfg
         self.width = max(len(p) for p in prompts)
         prompt_ids, real = left_pad(prompts, self.width, pad_id)
@@ -206,7 +206,7 @@ class Decoding:
         (prefix: e = the end of the sequence; dual: e = the end of the block). s is the block's start, or one
         position earlier for a model whose logits at i come from its hidden state at i - 1 (``logit_shift``)."""
         end = start + self.cfg.block_length
-        if cache is None:  # today's call, unchanged
+        if cache is None:  # the fixed schedule's call as it always was; fp32 only for the block (B x block x V)
             return self.model(input_ids=self.x, attention_mask=self.attention_mask).logits[:, start:end]
         if refresh:
             return self.model(input_ids=self.x, attention_mask=self.attention_mask, kv_cache=cache).logits[:, start:end]
