@@ -5,8 +5,8 @@ The checkpoint is read by ``training/run_reader.py`` (the DeepSpeed shards conso
 ``mdm_scale_export.json`` (prompt encoding, the run's configuration and step, source checkpoint), so that
 ``read_run`` gives the same configuration, step and weights for the export as for the checkpoint. For the
 built-in model the directory also holds its modelling code (``modeling_mdm.py`` and the files it imports
-relatively: ``configuration_mdm.py``, ``kernels.py``, ``masked_head.py``, copied unchanged from
-``mdm_scale/models``) and ``config.json`` maps the Auto classes to it (``auto_map``), as diffusion LMs such as
+relatively: ``configuration_mdm.py``, ``kernels.py``, ``kv_cache.py``, ``masked_head.py``, copied unchanged
+from ``mdm_scale/models``) and ``config.json`` maps the Auto classes to it (``auto_map``), as diffusion LMs such as
 LLaDA are shared. So a Python with only torch and transformers loads it:
 
     AutoModelForMaskedLM.from_pretrained(HF_DIR, trust_remote_code=True)

@@ -11,8 +11,12 @@ rotary, SwiGLU) come from ``kernels.py``, eager or fused (``set_kernels``).
   masked-only head (``masked_head.py``); logits are never materialised for the whole batch;
 - otherwise: returns full logits, for generation and export checks.
 
-This file, ``configuration_mdm.py``, ``kernels.py`` and ``masked_head.py`` import nothing from mdm-scale but
-each other (relative imports), so ``mdm-scale export`` ships them unchanged next to the weights and plain
+For decoding, ``kv_cache`` (``kv_cache.py``) records every layer's keys and values, or reuses them while a slice
+of positions starting at ``query_start`` is forwarded (rotary positions from ``query_start``); the hook is the
+``kv`` argument of ``Attention.forward``.
+
+This file, ``configuration_mdm.py``, ``kernels.py``, ``kv_cache.py`` and ``masked_head.py`` import nothing from
+mdm-scale but each other (relative imports), so ``mdm-scale export`` ships them unchanged next to the weights and plain
 ``transformers`` loads the export with ``trust_remote_code=True``. The Auto classes are registered by
 ``mdm_scale/models/__init__.py``, not here, so loading an export's copy never re-registers ``mdm_scale``.
 """
@@ -35,6 +39,7 @@ from transformers.utils import ModelOutput
 from .configuration_mdm import MDMConfig
 from .kernels import EAGER
 from .kernels import fused as fused_kernels
+from .kv_cache import KVCache
 from .masked_head import MaskedLMHead
 
 
@@ -74,11 +79,15 @@ class Attention(nn.Module):
         self.kernels = EAGER
         self.sdpa_backend: str = "auto"
 
-    def forward(self, x, cos, sin, mask):
+    def forward(self, x, cos, sin, mask, kv=None):
+        """``kv``: the decoding cache's exchange for this layer (``kv_cache.py``), which gives the keys and values
+        of every cached position for those of ``x``'s positions."""
         b, length, _ = x.shape
         qkv = self.qkv_proj(x).view(b, length, self.n_heads + 2 * self.n_kv, self.head_dim).transpose(1, 2)
         q, k, v = qkv.split([self.n_heads, self.n_kv, self.n_kv], dim=1)
         q, k = self.kernels.rotary(q, k, cos, sin)
+        if kv is not None:
+            k, v = kv(k, v)
         if self.n_kv != self.n_heads:
             repeat = self.n_heads // self.n_kv
             k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
@@ -144,8 +153,8 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = SwiGLU(config)
 
-    def forward(self, x, cos, sin, mask):
-        x = x + self.attn(self.attn_norm(x), cos, sin, mask)
+    def forward(self, x, cos, sin, mask, kv=None):
+        x = x + self.attn(self.attn_norm(x), cos, sin, mask, kv)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -184,20 +193,30 @@ class MDMModel(MDMPreTrainedModel):
         self.post_init()
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                document_ids: torch.Tensor | None = None, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+                document_ids: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                kv_cache: KVCache | None = None, query_start: int = 0) -> torch.Tensor:
         """``position_ids`` (B, L) index the rotary tables (packed rows restart them per record); None means
-        0 .. L-1 in every row."""
+        0 .. L-1 in every row. ``kv_cache`` (decoding, ``kv_cache.py``): an empty cache records this forward's
+        keys and values; a recorded one makes ``input_ids`` the positions ``query_start ..`` of the recorded
+        sequence, and ``attention_mask`` then covers the whole recorded sequence."""
+        if kv_cache is not None:
+            if self.config.causal or document_ids is not None or position_ids is not None:
+                raise ValueError("the decoding KV cache serves bidirectional, unpacked forwards only")
+            kv_cache.begin(query_start, input_ids.shape[1])
         x = self.embed_tokens(input_ids)
-        cos, sin = rotary_tables(input_ids.shape[1], self.config.head_dim, self.config.rope_theta, x.device, x.dtype)
+        cos, sin = rotary_tables(query_start + input_ids.shape[1], self.config.head_dim, self.config.rope_theta,
+                                 x.device, x.dtype)
+        cos, sin = cos[query_start:], sin[query_start:]
         if position_ids is not None:
             cos, sin = cos[position_ids][:, None], sin[position_ids][:, None]
         key_mask = None if attention_mask is None else attention_mask.bool()  # callers pass None when unpadded
         mask = build_attention_mask(key_mask, document_ids, self.config.causal)
         for index, layer in enumerate(self.layers):
+            kv = None if kv_cache is None else functools.partial(kv_cache.exchange, index)
             if index < self.checkpointed_blocks and self.training:
-                x = checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
+                x = checkpoint(layer, x, cos, sin, mask, kv, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, mask)
+                x = layer(x, cos, sin, mask, kv)
         return self.norm(x)
 
 
@@ -234,10 +253,12 @@ class MDMForMaskedDiffusion(MDMPreTrainedModel):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 loss_positions: torch.Tensor | None = None, loss_targets: torch.Tensor | None = None,
                 loss_coef: torch.Tensor | None = None, document_ids: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None, **_unused) -> MDMOutput:
+                position_ids: torch.Tensor | None = None, kv_cache: KVCache | None = None, query_start: int = 0,
+                **_unused) -> MDMOutput:
         """``loss_positions`` index the flattened (B*L) batch; ``loss = sum coef * CE`` over them.
-        ``document_ids`` and ``position_ids``: packed rows (``MDMModel.forward``, ``build_attention_mask``)."""
-        hidden = self.model(input_ids, attention_mask, document_ids, position_ids)
+        ``document_ids`` and ``position_ids``: packed rows (``MDMModel.forward``, ``build_attention_mask``).
+        ``kv_cache`` and ``query_start``: decoding with the block-wise cache (``MDMModel.forward``)."""
+        hidden = self.model(input_ids, attention_mask, document_ids, position_ids, kv_cache, query_start)
         if loss_positions is None:
             return MDMOutput(logits=self.lm_head(hidden))
         if self.config.loss_head == "full":
