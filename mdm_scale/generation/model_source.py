@@ -3,8 +3,9 @@
 ``--checkpoint`` may name:
 - a training output directory (it holds ``run.json``): its newest complete checkpoint is used;
 - its ``checkpoints`` directory, or one ``checkpoints/step_*`` directory;
-- a Hugging Face directory (``config.json`` and weights): an ``mdm-scale export``, any local masked LM, or LLaDA
-  (``trust_remote_code`` only when asked).
+- a Hugging Face directory (``config.json`` and weights): an ``mdm-scale export``, a LLaDA or Dream checkpoint
+  (read natively into the built-in model class, ``models/native.py``; LLaDA's own code only with
+  ``trust_remote_code``), or any local masked LM.
 
 A training checkpoint holds DeepSpeed shards (ZeRO-3 partitions every parameter over the ranks that wrote it).
 They are consolidated into one fp32 state dict with DeepSpeed's ``zero_to_fp32`` utilities, which read the
@@ -24,8 +25,9 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoModel, AutoModelForMaskedLM, AutoTokenizer, PreTrainedTokenizerBase
 
+from mdm_scale.config.schema import ConfigError
 from mdm_scale.training.checkpoint import CheckpointError, resolve_checkpoint
 
 EXPORT_INFO = "mdm_scale_export.json"
@@ -106,24 +108,25 @@ def consolidated_state_dict(step_dir: Path, zero_stage: int) -> dict[str, torch.
 
 def _from_hf_dir(path: Path, trust_remote_code: bool) -> GenerationModel:
     from mdm_scale.models.configuration_mdm import MDMConfig
-    from mdm_scale.models.loading import HFMaskedLMAdapter
+    from mdm_scale.models.loading import HFMaskedLMAdapter, auto_config
     from mdm_scale.models.modeling_mdm import MDMForMaskedDiffusion
+    from mdm_scale.models.native import load_native, native_config, native_format
 
     try:
-        config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
-    except ValueError as err:
-        if "trust_remote_code" not in str(err):
-            raise
-        raise CheckpointError(f"--checkpoint {path} ships its own modelling code (e.g. LLaDA); pass "
-                              f"--trust-remote-code if you trust it") from None
+        fmt = native_format(path, trust_remote_code)
+        config = native_config(path, fmt) if fmt is not None else auto_config(path, trust_remote_code)
+    except ConfigError as err:
+        raise CheckpointError(f"--checkpoint {path}: {err}") from None
     tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     info = json.loads((path / EXPORT_INFO).read_text()) if (path / EXPORT_INFO).is_file() else {}
-    if config.model_type == MDMConfig.model_type:
+    if fmt is not None:
+        model = load_native(path, config)
+    elif config.model_type == MDMConfig.model_type:
         model = MDMForMaskedDiffusion.from_pretrained(str(path), torch_dtype=torch.float32)
     else:
         try:
             inner = AutoModelForMaskedLM.from_pretrained(str(path), trust_remote_code=trust_remote_code)
-        except ValueError:  # LLaDA registers its LM head model only as AutoModel
+        except ValueError:  # remote code that registers its LM head model only as AutoModel (LLaDA)
             inner = AutoModel.from_pretrained(str(path), trust_remote_code=trust_remote_code)
         model = HFMaskedLMAdapter(inner)
     mask_id = getattr(config, "mask_token_id", None)
