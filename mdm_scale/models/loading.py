@@ -65,10 +65,13 @@ def load_hf_config(cfg: Config) -> PretrainedConfig | None:
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"config key 'model.path' = {cfg.model.path!r}: no config.json there "
                                 f"(mdm-scale loads local directories only)")
-    fmt = native_format(path, cfg.model.trust_remote_code)
-    if fmt is not None:
-        return native_config(path, fmt, cfg.train.objective, cfg.model.overrides)
-    return auto_config(path, cfg.model.trust_remote_code)
+    try:
+        fmt = native_format(path, cfg.model.trust_remote_code)
+        if fmt is not None:
+            return native_config(path, fmt, cfg.train.objective, cfg.model.overrides)
+        return auto_config(path, cfg.model.trust_remote_code)
+    except ConfigError as err:
+        raise ConfigError(f"config key 'model.path' = {cfg.model.path!r}: {err}") from None
 
 
 def auto_config(path: Path, trust_remote_code: bool) -> PretrainedConfig:

@@ -49,8 +49,8 @@ def native_format(path: str | Path, trust_remote_code: bool = False) -> str | No
     Dream's own code is refused: it returns raw logits, and training on them would ignore Dream's shift."""
     fmt = detect_format(read_config_json(path))
     if fmt == "dream" and trust_remote_code:
-        raise ConfigError(f"model.path = {str(path)!r} is a Dream checkpoint: its own code (model.trust_remote_code "
-                          f"/ --trust-remote-code) returns unshifted logits; leave it off, mdm-scale reads Dream "
+        raise ConfigError(f"{path} is a Dream checkpoint: its own code (model.trust_remote_code / "
+                          f"--trust-remote-code) returns unshifted logits; leave it off, mdm-scale reads Dream "
                           f"natively")
     return None if fmt == "llada" and trust_remote_code else fmt
 
