@@ -127,8 +127,8 @@ def test_bf16_packing_and_selective_checkpointing_on_a_native_model(llada_fixtur
 
 def test_mask_id_of_the_model_config_and_of_the_tokenizer(llada_fixture, synth_dir, tmp_path, dist_env):
     """The checkpoint's mask_token_id (500) against a tokenizer whose own mask token is another id: refused
-    until model.mask_token_id says which one to train with."""
-    from mdm_scale.models.loading import load_hf_config, resolve_mask_token_id
+    until model.mask_token_id says which one to train with; an id past the model's rows is refused."""
+    from mdm_scale.models.loading import load_hf_config, resolve_mask_token_id, sized_native_config
 
     tokenizer = build_char_tokenizer([(synth_dir / "train.jsonl").read_text()])
     cfg = load_config([], tiny_overrides(synth_dir, tmp_path, **{"model.path": str(llada_fixture)}))
@@ -138,6 +138,17 @@ def test_mask_id_of_the_model_config_and_of_the_tokenizer(llada_fixture, synth_d
         cfg = load_config([], tiny_overrides(synth_dir, tmp_path, **{"model.path": str(llada_fixture),
                                                                      "model.mask_token_id": choice}))
         assert resolve_mask_token_id(cfg, tokenizer, load_hf_config(cfg)) == choice
+    with pytest.raises(ConfigError, match=r"\[MASK\] id 600 .* outside the 512 embedding rows"):
+        sized_native_config(load_hf_config(cfg), 600)
+
+
+def test_parameters_of_a_native_checkpoint_are_counted_before_loading(llada_fixture, synth_dir, tmp_path):
+    """``train.zero_stage: auto`` sizes the model before any weight is read: the fixture has 172,352."""
+    from mdm_scale.models.loading import count_parameters, load_hf_config
+
+    tokenizer = build_char_tokenizer([(synth_dir / "train.jsonl").read_text()])
+    cfg = load_config([], tiny_overrides(synth_dir, tmp_path, **{"model.path": str(llada_fixture)}))
+    assert count_parameters(cfg, tokenizer, 500, load_hf_config(cfg)) == 172_352
 
 
 @pytest.mark.distributed

@@ -160,6 +160,9 @@ def sized_native_config(hf_config: MDMConfig, mask_token_id: int | None) -> MDMC
     config.mask_token_id = mask_token_id
     if mask_token_id == hf_config.vocab_size:
         config.vocab_size += 1
+    if mask_token_id is not None and not 0 <= mask_token_id < config.vocab_size:
+        raise ConfigError(f"[MASK] id {mask_token_id} (model.mask_token_id, the tokenizer's or the model's) is "
+                          f"outside the {config.vocab_size} embedding rows of the model at model.path")
     return config
 
 

@@ -5,7 +5,8 @@
 It is what a LLaDA release holds (``model.transformer.*`` tensors as bf16 safetensors shards with
 ``model.safetensors.index.json``, a ``config.json`` with LLaDA's fields: those of LLaDA-8B with the preset's
 shape), written tensor by tensor, so an 8B checkpoint needs memory for one shard only. The weights are
-N(0, 0.02), norm weights 1: a benchmark measures speed, not what the model says.
+N(0, 0.02) (drawn on the GPU when there is one), norm weights 1: a benchmark measures speed, not what the
+model says.
 """
 
 from __future__ import annotations
@@ -63,7 +64,8 @@ def write_random_llada(directory: str | Path, config: MDMConfig, seed: int = 0,
     """Write the checkpoint of ``config``'s shape (module docstring) and return its directory."""
     with torch.device("meta"):
         shapes = {name: p.shape for name, p in MDMForMaskedDiffusion(config).named_parameters()}
-    generator = torch.Generator().manual_seed(seed)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # 8B normal draws: seconds on a GPU
+    generator = torch.Generator(device).manual_seed(seed)
 
     def tensors():
         for name, shape in shapes.items():
@@ -72,7 +74,8 @@ def write_random_llada(directory: str | Path, config: MDMConfig, seed: int = 0,
                 if name.endswith("norm.weight"):
                     yield source, torch.ones(n, dtype=torch.bfloat16)
                 else:
-                    yield source, (0.02 * torch.randn((n, *shape[1:]), generator=generator)).to(torch.bfloat16)
+                    draw = torch.randn((n, *shape[1:]), generator=generator, device=device)
+                    yield source, (0.02 * draw).to(torch.bfloat16).cpu()
 
     directory = Path(directory)
     write_safetensors(tensors(), directory, max_shard_bytes)
