@@ -27,7 +27,6 @@ import torch.distributed as dist
 from mdm_scale.config.schema import ConfigError
 from mdm_scale.models.configuration_mdm import MDMConfig
 from mdm_scale.models.formats import (
-    ADAPTED,
     detect_format,
     ignorable,
     mdm_config_fields,
@@ -76,11 +75,6 @@ def native_config(path: str | Path, fmt: str, objective: str = "mdm", overrides:
         return MDMConfig(**fields)
     except (TypeError, ValueError) as err:
         raise ConfigError(f"{file} with model.overrides = {overrides!r}: {err}") from None
-
-
-def is_adapted(config: MDMConfig) -> bool:
-    """A causal LM turned into a diffusion model (bidirectional, shifted): no longer its source format."""
-    return config.source_format in ADAPTED and not config.causal
 
 
 def load_native(path: str | Path, config: MDMConfig, ds_config: dict | None = None, zero3: bool = False
