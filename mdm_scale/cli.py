@@ -17,7 +17,7 @@ Each group registers its own subcommands: ``generation/cli.py``, ``variance/cli.
 ``train`` runs as one plain process or under any launcher that sets RANK/WORLD_SIZE (``deepspeed``,
 ``torchrun``) or under ``srun``/``mpirun`` (MPI discovery), e.g.
 
-    deepspeed --num_gpus 8 --module mdm_scale.cli train --config configs/llada_8b.yaml
+    deepspeed --num_gpus 8 --module mdm_scale.cli train --config configs/pretrain_8b.yaml
 
 Exit status of ``train`` (``docs/operations.md``): 0 finished; 2 bad input (config, data, checkpoint), with a
 one-line message; 3 stopped after ``train.max_nonfinite_steps`` non-finite steps in a row (last good state

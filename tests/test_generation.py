@@ -230,18 +230,10 @@ def test_cached_forward_reuses_the_refresh_keys_and_values_outside_the_forwarded
         assert (cached - exact).abs().max() > 1e-4
 
 
-class ShiftedLogits(MDMForMaskedDiffusion):
-    """A model with Dream's convention (``config.logit_shift``): its logits at position i are those the plain
-    model gives at i - 1 (the first position keeps its own)."""
-
-    def forward(self, *args, **kwargs):
-        logits = super().forward(*args, **kwargs).logits
-        return SimpleNamespace(logits=torch.cat([logits[:, :1], logits[:, :-1]], 1))
-
-
-def shifted(model: MDMForMaskedDiffusion) -> ShiftedLogits:
+def shifted(model: MDMForMaskedDiffusion) -> MDMForMaskedDiffusion:
+    """The same weights with Dream's convention (``config.logit_shift``): the logits at position i are read from
+    the hidden state at i - 1 (the first position keeps its own)."""
     model.config.logit_shift = True
-    model.__class__ = ShiftedLogits
     return model
 
 

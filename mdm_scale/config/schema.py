@@ -28,13 +28,20 @@ class ModelConfig:
     preset: str = "tiny"
     """Built-in bidirectional transformer preset (``config/presets.py``); used when ``path`` is not set."""
     path: str | None = None
-    """Local Hugging Face directory: an mdm-scale export, any masked LM (BERT, ModernBERT, ...), or LLaDA."""
+    """Local directory to start from instead of a preset: a LLaDA or Dream checkpoint, or a LLaMA / Qwen2 /
+    Qwen3 causal LM (adapted to diffusion: bidirectional attention, shifted logits), all read into the built-in
+    model class (``models/formats.py``, docs/models.md); an mdm-scale export; or any transformers masked LM
+    (BERT, ModernBERT, ...)."""
     trust_remote_code: bool = False
-    """Run modelling code shipped inside ``path`` (needed for LLaDA checkpoints). Off unless you ask."""
-    mask_token_id: int | None = None
-    """[MASK] id; by default the tokenizer's mask token, then the model config's ``mask_token_id``."""
+    """Run modelling code shipped inside ``path`` instead of reading it natively (LLaDA's own code; slower, no
+    masked-only head or packing; refused for Dream, whose code returns unshifted logits). Off unless you ask."""
+    mask_token_id: int | Literal["add"] | None = None
+    """[MASK] id; by default the tokenizer's mask token, then the model config's ``mask_token_id``. For a causal
+    LM that has none: an unused token id (e.g. a reserved special token), or ``add``: a new ``<|mask|>`` token
+    (the model gets an embedding row for it if it has none, the mean of the others)."""
     overrides: dict[str, Any] = field(default_factory=dict)
-    """Architecture fields to change on top of the preset, e.g. ``{num_hidden_layers: 4}``."""
+    """Architecture fields to change on top of the preset, e.g. ``{num_hidden_layers: 4}``; with ``path`` (a
+    native checkpoint), settings such as ``{loss_head: full}`` on top of its config."""
     activation_checkpointing: bool = False
     """Recompute each transformer block in the backward pass (less memory, about 1/3 more compute)."""
     checkpoint_blocks: int | None = None
@@ -51,8 +58,8 @@ class ModelConfig:
 
         if self.path is None:
             _require(self.preset in PRESETS, "model.preset", self.preset, f"choose one of {sorted(PRESETS)}")
-        _require(self.mask_token_id is None or self.mask_token_id >= 0, "model.mask_token_id",
-                 self.mask_token_id, "must be >= 0")
+        _require(self.mask_token_id in (None, "add") or self.mask_token_id >= 0, "model.mask_token_id",
+                 self.mask_token_id, "must be >= 0 or add")
         _require(self.checkpoint_blocks is None or self.checkpoint_blocks >= 0, "model.checkpoint_blocks",
                  self.checkpoint_blocks, "must be >= 0")
         _require(self.checkpoint_blocks is None or self.activation_checkpointing, "model.checkpoint_blocks",

@@ -4,7 +4,9 @@ Pre-norm blocks of RMSNorm -> attention with rotary position embeddings -> RMSNo
 ``torch.nn.functional.scaled_dot_product_attention`` with no causal mask (``config.causal = False``, the masked
 diffusion model) or a causal one (the autoregressive baseline). Padding keys are masked out; with no padding
 the call carries no mask at all, which lets SDPA pick the flash kernel. The elementwise pieces (RMSNorm,
-rotary, SwiGLU) come from ``kernels.py``, eager or fused (``set_kernels``).
+rotary, SwiGLU) come from ``kernels.py``, eager or fused (``set_kernels``). Released checkpoints (LLaDA, Dream,
+LLaMA, Qwen2, Qwen3) load into this same class (``formats.py``): the config fields ``qkv_bias``, ``qk_norm``,
+``head_dim``, ``tie_word_embeddings`` and ``logit_shift`` cover what they add (``configuration_mdm.py``).
 
 ``MDMForMaskedDiffusion.forward`` has two modes:
 - ``loss_positions`` given: returns the weighted loss (and per-position CE) at those flat positions through the
@@ -74,8 +76,12 @@ class Attention(nn.Module):
         self.head_dim = config.head_dim
         self.causal = config.causal
         # q, k and v come from one projection (one GEMM, one ZeRO-3 gather) and are split afterwards.
-        self.qkv_proj = nn.Linear(config.hidden_size, (self.n_heads + 2 * self.n_kv) * self.head_dim, bias=False)
+        self.qkv_proj = nn.Linear(config.hidden_size, (self.n_heads + 2 * self.n_kv) * self.head_dim,
+                                  bias=config.qkv_bias)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, config.hidden_size, bias=False)
+        # Qwen3: RMSNorm over each head of q and k (one weight of head_dim entries each), before the rotary.
+        self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else None
         self.kernels = EAGER
         self.sdpa_backend: str = "auto"
 
@@ -85,6 +91,8 @@ class Attention(nn.Module):
         b, length, _ = x.shape
         qkv = self.qkv_proj(x).view(b, length, self.n_heads + 2 * self.n_kv, self.head_dim).transpose(1, 2)
         q, k, v = qkv.split([self.n_heads, self.n_kv, self.n_kv], dim=1)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.kernels.rotary(q, k, cos, sin)
         if kv is not None:
             k, v = kv(k, v)
@@ -177,6 +185,8 @@ class MDMPreTrainedModel(PreTrainedModel):
         std = self.config.initializer_range
         if isinstance(module, (nn.Linear, nn.Embedding, MaskedLMHead)):
             module.weight.data.normal_(0.0, std)
+            if getattr(module, "bias", None) is not None:
+                module.bias.data.zero_()
         elif isinstance(module, RMSNorm):
             module.weight.data.fill_(1.0)
 
@@ -221,7 +231,10 @@ class MDMModel(MDMPreTrainedModel):
 
 
 class MDMForMaskedDiffusion(MDMPreTrainedModel):
-    """The trainable model: ``MDMModel`` plus the masked-only LM head."""
+    """The trainable model: ``MDMModel`` plus the masked-only LM head (the embedding matrix itself with
+    ``config.tie_word_embeddings``)."""
+
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}  # only with config.tie_word_embeddings
 
     def __init__(self, config: MDMConfig):
         super().__init__(config)
@@ -257,8 +270,13 @@ class MDMForMaskedDiffusion(MDMPreTrainedModel):
                 **_unused) -> MDMOutput:
         """``loss_positions`` index the flattened (B*L) batch; ``loss = sum coef * CE`` over them.
         ``document_ids`` and ``position_ids``: packed rows (``MDMModel.forward``, ``build_attention_mask``).
-        ``kv_cache`` and ``query_start``: decoding with the block-wise cache (``MDMModel.forward``)."""
+        ``kv_cache`` and ``query_start``: decoding with the block-wise cache (``MDMModel.forward``).
+        With ``config.logit_shift`` every output is read from the hidden state one position earlier
+        (``shift_to_predictions``; in a cached slice, column 0 reads itself), so position j's logits and loss are
+        always the prediction of token j."""
         hidden = self.model(input_ids, attention_mask, document_ids, position_ids, kv_cache, query_start)
+        if self.config.logit_shift:
+            hidden = shift_to_predictions(hidden, position_ids)
         if loss_positions is None:
             return MDMOutput(logits=self.lm_head(hidden))
         if self.config.loss_head == "full":
@@ -266,6 +284,17 @@ class MDMForMaskedDiffusion(MDMPreTrainedModel):
         selected = hidden.reshape(-1, hidden.shape[-1]).index_select(0, loss_positions)
         loss, token_ce = self.lm_head(selected, loss_targets, loss_coef)
         return MDMOutput(loss=loss, token_ce=token_ce)
+
+
+def shift_to_predictions(hidden: torch.Tensor, position_ids: torch.Tensor | None) -> torch.Tensor:
+    """The shifted convention (Dream; causal LMs adapted to diffusion): the network's state at position i
+    predicts token i + 1, so position j reads state j - 1; the first position of a sequence (column 0, or
+    ``position_ids == 0``: the first token of each record of a packed row) has no earlier state and reads its
+    own, as Dream's sampler does. A record never reads the previous record's state."""
+    previous = torch.cat([hidden[:, :1], hidden[:, :-1]], dim=1)
+    if position_ids is None:
+        return previous
+    return torch.where((position_ids == 0)[..., None], hidden, previous)
 
 
 def full_logits_loss(logits: torch.Tensor, positions: torch.Tensor, targets: torch.Tensor, coef: torch.Tensor

@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch import nn
-from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoModel, AutoModelForMaskedLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from mdm_scale.config.loader import from_dict
 from mdm_scale.config.schema import Config, ConfigError
@@ -142,11 +142,16 @@ def _hf_source(path: Path) -> RunSource:
 
 
 def _hf_module(path: Path, trust_remote_code: bool) -> nn.Module:
+    """A LLaDA, Dream or LLaMA/Qwen directory read natively into the built-in class (``models/native.py``; LLaDA's
+    own code only with ``trust_remote_code``), an mdm-scale export, or another masked LM wrapped for training."""
     from mdm_scale.models.configuration_mdm import MDMConfig
     from mdm_scale.models.loading import HFMaskedLMAdapter
     from mdm_scale.models.modeling_mdm import MDMForMaskedDiffusion
+    from mdm_scale.models.native import load_native
 
-    config = _hf_config(path, trust_remote_code)
+    fmt, config = _hf_config(path, trust_remote_code)
+    if fmt is not None:
+        return load_native(path, config)
     if config.model_type == MDMConfig.model_type:
         return MDMForMaskedDiffusion.from_pretrained(str(path), dtype=torch.float32)
     try:
@@ -157,17 +162,19 @@ def _hf_module(path: Path, trust_remote_code: bool) -> nn.Module:
 
 
 def _hf_config(path: Path, trust_remote_code: bool):
+    """``(native format or None, config)`` of a Hugging Face directory, with one-line errors."""
+    from mdm_scale.models.loading import auto_config
+    from mdm_scale.models.native import native_config, native_format
+
     try:
-        return AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
-    except ValueError as err:
-        if "trust_remote_code" not in str(err):
-            raise
-        raise CheckpointError(f"--checkpoint {path} ships its own modelling code (e.g. LLaDA); pass "
-                              f"--trust-remote-code if you trust it") from None
+        fmt = native_format(path, trust_remote_code)
+        return fmt, native_config(path, fmt) if fmt is not None else auto_config(path, trust_remote_code)
+    except ConfigError as err:
+        raise CheckpointError(f"--checkpoint {path}: {err}") from None
 
 
 def _hf_mask_token_id(path: Path, tokenizer: PreTrainedTokenizerBase, trust_remote_code: bool) -> int | None:
-    mask_id = getattr(_hf_config(path, trust_remote_code), "mask_token_id", None)
+    mask_id = getattr(_hf_config(path, trust_remote_code)[1], "mask_token_id", None)
     return mask_id if mask_id is not None else tokenizer.mask_token_id
 
 

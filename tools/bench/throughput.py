@@ -4,6 +4,7 @@
     python -m tools.bench.throughput --gpus 1 --preset 1b --subjects "plain,uniform,uniform[train.zero_stage=2]"
     python -m tools.bench.throughput --gpus 1 --preset 1b --data sft --grad-accum 4 \
         --subjects "uniform,uniform[data.packing=true]"
+    python -m tools.bench.throughput --gpus 1 --preset 1b --subjects "uniform,llada"
 
 Each subject runs in its own ``deepspeed --num_gpus N`` job on the same data and model shape: random-token
 pretraining blocks (``--data blocks``, no padding), or (``--data sft``) random SFT records with log-normal
@@ -21,7 +22,10 @@ Subjects (``--subjects``; ``name[key=value;key=value]`` adds mdm-scale overrides
 - ``uniform``: mdm-scale with uniform t;
 - ``uniform_full_logits``: the same with the loss from full logits (measures the masked-only head);
 - ``ppots``: mdm-scale with the P-POTS sampler service at the same batch;
-- ``ppots_mirror``: P-POTS + MIRROR with half the micro-batch, so each forward has the same number of rows.
+- ``ppots_mirror``: P-POTS + MIRROR with half the micro-batch, so each forward has the same number of rows;
+- ``llada``: ``uniform`` with ``model.path`` at a LLaDA-format checkpoint of the preset's shape (random bf16
+  weights in sharded safetensors, ``llada_checkpoint.py``, written once to ``--checkpoint-dir``), read by the
+  native loader into the built-in model class; ``vs uniform`` compares it with the preset of the same job.
 A subject whose settings the installed mdm-scale does not know is reported as unavailable.
 """
 
@@ -51,7 +55,10 @@ SUBJECTS = {
     "uniform_full_logits": ["model.overrides.loss_head=full"],
     "ppots": PPOTS,
     "ppots_mirror": [*PPOTS, "variance.mirror=true", "half_micro_batch"],
+    "llada": ["native_llada"],
 }
+MARKERS = ("half_micro_batch", "native_llada")
+"""Subject settings that are not mdm-scale overrides: half the micro-batch; the LLaDA-format checkpoint."""
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -71,6 +78,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="random pretraining blocks, or SFT records with log-normal lengths")
     p.add_argument("--profile", default=None, metavar="DIR",
                    help="also record 2 steps with torch.profiler: a Chrome trace and op tables in DIR")
+    p.add_argument("--checkpoint-dir", default=None,
+                   help="where the llada subject's checkpoint is written once (default: <out>_llada_<preset>)")
     p.add_argument("--out", default="bench")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--result", default=None, help=argparse.SUPPRESS)
@@ -94,7 +103,8 @@ def run_worker(args: argparse.Namespace) -> None:
     if extra is None:
         subject, config = _plain(args, env, PLAIN_STAGES[name])
     else:
-        subject, config = _mdm_scale(args, env, micro, [o for o in extra if o != "half_micro_batch"] + overrides)
+        native = [f"model.path={args.checkpoint_dir}"] if "native_llada" in extra else []
+        subject, config = _mdm_scale(args, env, micro, [o for o in extra if o not in MARKERS] + native + overrides)
     for _ in range(args.warmup):
         subject.step()
     sync_device()
@@ -115,6 +125,7 @@ def run_worker(args: argparse.Namespace) -> None:
         "peak_reserved_gb": torch.cuda.max_memory_reserved() / 2**30 if env.on_gpu else None,
         "breakdown_ms": subject.breakdown(args.breakdown_steps),
         "parameters": parameter_count(config), "flops_per_token": flops_per_token(config, args.seq_len),
+        "source_format": getattr(config, "source_format", None),
     }
     if env.is_main:
         Path(args.result).write_text(json.dumps(result))
@@ -230,6 +241,8 @@ def main(argv=None) -> int:
     unknown = [s for s in subjects if parse_subject(s)[0] not in SUBJECTS]
     if unknown:
         raise SystemExit(f"unknown subjects {unknown}; choose from {sorted(SUBJECTS)}")
+    if any(parse_subject(s)[0] == "llada" for s in subjects):
+        _llada_checkpoint(args)
     peak, device = _machine()
     results = []
     report = _report(results, args, peak, device)
@@ -247,6 +260,24 @@ def main(argv=None) -> int:
     return 0
 
 
+def _llada_checkpoint(args) -> None:
+    """Write the llada subject's checkpoint unless ``--checkpoint-dir`` already holds one of this shape."""
+    from tools.bench.llada_checkpoint import llada_config_json, preset_config, write_random_llada
+
+    args.checkpoint_dir = args.checkpoint_dir or f"{args.out}_llada_{args.preset}"
+    directory = Path(args.checkpoint_dir)
+    config = preset_config(args.preset, _vocab(args))
+    if (directory / "config.json").is_file() and \
+            json.loads((directory / "config.json").read_text()) == llada_config_json(config):
+        print(f"[bench] llada: reusing the checkpoint in {directory}", flush=True)
+        return
+    shutil.rmtree(directory, ignore_errors=True)
+    start = time.perf_counter()
+    write_random_llada(directory, config)
+    print(f"[bench] llada: wrote a random {args.preset} LLaDA-format checkpoint to {directory} in "
+          f"{time.perf_counter() - start:.0f} s", flush=True)
+
+
 def _unavailable(subject: str, args) -> str | None:
     """The config error a subject's overrides raise on this version of mdm-scale, if any."""
     from mdm_scale.config.loader import load_config
@@ -255,7 +286,7 @@ def _unavailable(subject: str, args) -> str | None:
     name, extra = parse_subject(subject)
     if SUBJECTS[name] is None:
         return None
-    overrides = [o for o in SUBJECTS[name] if o != "half_micro_batch"] + extra
+    overrides = [o for o in SUBJECTS[name] if o not in MARKERS] + extra
     try:
         load_config([], [*args.set, *overrides])
     except ConfigError as err:
@@ -279,6 +310,8 @@ def _launch(subject: str, args) -> dict:
         cmd += ["--profile", args.profile]
     if args.vocab:
         cmd += ["--vocab", str(args.vocab)]
+    if args.checkpoint_dir:
+        cmd += ["--checkpoint-dir", args.checkpoint_dir]
     for item in args.set:
         cmd += ["--set", item]
     print(f"[bench] {subject}: {' '.join(cmd)}", flush=True)
@@ -310,11 +343,11 @@ def _report(results: list[dict], args, peak: float | None, device: str) -> dict:
         r["tflops_per_gpu"] = r["flops_per_token"] * r["tokens_per_s_per_gpu"] / 1e12
         r["mfu_measured_peak"] = r["tflops_per_gpu"] / peak if peak else None
         r["mfu_datasheet"] = r["tflops_per_gpu"] / sheet if sheet else None
-    reference = next((r for r in results if r["subject"] == "plain" and "tokens_per_s_per_gpu" in r), None)
-    if reference:
-        for r in results:
+    for name in ("plain", "uniform"):
+        reference = next((r for r in results if r["subject"] == name and "tokens_per_s_per_gpu" in r), None)
+        for r in results if reference else []:
             if "tokens_per_s_per_gpu" in r:
-                r["vs_plain"] = r["tokens_per_s_per_gpu"] / reference["tokens_per_s_per_gpu"]
+                r[f"vs_{name}"] = r["tokens_per_s_per_gpu"] / reference["tokens_per_s_per_gpu"]
     return {"date": time.strftime("%Y-%m-%d"), "device": device, "gpus": args.gpus,
             "measured_peak_tflops": peak, "datasheet_peak_tflops": sheet, "command": " ".join(sys.argv),
             "preset": args.preset, "vocab": args.vocab, "seq_len": args.seq_len, "micro_batch": args.micro_batch,
@@ -327,12 +360,12 @@ def _markdown(report: dict) -> str:
     lines = [f"Device: {report['device']} x {report['gpus']}, date {report['date']}; measured bf16 peak "
              f"{peak:.0f} TFLOP/s" if peak else f"Device: {report['device']} x {report['gpus']}",
              f"Command: `{report['command']}`", "",
-             "| subject | micro (x accum) | tokens/s/GPU | vs plain | TFLOP/s/GPU | MFU (measured / datasheet) | "
-             "peak mem GiB | fwd / bwd / opt / comm / sampler / probe / data ms |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| subject | micro (x accum) | tokens/s/GPU | vs plain | vs uniform | TFLOP/s/GPU | MFU (measured / "
+             "datasheet) | peak mem GiB | fwd / bwd / opt / comm / sampler / probe / data ms |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in report["results"]:
         if "tokens_per_s_per_gpu" not in r:
-            lines.append(f"| {r['subject']} | | {r.get('unavailable') or r.get('failed')} | | | | | |")
+            lines.append(f"| {r['subject']} | | {r.get('unavailable') or r.get('failed')} | | | | | | |")
             continue
         b = r["breakdown_ms"]
         parts = " / ".join(f"{b[k]:.0f}" if k in b else "-" for k in ("forward", "backward", "optimizer",
@@ -341,7 +374,8 @@ def _markdown(report: dict) -> str:
         mem = f"{r['peak_memory_gb']:.1f}" if r["peak_memory_gb"] is not None else "-"
         micro = f"{r['micro_batch']}" + (f" x {r['grad_accum']}" if r.get("grad_accum", 1) > 1 else "")
         lines.append(f"| {r['subject']} | {micro} | {r['tokens_per_s_per_gpu']:.0f} | "
-                     f"{r.get('vs_plain', float('nan')):.3f} | {r['tflops_per_gpu']:.1f} | {mfu} | {mem} | {parts} |")
+                     f"{r.get('vs_plain', float('nan')):.3f} | {r.get('vs_uniform', float('nan')):.3f} | "
+                     f"{r['tflops_per_gpu']:.1f} | {mfu} | {mem} | {parts} |")
     return "\n".join(lines) + "\n"
 
 
