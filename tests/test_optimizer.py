@@ -101,6 +101,32 @@ def test_fused_step_updates_parameters_as_torch_adamw(stage, dist_env):
     assert moved.pop("frozen.weight") == 0 and min(moved.values()) > 1e-3, moved  # the others moved
 
 
+@pytest.mark.parametrize("stage", [0, 2, 3])
+def test_fused_step_skips_a_nonfinite_step(stage, dist_env):
+    """A NaN loss: no parameter moves, ``was_step_applied()`` is False (the trainer's non-finite guard counts it),
+    the learning-rate schedule stays and the reported norm is infinite; the next finite step applies."""
+    cfg = load_config([QUICKSTART], [f"{k}={v}" for k, v in {**TRAIN, "train.zero_stage": stage}.items()])
+    torch.manual_seed(0)
+    engine = initialize_engine(Toy(), cfg, build_deepspeed_config(cfg, world_size=1, on_gpu=False), on_gpu=False)
+    x, y, _ = batches()[0]
+
+    def snapshot() -> torch.Tensor:
+        import deepspeed
+
+        params = list(engine.module.parameters())
+        with deepspeed.zero.GatheredParameters(params):
+            return torch.cat([p.detach().reshape(-1).clone() for p in params])
+
+    before, lr = snapshot(), engine.get_lr()
+    engine.backward(engine(x, y) * float("nan"))
+    engine.step()
+    assert not engine.was_step_applied() and engine.get_global_grad_norm() == float("inf")
+    assert torch.equal(snapshot(), before) and engine.get_lr() == lr
+    engine.backward(engine(x, y))
+    engine.step()
+    assert engine.was_step_applied() and not torch.equal(snapshot(), before) and engine.get_lr() != lr
+
+
 def test_stage0_checkpoints_use_the_layout_of_deepspeeds_bf16_optimizer(dist_env):
     """``FlatAdamW`` reads the state dict of DeepSpeed's bf16 stage-0 optimizer (``FP16_Optimizer``, built here
     around torch's AdamW on CPU; on GPU it wraps FusedAdam), and the universal conversion splits that layout into
