@@ -101,6 +101,29 @@ def test_fused_step_updates_parameters_as_torch_adamw(stage, dist_env):
     assert moved.pop("frozen.weight") == 0 and min(moved.values()) > 1e-3, moved  # the others moved
 
 
+@pytest.mark.parametrize("stage", [2, 3])
+def test_fused_step_in_bf16_leaves_the_same_parameters_as_deepspeeds_step(stage, dist_env):
+    """With bf16 parameters and gradients (DeepSpeed's bf16 mode, on CPU), the fused ZeRO step keeps fp32 master
+    weights and moments and writes the same bf16 parameters as DeepSpeed's own step, bit for bit."""
+    import deepspeed
+
+    final = {}
+    for optimizer in ("deepspeed", "fused"):
+        overrides = {**TRAIN, "train.zero_stage": stage, "train.optimizer": optimizer, "train.precision": "bf16"}
+        cfg = load_config([QUICKSTART], [f"{k}={v}" for k, v in overrides.items()])
+        torch.manual_seed(0)
+        engine = initialize_engine(Toy(), cfg, build_deepspeed_config(cfg, world_size=1, on_gpu=False), on_gpu=False)
+        for x, y, scale in batches():
+            engine.backward(scale * engine(x, y))
+            engine.step()
+        params = list(engine.module.parameters())
+        with deepspeed.zero.GatheredParameters(params):
+            final[optimizer] = [p.detach().clone() for p in params]
+    assert all(p.dtype == torch.bfloat16 for p in final["fused"])
+    for theirs, ours in zip(final["deepspeed"], final["fused"], strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("stage", [0, 2, 3])
 def test_fused_step_skips_a_nonfinite_step(stage, dist_env):
     """A NaN loss: no parameter moves, ``was_step_applied()`` is False (the trainer's non-finite guard counts it),
