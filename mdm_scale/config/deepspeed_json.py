@@ -23,7 +23,9 @@ def resolve_precision(config: Config, on_gpu: bool) -> str:
 
 STAGE0_BYTES = 18
 """Model-state bytes per parameter at ZeRO stage 0 with bf16: parameters and gradients (2 + 2), the flat gradient
-the optimizer concatenates (2), fp32 master weights and two Adam moments (4 + 4 + 4)."""
+``train.optimizer: fused`` concatenates (2), fp32 master weights and two Adam moments (4 + 4 + 4). DeepSpeed's own
+stage-0 optimizer holds an fp32 copy of the gradient instead (up to 6 bytes more while it steps), which the other
+half of the memory absorbs."""
 
 
 def choose_zero_stage(parameters: int, world_size: int, device_bytes: int | None,
