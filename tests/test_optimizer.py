@@ -189,22 +189,25 @@ def tiny_trainer(synth, out, env, **overrides) -> Trainer:
     return Trainer(load_config([QUICKSTART], tiny_overrides(synth, out, **overrides)), env)
 
 
-@pytest.mark.parametrize("optimizer, stage", [("fused", 3), ("deepspeed", 2)])
-def test_stage0_checkpoint_resumes_at_a_zero_stage_exactly(synth_dir, tmp_path, dist_env, optimizer, stage):
-    """A stage-0 checkpoint (flat optimizer state with ``fused``, one state per parameter with DeepSpeed's fp32
-    optimizer) resumed at ZeRO stage 2 or 3 goes through the universal layout and continues as the uninterrupted
-    stage-0 run: the same losses and held-out loss up to float rounding, and each group keeps its own weight decay
-    (DeepSpeed's stage-3 universal load would give the norms the matrices' decay)."""
+@pytest.mark.parametrize("optimizer, saved, resumed", [("fused", 0, 3), ("deepspeed", 0, 2), ("fused", 2, 2)])
+def test_checkpoint_resumes_exactly_at_another_or_the_same_stage(synth_dir, tmp_path, dist_env, optimizer, saved,
+                                                                 resumed):
+    """A checkpoint saved at step 3 and resumed continues as the uninterrupted run of the saving stage: the same
+    losses and held-out loss up to float rounding. A stage-0 checkpoint (flat optimizer state with ``fused``, one
+    state per parameter with DeepSpeed's fp32 optimizer) resumed at ZeRO stage 2 or 3 goes through the universal
+    layout, and each group keeps its own weight decay (DeepSpeed's stage-3 universal load would give the norms the
+    matrices' decay); the fused ZeRO-2 step's own checkpoint loads directly."""
     common = {"train.optimizer": optimizer, "train.max_steps": 6, "train.warmup_steps": 2, "train.weight_decay": 0.1}
-    straight = tiny_trainer(synth_dir, tmp_path / "straight", dist_env, **common, **{"train.zero_stage": 0}).fit()
-    interrupted = tiny_trainer(synth_dir, tmp_path / "split", dist_env, **common, **{"train.zero_stage": 0})
+    straight = tiny_trainer(synth_dir, tmp_path / "straight", dist_env, **common, **{"train.zero_stage": saved}).fit()
+    interrupted = tiny_trainer(synth_dir, tmp_path / "split", dist_env, **common, **{"train.zero_stage": saved})
     for _ in range(3):
         interrupted.train_step()
     interrupted.save()
-    resumed = tiny_trainer(synth_dir, tmp_path / "split", dist_env, **common, **{"train.zero_stage": stage})
-    assert resumed.step == 3 and (tmp_path / "split" / "checkpoints" / "step_00000003" / "universal").is_dir()
-    assert [g["weight_decay"] for g in resumed.engine.optimizer.param_groups] == [0.1, 0.0]
-    summary = resumed.fit()
+    again = tiny_trainer(synth_dir, tmp_path / "split", dist_env, **common, **{"train.zero_stage": resumed})
+    universal = (tmp_path / "split" / "checkpoints" / "step_00000003" / "universal").is_dir()
+    assert again.step == 3 and universal == (saved != resumed)
+    assert [g["weight_decay"] for g in again.engine.optimizer.param_groups] == [0.1, 0.0]
+    summary = again.fit()
     a, b = (read_scalars(s["tensorboard_dir"], "train/loss") for s in (straight, summary))
     assert sorted(b) == [4, 5, 6]
     for step in (4, 5, 6):
@@ -251,7 +254,7 @@ def test_stage0_checkpoint_of_one_rank_resumes_on_two_ranks_at_stage_2(synth_dir
         args += ["--set", item]
     proc = run_deepspeed(args, ranks=2)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    assert "at ZeRO stage 0 and this run has 2: converting it to a universal checkpoint" in proc.stdout
+    assert "at ZeRO stage 0 and this run has 2 at stage 2: converting it to a universal checkpoint" in proc.stdout
     two = final_summary(proc.stdout)
     a, b = (read_scalars(s["tensorboard_dir"], "train/loss") for s in (one, two))
     assert sorted(b) == [4, 5, 6]

@@ -148,7 +148,8 @@ class TrainConfig:
     ``deepspeed``: DeepSpeed's FusedAdam (CUDA) or torch AdamW (CPU) inside DeepSpeed's stage-0 or ZeRO optimizer.
     ``fused``: the update, clipping and bf16 copy in one pass per parameter group, after one fp32-accumulated
     gradient norm (at stage 0 a flat-buffer client optimizer, at stages 1-3 DeepSpeed's ZeRO optimizer with a
-    fused step); not with ``offload_optimizer`` / ``offload_params``. Checkpoints are the same either way."""
+    fused step); not with ``offload_optimizer`` / ``offload_params``. With bf16 either setting resumes the other's
+    checkpoints (at stage 0 in fp32, resume with the setting that wrote it)."""
     offload_optimizer: bool = False
     offload_params: bool = False
     eval_every: int = 50

@@ -26,8 +26,7 @@ stage 0 it loads directly on any number of ranks; a checkpoint of stages 1-3 can
 before the model is built; ``train.zero_stage: auto`` avoids it). After loading, each parameter group's weight decay
 is the one this run configured (DeepSpeed's stage-3 universal load gives every group the first group's) and the
 optimizer's step counts have the type its own step expects. The data stream and the noise are keyed by the global
-sample index
-(``data/loader.py``, ``core/noise.py``), so with the same global batch the run continues on the same
+sample index (``data/loader.py``, ``core/noise.py``), so with the same global batch the run continues on the same
 samples with the same noise; a different global batch is refused, naming the ``train.grad_accum`` that keeps
 it. The t-sampler state is saved per rank (``rank_state<r>.pt``): after a world-size change rank r takes rank
 r's state, or rank 0's where the old run had fewer ranks.
@@ -246,7 +245,7 @@ class CheckpointManager:
         manifest = json.loads((path / MANIFEST).read_text())
         load_dir, tag = path.parent, path.name
         if self.load_settings(path, engine.zero_optimization_stage()):
-            load_dir, tag = path, self._universal(path, manifest, engine.module)
+            load_dir, tag = path, self._universal(path, manifest, engine)
         weight_decay = [group["weight_decay"] for group in engine.optimizer.param_groups]
         _, client_state = engine.load_checkpoint(str(load_dir), tag=tag, load_optimizer_states=True,
                                                  load_lr_scheduler_states=True)
@@ -263,18 +262,18 @@ class CheckpointManager:
                 torch.cuda.set_rng_state(rng["cuda"])
         return client_state
 
-    def _universal(self, path: Path, manifest: dict, module) -> str:
-        """Convert ``path`` to DeepSpeed's universal format once (rank 0) and return its tag under ``path``.
-        ``module`` (the model being resumed) names the optimizer's parameter groups of a stage-0 checkpoint."""
+    def _universal(self, path: Path, manifest: dict, engine) -> str:
+        """Convert ``path`` to DeepSpeed's universal format once (rank 0) and return its tag under ``path``. The
+        resuming ``engine``'s model names the optimizer's parameter groups of a stage-0 checkpoint."""
         target = path / UNIVERSAL
         if self.env.is_main and not target.is_dir():
-            self.log(f"checkpoint {path} was written by {manifest['world_size']} ranks at ZeRO stage "
-                     f"{manifest.get('zero_stage', 0)} and this run has {self.env.world_size}: converting it to a "
-                     f"universal checkpoint in {target}")
+            self.log(f"checkpoint {path} was written by {manifest['world_size']} rank(s) at ZeRO stage "
+                     f"{manifest.get('zero_stage', 0)} and this run has {self.env.world_size} at stage "
+                     f"{engine.zero_optimization_stage()}: converting it to a universal checkpoint in {target}")
             tmp = path / (UNIVERSAL + ".tmp")
             shutil.rmtree(tmp, ignore_errors=True)
             if manifest.get("zero_stage", 0) == 0:
-                write_universal(path, tmp, [group.names for group in param_groups(module, 0.0)])
+                write_universal(path, tmp, [group.names for group in param_groups(engine.module, 0.0)])
             else:
                 workers = str(max(1, min(8, (os.cpu_count() or 1) // 2)))
                 done = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal",
