@@ -8,7 +8,7 @@
    concatenation of per-parameter gradients into one flat buffer (4 bytes), the three passes of the fused step,
    with the device's copy bandwidth (a large bf16 copy) as the reference floor.
 
-    python tools/bench/opt_check.py --preset 1b --out check.json
+    python -m tools.bench.opt_check --preset 1b --out check.json
 """
 
 from __future__ import annotations
@@ -20,15 +20,10 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tools" / "bench"))
-
-from common import parameter_count  # noqa: E402
-
-from mdm_scale.config.presets import PRESETS  # noqa: E402
-from mdm_scale.models.configuration_mdm import MDMConfig  # noqa: E402
-from mdm_scale.training.optimizer.adamw import adamw_update, update_kernel  # noqa: E402
+from mdm_scale.config.presets import PRESETS
+from mdm_scale.models.configuration_mdm import MDMConfig
+from mdm_scale.training.optimizer.adamw import adamw_update, update_kernel
+from tools.bench.common import parameter_count
 
 
 def _buffers(n: int, device, offset: int = 0, seed: int = 0) -> list[torch.Tensor]:

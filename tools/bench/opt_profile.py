@@ -194,3 +194,13 @@ def top_ops(engine, run_step, trace: Path | None = None, limit: int = 20) -> lis
     key = "self_device_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
     rows = sorted(prof.key_averages(), key=lambda e: getattr(e, key), reverse=True)[:limit]
     return [{"op": e.key, "ms": getattr(e, key) / 1e3, "calls": e.count} for e in rows]
+
+
+def describe(subject: str, profile: dict) -> list[str]:
+    """Two markdown lines: the pieces of ``engine.step()`` (ms per step, largest first, unattributed time in
+    brackets), then its top operators."""
+    pieces = sorted([*profile["pieces_ms"].items(), *((f"({k})", v) for k, v in profile["unattributed_ms"].items())],
+                    key=lambda kv: -kv[1])
+    ops = ", ".join(f"{o['op']} {o['ms']:.1f}" for o in profile["top_ops"][:8])
+    return [f"`{subject}`: engine.step() {profile['step_ms']:.1f} ms over {profile['steps']} steps; pieces: "
+            + "; ".join(f"{k} {v:.1f}" for k, v in pieces), f"top operators of one engine.step() (ms): {ops}"]

@@ -13,6 +13,7 @@
 #   bash tools/bench/opt_suite.sh OUT_DIR
 set -uo pipefail
 cd "$(dirname "$0")/../.."
+export PYTHONPATH=$PWD:${PYTHONPATH:-}
 if ! python3 -c 'import deepspeed' 2>/dev/null; then
   exec bash tools/bench/run_gpu.sh bash tools/bench/opt_suite.sh "$@"
 fi
@@ -22,9 +23,9 @@ preset=${PRESET:-1b} seq=${SEQ:-2048} micro=${MICRO:-8} budget=${BUDGET:-300}
 z() { echo "uniform[train.zero_stage=$1;train.optimizer=$2]"; }
 subjects=${SUBJECTS:-plain,$(z 0 fused),$(z 3 fused),$(z 0 deepspeed),$(z 3 deepspeed),$(z 2 fused),$(z 2 deepspeed)}
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv > "$out/gpu.txt" 2>&1
-timeout 45 python3 tools/bench/opt_check.py --preset "$preset" --out "$out/check.json" > "$out/log_check.txt" 2>&1
-timeout $((budget + 115)) python3 tools/bench/throughput.py --gpus 1 --preset "$preset" --seq-len "$seq" \
+timeout 45 python3 -m tools.bench.opt_check --preset "$preset" --out "$out/check.json" > "$out/log_check.txt" 2>&1
+timeout $((budget + 115)) python3 -m tools.bench.throughput --gpus 1 --preset "$preset" --seq-len "$seq" \
   --micro-batch "$micro" --warmup 3 --steps 6 --breakdown-steps 1 --opt-profile-steps 2 --subject-timeout 110 \
   --budget "$budget" --jsonl "$out/results.jsonl" --out "$out/b1" --subjects "$subjects" \
   > "$out/log_throughput.txt" 2>&1
-timeout 20 python3 tools/bench/opt_summary.py "$out"
+timeout 20 python3 -m tools.bench.opt_summary "$out"

@@ -2,7 +2,7 @@
 reference and the optimizer step's time; the losses of the two paths at one stage side by side (the same data and
 noise, so they agree up to rounding when the updates are the same); and issue 28's targets.
 
-    python tools/bench/opt_summary.py OUT_DIR        # reads OUT_DIR/results.jsonl and OUT_DIR/check.json
+    python -m tools.bench.opt_summary OUT_DIR        # reads OUT_DIR/results.jsonl and OUT_DIR/check.json
 """
 
 from __future__ import annotations
@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+
+from tools.bench.opt_profile import describe
 
 TARGET_OPT_MS, TARGET_MFU, TARGET_ZERO3 = 20.0, 0.63, 1.25
 
@@ -66,6 +68,10 @@ def summarize(out: Path) -> str:
     for r in zero3:
         lines.append(f"- ZeRO-3 fused: {r['vs_plain']:.3f}x the plain reference, target >= {TARGET_ZERO3}: "
                      f"{'met' if r['vs_plain'] >= TARGET_ZERO3 else 'NOT met'}")
+    lines += ["", "Where the time of engine.step() goes (tools/bench/opt_profile.py):"]
+    for r in done:
+        if "optimizer_profile" in r:
+            lines += ["", *describe(r["subject"], r["optimizer_profile"])]
     check = out / "check.json"
     if check.is_file():
         c = json.loads(check.read_text())

@@ -171,7 +171,7 @@ class Subject:
 
     def optimizer_profile(self, steps: int, trace: Path | None) -> dict:
         """``engine.step()`` of ``steps`` more steps split into pieces, and the top operators of one more."""
-        from opt_profile import StepProfile, top_ops
+        from tools.bench.opt_profile import StepProfile, top_ops
 
         with StepProfile(self.engine, self.fused) as profile:
             for _ in range(steps):
@@ -377,6 +377,8 @@ def _report(results: list[dict], args, peak: float | None, device: str) -> dict:
 
 
 def _markdown(report: dict) -> str:
+    from tools.bench.opt_profile import describe
+
     peak = report["measured_peak_tflops"]
     lines = [f"Device: {report['device']} x {report['gpus']}, date {report['date']}; measured bf16 peak "
              f"{peak:.0f} TFLOP/s" if peak else f"Device: {report['device']} x {report['gpus']}",
@@ -398,18 +400,8 @@ def _markdown(report: dict) -> str:
                      f"{r.get('vs_plain', float('nan')):.3f} | {r['tflops_per_gpu']:.1f} | {mfu} | {mem} | {parts} |")
     for r in report["results"]:
         if "optimizer_profile" in r:
-            lines += ["", *_optimizer_profile_lines(r["subject"], r["optimizer_profile"])]
+            lines += ["", *describe(r["subject"], r["optimizer_profile"])]
     return "\n".join(lines) + "\n"
-
-
-def _optimizer_profile_lines(subject: str, profile: dict) -> list[str]:
-    """The pieces of ``engine.step()`` (ms per step, largest first), then its top operators."""
-    pieces = sorted([*profile["pieces_ms"].items(), *((f"({k})", v) for k, v in profile["unattributed_ms"].items())],
-                    key=lambda kv: -kv[1])
-    ops = ", ".join(f"{o['op']} {o['ms']:.1f}" for o in profile["top_ops"][:8])
-    return [f"`{subject}`: engine.step() {profile['step_ms']:.1f} ms over {profile['steps']} steps; "
-            f"pieces (unattributed time in brackets): " + "; ".join(f"{k} {v:.1f}" for k, v in pieces),
-            f"top operators of one engine.step() (ms): {ops}"]
 
 
 if __name__ == "__main__":
