@@ -90,6 +90,19 @@ def test_deepspeed_json_is_generated_and_passthrough_wins():
     assert gpu["bf16"]["enabled"] is True and gpu["optimizer"]["params"]["torch_adam"] is False
 
 
+def test_fused_optimizer_at_stage_0_runs_the_engine_in_fp32_mode_without_its_optimizer():
+    """``FlatAdamW`` casts, clips and updates itself: the engine must neither wrap it (bf16 section off) nor
+    clip (gradient_clipping 0) nor build its own (no optimizer section); at stages 1-3 the JSON is DeepSpeed's."""
+    fused0 = load_config([QUICKSTART], ["train.optimizer=fused", "train.zero_stage=0"])
+    ds = build_deepspeed_config(fused0, world_size=1, on_gpu=True)
+    assert ds["bf16"] == {"enabled": False} and ds["gradient_clipping"] == 0.0 and "optimizer" not in ds
+    fused2 = load_config([QUICKSTART], ["train.optimizer=fused", "train.zero_stage=2"])
+    plain2 = load_config([QUICKSTART], ["train.zero_stage=2"])
+    assert build_deepspeed_config(fused2, 1, True) == build_deepspeed_config(plain2, 1, True)
+    with pytest.raises(ConfigError, match="'train.optimizer' = 'fused': the fused step runs on the device"):
+        load_config([QUICKSTART], ["train.optimizer=fused", "train.offload_optimizer=true"])
+
+
 @pytest.mark.parametrize("schedule", ["linear", "cosine", "constant"])
 def test_lr_schedule_formulas(schedule):
     cfg = TrainConfig(max_steps=110, warmup_steps=10, lr_schedule=schedule, min_lr_ratio=0.1)
@@ -120,16 +133,20 @@ def test_every_shipped_config_loads_with_each_of_its_settings(name):
         assert node == value, (name, key)
 
 
-def test_zero_stage_auto_picks_stage_2_only_when_the_model_states_fit():
+def test_zero_stage_auto_picks_the_fastest_stage_that_fits_and_can_resume():
     from mdm_scale.config.deepspeed_json import choose_zero_stage
 
     gib = 2**30
-    assert choose_zero_stage(1_158_760_448, 1, 140 * gib)[0] == 2  # 1.1B on one H200: 19.4 GiB
+    assert choose_zero_stage(1_158_760_448, 1, 80 * gib)[0] == 0  # 1.1B on one H100: 19.4 GiB at stage 0
+    assert choose_zero_stage(1_158_760_448, 2, 80 * gib)[0] == 2  # several GPUs: stage 2 divides the step
+    stage, why = choose_zero_stage(1_158_760_448, 1, 80 * gib, resumed_stage=2)
+    assert stage == 2 and "cannot load the stage-2 checkpoint" in why  # stage 0 cannot load ZeRO partitions
+    assert choose_zero_stage(1_158_760_448, 1, 80 * gib, resumed_stage=0)[0] == 0
     assert choose_zero_stage(8_015_581_184, 1, 140 * gib)[0] == 3  # 8B on one H200: 134 GiB
     assert choose_zero_stage(8_015_581_184, 8, 140 * gib)[0] == 2  # 8B on 8: 2 + 16/8 bytes each = 30 GiB
     assert choose_zero_stage(1_000_000, 1, None)[0] == 3  # CPU
     limit = 70 * gib / 18  # exactly half of 140 GiB at 18 bytes per parameter on one rank
-    assert choose_zero_stage(int(limit), 1, 140 * gib)[0] == 2
+    assert choose_zero_stage(int(limit), 1, 140 * gib)[0] == 0
     assert choose_zero_stage(int(limit) + 1, 1, 140 * gib)[0] == 3
     assert load_config([QUICKSTART], ["train.zero_stage=auto"]).train.zero_stage == "auto"
     with pytest.raises(ConfigError, match="'model.checkpoint_blocks' = 2: needs model.activation_checkpointing"):

@@ -143,9 +143,20 @@ class TrainConfig:
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     """``auto``: bf16 on GPU, fp32 on CPU."""
     zero_stage: int | Literal["auto"] = 3
-    """DeepSpeed ZeRO stage 0-3, or ``auto``: on GPU, stage 2 when one rank holds the bf16 parameters plus its
-    share of gradients, fp32 master weights and Adam moments, N (2 + 16 / world size) bytes, within half of the
-    GPU's memory, else stage 3; on CPU stage 3. The choice is logged (``training/trainer.py``)."""
+    """DeepSpeed ZeRO stage 0-3, or ``auto``, the fastest stage whose model states fit within half of the GPU's
+    memory (``config/deepspeed_json.py``, ``choose_zero_stage``): on one GPU stage 0 (nothing to partition; 18
+    bytes per parameter: bf16 parameters and gradients, their flat copy, fp32 master weights and two moments),
+    on several stage 2 (bf16 parameters whole, the rest partitioned: N (2 + 16 / world size) bytes per rank; the
+    optimizer step divided over the ranks), else stage 3; on CPU stage 3. Resuming a checkpoint of stage 1-3,
+    ``auto`` never picks stage 0 (which cannot load one); a stage-0 checkpoint resumes at any stage and world
+    size (``training/checkpoint.py``). The choice is logged (``training/trainer.py``)."""
+    optimizer: Literal["deepspeed", "fused"] = "deepspeed"
+    """How ``engine.step()`` applies the AdamW update (``training/optimizer``; the same update either way).
+    ``deepspeed``: DeepSpeed's FusedAdam (CUDA) or torch AdamW (CPU) inside DeepSpeed's stage-0 or ZeRO optimizer.
+    ``fused``: the update, clipping and bf16 copy in one pass per parameter group, after one fp32-accumulated
+    gradient norm (at stage 0 a flat-buffer client optimizer, at stages 1-3 DeepSpeed's ZeRO optimizer with a
+    fused step); not with ``offload_optimizer`` / ``offload_params``. With bf16 either setting resumes the other's
+    checkpoints (at stage 0 in fp32, resume with the setting that wrote it)."""
     offload_optimizer: bool = False
     offload_params: bool = False
     eval_every: int = 50
@@ -186,6 +197,9 @@ class TrainConfig:
                  "parameter offload needs train.zero_stage = 3")
         _require(not self.offload_optimizer or self.zero_stage != 0, "train.offload_optimizer",
                  self.offload_optimizer, "optimizer offload needs train.zero_stage >= 1")
+        _require(self.optimizer != "fused" or not (self.offload_optimizer or self.offload_params), "train.optimizer",
+                 self.optimizer, "the fused step runs on the device; it does not combine with train.offload_optimizer "
+                 "or train.offload_params (use train.optimizer=deepspeed)")
         for key in ("eval_every", "eval_samples", "save_every"):
             value = getattr(self, key)
             _require(value >= 0, f"train.{key}", value, "must be >= 0")

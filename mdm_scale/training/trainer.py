@@ -43,8 +43,8 @@ from mdm_scale.models.loading import (
 )
 from mdm_scale.training.checkpoint import CheckpointManager, rank_state, write_atomic
 from mdm_scale.training.faults import NonFiniteGuard
-from mdm_scale.training.lr_schedule import scheduler_factory
 from mdm_scale.training.metrics import MetricLogger, Throughput
+from mdm_scale.training.optimizer.engine import initialize_engine
 from mdm_scale.training.ppots_estimate import initial_fit
 from mdm_scale.training.preemption import StopRequest
 from mdm_scale.training.step_timer import NoTimer
@@ -82,9 +82,9 @@ class Trainer:
         hf_config = load_hf_config(cfg)
         self.mask_token_id = resolve_mask_token_id(cfg, self.data.tokenizer, hf_config)
         self.cfg = cfg = resolve_zero_stage(cfg, self.data.tokenizer, self.mask_token_id, hf_config, self.env,
-                                            self.info)
+                                            self.info, self.checkpoints.saved_zero_stage(self.resume_from))
         self.ds_config = build_deepspeed_config(cfg, self.env.world_size, self.env.on_gpu)
-        self.ds_config.update(self.checkpoints.load_settings(self.resume_from))  # elastic resume
+        self.ds_config.update(self.checkpoints.load_settings(self.resume_from, cfg.train.zero_stage))  # elastic
         model = build_model(cfg, self.data.tokenizer, self.mask_token_id, hf_config, self.ds_config, cfg.seed)
         self.shapes = parameter_shapes(model)
         if self.resume_from is not None:
@@ -160,17 +160,7 @@ class Trainer:
         barrier()
 
     def _initialize_engine(self, model):
-        import deepspeed
-
-        trainable = [p for p in model.parameters() if p.requires_grad]
-        matrices = [p for p in trainable if len(getattr(p, "ds_shape", p.shape)) >= 2]  # norms: no weight decay
-        vectors = [p for p in trainable if len(getattr(p, "ds_shape", p.shape)) < 2]
-        groups = [{"params": matrices, "weight_decay": self.cfg.train.weight_decay},
-                  {"params": vectors, "weight_decay": 0.0}]
-        scheduler = None if "scheduler" in self.ds_config else scheduler_factory(self.cfg.train)
-        engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=self.ds_config,
-                                               lr_scheduler=scheduler)
-        return engine
+        return initialize_engine(model, self.cfg, self.ds_config, self.env.on_gpu)
 
     def _objectives(self):
         cfg = self.cfg

@@ -16,6 +16,14 @@ variance probe / data) from extra steps timed with device synchronisation and De
 (those steps are slower, so throughput comes from untimed steps). Results go to ``<out>.json`` and ``<out>.md``,
 rewritten after every subject (a job stopped by a time limit keeps the subjects it finished).
 
+``--opt-profile-steps N`` also splits ``engine.step()`` of N more steps into its pieces (``opt_profile.py``: grad
+norm, clipping, the Adam update, casts and copies, all-gather; CUDA events) and lists the operators of one more
+step's ``engine.step()`` by device time (torch.profiler; the Chrome trace goes to ``--profile`` DIR when given).
+``--jsonl PATH`` appends each subject's result as one JSON line as soon as it finishes; ``--subject-timeout`` bounds
+each subject's job, and no subject starts more than ``--budget`` seconds after the run began (the run takes at most
+budget plus one subject timeout). Each mdm-scale result also holds the loss of every untimed step (the same data
+and noise for every subject, so two optimizer paths at one stage should agree up to rounding).
+
 Subjects (``--subjects``; ``name[key=value;key=value]`` adds mdm-scale overrides to one subject):
 - ``plain``: the reference loop of ``plain_loop.py`` (its own model, full logits, ZeRO-3 tuned as the issue's
   minimal loop); ``plain_zero1`` / ``plain_zero2``: the same loop at ZeRO stage 1 / 2;
@@ -80,6 +88,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="also record 2 steps with torch.profiler: a Chrome trace and op tables in DIR")
     p.add_argument("--checkpoint-dir", default=None,
                    help="where the llada subject's checkpoint is written once (default: <out>_llada_<preset>)")
+    p.add_argument("--opt-profile-steps", type=int, default=0,
+                   help="split engine.step() of this many more steps into its pieces (0: off)")
+    p.add_argument("--jsonl", default=None, help="append each subject's result to this JSON-lines file")
+    p.add_argument("--subject-timeout", type=float, default=None, help="seconds allowed to each subject's job")
+    p.add_argument("--budget", type=float, default=None,
+                   help="no subject starts later than this many seconds after the first (the rest are skipped)")
     p.add_argument("--out", default="bench")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--result", default=None, help=argparse.SUPPRESS)
@@ -113,6 +127,7 @@ def run_worker(args: argparse.Namespace) -> None:
         tokens += subject.step()
     sync_device()
     elapsed = time.perf_counter() - start
+    losses = [float(loss) for loss in subject.losses]
     if args.profile and env.is_main:
         _profile(subject, Path(args.profile) / args.worker)
     result = {
@@ -126,7 +141,11 @@ def run_worker(args: argparse.Namespace) -> None:
         "breakdown_ms": subject.breakdown(args.breakdown_steps),
         "parameters": parameter_count(config), "flops_per_token": flops_per_token(config, args.seq_len),
         "source_format": getattr(config, "source_format", None),
+        "losses": losses,
     }
+    if args.opt_profile_steps:
+        trace = Path(args.profile) / args.worker / "optimizer_step.json.gz" if args.profile and env.is_main else None
+        result["optimizer_profile"] = subject.optimizer_profile(args.opt_profile_steps, trace)
     if env.is_main:
         Path(args.result).write_text(json.dumps(result))
 
@@ -151,10 +170,22 @@ def _profile(subject, out: Path) -> None:
 
 class Subject:
     """What is timed: ``step()`` runs one optimiser step and returns the real tokens it put through the model
-    on this GPU. With a ``trainer``, the breakdown also splits each step into the trainer's sections."""
+    on this GPU (mdm-scale's also keep each step's loss in ``losses``, a device scalar). With a ``trainer``, the
+    breakdown also splits each step into the trainer's sections; ``engine`` is the DeepSpeed engine, ``fused``
+    whether it runs ``train.optimizer: fused``."""
 
-    def __init__(self, step, grad_accum: int = 1, trainer=None):
-        self.step, self.grad_accum, self.trainer = step, grad_accum, trainer
+    def __init__(self, step, engine, grad_accum: int = 1, trainer=None, fused: bool = False):
+        self.step, self.engine, self.grad_accum, self.trainer, self.fused = step, engine, grad_accum, trainer, fused
+        self.losses: list = []
+
+    def optimizer_profile(self, steps: int, trace: Path | None) -> dict:
+        """``engine.step()`` of ``steps`` more steps split into pieces, and the top operators of one more."""
+        from tools.bench.opt_profile import StepProfile, top_ops
+
+        with StepProfile(self.engine, self.fused) as profile:
+            for _ in range(steps):
+                self.step()
+        return {**profile.summary(), "top_ops": top_ops(self.engine, self.step, trace)}
 
     def breakdown(self, steps: int) -> dict:
         """Per-step milliseconds of ``steps`` extra steps run with synchronising timers and the comms logger."""
@@ -195,7 +226,7 @@ def _plain(args, env, zero_stage: int):
 
     preset = {**PRESETS[args.preset], "vocab_size": _vocab(args)}
     loop = PlainLoop(preset, args.micro_batch, args.seq_len, env.world_size, zero_stage)
-    return Subject(loop.step), MDMConfig(**preset)
+    return Subject(loop.step, loop.engine), MDMConfig(**preset)
 
 
 def _vocab(args) -> int:
@@ -226,9 +257,12 @@ def _mdm_scale(args, env, micro: int, overrides: list[str]):
     trainer.engine.train()
 
     def step() -> int:
-        return int(trainer.train_step()[1][3])  # host counts: no device synchronisation
+        loss, counts = trainer.train_step()
+        subject.losses.append(loss / counts[0])
+        return int(counts[3])  # host counts: no device synchronisation
 
-    return Subject(step, cfg.train.grad_accum, trainer), trainer.engine.module.config
+    subject = Subject(step, trainer.engine, cfg.train.grad_accum, trainer, fused=trainer.cfg.train.optimizer == "fused")
+    return subject, trainer.engine.module.config
 
 
 # ---- the orchestrator ----------------------------------------------------------------------------------------
@@ -243,19 +277,26 @@ def main(argv=None) -> int:
         raise SystemExit(f"unknown subjects {unknown}; choose from {sorted(SUBJECTS)}")
     if any(parse_subject(s)[0] == "llada" for s in subjects):
         _llada_checkpoint(args)
+    start = time.perf_counter()
     peak, device = _machine()
     results = []
     report = _report(results, args, peak, device)
     for subject in subjects:
-        unavailable = _unavailable(subject, args)
+        left = None if args.budget is None else args.budget - (time.perf_counter() - start)
+        unavailable = _unavailable(subject, args) or (f"skipped: the --budget of {args.budget:.0f} s is spent"
+                                                      if left is not None and left <= 0 else None)
         if unavailable:
             print(f"[bench] {subject}: unavailable ({unavailable})", flush=True)
             results.append({"subject": subject, "unavailable": unavailable})
             continue
-        results.append(_launch(subject, args))
+        results.append(_launch(subject, args, args.subject_timeout))
         report = _report(results, args, peak, device)
         Path(f"{args.out}.json").write_text(json.dumps(report, indent=2))
         Path(f"{args.out}.md").write_text(_markdown(report))
+        if args.jsonl:
+            with open(args.jsonl, "a") as f:
+                f.write(json.dumps({k: report[k] for k in ("date", "device", "measured_peak_tflops", "preset")}
+                                   | results[-1]) + "\n")
     print(_markdown(report))
     return 0
 
@@ -294,7 +335,8 @@ def _unavailable(subject: str, args) -> str | None:
     return None
 
 
-def _launch(subject: str, args) -> dict:
+def _launch(subject: str, args, timeout: float | None = None) -> dict:
+    import signal
     import socket
 
     with socket.socket() as s:
@@ -304,7 +346,8 @@ def _launch(subject: str, args) -> dict:
     launcher = shutil.which("deepspeed") or str(Path(sys.executable).with_name("deepspeed"))
     cmd = [launcher, "--num_gpus", str(args.gpus), "--master_port",
            str(port), "--module", "tools.bench.throughput", "--worker", subject, "--result", str(result)]
-    for name in ("preset", "seq_len", "micro_batch", "grad_accum", "warmup", "steps", "breakdown_steps", "data"):
+    for name in ("preset", "seq_len", "micro_batch", "grad_accum", "warmup", "steps", "breakdown_steps", "data",
+                 "opt_profile_steps"):
         cmd += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
     if args.profile:
         cmd += ["--profile", args.profile]
@@ -315,9 +358,16 @@ def _launch(subject: str, args) -> dict:
     for item in args.set:
         cmd += ["--set", item]
     print(f"[bench] {subject}: {' '.join(cmd)}", flush=True)
-    proc = subprocess.run(cmd, env={**os.environ, "PYTHONPATH": f"{REPO}:{os.environ.get('PYTHONPATH', '')}"})
-    if proc.returncode != 0 or not result.is_file():
-        return {"subject": subject, "failed": f"exit code {proc.returncode}"}
+    proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONPATH": f"{REPO}:{os.environ.get('PYTHONPATH', '')}"},
+                            start_new_session=True)  # its own process group: a timeout ends the launcher's ranks too
+    try:
+        code = proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        return {"subject": subject, "failed": f"timed out after {timeout:.0f} s"}
+    if code != 0 or not result.is_file():
+        return {"subject": subject, "failed": f"exit code {code}"}
     return json.loads(result.read_text())
 
 
@@ -356,6 +406,8 @@ def _report(results: list[dict], args, peak: float | None, device: str) -> dict:
 
 
 def _markdown(report: dict) -> str:
+    from tools.bench.opt_profile import describe
+
     peak = report["measured_peak_tflops"]
     lines = [f"Device: {report['device']} x {report['gpus']}, date {report['date']}; measured bf16 peak "
              f"{peak:.0f} TFLOP/s" if peak else f"Device: {report['device']} x {report['gpus']}",
@@ -376,6 +428,9 @@ def _markdown(report: dict) -> str:
         lines.append(f"| {r['subject']} | {micro} | {r['tokens_per_s_per_gpu']:.0f} | "
                      f"{r.get('vs_plain', float('nan')):.3f} | {r.get('vs_uniform', float('nan')):.3f} | "
                      f"{r['tflops_per_gpu']:.1f} | {mfu} | {mem} | {parts} |")
+    for r in report["results"]:
+        if "optimizer_profile" in r:
+            lines += ["", *describe(r["subject"], r["optimizer_profile"])]
     return "\n".join(lines) + "\n"
 
 
