@@ -83,6 +83,8 @@ def _add_overrides(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from mdm_scale.config.methods import VARIANCE_DEFAULT, methods_help
+
     parser = argparse.ArgumentParser(prog="mdm-scale", description="Masked diffusion LM training on DeepSpeed.")
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by `deepspeed`
     commands = parser.add_subparsers(dest="command", required=True)
@@ -98,9 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_overrides(variance)
     variance.add_argument("--checkpoint", default=None, help="a training checkpoint (or run directory) to load")
     variance.add_argument("--out", required=True, help="report JSON path; plots and TensorBoard go next to it")
-    variance.add_argument("--methods", default="standard,mirror,ppots,ppots+mirror,strats,syrm,clipped",
-                          help="comma-separated: standard, mirror, ppots, ppots+mirror, strats, syrm, isad, clipped, "
-                               "arm")
+    variance.add_argument("--methods", default=",".join(VARIANCE_DEFAULT), help=methods_help())
     variance.add_argument("--x0", type=int, default=64, help="sequences of data")
     variance.add_argument("--t-draws", type=int, default=8, help="masking-rate draws per unit of data")
     variance.add_argument("--masks", type=int, default=4, help="mask draws per (data, rate)")

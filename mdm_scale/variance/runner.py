@@ -25,13 +25,15 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from mdm_scale.config.methods import VARIANCE_DEFAULT
 from mdm_scale.config.schema import Config, ConfigError
+from mdm_scale.config.variance import UniformTConfig
 from mdm_scale.core.noise import keyed_generator
 from mdm_scale.data.loader import collate
 from mdm_scale.distributed.env import DistEnv, barrier, init_distributed
 from mdm_scale.training.checkpoint import CheckpointError, rank_state, resolve_checkpoint
 from mdm_scale.variance.decomposition import UnitSummary, decompose, summarize_unit
-from mdm_scale.variance.methods import ALL_METHODS, Method, build_method
+from mdm_scale.variance.methods import Method, build_method
 from mdm_scale.variance.sketch import GradientSketch
 
 _DATA_WORD = 0x58304441
@@ -41,8 +43,7 @@ _DATA_WORD = 0x58304441
 class ToolSettings:
     """The sampling plan (command-line flags of ``mdm-scale variance``)."""
 
-    methods: list[str] = field(default_factory=lambda: ["standard", "mirror", "ppots", "ppots+mirror", "strats", "syrm",
-                                                       "clipped"])
+    methods: list[str] = field(default_factory=lambda: list(VARIANCE_DEFAULT))
     num_x0: int = 64
     """--x0: sequences of data; a method with units of g sequences has num_x0 / g units."""
     num_t: int = 8
@@ -216,7 +217,7 @@ def run_variance(cfg: Config, settings: ToolSettings, out: Path, checkpoint: str
     fitted = saved.get("refits", 0) > 0
     if any(m.uses_ppots for m in methods) and not fitted and "standard" not in names:
         raise ConfigError("--methods: ppots needs 'standard' too (its (t, loss) draws fit p(t)) or a --checkpoint "
-                          "of a run trained with variance.t_sampler=ppots")
+                          "of a run trained with variance.t_sampler.name=ppots")
     work = out.parent / (out.stem + "_work")
     if env.is_main and (work / "checkpoints").exists():
         shutil.rmtree(work / "checkpoints")
@@ -225,7 +226,7 @@ def run_variance(cfg: Config, settings: ToolSettings, out: Path, checkpoint: str
     if ckpt is not None and data.tokenizer == "char" and (ckpt.parent.parent / "tokenizer").is_dir():
         data = replace(data, tokenizer=str(ckpt.parent.parent / "tokenizer"))  # the run's own ids
     run_cfg = replace(cfg, data=data, train=replace(cfg.train, output_dir=str(work), resume="never"),
-                      variance=replace(cfg.variance, t_sampler="uniform"),  # the methods bring their own samplers
+                      variance=replace(cfg.variance, t_sampler=UniformTConfig()),  # the methods bring their own
                       logging=replace(cfg.logging, tensorboard=False))
     trainer = Trainer(run_cfg, env)
     if ckpt is not None:
@@ -290,4 +291,4 @@ def _ratio(x: float, y: float) -> float | None:
     return float(x / y) if y != 0 else None
 
 
-__all__ = ["ALL_METHODS", "ToolSettings", "run_variance"]
+__all__ = ["ToolSettings", "run_variance"]

@@ -1,7 +1,7 @@
 """Methods x seeds on one task: train every run, evaluate its accuracy, write a Table-1-style report.
 
     python tools/experiments/run.py --config tools/experiments/configs/synth_finetune.yaml \\
-        --methods Standard,"Standard 2x",MIRROR,P-POTS,P-POTS+MIRROR --seeds 42,731,20231,1,2 \\
+        --methods standard,"standard 2x",mirror,ppots,ppots+mirror --seeds 42,731,20231,1,2 \\
         --eval-data data/synth/eval.jsonl --out results/synth --parallel 6 --budget batch,rows \\
         [--init exports/pretrained] [--set train.max_steps=300] [--eval-arg=--gen-length=64]
 
@@ -45,10 +45,20 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 sys.path[:0] = [str(HERE), str(REPO)]
 
-from methods import BASELINES, DOUBLED, METHODS, NAMES, availability, overrides, rows_per_sequence, slug  # noqa: E402
+from methods import (  # noqa: E402
+    BASELINES,
+    DOUBLED,
+    availability,
+    display,
+    known,
+    overrides,
+    rows_per_sequence,
+    slug,
+)
 from report import write_report  # noqa: E402
 
 from mdm_scale.config.loader import load_config  # noqa: E402
+from mdm_scale.config.methods import methods_help  # noqa: E402
 from mdm_scale.config.schema import ConfigError  # noqa: E402
 from mdm_scale.training.checkpoint import write_atomic  # noqa: E402
 
@@ -57,7 +67,7 @@ BUDGETS = ("batch", "rows")
 
 @dataclass
 class Run:
-    method: str  # a key of METHODS
+    method: str  # a name of the method table (mdm_scale/config/methods.py)
     micro: int  # sequences per micro-batch
     seed: int
     directory: Path
@@ -72,7 +82,7 @@ class Entry:
     """A row of the report: one method at one micro-batch, asked for by one or both protocols."""
 
     label: str  # e.g. "MIRROR", "Standard 2x", "P-POTS 2x" (x: sequences per step over the configuration's)
-    method: str  # a key of METHODS
+    method: str  # a name of the method table
     micro: int  # sequences per micro-batch
     rows: int  # nominal forward rows per micro-batch
     protocols: list[str]
@@ -99,7 +109,7 @@ def plan(methods: list[str], budgets: list[str], micro: int, rows: int) -> list[
                 continue
             else:
                 size = rows // rows_per_sequence(method)
-            label = f"{method} {size / micro:g}x" if size != micro else method
+            label = f"{display(method)} {size / micro:g}x" if size != micro else display(method)
             entry = entries.setdefault((method, size), Entry(label, method, size, size * rows_per_sequence(method),
                                                              []))
             entry.protocols.append(budget)
@@ -169,7 +179,7 @@ def execute(run: Run, args: argparse.Namespace, threads: int) -> dict:
 
 def init_conflict(method: str, init: str | None) -> str | None:
     """ARM rows need a causal starting model: a bidirectional one would see the tokens it predicts."""
-    if init is None or METHODS[DOUBLED.get(method, method)].get("train.objective") != "arm":
+    if init is None or "train.objective=arm" not in overrides(method):
         return None
     config = json.loads((Path(init) / "config.json").read_text())
     if config.get("model_type") == "mdm_scale" and not config.get("causal", False):
@@ -185,7 +195,7 @@ def base_overrides(args: argparse.Namespace) -> list[str]:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", action="append", required=True, help="training YAML; repeat to merge")
-    parser.add_argument("--methods", required=True, help=f"comma-separated, from: {', '.join(NAMES)}")
+    parser.add_argument("--methods", required=True, help=f"{methods_help()}, or standard 2x")
     parser.add_argument("--seeds", required=True, help="comma-separated training seeds, e.g. 42,731,20231")
     parser.add_argument("--eval-data", required=True, help="JSONL of {prompt, answer or response}")
     parser.add_argument("--out", required=True, help="experiment directory (re-run to resume)")
@@ -221,7 +231,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(str(err))
     args.micro, args.grad_accum = train.micro_batch_size, train.grad_accum
     args.rows = 2 * args.micro if args.rows is None else args.rows
-    halved = [m for m in args.methods if m in METHODS and rows_per_sequence(m) == 2]
+    halved = [m for m in args.methods if known(m) and rows_per_sequence(m) == 2]
     if "rows" in args.budget and (args.rows < 2 or (halved and args.rows % 2)):
         parser.error(f"--rows {args.rows}: MIRROR-family methods ({', '.join(halved) or 'none'}) need an even "
                      f"number of rows >= 2")
