@@ -318,6 +318,20 @@ def test_service_refits_every_n_steps_with_decay_and_warm_start():
         PPOTSSampler(0, PPOTSConfig(bins=16)).load_state_dict(sampler.state_dict())
 
 
+def test_observe_bins_the_target_the_config_names():
+    """``observe`` of a trained micro-batch: under ``target: loss`` the per-sequence loss with MIRROR's pair
+    differences, under ``target: grad`` the gradient-norm proxy without pairs."""
+    from types import SimpleNamespace
+
+    micro = SimpleNamespace(t=torch.tensor([0.1, 0.6]), sample_loss=torch.tensor([1.0, 2.0]),
+                            pair_sq_diff=torch.tensor([0.5, 0.25]), sample_grad_norm=torch.tensor([3.0, 4.0]))
+    for target, expected in (("loss", bin_statistics(micro.t, micro.sample_loss, micro.pair_sq_diff, 4)),
+                             ("grad", bin_statistics(micro.t, micro.sample_grad_norm, None, 4))):
+        sampler = PPOTSSampler(0, PPOTSConfig(bins=4, target=target))
+        sampler.observe(micro)
+        assert torch.equal(sampler.sums.pending, expected), target
+
+
 def test_service_accumulates_pairs_and_capped_losses_and_bounds_its_draw_log(monkeypatch):
     """``add`` (what ``observe`` calls) adds every micro-batch (MIRROR pair differences and the ``loss_max`` cap
     included) to the pending sums, moves them to the statistics' new device after a resume, refits every step with

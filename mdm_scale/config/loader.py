@@ -178,7 +178,7 @@ def from_dict(cls: type, raw: Any, prefix: str = "") -> Any:
             values[name] = _choice(hint, raw[name], key, fields[name].default_factory().name)
         elif dataclasses.is_dataclass(hint):
             values[name] = from_dict(hint, raw[name], key + ".")
-        elif fields[name].init:
+        else:
             values[name] = coerce(raw[name], hint, key)
     return cls(**values)
 

@@ -3,7 +3,8 @@
 A run is described by YAML files (``configs/*.yaml``) plus ``--set section.key=value`` overrides; ``loader.py``
 turns them into a :class:`Config` and rejects unknown keys, wrong types and out-of-range values before any
 expensive work. Each dataclass checks its own ranges in ``check()``; checks that need the world size (batch
-arithmetic) live in ``loader.check_batch_arithmetic``.
+arithmetic) live in ``loader.check_batch_arithmetic``. The ``variance`` section, whose t-sampler and mask
+generator are chosen by name among registered kinds, is ``variance.py``.
 """
 
 from __future__ import annotations
