@@ -100,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_overrides(variance)
     variance.add_argument("--checkpoint", default=None, help="a training checkpoint (or run directory) to load")
     variance.add_argument("--out", required=True, help="report JSON path; plots and TensorBoard go next to it")
-    variance.add_argument("--methods", default=",".join(VARIANCE_DEFAULT), help=methods_help())
+    variance.add_argument("--methods", default=",".join(VARIANCE_DEFAULT), help=methods_help(measurable_only=True))
     variance.add_argument("--x0", type=int, default=64, help="sequences of data")
     variance.add_argument("--t-draws", type=int, default=8, help="masking-rate draws per unit of data")
     variance.add_argument("--masks", type=int, default=4, help="mask draws per (data, rate)")

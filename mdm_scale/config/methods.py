@@ -130,9 +130,10 @@ def method_keys() -> list[str]:
     return list(dict.fromkeys(k for p in parts().values() for k in (*p.changes, *p.keeps)))
 
 
-def methods_help() -> str:
-    """One line for ``--methods`` help texts."""
-    return f"comma-separated methods, each parts joined by '+' ({', '.join(parts())}), e.g. ppots+mirror"
+def methods_help(measurable_only: bool = False) -> str:
+    """One line for ``--methods`` help texts (``measurable_only``: the parts ``mdm-scale variance`` measures)."""
+    names = [name for name, part in parts().items() if part.measurable or not measurable_only]
+    return f"comma-separated methods, each parts joined by '+' ({', '.join(names)}), e.g. ppots+mirror"
 
 
 def _get(tree: Any, key: str) -> Any:
