@@ -13,6 +13,6 @@ if [ ! -f "$OUT/train/checkpoints/latest" ]; then
 fi
 # '#' (id 6 of the character vocabulary) is the "####" answer delimiter of the synthetic task: ISAD's boosted id.
 deepspeed --num_gpus 1 --module mdm_scale.cli variance measure --config configs/pretrain_1b.yaml \
-  --checkpoint "$OUT/train" --out "$OUT/report.json" --set 'variance.isad_token_ids=[6]' \
+  --checkpoint "$OUT/train" --out "$OUT/report.json" --set 'variance.isad.token_ids=[6]' \
   --methods "${METHODS:-standard,mirror,ppots,ppots+mirror,strats,syrm,isad,clipped}" \
   --x0 32 --t-draws 3 --masks 2 --grad-dim 4093 --strats-batch 8 "$@"

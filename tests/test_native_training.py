@@ -62,9 +62,8 @@ def test_dream_trains_generates_and_exports_back_to_its_format(dream_fixture, sy
     Dream's format with the checkpoint's weights: reloaded, it gives the checkpoint's logits."""
     run = tmp_path / "run"
     t = trainer(synth_dir, run, dist_env, dream_fixture, **{
-        "train.max_steps": 4, "variance.t_sampler": "ppots", "variance.mirror": True, "variance.ppots_x0": 2,
-        "variance.ppots_masks": 2, "variance.ppots_refit_every": 2, "variance.probe_every": 1,
-        "variance.probe_fraction": 0.5})
+        "train.max_steps": 4, "variance.t_sampler": {"name": "ppots", "x0": 2, "masks": 2, "refit_every": 2},
+        "variance.masks": "mirror", "variance.monitor.every": 2, "variance.probe": {"every": 1, "fraction": 0.5}})
     assert type(t.engine.module) is MDMForMaskedDiffusion and t.engine.module.config.logit_shift
     summary = t.fit()
     losses = read_scalars(summary["tensorboard_dir"], "train/loss")
@@ -91,7 +90,7 @@ def test_dream_trains_generates_and_exports_back_to_its_format(dream_fixture, sy
 
 def test_native_resume_continues_exactly(dream_fixture, synth_dir, tmp_path, dist_env):
     """Dream (shifted logits) with MIRROR on packed rows, interrupted after 3 of 6 steps."""
-    common = {"train.grad_accum": 2, "variance.mirror": True, "train.max_steps": 6, "train.warmup_steps": 2,
+    common = {"train.grad_accum": 2, "variance.masks": "mirror", "train.max_steps": 6, "train.warmup_steps": 2,
               "data.packing": True}
     straight = trainer(synth_dir, tmp_path / "straight", dist_env, dream_fixture, **common).fit()
     interrupted = trainer(synth_dir, tmp_path / "split", dist_env, dream_fixture, **common)

@@ -74,12 +74,12 @@ def test_mirror_rule_compares_the_pair_spread_with_one_rows_variance():
 
 
 def test_pending_runs_go_seed_major_and_skip_finished_ones(tmp_path):
-    entries = plan(["Standard", "MIRROR"], ["batch"], 8, 16)
+    entries = plan(["standard", "mirror"], ["batch"], 8, 16)
     runs = [run for entry in entries for run in entry.runs(tmp_path, [3, 1, 2])]
     runs[0].directory.mkdir(parents=True)
     runs[0].result_file.write_text("{}")  # Standard seed 3 is finished
     order = [(r.method, r.seed) for r in pending(runs, [3, 1, 2])]
-    assert order == [("MIRROR", 3), ("Standard", 1), ("MIRROR", 1), ("Standard", 2), ("MIRROR", 2)]
+    assert order == [("mirror", 3), ("standard", 1), ("mirror", 1), ("standard", 2), ("mirror", 2)]
 
 
 def test_the_commands_print_the_tables_of_the_library(tmp_path, capsys):

@@ -12,6 +12,8 @@ term it claims, so an estimate of 0 or of twice the value fails.
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -86,8 +88,9 @@ def test_decompose_recovers_nested_gaussian_components():
 
 @pytest.fixture(scope="module")
 def tool_cfg():
-    return load_config(None, [f"variance.eps={EPS}", f"variance.isad_token_ids=[{ISAD_IDS[0]}, {ISAD_IDS[1]}]",
-                              f"variance.clip_low={CLIP[0]}", f"variance.clip_high={CLIP[1]}", "seed=3",
+    """The run's config: its clip interval is the clipped method's (a method keeps the fields of its own kind)."""
+    return load_config(None, [f"variance.eps={EPS}", f"variance.isad.token_ids=[{ISAD_IDS[0]}, {ISAD_IDS[1]}]",
+                              f"variance.t_sampler={{name: clipped, low: {CLIP[0]}, high: {CLIP[1]}}}", "seed=3",
                               "data.seq_len=16"])
 
 
@@ -186,3 +189,32 @@ def test_bad_plans_fail_before_any_model_is_built(tool_cfg):
         build_method("mirrors", tool_cfg, 16)
     with pytest.raises(ConfigError, match="'arm' needs a model trained with train.objective=arm"):
         build_method("arm", tool_cfg, 16)
+    with pytest.raises(ConfigError, match="method 'mirror\\+ppots': write 'ppots\\+mirror'"):
+        build_method("mirror+ppots", tool_cfg, 16)
+    for name in ("auto", "ema", "ppots+auto"):
+        with pytest.raises(ConfigError, match=f"--methods {re.escape(name)}: acts only during training"):
+            build_method(name, tool_cfg, 16)
+    with pytest.raises(ConfigError, match="--methods isad: set variance.isad.token_ids"):
+        build_method("isad", load_config(None, []), 16)
+
+
+def test_methods_set_what_defines_them_and_keep_the_rest_of_the_run_config(tool_cfg):
+    """Each method resets the keys that define methods (the run's t-sampler is clipped here) and keeps the rest:
+    eps, the ISAD ids for isad only, and a kind's own fields when the run has that kind (the clip interval)."""
+    from mdm_scale.config.variance import BernoulliMasksConfig, MirrorMasksConfig, PPOTSConfig, UniformTConfig
+    from mdm_scale.diffusion.coupled_t import StratifiedT
+    from mdm_scale.diffusion.ppots import PPOTSSampler
+
+    standard = build_method("standard", tool_cfg, 16).config.variance
+    assert standard.t_sampler == UniformTConfig() and standard.masks == BernoulliMasksConfig()
+    assert standard.isad.token_ids == [] and standard.eps == EPS
+    narrow = load_config(None, ["variance.t_sampler={name: clipped, low: 0.2, high: 0.6}", "variance.masks=mirror"])
+    clipped = build_method("clipped", narrow, 16).config.variance
+    assert (clipped.t_sampler.low, clipped.t_sampler.high, clipped.masks) == (0.2, 0.6, BernoulliMasksConfig())
+    assert build_method("isad", tool_cfg, 16).config.variance.isad.token_ids == list(ISAD_IDS)
+    both = build_method("ppots+strats", tool_cfg, 16)
+    assert both.group == 16 and isinstance(both.t_sampler, StratifiedT) and isinstance(both.t_sampler.inner,
+                                                                                       PPOTSSampler)
+    pair = build_method("ppots+mirror", tool_cfg, 16).config.variance
+    assert pair.t_sampler == PPOTSConfig() and pair.masks == MirrorMasksConfig() and pair.isad.token_ids == []
+    assert build_method("syrm", tool_cfg, 16).group == 2

@@ -1,6 +1,6 @@
 """The ``experiment`` subcommands of ``mdm-scale`` (registered by ``mdm_scale/cli.py``), docs/results.md:
 
-    mdm-scale experiment run --config task.yaml --methods Standard,MIRROR --seeds 1,2 --eval-data eval.jsonl --out D
+    mdm-scale experiment run --config task.yaml --methods standard,mirror --seeds 1,2 --eval-data eval.jsonl --out D
     mdm-scale experiment errors --family sort D/runs/*/mb_*/seed_*/pred.jsonl
 """
 
@@ -24,14 +24,15 @@ def _errors(args: argparse.Namespace) -> int:
 
 
 def add_experiment_commands(commands) -> None:
-    from mdm_scale.experiments.methods import BASELINES, NAMES
+    from mdm_scale.config.methods import methods_help
+    from mdm_scale.experiments.methods import BASELINES
 
     experiment = commands.add_parser("experiment", help="methods x seeds studies (docs/results.md)")
     sub = experiment.add_subparsers(dest="experiment_command", required=True)
 
     run = sub.add_parser("run", help="train and evaluate every method x seed, write a Table-1-style report")
     run.add_argument("--config", action="append", required=True, help="training YAML; repeat to merge")
-    run.add_argument("--methods", required=True, help=f"comma-separated, from: {', '.join(NAMES)}")
+    run.add_argument("--methods", required=True, help=f"{methods_help()}, or standard 2x")
     run.add_argument("--seeds", required=True, help="comma-separated training seeds, e.g. 42,731,20231")
     run.add_argument("--eval-data", required=True, help="JSONL of {prompt, answer or response}")
     run.add_argument("--out", required=True, help="experiment directory (re-run to resume)")

@@ -2,7 +2,7 @@
 Table-1-style report.
 
     mdm-scale experiment run --config tools/experiments/configs/synth_finetune.yaml \\
-        --methods Standard,"Standard 2x",MIRROR,P-POTS,P-POTS+MIRROR --seeds 42,731,20231,1,2 \\
+        --methods standard,"standard 2x",mirror,ppots,ppots+mirror --seeds 42,731,20231,1,2 \\
         --eval-data data/synth/eval.jsonl --out results/synth --parallel 6 --budget batch,rows \\
         [--init exports/pretrained] [--set train.max_steps=300] [--eval-arg=--gen-length=64]
 
@@ -44,7 +44,7 @@ from pathlib import Path
 
 from mdm_scale.config.loader import load_config
 from mdm_scale.config.schema import ConfigError
-from mdm_scale.experiments.methods import DOUBLED, METHODS, availability, overrides, rows_per_sequence, slug
+from mdm_scale.experiments.methods import DOUBLED, availability, display, known, overrides, rows_per_sequence, slug
 from mdm_scale.experiments.report import write_report
 from mdm_scale.training.checkpoint import write_atomic
 from mdm_scale.training.run_reader import is_hf_dir, read_run
@@ -54,7 +54,7 @@ BUDGETS = ("batch", "rows")
 
 @dataclass
 class Run:
-    method: str  # a key of METHODS
+    method: str  # a name of the method table (mdm_scale/config/methods.py)
     micro: int  # sequences per micro-batch
     seed: int
     directory: Path
@@ -69,7 +69,7 @@ class Entry:
     """A row of the report: one method at one micro-batch, asked for by one or both protocols."""
 
     label: str  # e.g. "MIRROR", "Standard 2x", "P-POTS 2x" (x: sequences per step over the configuration's)
-    method: str  # a key of METHODS
+    method: str  # a name of the method table (mdm_scale/config/methods.py)
     micro: int  # sequences per micro-batch
     rows: int  # nominal forward rows per micro-batch
     protocols: list[str]
@@ -96,7 +96,7 @@ def plan(methods: list[str], budgets: list[str], micro: int, rows: int) -> list[
                 continue
             else:
                 size = rows // rows_per_sequence(method)
-            label = f"{method} {size / micro:g}x" if size != micro else method
+            label = f"{display(method)} {size / micro:g}x" if size != micro else display(method)
             entry = entries.setdefault((method, size), Entry(label, method, size, size * rows_per_sequence(method),
                                                              []))
             entry.protocols.append(budget)
@@ -165,7 +165,7 @@ def execute(run: Run, args: argparse.Namespace, threads: int) -> dict:
 
 def init_conflict(method: str, init: str | None) -> str | None:
     """ARM rows need a causal starting model: a bidirectional one would see the tokens it predicts."""
-    if init is None or METHODS[DOUBLED.get(method, method)].get("train.objective") != "arm":
+    if init is None or "train.objective=arm" not in overrides(method):
         return None
     if not read_run(init).causal:
         return f"--init {init} holds a bidirectional model; ARM needs a causal one (train it without --init)"
@@ -198,7 +198,7 @@ def resolve_arguments(args: argparse.Namespace) -> argparse.Namespace:
     train = load_config(args.config, base_overrides(args)).train
     args.micro, args.grad_accum = train.micro_batch_size, train.grad_accum
     args.rows = 2 * args.micro if args.rows is None else args.rows
-    halved = [m for m in args.methods if m in METHODS and rows_per_sequence(m) == 2]
+    halved = [m for m in args.methods if known(m) and rows_per_sequence(m) == 2]
     if "rows" in args.budget and (args.rows < 2 or (halved and args.rows % 2)):
         raise ConfigError(f"--rows {args.rows}: MIRROR-family methods ({', '.join(halved) or 'none'}) need an even "
                           f"number of rows >= 2")

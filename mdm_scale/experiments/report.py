@@ -71,7 +71,7 @@ def markdown_table(results: list[tuple[object, dict[int, dict]]], seeds: list[in
 
     def standard(entry, field: str) -> float | None:
         """The mean accuracy of the other Standard row with the entry's ``micro`` (equal batch) or ``rows``."""
-        return next((mean[e.label] for e, _ in results if e.method == "Standard" and e is not entry
+        return next((mean[e.label] for e, _ in results if e.method == "standard" and e is not entry
                      and getattr(e, field) == getattr(entry, field)), None)
 
     header = ["Method", "protocols", "sequences / micro", "rows / micro", *(f"seed {s}" for s in seeds), "mean",

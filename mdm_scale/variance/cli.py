@@ -52,6 +52,8 @@ def _plot_online(args: argparse.Namespace) -> int:
 
 def add_variance_commands(commands, add_overrides) -> None:
     """``add_overrides(parser)`` adds ``--set`` (``mdm_scale/cli.py``)."""
+    from mdm_scale.config.methods import VARIANCE_DEFAULT, methods_help
+
     variance = commands.add_parser("variance", help="variance of the training loss and gradient (docs/variance.md)")
     sub = variance.add_subparsers(dest="variance_command", required=True)
 
@@ -62,9 +64,7 @@ def add_variance_commands(commands, add_overrides) -> None:
                          help="the weights to measure: a run's output directory, a checkpoints/step_* directory or "
                               "an export")
     measure.add_argument("--out", required=True, help="report JSON path; plots and TensorBoard go next to it")
-    measure.add_argument("--methods", default="standard,mirror,ppots,ppots+mirror,strats,syrm,clipped",
-                         help="comma-separated: standard, mirror, ppots, ppots+mirror, strats, syrm, isad, clipped, "
-                              "arm")
+    measure.add_argument("--methods", default=",".join(VARIANCE_DEFAULT), help=methods_help(measurable_only=True))
     measure.add_argument("--x0", type=int, default=64, help="sequences of data")
     measure.add_argument("--t-draws", type=int, default=8, help="masking-rate draws per unit of data")
     measure.add_argument("--masks", type=int, default=4, help="mask draws per (data, rate)")

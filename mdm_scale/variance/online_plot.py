@@ -1,6 +1,6 @@
 """``mdm-scale variance plot-online``: a training run's online A/B/C (``variance/*`` scalars,
 ``diffusion/online_variance.py``) from its TensorBoard event files: the shares A/V, B/V, C/V and the absolute A,
-B, C, V and MIRROR's pair statistic E[(L1 - L2)^2] / 2 against the step, with ``variance.mirror: auto``'s setting
+B, C, V and MIRROR's pair statistic E[(L1 - L2)^2] / 2 against the step, with ``variance.masks: auto``'s setting
 shaded where MIRROR was on.
 
     mdm-scale variance plot-online runs/quickstart/tensorboard --out docs/figures/online_abc.png
@@ -22,7 +22,7 @@ def read_variance_scalars(tb_dir: Path) -> dict[str, dict[int, float]]:
     tags = [t for t in acc.Tags()["scalars"] if t.startswith("variance/")]
     if not tags:
         raise DataError(f"{tb_dir}: no variance/* scalars (was the run trained with an mdm objective and a "
-                         f"ppots_refit_every > 0?)")
+                         f"variance.monitor.every > 0?)")
     return {t.split("/", 1)[1]: {e.step: e.value for e in acc.Scalars(t)} for t in tags}
 
 

@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 
 from mdm_scale.config.deepspeed_json import build_deepspeed_config
+from mdm_scale.config.methods import VARIANCE_DEFAULT
 from mdm_scale.config.schema import Config, ConfigError
 from mdm_scale.core.noise import keyed_generator
 from mdm_scale.data.build import build_data
@@ -41,7 +42,7 @@ from mdm_scale.models.loading import build_model, load_hf_config, resolve_mask_t
 from mdm_scale.training.run_reader import RunSource, load_weights, read_run
 from mdm_scale.training.zero_stage import resolve_zero_stage
 from mdm_scale.variance.decomposition import UnitSummary, decompose, summarize_unit
-from mdm_scale.variance.methods import ALL_METHODS, Method, build_method
+from mdm_scale.variance.methods import Method, build_method
 from mdm_scale.variance.sketch import GradientSketch
 
 _DATA_WORD = 0x58304441
@@ -51,8 +52,7 @@ _DATA_WORD = 0x58304441
 class ToolSettings:
     """The sampling plan (command-line flags of ``mdm-scale variance measure``)."""
 
-    methods: list[str] = field(default_factory=lambda: ["standard", "mirror", "ppots", "ppots+mirror", "strats", "syrm",
-                                                       "clipped"])
+    methods: list[str] = field(default_factory=lambda: list(VARIANCE_DEFAULT))
     num_x0: int = 64
     """--x0: sequences of data; a method with units of g sequences has num_x0 / g units."""
     num_t: int = 8
@@ -250,7 +250,7 @@ def run_variance(cfg: Config, settings: ToolSettings, out: Path, checkpoint: str
     fitted = saved.get("refits", 0) > 0
     if any(m.uses_ppots for m in methods) and not fitted and "standard" not in names:
         raise ConfigError("--methods: ppots needs 'standard' too (its (t, loss) draws fit p(t)) or a --checkpoint "
-                          "of a run trained with variance.t_sampler=ppots")
+                          "of a run trained with variance.t_sampler.name=ppots")
     subject = build_subject(cfg, env, source)
     run = VarianceRun(subject, settings)
     report = {"settings": {**settings.__dict__, "world_size": env.world_size,
@@ -312,4 +312,4 @@ def _ratio(x: float, y: float) -> float | None:
     return float(x / y) if y != 0 else None
 
 
-__all__ = ["ALL_METHODS", "ToolSettings", "run_variance"]
+__all__ = ["ToolSettings", "run_variance"]

@@ -52,7 +52,8 @@ def main(argv=None) -> int:
         f"train.max_steps={10**6}", f"train.output_dir={args.out}-run",
         "train.eval_every=0", "train.lr=1e-4", "logging.tensorboard=false", "train.resume=never",
         *PPOTS_SMALL_ESTIMATE,
-        f"variance.ppots_refit_every={args.refit_every}", f"variance.mirror={str(args.mirror).lower()}", *args.set])
+        f"variance.t_sampler.refit_every={args.refit_every}", f"variance.monitor.every={args.refit_every}",
+        f"variance.masks={'mirror' if args.mirror else 'bernoulli'}", *args.set])
     steps = args.warmup + 2 * args.blocks * args.block_steps
     vocab = PRESETS[args.preset].get("vocab_size", 32000)
     trainer = Trainer(cfg, env, data=random_blocks(vocab, args.seq_len, (steps + 1) * args.micro_batch *

@@ -55,14 +55,14 @@ REPO = Path(__file__).resolve().parents[2]
 
 # P-POTS subjects: a small offline estimate (before the timed steps; 2 sequences x 64 t x 2 masks) and a refit
 # every 20 steps (the default is 50), so the timed steps include refits at a higher rate than a default run.
-PPOTS = [*PPOTS_SMALL_ESTIMATE, "variance.ppots_refit_every=20"]
+PPOTS = [*PPOTS_SMALL_ESTIMATE, "variance.t_sampler.refit_every=20", "variance.monitor.every=20"]
 PLAIN_STAGES = {"plain": 3, "plain_zero1": 1, "plain_zero2": 2}
 SUBJECTS = {
     **{name: None for name in PLAIN_STAGES},
     "uniform": [],
     "uniform_full_logits": ["model.overrides.loss_head=full"],
     "ppots": PPOTS,
-    "ppots_mirror": [*PPOTS, "variance.mirror=true", "half_micro_batch"],
+    "ppots_mirror": [*PPOTS, "variance.masks=mirror", "half_micro_batch"],
     "llada": ["native_llada"],
 }
 MARKERS = ("half_micro_batch", "native_llada")

@@ -21,7 +21,7 @@ cd "$(dirname "$0")/../.."
 OUT=${OUT:-results/families}
 FAMILIES=${FAMILIES:-sort,sort_ft,missing}
 PARTS=${PARTS:-study,variance}
-METHODS=${METHODS:-Standard,Standard 2x,Clipped,P-POTS,MIRROR,P-POTS+MIRROR,P-POTS+StraTS,auto}
+METHODS=${METHODS:-standard,standard 2x,clipped,ppots,mirror,ppots+mirror,ppots+strats,auto}
 SEEDS=${SEEDS:-42,731,20231,1,2}
 PARALLEL=${PARALLEL:-12}
 PY=${PYTHON:-python3}

@@ -8,7 +8,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-results/synth_gpu}
-METHODS=${METHODS:-Standard,MIRROR,P-POTS,P-POTS+MIRROR}
+METHODS=${METHODS:-standard,mirror,ppots,ppots+mirror}
 SEEDS=${SEEDS:-42,731,20231,1,2}
 PARALLEL=${PARALLEL:-6}
 PRETRAIN_STEPS=${PRETRAIN_STEPS:-1000}
