@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from mdm_scale.data.dataset import TokenizedData
+from mdm_scale.data.examples import TokenizedData
 from mdm_scale.data.loader import TrainLoader, collate
 from mdm_scale.data.packing import pack_rows
 from mdm_scale.diffusion.masks import build_masks
@@ -25,7 +25,7 @@ def sft_data(n: int = 40, seed: int = 0) -> TokenizedData:
     lengths = np.exp(rng.uniform(np.log(6), np.log(40), n)).astype(np.int64)
     offsets = np.concatenate([[0], np.cumsum(lengths)])
     tokens = rng.integers(4, VOCAB, int(offsets[-1]))
-    return TokenizedData(tokens, offsets, rng.integers(1, 6, n))
+    return TokenizedData.from_prompt_lens(tokens, offsets, rng.integers(1, 6, n))
 
 
 def model() -> MDMForMaskedDiffusion:
