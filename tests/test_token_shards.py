@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from conftest import REPO, free_port, tiny_overrides
 from mdm_scale.cli import main
@@ -19,6 +20,7 @@ from mdm_scale.config.loader import load_config
 from mdm_scale.config.schema import DataConfig, SourceConfig
 from mdm_scale.data.build import build_data
 from mdm_scale.data.loader import TrainLoader
+from mdm_scale.data.records import DataError
 from mdm_scale.data.store import publish
 from mdm_scale.training.trainer import Trainer
 
@@ -49,6 +51,16 @@ def test_a_tokenized_store_trains_block_by_block_and_resumes(synth_dir, tmp_path
     other = build_data(DataConfig(train_files=[SourceConfig(str(store))], seq_len=100), 0, tmp_path / "run")
     assert len(other.train) == len(stream) // 100  # one store serves any block length
 
+    sft = tmp_path / "sft"  # an SFT store serves the seq_len it was cut for, and says so otherwise
+    tokenize(synth_dir / "eval.jsonl", sft, "data.seq_len=192")
+    from_store = build_data(DataConfig(train_files=[SourceConfig(str(sft))], seq_len=192), 0, tmp_path / "sft_run")
+    from_records = build_data(DataConfig(train_file=str(synth_dir / "eval.jsonl"), seq_len=192), 0, tmp_path / "r")
+    assert [from_store.train.example(i)[0].tolist() for i in range(64)] == \
+        [from_records.train.example(i)[0].tolist() for i in range(64)]
+    with pytest.raises(DataError, match=r"data.train_files\[0\] \(.*sft\): the token store was made with "
+                                        r"data.seq_len = 192, this run has 128"):
+        build_data(DataConfig(train_files=[SourceConfig(str(sft))], seq_len=128), 0, tmp_path / "sft_run")
+
     out = tmp_path / "out"
     sets = tiny_overrides(synth_dir, out, **{"data.train_files": [{"path": str(store)}], "data.eval_file": None,
                                              "data.seq_len": 64, "train.max_steps": 3, "train.save_every": 3})
@@ -61,6 +73,7 @@ def test_a_tokenized_store_trains_block_by_block_and_resumes(synth_dir, tmp_path
 LIMITED_RUN = """
 import json, resource, sys
 import numpy as np
+import pytest
 from mdm_scale.config.loader import load_config
 from mdm_scale.distributed.env import init_distributed
 from mdm_scale.training.trainer import Trainer

@@ -201,7 +201,7 @@ def build_store(source: Source, task: str, tokenizer: PreTrainedTokenizerBase, c
             tokenizer.save_pretrained(str(build / "tokenizer"))
         options = token_options(cfg, task, tokenizer, seed, heldout)
         index = {"format": FORMAT, "version": VERSION, "task": task, "dtype": token_dtype(len(tokenizer)),
-                 "tokenizer": options["tokenizer"], "options": options, "key": target.name,
+                 "tokenizer": options["tokenizer"], "options": options, "key": store_name(source, options),
                  "source": [str(p) for p in source.files],
                  "counts": dict(sum((Counter(r["counts"]) for r in ours), Counter()))}
         shards = {split: sorted((s for r in ours for s in r["shards"][split]), key=lambda s: s["unit"])

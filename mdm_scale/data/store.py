@@ -127,13 +127,13 @@ def _read_index(path: Path) -> dict:
 class Store:
     """A complete token store, opened read-only; ``split`` memory-maps one of its splits."""
 
-    def __init__(self, path: Path, identity: str | None = None):
+    def __init__(self, path: Path):
         self.path, self.index = Path(path), _read_index(Path(path))
         if self.index.get("format") != FORMAT or self.index.get("version") != VERSION:
             raise DataError(f"{path}: not a token store of this mdm-scale version (format "
                             f"{self.index.get('format')!r}, version {self.index.get('version')!r}; expected "
                             f"{FORMAT!r}, {VERSION}); write it again with mdm-scale data tokenize")
-        self.identity = identity or f"{self.path.name}:{self.index.get('key', '')}"
+        self.identity = self.index["key"]  # the content's name: the same wherever a copy of the store lies
         self.task: str = self.index["task"]
         self.counts = Counter(self.index.get("counts", {}))
 
