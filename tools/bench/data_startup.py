@@ -135,10 +135,10 @@ def main(argv: list[str] | None = None) -> int:
     dataset(args)
     with open(args.out, "a") as results:
         for attempt in range(args.repeat):
+            load = os.getloadavg()[0]  # before the ranks start: what else runs on the machine
             ranks = launch(args, attempt)
-            load = os.getloadavg()[0]
             summary = {"label": args.label, "attempt": attempt, "ranks": args.ranks, "records": args.records,
-                       "load_average_1min": load, "cpus": os.cpu_count(),
+                       "load_average_before": load, "cpus": os.cpu_count(),
                        "seconds_max": max(r["seconds"] for r in ranks),
                        **{f"{k}_mean": sum(r[k] for r in ranks) / len(ranks) for k in ("rss_mb", "pss_mb", "uss_mb")},
                        "pss_total_mb": sum(r["pss_mb"] for r in ranks)}
