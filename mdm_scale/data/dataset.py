@@ -42,16 +42,14 @@ def encode_prompts(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str | l
     """Prompt token ids exactly as SFT training sees them (generation encodes its prompts with this too): a text
     prompt as ``[bos] prompt``, or the chat template's user turn and generation prompt (``chat_template``); a
     conversation (list of messages) rendered with its generation prompt (``data/chat.py``)."""
-    texts, bos = [], [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    heads = []
-    renderer = ChatRenderer(tokenizer)
+    if not prompts:
+        return []
+    renderer, bos = ChatRenderer(tokenizer), [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    texts, heads = [], []
     for prompt in prompts:
-        if isinstance(prompt, list):
-            texts.append(renderer.render(prompt, add_generation_prompt=True))
-            heads.append([])
-        elif chat_template:
-            texts.append(tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                                       add_generation_prompt=True))
+        if isinstance(prompt, list) or chat_template:
+            messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+            texts.append(renderer.render(messages, add_generation_prompt=True))
             heads.append([])
         else:
             texts.append(prompt)

@@ -11,7 +11,8 @@ as the trainer does (``data.build.build_data``; with this checkout's code the ra
 data cache in ``--work/cache``), and loads its first micro-batch of the training stream. It reports the seconds
 that took and its memory then: RSS, PSS and USS (psutil, from ``/proc/<pid>/smaps``): PSS divides each page
 shared by several processes (a memory-mapped token store in the page cache) among them, USS counts the pages
-only this process holds. ``--repeat 2`` starts again on the same cache: a second run, or a resume. Every rank
+only this process holds; ``*_data_mb`` is the growth over the same process just before the data was built
+(Python, torch and the tokenizers already imported). ``--repeat 2`` starts again on the same cache: a second run, or a resume. Every rank
 writes one JSON line to ``--out`` per attempt, and the launcher a summary line per attempt.
 """
 
@@ -86,6 +87,7 @@ def worker(args: argparse.Namespace) -> dict:
 
         extra = [Ranks(args.worker, args.ranks, gather, dist.barrier)]
     dist.barrier()
+    base = psutil.Process().memory_full_info()  # the process before any data: Python, torch, tokenizers
     start = time.perf_counter()
     data = build_data(cfg, 0, Path(args.work) / "no_saved_tokenizer", *extra)
     loader = TrainLoader(data.train, 0, args.worker, args.ranks, MICRO_BATCH, 1, 0, 8, SEQ_LEN)
@@ -96,8 +98,9 @@ def worker(args: argparse.Namespace) -> dict:
     dist.destroy_process_group()
     return {"label": args.label, "attempt": args.attempt, "rank": args.worker, "ranks": args.ranks,
             "records": args.records, "sequences": len(data.train), "batch_rows": int(batch.input_ids.shape[0]),
-            "seconds": round(seconds, 2), "import_seconds": round(imported, 2), "rss_mb": memory.rss / 2**20,
-            "pss_mb": memory.pss / 2**20, "uss_mb": memory.uss / 2**20}
+            "seconds": round(seconds, 2), "import_seconds": round(imported, 2),
+            **{f"{k}_mb": getattr(memory, k) / 2**20 for k in ("rss", "pss", "uss")},
+            **{f"{k}_data_mb": (getattr(memory, k) - getattr(base, k)) / 2**20 for k in ("rss", "pss", "uss")}}
 
 
 def free_port() -> int:
@@ -140,7 +143,8 @@ def main(argv: list[str] | None = None) -> int:
             summary = {"label": args.label, "attempt": attempt, "ranks": args.ranks, "records": args.records,
                        "load_average_before": load, "cpus": os.cpu_count(),
                        "seconds_max": max(r["seconds"] for r in ranks),
-                       **{f"{k}_mean": sum(r[k] for r in ranks) / len(ranks) for k in ("rss_mb", "pss_mb", "uss_mb")},
+                       **{f"{k}_mean": sum(r[k] for r in ranks) / len(ranks)
+                          for k in ("rss_mb", "pss_mb", "uss_mb", "rss_data_mb", "pss_data_mb", "uss_data_mb")},
                        "pss_total_mb": sum(r["pss_mb"] for r in ranks)}
             for line in [*ranks, summary]:
                 results.write(json.dumps(line) + "\n")
