@@ -12,8 +12,9 @@ data cache in ``--work/cache``), and loads its first micro-batch of the training
 that took and its memory then: RSS, PSS and USS (psutil, from ``/proc/<pid>/smaps``): PSS divides each page
 shared by several processes (a memory-mapped token store in the page cache) among them, USS counts the pages
 only this process holds; ``*_data_mb`` is the growth over the same process just before the data was built
-(Python, torch and the tokenizers already imported). ``--repeat 2`` starts again on the same cache: a second run, or a resume. Every rank
-writes one JSON line to ``--out`` per attempt, and the launcher a summary line per attempt.
+(Python, torch and the tokenizers already imported). ``--repeat 2`` starts again on the same cache: a second
+run, or a resume. Every rank writes one JSON line to ``--out`` per attempt, and the launcher a summary line
+per attempt.
 """
 
 from __future__ import annotations
