@@ -48,7 +48,8 @@ class TokenArray:
     def digest(self) -> str:
         h = hashlib.sha256()
         for piece in self.pieces:
-            h.update(np.ascontiguousarray(piece, dtype=np.int64).tobytes())
+            h.update(str(piece.dtype).encode())
+            h.update(memoryview(np.ascontiguousarray(piece)).cast("B"))
         return h.hexdigest()
 
 

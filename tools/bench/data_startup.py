@@ -43,6 +43,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeat", type=int, default=2, help="attempts on the same cache")
     p.add_argument("--timeout", type=int, default=1800, help="seconds per attempt")
     p.add_argument("--out", required=True, help="JSON lines, appended")
+    p.add_argument("--touch-all", action="store_true",
+                   help="after the first micro-batch, read every token and flag of the training set (all pages of a "
+                        "memory-mapped store become resident: shows how the ranks share them)")
     p.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)  # the rank, in a worker
     p.add_argument("--port", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--attempt", type=int, default=0, help=argparse.SUPPRESS)
@@ -64,6 +67,7 @@ def worker(args: argparse.Namespace) -> dict:
     """One rank: build the data, load the first micro-batch, report time and memory."""
     sys.path.insert(0, args.code)
     start = time.perf_counter()
+    import numpy as np
     import psutil
     import torch
     import torch.distributed as dist
@@ -94,6 +98,11 @@ def worker(args: argparse.Namespace) -> dict:
     loader = TrainLoader(data.train, 0, args.worker, args.ranks, MICRO_BATCH, 1, 0, 8, SEQ_LEN)
     batch = loader.micro_batch_at(0, 0)
     seconds = time.perf_counter() - start
+    if args.touch_all:
+        for name in ("tokens", "scored"):
+            array = getattr(data.train, name, None)
+            for piece in getattr(array, "pieces", [] if array is None else [array]):
+                int(np.asarray(piece).sum())
     memory = psutil.Process().memory_full_info()
     dist.barrier()  # every rank holds its data while the others measure
     dist.destroy_process_group()
@@ -116,7 +125,7 @@ def launch(args: argparse.Namespace, attempt: int) -> list[dict]:
     port = free_port()
     cmd = [sys.executable, __file__, "--records", str(args.records), "--ranks", str(args.ranks), "--work", args.work,
            "--code", args.code, "--label", args.label, "--out", args.out, "--port", str(port), "--attempt",
-           str(attempt)]
+           str(attempt), *(["--touch-all"] if args.touch_all else [])]
     procs = [subprocess.Popen([*cmd, "--worker", str(r)], env=env, stdout=subprocess.PIPE, text=True)
              for r in range(args.ranks)]
     lines = []
