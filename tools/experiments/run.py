@@ -187,8 +187,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--config", action="append", required=True, help="training YAML; repeat to merge")
     parser.add_argument("--methods", required=True, help=f"comma-separated, from: {', '.join(NAMES)}")
     parser.add_argument("--seeds", required=True, help="comma-separated training seeds, e.g. 42,731,20231")
-    parser.add_argument("--eval-data", required=True,
-                        help="JSONL of {prompt, answer or response}, or chat {messages} (as mdm-scale eval reads)")
+    parser.add_argument("--eval-data", required=True, help="JSONL of {prompt, answer or response}")
     parser.add_argument("--out", required=True, help="experiment directory (re-run to resume)")
     parser.add_argument("--init", default=None, help="pretrained Hugging Face dir to start from (model.path)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for every run")
