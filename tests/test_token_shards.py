@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import REPO, free_port, tiny_overrides
+from conftest import REPO, free_port, run_deepspeed, tiny_overrides
 from mdm_scale.cli import main
 from mdm_scale.config.loader import load_config
 from mdm_scale.config.schema import DataConfig, SourceConfig
@@ -68,6 +68,26 @@ def test_a_tokenized_store_trains_block_by_block_and_resumes(synth_dir, tmp_path
     resumed = Trainer(load_config(["configs/quickstart.yaml"], [*sets, "train.max_steps=5"]), dist_env)
     assert first["step"] == 3 and resumed.step == 3
     assert resumed.fit()["step"] == 5
+
+
+@pytest.mark.distributed
+def test_two_ranks_tokenize_one_store_equal_to_one_process(synth_dir, tmp_path):
+    """``mdm-scale data tokenize`` under the deepspeed launcher: 2 ranks split the work (gloo gathers) and write
+    one store whose examples and held-out split equal those of one process."""
+    one = tmp_path / "one"
+    tokenize(synth_dir / "train.jsonl", one, "data.eval_fraction=0.1")
+    two = tmp_path / "two"
+    proc = run_deepspeed(["data", "tokenize", "--input", str(synth_dir / "train.jsonl"), "--out", str(two), "--set",
+                          "data.eval_fraction=0.1"], ranks=2)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    index = json.loads((two / "index.json").read_text())
+    assert len(index["splits"]["main"]["shards"]) == 2  # each rank wrote its part
+    for split in ("main", "heldout"):
+        stores = [build_data(DataConfig(train_files=[SourceConfig(str(s))], seq_len=256, eval_fraction=0.1), 42,
+                             tmp_path / "unused") for s in (one, two)]  # 42: the seed data tokenize used
+        data = [d.train if split == "main" else d.eval for d in stores]
+        assert len(data[0]) > 0 and [data[0].example(i)[0].tolist() for i in range(len(data[0]))] == \
+            [data[1].example(i)[0].tolist() for i in range(len(data[1]))]
 
 
 LIMITED_RUN = """
