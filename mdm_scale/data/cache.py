@@ -216,8 +216,12 @@ def _file_system_group(probe: Path, ranks: Ranks, attempts: int = 5) -> list[int
     """The ranks that see this rank's marker file in ``probe`` (which every rank creates): those sharing its file
     system. Views that do not form groups (a network file system slow to show other clients' files) are looked
     at again a second later; if they never do, every rank builds alone."""
-    probe.mkdir(parents=True, exist_ok=True)
-    (probe / f".rank-{ranks.rank}").touch()
+    try:
+        probe.mkdir(parents=True, exist_ok=True)
+        (probe / f".rank-{ranks.rank}").touch()
+    except OSError as err:
+        raise DataError(f"cannot write a token store in {probe.parent} ({err}); choose a writable data.cache_dir "
+                        f"(or ${CACHE_ENV}), or --out") from None
     for _ in range(attempts):
         ranks.barrier()
         views = ranks.gather(sorted(int(p.name.split("-")[1]) for p in probe.glob(".rank-*")))
@@ -309,9 +313,9 @@ def char_tokenizer(sources: list[Source], task: str, cfg: DataConfig, ranks: Ran
     tokenizer = build_char_tokenizer(["".join(sorted(set("".join(r["chars"] for r in reports))))])
     if target is not None:  # every rank, so that node-local caches get it too; the first rename wins
         partial = target.parent / f".{target.name}.{secrets.token_hex(8)}"
-        tokenizer.save_pretrained(str(partial))
         try:
+            tokenizer.save_pretrained(str(partial))
             os.rename(partial, target)
-        except OSError:  # saved meanwhile by another run
+        except OSError:  # saved meanwhile by another rank or run; or not writable, which building the store reports
             shutil.rmtree(partial, ignore_errors=True)
     return tokenizer

@@ -123,7 +123,7 @@ def check_messages(messages, need_answer: bool = True) -> DataProblem | None:
     """A chat record's ``messages``: a non-empty list of {role, content}, known roles, string contents, no blank
     assistant turn, and (``need_answer``) at least one assistant turn."""
     if not isinstance(messages, list) or not messages:
-        return DataProblem(f"field 'messages' must be a non-empty list, got {messages!r:.40}")
+        return DataProblem(f"field 'messages' must be a non-empty list (got {messages!r:.40})")
     for number, message in enumerate(messages, start=1):
         if not isinstance(message, dict):
             return DataProblem(f"message not an object (message {number}: {type(message).__name__})")
