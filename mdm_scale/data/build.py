@@ -16,7 +16,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from mdm_scale.config.schema import ConfigError, DataConfig, SourceConfig
 from mdm_scale.data.cache import ONE_PROCESS, Ranks, build_store, cache_root, cached_store, char_tokenizer, pretokenized
-from mdm_scale.data.examples import Concatenation, Examples
+from mdm_scale.data.examples import Concatenation, Examples, TokenBlocks, TokenizedData
 from mdm_scale.data.records import DataError, first_record, record_task
 from mdm_scale.data.sources import Source, resolve_source, resolve_sources
 from mdm_scale.data.store import Store
@@ -28,8 +28,8 @@ from mdm_scale.data.tokenizer import load_tokenizer
 class RunData:
     task: str
     tokenizer: PreTrainedTokenizerBase
-    train: Examples | Concatenation
-    eval: Examples | Concatenation | None
+    train: Examples
+    eval: Examples | None
     notes: list[str] = field(default_factory=list)
     """Where each source came from: the cache, or tokenized now."""
 
@@ -149,5 +149,5 @@ def _tokenizer(cfg: DataConfig, saved_dir: Path, sources: list[Source], task: st
     return char_tokenizer([s for s in sources if s.store is None], task, cfg, ranks, root)
 
 
-def _combine(parts: list[Examples], weights: list[float] | None = None) -> Examples | Concatenation:
+def _combine(parts: list[TokenizedData | TokenBlocks], weights: list[float] | None = None) -> Examples:
     return parts[0] if len(parts) == 1 else Concatenation(parts, weights)

@@ -132,15 +132,12 @@ class TokenBlocks:
         return f"{self.identity or self.tokens.digest()}/{self.seq_len}"
 
 
-Examples = TokenizedData | TokenBlocks
-
-
 class Concatenation:
     """Several sources' examples one after another: source ``s`` holds examples ``[starts[s], starts[s + 1])``.
     ``weights`` are the sources' mixture weights (``data/stream.py``), or None: one set, each example once per
     epoch."""
 
-    def __init__(self, parts: Sequence[Examples], weights: Sequence[float] | None = None):
+    def __init__(self, parts: Sequence[TokenizedData | TokenBlocks], weights: Sequence[float] | None = None):
         self.parts, self.weights = list(parts), None if weights is None else [float(w) for w in weights]
         self.sizes = [len(p) for p in self.parts]
         self.starts = np.concatenate([[0], np.cumsum(self.sizes, dtype=np.int64)])
@@ -176,3 +173,6 @@ class Concatenation:
     def fingerprint(self) -> str:
         return hashlib.sha256("|".join([p.fingerprint() for p in self.parts] + [str(self.weights)]).encode()
                               ).hexdigest()
+
+
+Examples = TokenizedData | TokenBlocks | Concatenation
