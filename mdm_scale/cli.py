@@ -2,6 +2,7 @@
 
     mdm-scale train --config configs/quickstart.yaml [--config more.yaml] [--set train.lr=1e-4 train.max_steps=10 ...]
     mdm-scale data synth --out data/synth [--train 20000 --eval 500 --seed 0]
+    mdm-scale data tokenize --input 'corpus/*.jsonl' --out tokens/corpus [--config c.yaml] [--set data.tokenizer=DIR]
     mdm-scale eval --checkpoint runs/x --data data/synth/eval.jsonl --out runs/x/pred.jsonl
     mdm-scale generate --checkpoint runs/x --prompt "Mia has 3 shells. ..."
     mdm-scale export --checkpoint runs/x --out exports/x
@@ -9,7 +10,7 @@
     mdm-scale variance measure --config configs/quickstart.yaml [--checkpoint DIR] --out report.json
     mdm-scale variance summary report.json ...
     mdm-scale variance plot-online runs/x/tensorboard --out abc.png
-    mdm-scale experiment run --config task.yaml --methods Standard,MIRROR --seeds 1,2 --eval-data eval.jsonl --out D
+    mdm-scale experiment run --config task.yaml --methods standard,mirror --seeds 1,2 --eval-data eval.jsonl --out D
     mdm-scale experiment errors --family arith D/runs/*/mb_*/seed_*/pred.jsonl
 
 Each group registers its own subcommands: ``generation/cli.py``, ``variance/cli.py``, ``experiments/cli.py``.
@@ -62,6 +63,27 @@ def _synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tokenize(args: argparse.Namespace) -> int:
+    """One source into a token store (``data/store.py``); under a launcher the work is split over the ranks."""
+    from pathlib import Path
+
+    from mdm_scale.config.loader import load_config
+
+    config = load_config(args.config, args.set)
+    from mdm_scale.data.build import tokenize_source
+    from mdm_scale.data.cache import Ranks
+
+    ranks = Ranks()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from mdm_scale.distributed.env import init_distributed
+
+        ranks = Ranks.of(init_distributed())
+    summary = tokenize_source(config.data, config.seed, args.input, Path(args.out), ranks)
+    if ranks.rank == 0:
+        print(json.dumps(summary), flush=True)
+    return 0
+
+
 def _add_overrides(parser: argparse.ArgumentParser) -> None:
     """``--set a=1 b=2`` and ``--set a=1 --set b=2`` both give ``args.set == ["a=1", "b=2"]``, applied in order."""
     parser.add_argument("--set", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
@@ -96,6 +118,15 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--max-ops", type=int, default=3, help="largest problem size (see --min-ops)")
     synth.add_argument("--pretrain", type=int, default=0, help="also write this many {text} records")
     synth.set_defaults(func=_synth)
+    tokenize = data.add_parser("tokenize", help="tokenize one source (file, glob or directory) into a token store "
+                               "that training memory-maps (data.train_files: [{path: OUT}])")
+    tokenize.add_argument("--input", required=True, help="a JSONL, parquet or Arrow file, a glob, or a directory")
+    tokenize.add_argument("--out", required=True, help="the token store directory to write (must not exist)")
+    tokenize.add_argument("--config", action="append", default=[],
+                          help="YAML whose data section sets the tokenizer and options (repeat to merge)")
+    _add_overrides(tokenize)
+    tokenize.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
+    tokenize.set_defaults(func=_tokenize)
     from mdm_scale.experiments.cli import add_experiment_commands
     from mdm_scale.generation.cli import add_generation_commands
     from mdm_scale.variance.cli import add_variance_commands

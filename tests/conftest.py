@@ -19,6 +19,14 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def data_cache(tmp_path_factory) -> Path:
+    """The data cache (``data/cache.py``) of every test, and of the runs they launch: a temporary directory."""
+    path = tmp_path_factory.mktemp("data_cache")
+    os.environ["MDM_SCALE_DATA_CACHE"] = str(path)
+    return path
+
+
 @pytest.fixture(scope="session")
 def synth_dir(tmp_path_factory) -> Path:
     from mdm_scale.data.synthetic import write_synthetic_task

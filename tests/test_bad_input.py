@@ -45,6 +45,7 @@ def no_mask_tokenizer(path: Path, synth: Path) -> str:
 
 
 GOOD = {"prompt": "1 + 1 =", "response": "2"}
+CHAT = {"messages": [{"role": "user", "content": "1 + 1 ="}, {"role": "assistant", "content": "2"}]}
 CASES = {
     "misspelt key": (lambda tmp, synth: {"train.max_step": 3},
                      r"unknown config key 'train.max_step' \(did you mean 'train.max_steps'\?\)"),
@@ -62,6 +63,17 @@ CASES = {
                                                                                             "response": "1"}])},
                          r"t.jsonl:2: over-long prompt \(\d+ tokens leave no room for a response in "
                          r"data.seq_len=192\)"),
+    "chat without assistant turn": (lambda tmp, synth: {"data.train_file": jsonl(tmp / "t.jsonl", [CHAT, {
+        "messages": [{"role": "user", "content": "1 + 1 ="}]}])}, r"t.jsonl:2: no assistant turn \(nothing to score\)"),
+    "chat with unknown role": (lambda tmp, synth: {"data.train_file": jsonl(tmp / "t.jsonl", [CHAT, {
+        "messages": [{"role": "human", "content": "1 + 1 ="}, {"role": "assistant", "content": "2"}]}])},
+        r"t.jsonl:2: unknown role \(message 1: 'human'; roles are system, user, assistant, tool\)"),
+    "chat with non-string content": (lambda tmp, synth: {"data.train_file": jsonl(tmp / "t.jsonl", [CHAT, {
+        "messages": [{"role": "user", "content": ["1 + 1 ="]}, {"role": "assistant", "content": "2"}]}])},
+        r"t.jsonl:2: content not a string \(message 1, user: list\)"),
+    "mixture without every weight": (lambda tmp, synth: {"data.train_files": [
+        {"path": str(synth / "train.jsonl"), "weight": 2}, {"path": str(synth / "eval.jsonl")}]},
+        r"config key 'data.train_files\[\*\].weight' = \[2.0, None\]: give a weight to every source or to none"),
     "tokenizer without mask": (lambda tmp, synth: {"data.tokenizer": no_mask_tokenizer(tmp / "tok", synth)},
                                r"no \[MASK\] token: the tokenizer \(config key 'data.tokenizer' = '.*tok'\) has no "
                                r"mask token"),

@@ -10,8 +10,9 @@ import pytest
 
 from mdm_scale.config.schema import DataConfig
 from mdm_scale.data.build import build_data
-from mdm_scale.data.loader import DataStream, TrainLoader, eval_batches
-from mdm_scale.data.records import DataError, read_records
+from mdm_scale.data.loader import TrainLoader, eval_batches
+from mdm_scale.data.records import DataError, ReadReport, Where, checked_records, detect_format
+from mdm_scale.data.stream import DataStream
 from mdm_scale.data.synthetic import solve, write_synthetic_task
 from mdm_scale.data.tokenizer import build_char_tokenizer
 
@@ -86,6 +87,13 @@ BAD_LINES = [
 ]
 
 
+def read_records(path: Path, task: str, on_bad: str = "error") -> tuple[list[tuple[str, dict]], ReadReport]:
+    """Every valid record of a file with its place (``file:line``), and the report."""
+    fmt, report = detect_format(path, "auto"), ReadReport()
+    kept = [(str(Where(path, fmt, p)), r) for p, r in checked_records(path, fmt, task, on_bad, report)]
+    return kept, report
+
+
 @pytest.mark.parametrize("line, message", [
     (2, "not valid JSON"), (3, "missing field 'response'"), (4, "empty response"),
     (5, "expected a JSON object"), (6, "field 'prompt' must be a string"),
@@ -100,14 +108,14 @@ def test_malformed_records_fail_with_file_and_line(tmp_path, line, message):
 def test_malformed_records_are_skipped_and_counted(tmp_path):
     path = _write(tmp_path / "d.jsonl", BAD_LINES)
     records, report = read_records(path, "sft", on_bad="skip")
-    assert records["prompt"] == ["a", "c"] and records["line"] == ["1", "7"]
-    assert report.skipped == {"not valid JSON": 1, "missing field 'response'": 1, "empty response": 1,
+    assert [r["prompt"] for _, r in records] == ["a", "c"] and [w for w, _ in records] == [f"{path}:1", f"{path}:7"]
+    assert report.skipped == {"not valid JSON": 1, "missing field 'response' or 'messages'": 1, "empty response": 1,
                               "expected a JSON object, got list": 1, "field 'prompt' must be a string, got int": 1}
 
 
 def test_missing_file_and_parquet(tmp_path):
-    with pytest.raises(DataError, match="data file not found"):
-        read_records(tmp_path / "none.jsonl", "sft")
+    with pytest.raises(FileNotFoundError, match=r"config key 'data.train_file': file not found: .*none.jsonl"):
+        build_data(DataConfig(train_file=str(tmp_path / "none.jsonl")), 0, tmp_path / "tok")
     import datasets
 
     datasets.Dataset.from_dict({"text": ["hello world", ""]}).to_parquet(str(tmp_path / "p.parquet"))
@@ -122,9 +130,9 @@ def test_sft_tokenization_marks_prompt_and_handles_overlong(tmp_path):
     cfg = DataConfig(train_file=str(path), seq_len=8, on_bad_record="skip")
     data = build_data(cfg, seed=0, tokenizer_dir=tmp_path / "tok")
     tok = data.tokenizer
-    ids, prompt_len = data.train.example(0)
-    assert tok.decode(ids[:prompt_len]) == "ab" and prompt_len == 2
-    assert list(ids[prompt_len:]) == tok("cdef", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    ids, scored = data.train.example(0)
+    assert tok.decode(ids[~scored]) == "ab" and scored.tolist() == [False] * 2 + [True] * 5
+    assert list(ids[scored]) == tok("cdef", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
     assert len(data.train) == 2  # the 10-char prompt leaves no room in 8 tokens
     assert data.train.counts["over-long prompt"] == 1 and data.train.counts["truncated (over-long)"] == 1
     assert len(data.train.example(1)[0]) == 8
@@ -139,13 +147,13 @@ def test_pretraining_text_is_packed_into_full_blocks(synth_dir, tmp_path):
     cfg = DataConfig(train_file=str(synth_dir / "pretrain.jsonl"), seq_len=64)
     data = build_data(cfg, seed=0, tokenizer_dir=tmp_path / "tok")
     assert data.task == "pretrain"
-    lengths = np.diff(data.train.offsets)
-    assert (lengths == 64).all() and (data.train.prompt_lens == 0).all()
+    blocks = [data.train.example(i) for i in range(len(data.train))]
+    assert all(len(ids) == 64 and scored.all() for ids, scored in blocks)
     tok = data.tokenizer
     stream = [t for line in (synth_dir / "pretrain.jsonl").read_text().splitlines()
               for t in tok(json.loads(line)["text"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]]
-    assert data.train.tokens.tolist() == stream[:len(data.train.tokens)]
-    assert data.train.counts["tail tokens dropped"] == len(stream) - len(data.train.tokens) < 64
+    assert [t for ids, _ in blocks for t in ids.tolist()] == stream[:64 * len(blocks)]
+    assert data.train.counts["tail tokens dropped"] == len(stream) - 64 * len(blocks) < 64
 
 
 def test_char_tokenizer_round_trip(tmp_path):
@@ -205,10 +213,10 @@ def test_collated_batches_mask_only_padding(synth_dir, tmp_path):
     assert batch.sample_index.tolist() == [20, 21, 22, 23]
     assert batch.input_ids.shape[1] % 8 == 0
     for row, index in enumerate(loader.stream.example_ids(range(20, 24))):
-        ids, prompt_len = data.train.example(index)
+        ids, scored = data.train.example(index)
         assert batch.input_ids[row, :len(ids)].tolist() == ids.tolist()
         assert batch.attention_mask[row].sum() == len(ids)
-        assert batch.loss_mask[row].nonzero().flatten().tolist() == list(range(prompt_len, len(ids)))
+        assert batch.loss_mask[row].nonzero().flatten().tolist() == np.flatnonzero(scored).tolist()
 
 
 def test_eval_batches_cover_each_example_once_across_ranks(synth_dir, tmp_path):

@@ -98,19 +98,29 @@ def test_both_protocols_share_the_runs_they_have_in_common(tmp_path):
                     ("P-POTS+MIRROR 0.5x", 32, "rows"), ("auto", 64, "rows")}
 
 
+def as_chat(record: dict) -> str:
+    return json.dumps({"messages": [{"role": "user", "content": record["prompt"]},
+                                    {"role": "assistant", "content": record["response"]}]})
+
+
 def micro_experiment(synth_dir, tmp_path) -> tuple[Path, Path]:
-    """A 3-step tiny-model training config and a 4-record eval file."""
+    """A 3-step tiny-model training config, mixing prompt/response records with chat records, and a 4-record eval
+    file of chat records."""
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text("".join(as_chat(json.loads(line)) + "\n" for line in
+                            (synth_dir / "train.jsonl").read_text().splitlines()[:100]))
     config = tmp_path / "micro.yaml"
     config.write_text(f"""
 model: {{preset: tiny}}
-data: {{train_file: {synth_dir / 'train.jsonl'}, eval_file: {synth_dir / 'eval.jsonl'}, seq_len: 192,
-        response_eos_pad: 40}}
+data: {{train_files: [{{path: {synth_dir / 'train.jsonl'}, weight: 3}}, {{path: {chat}, weight: 1}}],
+        eval_file: {synth_dir / 'eval.jsonl'}, seq_len: 192, response_eos_pad: 40}}
 train: {{max_steps: 3, micro_batch_size: 4, lr: 3.0e-3, eval_every: 1, eval_samples: 8, log_every: 1,
          zero_stage: 0}}
 logging: {{progress_bar: never}}
 """)
     eval_data = tmp_path / "eval.jsonl"
-    eval_data.write_text("".join((synth_dir / "eval.jsonl").read_text().splitlines(True)[:4]))
+    eval_data.write_text("".join(as_chat(json.loads(line)) + "\n"
+                                 for line in (synth_dir / "eval.jsonl").read_text().splitlines()[:4]))
     return config, eval_data
 
 

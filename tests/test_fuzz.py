@@ -20,9 +20,9 @@ from hypothesis import strategies as st
 
 from mdm_scale.config.loader import all_keys, check_batch_arithmetic, choice_sections, load_config, parse_override
 from mdm_scale.config.schema import Config, ConfigError
-from mdm_scale.data.dataset import TokenizedData
+from mdm_scale.data.examples import TokenizedData
 from mdm_scale.data.loader import TrainLoader
-from mdm_scale.data.records import DataError, read_records
+from mdm_scale.data.records import ReadReport, RecordError, Where, checked_records
 
 SECTIONS = {k.rsplit(".", 1)[0] for k in all_keys() if "." in k}  # every section, nested ones too
 LEAF_KEYS = sorted(k for k in all_keys() if k not in SECTIONS)
@@ -160,17 +160,32 @@ def test_any_yaml_file_loads_with_its_values_or_fails_naming_a_key(document, tmp
 
 
 def record_is_good(raw: bytes) -> bool:
-    """What read_records must accept: a JSON object with string prompt and a non-blank string response."""
+    """What an SFT file may hold: a JSON object with a string prompt and a non-blank string response, or with
+    ``messages``: a non-empty list of objects whose role is system, user, assistant or tool and whose content is a
+    string, at least one of them an assistant turn, and no blank assistant turn."""
     try:
         record = json.loads(raw)
     except ValueError:
         return False
-    return (isinstance(record, dict) and isinstance(record.get("prompt"), str)
-            and isinstance(record.get("response"), str) and bool(record["response"].strip()))
+    if not isinstance(record, dict):
+        return False
+    messages = record.get("messages")
+    if messages is not None:
+        return (isinstance(messages, list) and len(messages) > 0
+                and all(isinstance(m, dict) and m.get("role") in ("system", "user", "assistant", "tool")
+                        and isinstance(m.get("content"), str) for m in messages)
+                and any(m["role"] == "assistant" for m in messages)
+                and all(m["content"].strip() for m in messages if m["role"] == "assistant"))
+    return (isinstance(record.get("prompt"), str) and isinstance(record.get("response"), str)
+            and bool(record["response"].strip()))
 
 
+chat_messages = st.lists(st.fixed_dictionaries(
+    {"role": st.sampled_from(["user", "assistant", "system", "tool", "bot", ""]),
+     "content": st.one_of(st.text(max_size=8), st.sampled_from([" ", None, 3, ["x"]]))}) | json_values, max_size=4)
 lines = st.one_of(
     st.fixed_dictionaries({"prompt": st.text(max_size=20), "response": st.text(max_size=20)}).map(json.dumps),
+    st.fixed_dictionaries({"messages": chat_messages | json_values}).map(json.dumps),
     json_values.map(json.dumps),
     st.text(max_size=30),
 ).map(lambda text: text.encode()) | st.binary(max_size=30)
@@ -184,17 +199,13 @@ def test_any_jsonl_file_reads_or_names_the_first_bad_line(raw_lines, tmp_path):
     numbered = [(n, raw) for n, raw in enumerate(raw_lines, start=1) if raw.strip()]
     good = [n for n, raw in numbered if record_is_good(raw)]
     bad = [n for n, raw in numbered if not record_is_good(raw)]
-    try:
-        records, report = read_records(path, "sft", on_bad="skip")
-    except DataError as err:
-        one_line_error(err)
-        assert not good and "no usable records" in str(err)
-    else:
-        assert records["line"] == [str(n) for n in good]
-        assert report.kept == len(good) and sum(report.skipped.values()) == len(bad)
+    report = ReadReport()
+    kept = [str(Where(path, "jsonl", p)) for p, _ in checked_records(path, "jsonl", "sft", "skip", report)]
+    assert kept == [f"{path}:{n}" for n in good]
+    assert report.kept == len(good) and sum(report.skipped.values()) == len(bad)
     if bad:
-        with pytest.raises(DataError, match=rf"d.jsonl:{bad[0]}: ") as caught:
-            read_records(path, "sft", on_bad="error")
+        with pytest.raises(RecordError, match=rf"d.jsonl:{bad[0]}: ") as caught:
+            list(checked_records(path, "jsonl", "sft", "error", ReadReport()))
         one_line_error(caught.value)
 
 
@@ -208,7 +219,7 @@ def test_loader_covers_each_stream_position_once_with_its_own_tokens(lengths, wo
     pieces = [rng.integers(5, 50, size=n) for n in lengths]
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
     prompts = np.array([int(rng.integers(0, n - 1)) for n in lengths], dtype=np.int64)
-    data = TokenizedData(np.concatenate(pieces).astype(np.int64), offsets, prompts, Counter())
+    data = TokenizedData.from_prompt_lens(np.concatenate(pieces).astype(np.int64), offsets, prompts, Counter())
     seen = []
     for rank in range(world):
         loader = TrainLoader(data, seed, rank, world, micro, accum, 0, 8, 64, grouped)

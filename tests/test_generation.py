@@ -438,9 +438,9 @@ def test_response_eos_pad_fills_the_answer_window_with_eos_in_the_loss(synth_dir
                                                                   **{"data.response_eos_pad": 60}))
     run_data = build_data(cfg.data, cfg.seed, synth_dir / "no_saved_tokenizer")
     data, eos = run_data.train, run_data.tokenizer.eos_token_id
-    ids, prompt_len = data.example(0)
-    assert len(ids) - prompt_len == 60
-    tail = ids[prompt_len:]
+    ids, scored = data.example(0)
+    assert scored.sum() == 60 and scored[-60:].all()
+    tail = ids[scored]
     first_eos = list(tail).index(eos)
     assert all(int(t) == eos for t in tail[first_eos:]) and first_eos > 0
     batch = collate(data, [0], [0], 0, 8, 192)
@@ -459,8 +459,8 @@ def test_a_response_of_exactly_response_eos_pad_tokens_has_no_room_for_its_eos(s
         cfg = load_config(["configs/quickstart.yaml"], tiny_overrides(synth_dir, synth_dir / "unused",
                                                                       **{"data.response_eos_pad": pad}))
         run_data = build_data(cfg.data, cfg.seed, synth_dir / "no_saved_tokenizer")
-        ids, prompt_len = run_data.train.example(0)
-        tail = [int(t) for t in ids[prompt_len:]]
+        ids, scored = run_data.train.example(0)
+        tail = [int(t) for t in ids[scored]]
         assert len(tail) == pad and tail.count(run_data.tokenizer.eos_token_id) == eos_count
         truncated[pad] = run_data.train.counts["truncated (response over data.response_eos_pad)"]
     assert truncated[n] - truncated[n + 1] == lengths.count(n)  # exactly the responses of n tokens

@@ -190,13 +190,13 @@ def test_chat_template_wraps_every_prompt_in_training_and_generation(synth_dir, 
             "data.tokenizer": str(tok_dir), "data.chat_template": template, "model.mask_token_id": 2}))
         data[template] = build_data(cfg.data, cfg.seed, tmp_path / "unused")
     tokenizer = data[True].tokenizer
-    ids, prompt_len = data[True].train.example(0)
-    assert tokenizer.decode(ids[:prompt_len]) == f"<user>{records[0]['prompt']}</user><assistant>"
-    assert tokenizer.decode(ids[prompt_len:]) == records[0]["response"] + "<eos>"
-    plain_ids, plain_len = data[False].train.example(0)
-    assert tokenizer.decode(plain_ids[:plain_len]) == records[0]["prompt"]
-    assert list(ids[prompt_len:]) == list(plain_ids[plain_len:])
-    assert encode_prompts(tokenizer, [records[0]["prompt"]], True) == [list(ids[:prompt_len])]
+    ids, scored = data[True].train.example(0)
+    assert tokenizer.decode(ids[~scored]) == f"<user>{records[0]['prompt']}</user><assistant>"
+    assert tokenizer.decode(ids[scored]) == records[0]["response"] + "<eos>"
+    plain_ids, plain_scored = data[False].train.example(0)
+    assert tokenizer.decode(plain_ids[~plain_scored]) == records[0]["prompt"]
+    assert list(ids[scored]) == list(plain_ids[plain_scored])
+    assert encode_prompts(tokenizer, [records[0]["prompt"]], True) == [list(ids[~scored])]
 
 
 def test_generate_decodes_a_remote_directory_only_with_trust_remote_code(remote_dir, capsys):

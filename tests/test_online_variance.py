@@ -24,7 +24,7 @@ from mdm_scale.config.loader import load_config
 from mdm_scale.config.schema import ConfigError
 from mdm_scale.config.variance import BernoulliMasksConfig, MirrorMasksConfig
 from mdm_scale.core.batch import Batch
-from mdm_scale.data.dataset import TokenizedData
+from mdm_scale.data.examples import TokenizedData
 from mdm_scale.data.loader import TrainLoader
 from mdm_scale.diffusion import online_variance
 from mdm_scale.diffusion.build import masks_for
@@ -40,8 +40,8 @@ EPS = 0.05
 def analytic_loader(micro: int, seed: int = 5) -> TrainLoader:
     """The training stream over the analytic model's SFT rows (x0 uniform over them, epoch by epoch)."""
     rows = [prompt + response for prompt, response in SFT_ROWS]
-    data = TokenizedData(np.concatenate(rows), np.cumsum([0, *map(len, rows)]),
-                         np.array([len(prompt) for prompt, _ in SFT_ROWS]))
+    data = TokenizedData.from_prompt_lens(np.concatenate(rows), np.cumsum([0, *map(len, rows)]),
+                                          np.array([len(prompt) for prompt, _ in SFT_ROWS]))
     return TrainLoader(data, seed, 0, 1, micro, 1, pad_id=PAD, pad_to_multiple_of=1, seq_len=16)
 
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from mdm_scale.data.dataset import TokenizedData
+from mdm_scale.data.examples import TokenizedData
 from mdm_scale.data.loader import TrainLoader, collate
 from mdm_scale.data.packing import pack_rows
 from mdm_scale.diffusion.masks import BernoulliMasks, MirrorMasks
@@ -19,13 +19,19 @@ from mdm_scale.models.modeling_mdm import MDMForMaskedDiffusion, build_attention
 SEQ_LEN, VOCAB, MASK_ID, PAD_ID = 64, 40, 3, 0
 
 
-def sft_data(n: int = 40, seed: int = 0) -> TokenizedData:
-    """Records of 6 to 40 tokens (log-uniform), prompts of 1 to 5 tokens."""
+def sft_data(n: int = 40, seed: int = 0, chat: bool = False) -> TokenizedData:
+    """Records of 6 to 40 tokens (log-uniform), prompts of 1 to 5 tokens; ``chat``: scored tokens in several
+    spans (assistant turns between user turns), each token scored with probability 1/2, the first never."""
     rng = np.random.default_rng(seed)
     lengths = np.exp(rng.uniform(np.log(6), np.log(40), n)).astype(np.int64)
     offsets = np.concatenate([[0], np.cumsum(lengths)])
     tokens = rng.integers(4, VOCAB, int(offsets[-1]))
-    return TokenizedData(tokens, offsets, rng.integers(1, 6, n))
+    if not chat:
+        return TokenizedData.from_prompt_lens(tokens, offsets, rng.integers(1, 6, n))
+    scored = rng.random(int(offsets[-1])) < 0.5
+    scored[offsets[:-1]] = False
+    scored[offsets[1:] - 1] = True
+    return TokenizedData.from_arrays(tokens, offsets, scored)
 
 
 def model() -> MDMForMaskedDiffusion:
@@ -44,9 +50,9 @@ def per_record_loss_and_grads(net, objective, batch):
     return noisy.sample_losses(noisy.row_losses(out.token_ce)).detach(), out.loss.detach(), grads
 
 
-@pytest.mark.parametrize("mirror", [False, True])
-def test_packed_rows_give_the_unpacked_losses_and_gradients(mirror):
-    data = sft_data()
+@pytest.mark.parametrize("mirror, chat", [(False, False), (True, False), (False, True)])
+def test_packed_rows_give_the_unpacked_losses_and_gradients(mirror, chat):
+    data = sft_data(chat=chat)
     loader = TrainLoader(data, seed=7, rank=0, world=1, micro_batch=3, grad_accum=1, pad_id=PAD_ID,
                          pad_to_multiple_of=8, seq_len=SEQ_LEN, packing=True)
     packed = loader.micro_batch_at(step=1, micro=0)

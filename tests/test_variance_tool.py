@@ -21,7 +21,7 @@ from torch import nn
 
 from analytic_mdm import MASK, PARAMS, W0, AnalyticMDM, exact_abc, midpoints, moments
 from mdm_scale.config.loader import load_config
-from mdm_scale.data.dataset import TokenizedData
+from mdm_scale.data.examples import TokenArray, TokenBlocks
 from mdm_scale.distributed.env import DistEnv
 from mdm_scale.variance.decomposition import Z_95, decompose, summarize_unit
 from mdm_scale.variance.methods import build_method
@@ -48,9 +48,7 @@ class Engine:
 
 
 def subject(cfg, model) -> Subject:
-    tokens = BLOCKS.reshape(-1)
-    offsets = np.arange(0, len(tokens) + 1, N_TOK)
-    data = TokenizedData(tokens, offsets, np.zeros(len(BLOCKS), dtype=np.int64))
+    data = TokenBlocks(TokenArray([BLOCKS.reshape(-1)]), N_TOK)
     return Subject(cfg, DistEnv(0, 1, 0, torch.device("cpu")), Engine(model), data, pad_id=0, mask_token_id=MASK)
 
 

@@ -210,6 +210,8 @@ def coerce(value: Any, hint: Any, key: str) -> Any:
     does not read as numbers), are accepted where floats are expected."""
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
+    if dataclasses.is_dataclass(hint):  # an item of a list of sections, e.g. data.train_files[0]
+        return from_dict(hint, value, key + ".")
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None

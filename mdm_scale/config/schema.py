@@ -64,19 +64,43 @@ class ModelConfig:
 
 
 @dataclass
-class DataConfig:
-    """Where the text comes from and how it becomes token blocks (``mdm_scale/data``)."""
+class SourceConfig:
+    """One source of records (an item of ``data.train_files`` / ``data.eval_files``, ``mdm_scale/data/sources.py``)."""
 
-    train_file: str = "data/synth/train.jsonl"
-    """Local JSONL or parquet. SFT records ``{"prompt", "response"}``; pretraining records ``{"text"}``."""
+    path: str = ""
+    """A JSONL, parquet or Arrow file, a glob of such files (``data/*.parquet``), a directory written by
+    ``datasets.save_to_disk`` (one split), a directory holding such files, or a token store written by
+    ``mdm-scale data tokenize``."""
+    weight: float | None = None
+    """Training sources only: this source's share of the training stream (the weights are normalised to sum
+    to 1; ``data/stream.py``). Unset on every source: the sources form one set, each example once per epoch."""
+
+
+@dataclass
+class DataConfig:
+    """Where the records come from and how they become token sequences (``mdm_scale/data``)."""
+
+    train_file: str | None = "data/synth/train.jsonl"
+    """One training source (any ``path`` that ``data.train_files`` takes); not used when ``data.train_files`` is
+    set. Record kinds: SFT ``{"prompt", "response"}``, chat ``{"messages": [{"role", "content"}, ...]}``,
+    pretraining ``{"text"}``."""
+    train_files: list[SourceConfig] = field(default_factory=list)
+    """Several training sources ``[{path, weight}]``, mixed by weight (or, without weights, as one set)."""
     eval_file: str | None = None
-    """Held-out file in the same format; if unset, ``eval_fraction`` of the training records is held out."""
+    """Held-out source in the same record kind; if unset (and ``eval_files`` too), ``eval_fraction`` of the
+    training records is held out."""
+    eval_files: list[SourceConfig] = field(default_factory=list)
+    """Several held-out sources ``[{path}]``, one after another; used instead of ``eval_file`` when set."""
     eval_fraction: float = 0.0
-    format: Literal["auto", "jsonl", "parquet"] = "auto"
+    """Hold out each training record with this probability, decided by a hash of (seed, source, file, record
+    position), so the same records on any number of ranks."""
+    format: Literal["auto", "jsonl", "parquet", "arrow"] = "auto"
+    """``auto``: by file name (``.parquet``, ``.arrow``; anything else is JSONL)."""
     task: Literal["auto", "sft", "pretrain"] = "auto"
-    """``auto`` picks ``sft`` when the first record has ``prompt``/``response`` and ``pretrain`` for ``text``."""
+    """``auto`` picks ``sft`` when the first record has ``prompt``/``response`` or ``messages`` and ``pretrain``
+    for ``text``."""
     tokenizer: str = "char"
-    """A local HF tokenizer directory, or ``char`` to build a character tokenizer from the training file."""
+    """A local HF tokenizer directory, or ``char`` to build a character tokenizer from the training records."""
     seq_len: int = 256
     """Maximum tokens per sequence (SFT) or block length (pretraining)."""
     response_eos_pad: int = 0
@@ -84,13 +108,23 @@ class DataConfig:
     LLaDA's SFT pads with EOS), so that a diffusion model learns to end its answer inside a fixed generation
     window; use the same value as ``--gen-length`` when evaluating. 0 = one EOS only. A response needs room for
     at least one EOS, so one of this many tokens or more is over-long and follows ``data.overlong`` (truncated
-    to the window without EOS, or dropped), counted in the data report."""
+    to the window without EOS, or dropped), counted in the data report. Chat records: the EOS padding follows
+    the last assistant turn of each example, until that turn has this many tokens."""
     overlong: Literal["truncate", "drop"] = "truncate"
-    """SFT records longer than ``seq_len``: cut the response, or drop the record. Both are counted."""
+    """SFT records longer than ``seq_len``: cut the response (chat: the sequence), or drop the record. Both are
+    counted."""
     on_bad_record: Literal["error", "skip"] = "error"
     """A malformed, empty or over-long-prompt record stops the run with file and line, or is skipped and counted."""
     chat_template: bool = False
-    """Wrap SFT prompts with the tokenizer's chat template (the tokenizer must have one)."""
+    """Wrap the prompts of ``{prompt, response}`` records with the tokenizer's chat template (the tokenizer must
+    have one). Chat records always use the tokenizer's template, or the plain template when it has none."""
+    chat_turns: Literal["joint", "per_turn"] = "joint"
+    """Chat records: ``joint``: one sequence per conversation, every assistant turn scored; ``per_turn``: one
+    sequence per assistant turn, all earlier turns (assistant ones included) as its unmasked prompt."""
+    cache_dir: str | None = None
+    """Where tokenized sources are kept (``data/cache.py``), shared by every run that reads the same source with
+    the same tokenizer and options; unset: ``$MDM_SCALE_DATA_CACHE``, else ``$XDG_CACHE_HOME/mdm-scale/data``
+    (``~/.cache/mdm-scale/data``)."""
     pad_to_multiple_of: int = 8
     """Right-pad each SFT micro-batch to a multiple of this (pretraining blocks are never padded)."""
     group_by_length: bool = True
@@ -105,12 +139,33 @@ class DataConfig:
     estimate of the same mean over sequences). ``group_by_length`` does not apply; held-out evaluation stays
     unpacked."""
 
+    def train_sources(self) -> list[tuple[str, SourceConfig]]:
+        """(config key, source) of every training source: ``data.train_files``, else ``data.train_file``."""
+        if self.train_files:
+            return [(f"data.train_files[{i}]", s) for i, s in enumerate(self.train_files)]
+        return [("data.train_file", SourceConfig(self.train_file or ""))]
+
+    def eval_sources(self) -> list[tuple[str, SourceConfig]]:
+        """(config key, source) of every held-out source (none: ``eval_fraction`` of the training records)."""
+        if self.eval_files:
+            return [(f"data.eval_files[{i}]", s) for i, s in enumerate(self.eval_files)]
+        return [("data.eval_file", SourceConfig(self.eval_file))] if self.eval_file is not None else []
+
     def check(self) -> None:
         require(0.0 <= self.eval_fraction < 1.0, "data.eval_fraction", self.eval_fraction, "must be in [0, 1)")
         require(self.seq_len >= 8, "data.seq_len", self.seq_len, "must be >= 8")
         require(self.response_eos_pad >= 0, "data.response_eos_pad", self.response_eos_pad, "must be >= 0")
         require(self.pad_to_multiple_of >= 1, "data.pad_to_multiple_of", self.pad_to_multiple_of, "must be >= 1")
-        require(bool(self.train_file), "data.train_file", self.train_file, "must name a file")
+        for key, source in self.train_sources() + self.eval_sources():
+            require(bool(source.path), f"{key}.path" if "files" in key else key, source.path, "must name a source")
+        weighted = [source.weight is not None for _, source in self.train_sources()]
+        require(all(weighted) or not any(weighted), "data.train_files[*].weight",
+                 [source.weight for _, source in self.train_sources()], "give a weight to every source or to none")
+        for key, source in self.train_sources():
+            require(source.weight is None or source.weight > 0, f"{key}.weight", source.weight, "must be > 0")
+        for key, source in self.eval_sources():
+            require(source.weight is None, f"{key}.weight", source.weight,
+                     "held-out sources are read one after another, without weights")
 
 
 @dataclass

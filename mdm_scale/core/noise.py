@@ -33,6 +33,8 @@ class Stream(IntEnum):
     PROBE_MASK = 8  # the probe's independent second mask at the training t
     PROBE_T = 9  # the probe's independent second masking rate
     PROBE_T_MASK = 10  # the probe's mask at that second rate
+    DATA_MIX = 11  # which source each stream position of a weighted mixture draws from (data/stream.py)
+    HELDOUT = 12  # which records data.eval_fraction holds out (data/cache.py)
 
 
 def mix32(x: torch.Tensor) -> torch.Tensor:

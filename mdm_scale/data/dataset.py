@@ -1,118 +1,177 @@
-"""Turn checked records into token sequences held in memory.
+"""Turn checked records into token sequences, and flag the tokens that are scored (masked and predicted).
 
-- SFT: ``[bos] prompt  response [eos]`` (``data.response_eos_pad``: EOS repeated until the response has that
-  many tokens); ``prompt_len`` marks where the response starts. Positions before it
-  (the prompt) and after the end (padding) are never masked and never in the loss. A prompt that leaves no
+- SFT ``{prompt, response}``: ``[bos] prompt response [eos]`` (``data.response_eos_pad``: EOS repeated until the
+  response has that many tokens); the response and its EOS are scored, the prompt never. A prompt that leaves no
   room for a response within ``seq_len`` is a bad record; an over-long response is truncated or the record is
   dropped (``data.overlong``), and both are counted.
-- Pretraining: every text gets ``[eos]`` appended, all texts are concatenated and cut into blocks of exactly
-  ``seq_len`` tokens (no padding; the incomplete tail is dropped and counted); every position is eligible.
+- chat ``{messages}``: rendered by ``data/chat.py`` (the tokenizer's chat template, or the plain template); every
+  assistant turn is scored (its content and the template's end of turn), everything else is prompt. With
+  ``data.chat_turns: joint`` a conversation is one sequence; with ``per_turn`` each assistant turn is one, with
+  all earlier turns as its prompt. ``data.response_eos_pad`` pads the sequence's last assistant turn with EOS; a
+  sequence whose first scored token lies beyond ``seq_len`` is a bad record, a longer one is cut at ``seq_len`` or
+  dropped (``data.overlong``), counted. The answer-length normalisation 1/n of the loss counts the scored tokens.
+- pretraining ``{text}``: every text gets ``[eos]`` appended; a source's texts form one token stream, cut into
+  blocks of ``seq_len`` when read (``examples.TokenBlocks``).
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 
-import datasets
 import numpy as np
 from transformers import PreTrainedTokenizerBase
 
 from mdm_scale.config.schema import DataConfig
-from mdm_scale.data.records import ReadReport, reject
+from mdm_scale.data.chat import ChatRenderer, plain_header
+from mdm_scale.data.records import DataError, DataProblem
 from mdm_scale.data.tokenizer import special_ids
 
 
 @dataclass
-class TokenizedData:
-    """Example ``i`` is ``tokens[offsets[i]:offsets[i+1]]``; its first ``prompt_lens[i]`` tokens are prompt."""
+class Encoded:
+    """One sequence: token ids and, for SFT, which of them are scored."""
 
-    tokens: np.ndarray
-    offsets: np.ndarray
-    prompt_lens: np.ndarray
-    counts: Counter = field(default_factory=Counter)
-
-    def __len__(self) -> int:
-        return len(self.prompt_lens)
-
-    def example(self, i: int) -> tuple[np.ndarray, int]:
-        return self.tokens[self.offsets[i]:self.offsets[i + 1]], int(self.prompt_lens[i])
-
-    @property
-    def num_tokens(self) -> int:
-        return int(self.offsets[-1])
+    ids: list[int]
+    scored: np.ndarray | None = None
 
 
-def tokenize_records(records: datasets.Dataset, report: ReadReport, task: str, tokenizer: PreTrainedTokenizerBase,
-                     cfg: DataConfig) -> TokenizedData:
-    if task == "sft":
-        return _tokenize_sft(records, report, tokenizer, cfg)
-    return _pack_pretraining(records, tokenizer, cfg.seq_len)
+def encode_prompts(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str | list[dict]], chat_template: bool
+                   ) -> list[list[int]]:
+    """Prompt token ids exactly as SFT training sees them (generation encodes its prompts with this too): a text
+    prompt as ``[bos] prompt``, or the chat template's user turn and generation prompt (``chat_template``); a
+    conversation (list of messages) rendered with its generation prompt (``data/chat.py``)."""
+    if not prompts:
+        return []
+    renderer, bos = ChatRenderer(tokenizer), [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    texts, heads = [], []
+    for prompt in prompts:
+        if isinstance(prompt, list) or chat_template:
+            messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+            texts.append(renderer.render(messages, add_generation_prompt=True))
+            heads.append([])
+        else:
+            texts.append(prompt)
+            heads.append(bos)
+    return [head + ids for head, ids in zip(heads, tokenizer(texts, add_special_tokens=False)["input_ids"])]
 
 
-def encode_prompts(tokenizer: PreTrainedTokenizerBase, prompts: list[str], chat_template: bool) -> list[list[int]]:
-    """Prompt token ids exactly as SFT training sees them: ``[bos] prompt``, or the chat template's user turn
-    and generation prompt (generation encodes its prompts with this too)."""
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None and not chat_template else []
-    if chat_template:
-        prompts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
-                                                 add_generation_prompt=True) for p in prompts]
-    return [bos + ids for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]]
+def vocabulary_texts(record: dict, task: str) -> list[str]:
+    """The texts whose characters a character tokenizer needs for ``record`` (chat: the plain template's)."""
+    if task == "pretrain":
+        return [record["text"]]
+    if record.get("messages") is not None:
+        return [plain_header(m["role"]) + m["content"] + "\n" for m in record["messages"]]
+    return [record["prompt"], record["response"]]
 
 
-def _tokenize_sft(records, report, tokenizer, cfg: DataConfig) -> TokenizedData:
-    _, eos = special_ids(tokenizer)
-    tail = [eos] if eos is not None else []
+class RecordEncoder:
+    """Checked records of one task -> sequences. ``counts`` collects what was truncated or dropped."""
 
-    def with_tail(ids: list[int]) -> list[int]:
-        return ids + tail * max(1, cfg.response_eos_pad - len(ids))
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, cfg: DataConfig, task: str):
+        self.tokenizer, self.cfg, self.task = tokenizer, cfg, task
+        _, eos = special_ids(tokenizer)
+        self.tail = [eos] if eos is not None else []
+        self.renderer = ChatRenderer(tokenizer)
+        self.counts: Counter = Counter()
 
-    def encode(batch):
-        response_ids = tokenizer(batch["response"], add_special_tokens=False)["input_ids"]
-        return {"prompt_ids": encode_prompts(tokenizer, batch["prompt"], cfg.chat_template),
-                "response_ids": [with_tail(r) for r in response_ids]}
+    def encode(self, records: list[dict]) -> list[list[Encoded] | DataProblem]:
+        """Per record: its sequences (pretraining and SFT one, ``per_turn`` chat one per assistant turn, none if
+        dropped), or the problem that makes it a bad record."""
+        if self.task == "pretrain":
+            encoded = self.tokenizer([r["text"] for r in records], add_special_tokens=False)["input_ids"]
+            return [[Encoded(ids + self.tail)] for ids in encoded]
+        out: list = [None] * len(records)
+        pairs = [i for i, r in enumerate(records) if r.get("messages") is None]
+        for i, result in zip(pairs, self._prompt_response([records[i] for i in pairs])):
+            out[i] = result
+        chats = [i for i, r in enumerate(records) if r.get("messages") is not None]
+        for i, result in zip(chats, self._chats([records[i]["messages"] for i in chats])):
+            out[i] = result
+        return out
 
-    encoded = records.map(encode, batched=True, keep_in_memory=True, remove_columns=["prompt", "response"])
-    pieces, prompt_lens, counts = [], [], Counter()
-    for prompt, response, line in zip(encoded["prompt_ids"], encoded["response_ids"], encoded["line"]):
-        if len(prompt) >= cfg.seq_len:
-            reject(report, f"{report.path}:{line}",
-                   f"over-long prompt ({len(prompt)} tokens leave no room for a response in "
-                   f"data.seq_len={cfg.seq_len})", cfg.on_bad_record)
-            continue
-        if cfg.response_eos_pad and len(response) > cfg.response_eos_pad:
-            if cfg.overlong == "drop":
-                counts["dropped (response over data.response_eos_pad)"] += 1
+    def _prompt_response(self, records: list[dict]) -> list[list[Encoded] | DataProblem]:
+        if not records:
+            return []
+        cfg = self.cfg
+        prompts = encode_prompts(self.tokenizer, [r["prompt"] for r in records], cfg.chat_template)
+        responses = self.tokenizer([r["response"] for r in records], add_special_tokens=False)["input_ids"]
+        out = []
+        for prompt, response in zip(prompts, responses):
+            response = response + self.tail * max(1, cfg.response_eos_pad - len(response))
+            if len(prompt) >= cfg.seq_len:
+                out.append(_overlong_prompt(len(prompt), cfg.seq_len))
                 continue
-            counts["truncated (response over data.response_eos_pad)"] += 1
-            response = response[:cfg.response_eos_pad]
-        if len(prompt) + len(response) > cfg.seq_len:
-            if cfg.overlong == "drop":
-                counts["dropped (over-long)"] += 1
+            if cfg.response_eos_pad and len(response) > cfg.response_eos_pad:
+                if cfg.overlong == "drop":
+                    self.counts["dropped (response over data.response_eos_pad)"] += 1
+                    out.append([])
+                    continue
+                self.counts["truncated (response over data.response_eos_pad)"] += 1
+                response = response[:cfg.response_eos_pad]
+            if len(prompt) + len(response) > cfg.seq_len:
+                if cfg.overlong == "drop":
+                    self.counts["dropped (over-long)"] += 1
+                    out.append([])
+                    continue
+                self.counts["truncated (over-long)"] += 1
+                response = response[:cfg.seq_len - len(prompt)]
+            scored = np.zeros(len(prompt) + len(response), dtype=bool)
+            scored[len(prompt):] = True
+            out.append([Encoded(prompt + response, scored)])
+        return out
+
+    def _chats(self, conversations: list[list[dict]]) -> list[list[Encoded] | DataProblem]:
+        """Render every sequence of every conversation, tokenize them in one call, then check their lengths."""
+        if not conversations:
+            return []
+        per_turn = self.cfg.chat_turns == "per_turn"
+        texts, spans, owner = [], [], []
+        out: list = [[] for _ in conversations]
+        for c, messages in enumerate(conversations):
+            ends = [k + 1 for k, m in enumerate(messages) if m["role"] == "assistant"] if per_turn \
+                else [len(messages)]
+            for end in ends:
+                rendered = self.renderer.spans(messages[:end], last_turn_only=per_turn)
+                if isinstance(rendered, DataProblem):
+                    out[c] = rendered
+                    break
+                texts.append(rendered[0])
+                spans.append(rendered[1])
+                owner.append((c, messages[end - 1]["role"] == "assistant"))
+        if not self.tokenizer.is_fast:
+            raise DataError(f"chat records need a fast tokenizer (with tokenizer.json) to find the assistant "
+                            f"tokens; data.tokenizer = {self.cfg.tokenizer!r} is not one")
+        for (c, ends_with_answer), (ids, scored) in zip(owner, self.renderer.tokenize(texts, spans)):
+            if isinstance(out[c], DataProblem):
                 continue
-            counts["truncated (over-long)"] += 1
-            response = response[:cfg.seq_len - len(prompt)]
-        pieces.append(np.asarray(prompt + response, dtype=np.int64))
-        prompt_lens.append(len(prompt))
-    if not pieces:
-        raise ValueError(f"{report.path}: no record fits data.seq_len={cfg.seq_len} ({dict(counts)})")
-    offsets = np.zeros(len(pieces) + 1, dtype=np.int64)
-    np.cumsum([len(p) for p in pieces], out=offsets[1:])
-    counts.update(report.skipped)
-    return TokenizedData(np.concatenate(pieces), offsets, np.asarray(prompt_lens, dtype=np.int64), counts)
+            result = self._fit(list(ids), scored, ends_with_answer)
+            if isinstance(result, DataProblem):
+                out[c] = result
+            elif result is not None:
+                out[c].append(result)
+        return out
+
+    def _fit(self, ids: list[int], scored: np.ndarray, ends_with_answer: bool) -> Encoded | DataProblem | None:
+        """EOS padding of the last assistant turn, then the length checks of one chat sequence."""
+        cfg = self.cfg
+        if ends_with_answer and cfg.response_eos_pad and self.tail:
+            last_turn = len(scored) - int(np.argmin(scored[::-1])) if not scored.all() else 0
+            missing = cfg.response_eos_pad - (len(scored) - last_turn)
+            if missing > 0:
+                ids, scored = ids + self.tail * missing, np.concatenate([scored, np.ones(missing, dtype=bool)])
+        first = int(np.argmax(scored)) if scored.any() else len(ids)
+        if first >= cfg.seq_len:
+            return _overlong_prompt(first, cfg.seq_len)
+        if len(ids) > cfg.seq_len:
+            if cfg.overlong == "drop":
+                self.counts["dropped (over-long)"] += 1
+                return None
+            self.counts["truncated (over-long)"] += 1
+            ids, scored = ids[:cfg.seq_len], scored[:cfg.seq_len]
+        return Encoded(ids, scored)
 
 
-def _pack_pretraining(records, tokenizer, seq_len: int) -> TokenizedData:
-    _, eos = special_ids(tokenizer)
-    tail = [eos] if eos is not None else []
-    encoded = records.map(lambda b: {"ids": [ids + tail for ids in tokenizer(b["text"], add_special_tokens=False)
-                                             ["input_ids"]]}, batched=True, keep_in_memory=True,
-                          remove_columns=["text"])
-    stream = np.fromiter((t for ids in encoded["ids"] for t in ids), dtype=np.int64)
-    blocks = len(stream) // seq_len
-    if blocks == 0:
-        raise ValueError(f"the pretraining text has {len(stream)} tokens, fewer than one block of "
-                         f"data.seq_len={seq_len}")
-    counts = Counter({"tail tokens dropped": len(stream) - blocks * seq_len})
-    return TokenizedData(stream[:blocks * seq_len], np.arange(blocks + 1, dtype=np.int64) * seq_len,
-                         np.zeros(blocks, dtype=np.int64), counts)
+def _overlong_prompt(tokens: int, seq_len: int) -> DataProblem:
+    return DataProblem(f"over-long prompt ({tokens} tokens leave no room for a response in data.seq_len={seq_len})")

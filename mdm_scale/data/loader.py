@@ -1,7 +1,7 @@
 """Which examples each rank trains on, and how they become padded tensors.
 
-The data is one endless stream: stream position ``s`` is example ``perm_e[s mod N]`` of epoch ``e = s // N``,
-with ``perm_e`` a permutation keyed by (seed, epoch). Optimiser step ``k`` consumes positions
+The data is one endless stream (``data/stream.py``: stream position -> example, keyed by the seed and the
+position only; a weighted mixture of sources is keyed likewise). Optimiser step ``k`` consumes positions
 ``[k G, (k+1) G)`` with ``G = micro x accumulation x world``, split into ``accumulation x world`` groups of
 ``micro``: micro-step ``a`` of rank ``r`` takes group ``a W + r``. The groups are consecutive positions, or, with
 ``group_by_length``, the step's samples sorted by length (ties by position), so that a micro-batch holds
@@ -21,35 +21,14 @@ import math
 import torch
 
 from mdm_scale.core.batch import Batch
-from mdm_scale.core.noise import Stream, keyed_generator
-from mdm_scale.data.dataset import TokenizedData
+from mdm_scale.data.examples import Examples
 from mdm_scale.data.packing import PackedStream, collate_packed
+from mdm_scale.data.stream import data_stream
 
 
-class DataStream:
-    """Stream position -> example index, reshuffled each epoch with a permutation keyed by (seed, epoch)."""
-
-    def __init__(self, size: int, seed: int, shuffle: bool = True):
-        self.size, self.seed, self.shuffle = size, seed, shuffle
-        self._epoch, self._perm = -1, None
-
-    def example_ids(self, positions: range) -> list[int]:
-        out = []
-        for s in positions:
-            epoch, offset = divmod(s, self.size)
-            if not self.shuffle:
-                out.append(offset)
-                continue
-            if epoch != self._epoch:
-                self._perm = torch.randperm(self.size, generator=keyed_generator(self.seed, Stream.DATA_ORDER,
-                                                                                 epoch)).tolist()
-                self._epoch = epoch
-            out.append(self._perm[offset])
-        return out
-
-
-def collate(data: TokenizedData, example_ids: list[int], sample_index: list[int], pad_id: int,
+def collate(data: Examples, example_ids: list[int], sample_index: list[int], pad_id: int,
             pad_to_multiple_of: int, seq_len: int) -> Batch:
+    """Examples as right-padded rows; ``loss_mask`` is each example's scored flags (prompt and padding never)."""
     examples = [data.example(i) for i in example_ids]
     longest = max(len(ids) for ids, _ in examples)
     width = min(seq_len, math.ceil(longest / pad_to_multiple_of) * pad_to_multiple_of) if longest < seq_len \
@@ -57,10 +36,10 @@ def collate(data: TokenizedData, example_ids: list[int], sample_index: list[int]
     input_ids = torch.full((len(examples), width), pad_id, dtype=torch.int64)
     real = torch.zeros((len(examples), width), dtype=torch.bool)
     loss_mask = torch.zeros((len(examples), width), dtype=torch.bool)
-    for row, (ids, prompt_len) in enumerate(examples):
+    for row, (ids, scored) in enumerate(examples):
         input_ids[row, :len(ids)] = torch.from_numpy(ids)
         real[row, :len(ids)] = True
-        loss_mask[row, prompt_len:len(ids)] = True
+        loss_mask[row, :len(ids)] = torch.from_numpy(scored)
     return Batch(input_ids=input_ids, loss_mask=loss_mask, sample_index=torch.tensor(sample_index),
                  attention_mask=None if bool(real.all()) else real)
 
@@ -69,15 +48,15 @@ class TrainLoader:
     """Micro-batches of the training stream for one rank (``packing``: rows of packed records,
     ``data/packing.py``)."""
 
-    def __init__(self, data: TokenizedData, seed: int, rank: int, world: int, micro_batch: int, grad_accum: int,
+    def __init__(self, data: Examples, seed: int, rank: int, world: int, micro_batch: int, grad_accum: int,
                  pad_id: int, pad_to_multiple_of: int, seq_len: int, group_by_length: bool = False,
                  packing: bool = False):
         self.data, self.rank, self.world = data, rank, world
         self.micro_batch, self.grad_accum = micro_batch, grad_accum
         self.pad_id, self.pad_to_multiple_of, self.seq_len = pad_id, pad_to_multiple_of, seq_len
         self.group_by_length = group_by_length
-        self.stream = DataStream(len(data), seed)
-        self.packed = PackedStream(self.stream, data.offsets[1:] - data.offsets[:-1], seq_len) if packing else None
+        self.stream = data_stream(data, seed)
+        self.packed = PackedStream(self.stream, data.lengths, seq_len) if packing else None
         self._step_plan: tuple[int, list[int], list[int]] | None = None
         self._layout = [(0, 0, micro_batch)]  # (first step, its first stream position, sequences per micro-batch)
 
@@ -120,14 +99,14 @@ class TrainLoader:
             positions = list(range(first, first + size))
             examples = self.stream.example_ids(range(positions[0], positions[-1] + 1))
             if self.group_by_length:
-                lengths = self.data.offsets[1:] - self.data.offsets[:-1]
-                order = sorted(range(size), key=lambda j: (int(lengths[examples[j]]), j))
+                lengths = self.data.lengths(examples)
+                order = sorted(range(size), key=lambda j: (int(lengths[j]), j))
                 positions, examples = [positions[j] for j in order], [examples[j] for j in order]
             self._step_plan = (step, positions, examples)
         return self._step_plan[1], self._step_plan[2]
 
 
-def eval_batches(data: TokenizedData, rank: int, world: int, micro_batch: int, max_samples: int, pad_id: int,
+def eval_batches(data: Examples, rank: int, world: int, micro_batch: int, max_samples: int, pad_id: int,
                  pad_to_multiple_of: int, seq_len: int):
     """This rank's share of the first ``max_samples`` eval examples (all if 0), in fixed order.
 

@@ -1,10 +1,11 @@
 """Packed SFT rows (``data.packing``): several records per row of ``seq_len`` tokens, none split.
 
-**Which records share a row.** The data stream (``loader.DataStream``: one keyed permutation per epoch) is
-cut into rows epoch by epoch by first-fit over a window of ``window`` open rows: each record, in stream
-order, goes to the first open row with room; when none has room, the oldest open row is emitted and a new one
-opened; the epoch's last open rows are emitted at its end. Row ``j`` of the packed stream is therefore a pure
-function of (seed, data, j): a resume needs only the step, and every world size sees the same rows.
+**Which records share a row.** The data stream (``data/stream.py``: one keyed permutation per epoch; for a
+weighted mixture of sources an "epoch" here is one of its windows) is cut into rows epoch by epoch by first-fit
+over a window of ``window`` open rows: each record, in stream order, goes to the first open row with room; when
+none has room, the oldest open row is emitted and a new one opened; the epoch's last open rows are emitted at
+its end. Row ``j`` of the packed stream is therefore a pure function of (seed, data, j): a resume needs only the
+step, and every world size sees the same rows.
 Optimiser step ``k`` takes rows ``[k R, (k + 1) R)`` with ``R = micro x accumulation x world`` (micro-batch =
 rows), and micro-step ``a`` of rank ``r`` the ``micro`` rows of group ``a W + r``, as unpacked batches do.
 
@@ -26,11 +27,13 @@ same objective, the mean of l over sequences.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 
 from mdm_scale.core.batch import Batch
-from mdm_scale.data.dataset import TokenizedData
+from mdm_scale.data.examples import Examples
 
 
 def pack_rows(lengths: list[int], seq_len: int, window: int) -> list[list[int]]:
@@ -51,9 +54,10 @@ def pack_rows(lengths: list[int], seq_len: int, window: int) -> list[list[int]]:
 
 
 class PackedStream:
-    """Packed row ``j`` -> (stream positions of its records, records per row of its epoch)."""
+    """Packed row ``j`` -> (stream positions of its records, records per row of its epoch); ``lengths`` maps
+    example ids to their lengths."""
 
-    def __init__(self, stream, lengths: np.ndarray, seq_len: int, window: int = 8):
+    def __init__(self, stream, lengths: Callable[[list[int]], np.ndarray], seq_len: int, window: int = 8):
         self.stream, self.lengths, self.seq_len, self.window = stream, lengths, seq_len, window
         self._first_row = [0]  # first packed row of each epoch packed so far
         self._epoch: tuple[int, list[list[int]], float] | None = None
@@ -73,14 +77,14 @@ class PackedStream:
             size = self.stream.size
             positions = range(epoch * size, (epoch + 1) * size)
             examples = self.stream.example_ids(positions)
-            rows = pack_rows([int(self.lengths[e]) for e in examples], self.seq_len, self.window)
+            rows = pack_rows(self.lengths(examples).tolist(), self.seq_len, self.window)
             self._epoch = (epoch, [[positions[i] for i in row] for row in rows], size / len(rows))
             if epoch == len(self._first_row) - 1:
                 self._first_row.append(self._first_row[-1] + len(rows))
         return self._epoch
 
 
-def collate_packed(data: TokenizedData, rows: list[list[int]], example_ids: list[list[int]], per_row: list[float],
+def collate_packed(data: Examples, rows: list[list[int]], example_ids: list[list[int]], per_row: list[float],
                    pad_id: int, seq_len: int):
     """A packed micro-batch: rows of exactly ``seq_len`` tokens (fixed shapes), records left-aligned one after
     the other, the rest padding. ``rows[i]`` are the stream positions (noise keys) of row i's records and
@@ -93,10 +97,10 @@ def collate_packed(data: TokenizedData, rows: list[list[int]], example_ids: list
     for row, (positions, examples) in enumerate(zip(rows, example_ids)):
         offset = 0
         for position, example in zip(positions, examples):
-            ids, prompt_len = data.example(example)
+            ids, scored = data.example(example)
             stop = offset + len(ids)
             input_ids[row, offset:stop] = torch.from_numpy(ids)
-            loss_mask[row, offset + prompt_len:stop] = True
+            loss_mask[row, offset:stop] = torch.from_numpy(scored)
             document_ids[row, offset:stop] = len(sample_index)
             position_ids[row, offset:stop] = torch.arange(len(ids))
             sample_index.append(position)

@@ -9,6 +9,8 @@ special tokens: ``<|pad|>`` 0, ``<|eos|>`` 1, ``<|mask|>`` 2, ``<|unk|>`` 3. A r
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -30,19 +32,32 @@ def build_char_tokenizer(texts: Iterable[str]) -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=backend, **SPECIAL_TOKENS)
 
 
-def load_tokenizer(spec: str, saved_dir: Path, texts: Iterable[str] | None = None) -> PreTrainedTokenizerBase:
-    """``spec`` is ``char`` or a local directory. A ``char`` tokenizer already saved in ``saved_dir`` wins."""
+def load_tokenizer(spec: str, saved_dir: Path | None = None) -> PreTrainedTokenizerBase:
+    """``spec`` is a local directory, or ``char`` with a character tokenizer saved in ``saved_dir`` (building
+    one from the records is ``data/cache.char_tokenizer``'s)."""
     if spec == "char":
-        if (saved_dir / "tokenizer.json").is_file():
-            return AutoTokenizer.from_pretrained(str(saved_dir))
-        if texts is None:
-            raise ValueError("building a char tokenizer needs the training texts")
-        return build_char_tokenizer(texts)
+        if saved_dir is None or not (saved_dir / "tokenizer.json").is_file():
+            raise ValueError("a char tokenizer is built from the records (data/cache.py) or loaded from a run")
+        return AutoTokenizer.from_pretrained(str(saved_dir))
     path = Path(spec)
     if not path.is_dir():
         raise FileNotFoundError(f"config key 'data.tokenizer' = {spec!r}: not a local directory (mdm-scale "
                                 f"never downloads; use 'char' or a directory with tokenizer files)")
     return AutoTokenizer.from_pretrained(str(path))
+
+
+def fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
+    """A hash of what decides the ids a tokenizer gives: its backend (vocabulary, merges, normaliser,
+    pre-tokenizer, post-processor, added tokens; not its padding or truncation settings), special tokens and chat
+    template. Not where it was loaded from: a run's saved copy matches the tokenizer it was saved from."""
+    if tokenizer.is_fast:
+        backend = json.loads(tokenizer.backend_tokenizer.to_str())
+        backend.pop("truncation", None)
+        backend.pop("padding", None)
+    else:
+        backend = sorted(tokenizer.get_vocab().items())
+    described = [backend, tokenizer.special_tokens_map, tokenizer.chat_template or ""]
+    return hashlib.sha256(json.dumps(described, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
 
 def special_ids(tokenizer: PreTrainedTokenizerBase) -> tuple[int, int | None]:

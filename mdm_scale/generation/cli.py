@@ -120,14 +120,16 @@ def add_generation_commands(commands) -> None:
     generate = commands.add_parser("generate", help="decode prompts with a checkpoint")
     _common(generate)
     generate.add_argument("--prompt", action="append", default=[], help="a prompt; repeat for several")
-    generate.add_argument("--data", default=None, help="JSONL file of {\"prompt\"} records instead of --prompt")
+    generate.add_argument("--data", default=None, help="JSONL file of {\"prompt\"} or chat {\"messages\"} records "
+                          "instead of --prompt")
     generate.add_argument("--out", default=None, help="write {prompt, prediction} JSONL here instead of stdout")
     _decoding(generate)
     generate.set_defaults(func=_generate)
 
     evaluate = commands.add_parser("eval", help="exact-match accuracy of a checkpoint on a JSONL file")
     _common(evaluate)
-    evaluate.add_argument("--data", required=True, help="JSONL: {\"prompt\", \"answer\" or \"response\"}")
+    evaluate.add_argument("--data", required=True, help="JSONL: {\"prompt\", \"answer\" or \"response\"}, or chat "
+                          "{\"messages\"} (prompt: up to the last assistant turn, which holds the answer)")
     evaluate.add_argument("--out", required=True, help="predictions JSONL, one line per input record, in order")
     evaluate.add_argument("--answer-regex", default=None,
                           help="regex for the answer (group 1 if any; last match); default: text after the last ####")

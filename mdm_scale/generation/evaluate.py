@@ -1,8 +1,10 @@
 """``mdm-scale generate`` and ``mdm-scale eval``: decode a JSONL file of prompts, batched and sharded over ranks.
 
-Input records are ``{"prompt": str}`` plus, for ``eval``, the gold answer: ``"answer"`` (taken as is, after
-normalisation) or ``"response"`` (the answer is extracted from it like from a prediction). A bad record stops
-the run with file and line before any model is loaded.
+Input records (JSONL) are ``{"prompt": str}`` or a chat record ``{"messages": [...]}``, plus, for ``eval``, the
+gold answer: ``"answer"`` (taken as is, after normalisation), or ``"response"`` (the answer is extracted from it
+like from a prediction). A chat record's prompt is the conversation up to its last assistant turn, rendered as in
+training (``data/chat.py``) with the generation prompt, and that turn is its response. A bad record stops the run
+with file and line before any model is loaded.
 
 Rank r of W decodes records r, r + W, r + 2W, ... in micro-batches of similar prompt length (less padding;
 masked-diffusion noise is keyed by the record's index, so results do not depend on W or on the batching
@@ -23,7 +25,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from mdm_scale.data.records import DataError
+from mdm_scale.data.chat import split_for_eval
+from mdm_scale.data.records import DataError, check_messages
 from mdm_scale.distributed.env import DistEnv
 from mdm_scale.generation.answers import AnswerPattern, Score, normalize
 from mdm_scale.generation.model_source import GenerationModel, load_generation_model
@@ -33,7 +36,8 @@ from mdm_scale.training.checkpoint import write_atomic
 
 @dataclass
 class PromptRecord:
-    prompt: str
+    prompt: str | list[dict]
+    """A text, or a conversation (``{role, content}`` messages) to continue with an assistant turn."""
     gold: str | None
     line: int
 
@@ -53,21 +57,36 @@ def read_prompt_records(path: str | Path, answers: AnswerPattern | None) -> list
                 record = json.loads(raw)
             except (json.JSONDecodeError, UnicodeDecodeError) as err:
                 raise DataError(f"{where}: not valid JSON ({err})") from None
-            if not isinstance(record, dict) or not isinstance(record.get("prompt"), str) or not record["prompt"]:
-                raise DataError(f"{where}: expected an object with a non-empty string 'prompt'")
+            prompt, response = _prompt_and_response(record, where)
             gold = None
             if answers is not None:
                 if isinstance(record.get("answer"), (str, int, float)):
                     gold = normalize(str(record["answer"]))
-                elif isinstance(record.get("response"), str):
-                    gold = answers.extract(record["response"])
+                elif isinstance(response, str):
+                    gold = answers.extract(response)
                 if not gold:
-                    raise DataError(f"{where}: no gold answer (needs 'answer', or a 'response' with an answer "
-                                    f"{answers.description})")
-            records.append(PromptRecord(record["prompt"], gold, number))
+                    raise DataError(f"{where}: no gold answer (needs 'answer', or a 'response' or last assistant "
+                                    f"turn with an answer {answers.description})")
+            records.append(PromptRecord(prompt, gold, number))
     if not records:
         raise DataError(f"--data {path}: the file holds no records")
     return records
+
+
+def _prompt_and_response(record, where: str) -> tuple[str | list[dict], str | None]:
+    """A text prompt and its ``response`` field, or a conversation up to its last assistant turn and that turn."""
+    if isinstance(record, dict) and record.get("messages") is not None:
+        problem = check_messages(record["messages"], need_answer=False)
+        if problem is not None:
+            raise DataError(f"{where}: {problem}")
+        prompt, response = split_for_eval(record["messages"])
+        if not prompt:
+            raise DataError(f"{where}: no message before the last assistant turn to prompt with")
+        return prompt, response
+    if not isinstance(record, dict) or not isinstance(record.get("prompt"), str) or not record["prompt"]:
+        raise DataError(f"{where}: expected an object with a non-empty string 'prompt', or 'messages'")
+    response = record.get("response")
+    return record["prompt"], response if isinstance(response, str) else None
 
 
 def generation_env() -> DistEnv:
@@ -80,8 +99,8 @@ def generation_env() -> DistEnv:
     return DistEnv(0, 1, 0, device)
 
 
-def generate_predictions(gm: GenerationModel, prompts: list[str], sampling: SamplingConfig, batch_size: int,
-                         env: DistEnv) -> tuple[list[str], list[int]] | None:
+def generate_predictions(gm: GenerationModel, prompts: list[str | list[dict]], sampling: SamplingConfig,
+                         batch_size: int, env: DistEnv) -> tuple[list[str], list[int]] | None:
     """Predicted texts for ``prompts`` in input order, and the forwards each masked-diffusion prompt took (empty
     for ARM checkpoints), on rank 0 (None on other ranks)."""
     forwards: dict[int, int] = {}
@@ -96,8 +115,9 @@ def generate_predictions(gm: GenerationModel, prompts: list[str], sampling: Samp
     return [texts[i] for i in range(len(prompts))], [forwards[i] for i in sorted(forwards)]
 
 
-def decode_shard(gm: GenerationModel, prompts: list[str], sampling: SamplingConfig, batch_size: int, rank: int,
-                 world_size: int, device: torch.device, forwards: dict[int, int] | None = None) -> dict[int, str]:
+def decode_shard(gm: GenerationModel, prompts: list[str | list[dict]], sampling: SamplingConfig, batch_size: int,
+                 rank: int, world_size: int, device: torch.device, forwards: dict[int, int] | None = None
+                 ) -> dict[int, str]:
     """``{record index: predicted text}`` for this rank's records ``rank, rank + world_size, ...``; ``forwards``,
     if given, receives ``{record index: forwards its row took}`` (``Decoding.row_forwards``; masked diffusion)."""
     from mdm_scale.data.dataset import encode_prompts

@@ -32,7 +32,8 @@ import torch
 
 from mdm_scale.config.variance import PPOTSConfig
 from mdm_scale.core.noise import Stream
-from mdm_scale.data.loader import DataStream, collate
+from mdm_scale.data.loader import collate
+from mdm_scale.data.stream import data_stream
 from mdm_scale.diffusion.ppots import bin_centres, bin_statistics
 from mdm_scale.diffusion.t_samplers import TSampler
 from mdm_scale.distributed.env import all_reduce_sum
@@ -94,7 +95,7 @@ def offline_statistics(trainer) -> torch.Tensor:
     cfg, ppots, env = trainer.cfg, trainer.cfg.variance.t_sampler, trainer.env
     bins, masks, n_x0 = ppots.bins, ppots.masks, ppots.x0
     plan = estimate_plan(cfg, env.world_size, env.on_gpu)
-    examples = DataStream(len(trainer.data.train), cfg.seed).example_ids(range(n_x0))
+    examples = data_stream(trainer.data.train, cfg.seed).example_ids(range(n_x0))
     grid_t = GridT(bins, masks)
     losses = torch.zeros(n_x0 * plan.jobs_per_x0, dtype=torch.float64, device=env.device)
     pair_sq = torch.zeros_like(losses)

@@ -32,6 +32,7 @@ from mdm_scale.config.variance import BernoulliMasksConfig, MirrorMasksConfig
 from mdm_scale.core.batch import Batch
 from mdm_scale.core.noise import Stream
 from mdm_scale.data.build import RunData, build_data
+from mdm_scale.data.cache import Ranks
 from mdm_scale.data.loader import TrainLoader, eval_batches
 from mdm_scale.data.tokenizer import special_ids
 from mdm_scale.diffusion.build import masks_for, t_sampler_for
@@ -41,7 +42,13 @@ from mdm_scale.diffusion.objective import ARMObjective, MDMObjective, NoisyBatch
 from mdm_scale.diffusion.online_variance import MonitorSettings, Probe, VarianceMonitor
 from mdm_scale.diffusion.service import NoiseService
 from mdm_scale.diffusion.t_samplers import UniformT
-from mdm_scale.distributed.env import DistEnv, all_reduce_sum, barrier, check_ranks_agree, init_distributed
+from mdm_scale.distributed.env import (
+    DistEnv,
+    all_reduce_sum,
+    barrier,
+    check_ranks_agree,
+    init_distributed,
+)
 from mdm_scale.models.flops import flops_per_token
 from mdm_scale.models.loading import (
     build_model,
@@ -60,8 +67,8 @@ from mdm_scale.training.zero_stage import resolve_zero_stage
 
 # Config keys that define a run: an output directory with checkpoints of a run that differs in one of these
 # holds another run. Everything else (max_steps, lr, logging, ...) may change when a run is continued.
-RUN_IDENTITY = ("seed", "model", "data.train_file", "data.tokenizer", "data.task", "data.seq_len",
-                "train.objective", "variance")
+RUN_IDENTITY = ("seed", "model", "data.train_file", "data.train_files", "data.tokenizer", "data.task",
+                "data.seq_len", "train.objective", "variance")
 
 
 class Trainer:
@@ -77,12 +84,12 @@ class Trainer:
         self._check_run_identity()
         check_ranks_agree("the configuration", json.dumps(asdict(cfg), sort_keys=True), self.env)
 
-        self.data = data or build_data(cfg.data, cfg.seed, self.out / "tokenizer")
+        self.data = data or build_data(cfg.data, cfg.seed, self.out / "tokenizer", Ranks.of(self.env))
         self.info(f"data: {self.data.summary()}")
         if cfg.data.packing and self.data.task != "sft":
             raise ConfigError(f"config key 'data.packing' = True: packs SFT records; the {self.data.task} data "
                               f"is already cut into full blocks of data.seq_len")
-        check_ranks_agree("the data", f"{self.data.train.num_tokens}/{int(self.data.train.tokens.sum())}", self.env)
+        check_ranks_agree("the data", self.data.train.fingerprint(), self.env)
         self.pad_id, _ = special_ids(self.data.tokenizer)
 
         hf_config = load_hf_config(cfg)

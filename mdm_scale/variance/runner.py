@@ -34,7 +34,8 @@ from mdm_scale.config.methods import VARIANCE_DEFAULT
 from mdm_scale.config.schema import Config, ConfigError
 from mdm_scale.core.noise import keyed_generator
 from mdm_scale.data.build import build_data
-from mdm_scale.data.dataset import TokenizedData
+from mdm_scale.data.cache import Ranks
+from mdm_scale.data.examples import Examples
 from mdm_scale.data.loader import collate
 from mdm_scale.data.tokenizer import special_ids
 from mdm_scale.distributed.env import DistEnv, barrier, init_distributed
@@ -94,7 +95,7 @@ class Subject:
     cfg: Config
     env: DistEnv
     engine: Any
-    data: TokenizedData
+    data: Examples
     pad_id: int
     mask_token_id: int | None
 
@@ -114,7 +115,7 @@ def build_subject(cfg: Config, env: DistEnv, source: RunSource | None) -> Subjec
     elif source is not None:
         cfg = replace(cfg, model=replace(cfg.model, path=str(source.path)),
                       data=replace(cfg.data, tokenizer=str(source.path)))
-    data = build_data(cfg.data, cfg.seed, Path(cfg.train.output_dir) / "tokenizer")
+    data = build_data(cfg.data, cfg.seed, Path(cfg.train.output_dir) / "tokenizer", Ranks.of(env))
     pad_id, _ = special_ids(data.tokenizer)
     hf_config = load_hf_config(cfg)
     mask_token_id = resolve_mask_token_id(cfg, data.tokenizer, hf_config)

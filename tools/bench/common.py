@@ -16,7 +16,7 @@ from tokenizers import Tokenizer, models
 from transformers import PreTrainedTokenizerFast
 
 from mdm_scale.data.build import RunData
-from mdm_scale.data.dataset import TokenizedData
+from mdm_scale.data.examples import TokenArray, TokenBlocks, TokenizedData
 from mdm_scale.data.tokenizer import SPECIAL_TOKENS
 from mdm_scale.models.configuration_mdm import MDMConfig
 from mdm_scale.models.flops import flops_per_token as model_flops_per_token
@@ -59,7 +59,7 @@ def random_blocks(vocab_size: int, seq_len: int, blocks: int, seed: int = 0) -> 
     """Pretraining-style data: ``blocks`` rows of uniformly random non-special tokens, no padding."""
     rng = np.random.default_rng(seed)
     tokens = rng.integers(4, vocab_size, size=blocks * seq_len, dtype=np.int64)
-    data = TokenizedData(tokens, np.arange(blocks + 1, dtype=np.int64) * seq_len, np.zeros(blocks, dtype=np.int64))
+    data = TokenBlocks(TokenArray([tokens]), seq_len)
     return RunData("pretrain", vocabulary_tokenizer(vocab_size), data, None)
 
 
@@ -70,7 +70,8 @@ def random_sft(vocab_size: int, max_len: int, records: int, seed: int = 0, media
     lengths = np.clip(np.exp(rng.normal(np.log(median), 1.0, records)), 32, max_len).astype(np.int64)
     offsets = np.concatenate([[0], np.cumsum(lengths)])
     tokens = rng.integers(4, vocab_size, size=int(offsets[-1]), dtype=np.int64)
-    return RunData("sft", vocabulary_tokenizer(vocab_size), TokenizedData(tokens, offsets, lengths // 4), None)
+    data = TokenizedData.from_prompt_lens(tokens, offsets, lengths // 4)
+    return RunData("sft", vocabulary_tokenizer(vocab_size), data, None)
 
 
 def parameter_count(config: MDMConfig) -> int:
