@@ -62,17 +62,24 @@ def load_generation_model(path: str | Path, device: torch.device, dtype: torch.d
     return loaded
 
 
-def _from_training_checkpoint(path: Path) -> GenerationModel:
+def training_run_config(path: Path):
+    """The :class:`~mdm_scale.config.schema.Config` of the run that wrote the training checkpoint at ``path``,
+    and that checkpoint's step directory."""
     from mdm_scale.config.loader import from_dict
     from mdm_scale.config.schema import Config
-    from mdm_scale.models.loading import build_model, load_hf_config, resolve_mask_token_id
 
     step_dir = resolve_checkpoint(path)
-    run_dir = step_dir.parent.parent
-    run_file = run_dir / "run.json"
+    run_file = step_dir.parent.parent / "run.json"
     if not run_file.is_file():
         raise CheckpointError(f"--checkpoint {path}: {run_file} is missing (the run's configuration)")
-    cfg = from_dict(Config, json.loads(run_file.read_text())["config"])
+    return from_dict(Config, json.loads(run_file.read_text())["config"]), step_dir
+
+
+def _from_training_checkpoint(path: Path) -> GenerationModel:
+    from mdm_scale.models.loading import build_model, load_hf_config, resolve_mask_token_id
+
+    cfg, step_dir = training_run_config(path)
+    run_dir = step_dir.parent.parent
     tokenizer_dir = run_dir / "tokenizer"  # the run's own copy, whatever data.tokenizer named
     if not (tokenizer_dir / "tokenizer_config.json").is_file():
         raise CheckpointError(f"--checkpoint {path}: the run's tokenizer {tokenizer_dir} is missing")
@@ -86,7 +93,7 @@ def _from_training_checkpoint(path: Path) -> GenerationModel:
 
 
 def consolidated_state_dict(step_dir: Path, zero_stage: int) -> dict[str, torch.Tensor]:
-    """Every parameter of the checkpoint, full size, fp32."""
+    """Every parameter of the checkpoint, full size, fp32 (frozen ones, e.g. a LoRA run's base, included)."""
     if zero_stage == 0:
         states = step_dir / "mp_rank_00_model_states.pt"
         if not states.is_file():

@@ -24,6 +24,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, Pretrained
 from mdm_scale.config.presets import PRESETS
 from mdm_scale.config.schema import Config, ConfigError
 from mdm_scale.models.configuration_mdm import MDMConfig
+from mdm_scale.models.lora import add_lora
 from mdm_scale.models.modeling_mdm import Block, MDMForMaskedDiffusion, MDMOutput, full_logits_loss
 
 
@@ -88,16 +89,6 @@ def builtin_config(cfg: Config, vocab_size: int, mask_token_id: int | None) -> M
         raise ConfigError(f"config key 'model.overrides' = {cfg.model.overrides!r}: {err}") from None
 
 
-def count_parameters(cfg: Config, tokenizer: PreTrainedTokenizerBase, mask_token_id: int | None,
-                     hf_config: PretrainedConfig | None) -> int | None:
-    """Parameters of the built-in model, counted on the meta device (no memory); None for ``model.path``."""
-    if hf_config is not None:
-        return None
-    with torch.device("meta"):
-        model = MDMForMaskedDiffusion(builtin_config(cfg, len(tokenizer), mask_token_id))
-    return sum(p.numel() for p in model.parameters())
-
-
 def build_model(cfg: Config, tokenizer: PreTrainedTokenizerBase, mask_token_id: int | None,
                 hf_config: PretrainedConfig | None, ds_config: dict, seed: int) -> nn.Module:
     zero3 = ds_config.get("zero_optimization", {}).get("stage", 0) == 3
@@ -112,6 +103,10 @@ def build_model(cfg: Config, tokenizer: PreTrainedTokenizerBase, mask_token_id: 
     elif cfg.model.checkpoint_blocks is not None or cfg.data.packing:
         raise ConfigError("config keys 'model.checkpoint_blocks' and 'data.packing' need the built-in model; "
                           f"model.path = {cfg.model.path!r} is another architecture")
+    if cfg.model.lora.rank:
+        add_lora(model, cfg.model.lora, seed)
+    elif zero3 and isinstance(model, MDMForMaskedDiffusion):
+        set_block_leaves(model)
     if cfg.model.activation_checkpointing:
         enable_activation_checkpointing(model, cfg.model.checkpoint_blocks)
     return model
@@ -123,7 +118,6 @@ def _build_builtin(config: MDMConfig, ds_config: dict, zero3: bool, seed: int) -
     if zero3:
         with deepspeed.zero.Init(config_dict_or_path=ds_config):
             model = MDMForMaskedDiffusion(config)
-        set_block_leaves(model)
     else:
         model = MDMForMaskedDiffusion(config)
     torch.manual_seed(seed)
@@ -138,7 +132,8 @@ def _build_builtin(config: MDMConfig, ds_config: dict, zero3: bool, seed: int) -
 def set_block_leaves(model: MDMForMaskedDiffusion) -> None:
     """Make each transformer block one ZeRO-3 unit: its parameters are gathered together when the block runs,
     with one set of hooks per block instead of one per Linear (the per-module hooks cost host time that the
-    GPU would otherwise wait for)."""
+    GPU would otherwise wait for). Not with LoRA adapters: DeepSpeed 0.19 does not gather the adapters of such
+    a block for its backward pass (``tests/test_lora.py`` trains at ZeRO-3), so they keep per-module hooks."""
     from deepspeed.utils import set_z3_leaf_modules
 
     set_z3_leaf_modules(model, [Block])
@@ -154,8 +149,6 @@ def _load_pretrained(cfg: Config, hf_config: PretrainedConfig, ds_config: dict, 
     if hf_config.model_type == MDMConfig.model_type:
         model = MDMForMaskedDiffusion.from_pretrained(path)
         del keep_alive
-        if zero3:
-            set_block_leaves(model)
         return model
     try:
         model = AutoModelForMaskedLM.from_pretrained(path, trust_remote_code=remote)

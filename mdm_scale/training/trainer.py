@@ -35,16 +35,18 @@ from mdm_scale.diffusion.online_variance import MonitorSettings, Probe, Variance
 from mdm_scale.diffusion.t_samplers import UniformT
 from mdm_scale.distributed.env import DistEnv, all_reduce_sum, barrier, check_ranks_agree, init_distributed
 from mdm_scale.models.flops import flops_per_token
-from mdm_scale.models.loading import (
-    build_model,
-    count_parameters,
-    load_hf_config,
-    parameter_shapes,
-    resolve_mask_token_id,
-)
+from mdm_scale.models.loading import build_model, load_hf_config, parameter_shapes, resolve_mask_token_id
 from mdm_scale.training.checkpoint import CheckpointManager, rank_state, write_atomic
 from mdm_scale.training.faults import NonFiniteGuard
 from mdm_scale.training.lr_schedule import scheduler_factory
+from mdm_scale.training.memory_plan import (
+    MemoryPlan,
+    MemoryPlanError,
+    make_plan,
+    model_shape,
+    this_machine,
+    vocab_for_plan,
+)
 from mdm_scale.training.metrics import MetricLogger, Throughput
 from mdm_scale.training.ppots_estimate import initial_fit
 from mdm_scale.training.preemption import StopRequest
@@ -70,6 +72,9 @@ class Trainer:
         self.resume_from = self._resume_point()
         self._check_run_identity()
         check_ranks_agree("the configuration", json.dumps(asdict(cfg), sort_keys=True), self.env)
+        hf_config = load_hf_config(cfg)
+        self.plan = self._memory_plan(cfg, hf_config, data)
+        self.cfg = cfg = self._resolve_zero_stage(cfg)
 
         self.data = data or build_data(cfg.data, cfg.seed, self.out / "tokenizer")
         self.info(f"data: {self.data.summary()}")
@@ -79,9 +84,7 @@ class Trainer:
         check_ranks_agree("the data", f"{self.data.train.num_tokens}/{int(self.data.train.tokens.sum())}", self.env)
         self.pad_id, _ = special_ids(self.data.tokenizer)
 
-        hf_config = load_hf_config(cfg)
         self.mask_token_id = resolve_mask_token_id(cfg, self.data.tokenizer, hf_config)
-        self.cfg = cfg = self._resolve_zero_stage(cfg, hf_config)
         self.ds_config = build_deepspeed_config(cfg, self.env.world_size, self.env.on_gpu)
         self.ds_config.update(self.checkpoints.load_settings(self.resume_from))  # elastic resume
         model = build_model(cfg, self.data.tokenizer, self.mask_token_id, hf_config, self.ds_config, cfg.seed)
@@ -148,14 +151,23 @@ class Trainer:
                 raise ConfigError(f"train.output_dir '{self.out}' holds another run ({key}: {before!r} there, "
                                   f"{now!r} here); choose a new train.output_dir")
 
-    def _resolve_zero_stage(self, cfg: Config, hf_config) -> Config:
+    def _memory_plan(self, cfg: Config, hf_config, data: RunData | None) -> MemoryPlan:
+        """Print the memory plan (``training/memory_plan.py``); one that does not fit this machine stops the run
+        here, in seconds, before the data and the model are built (unless ``train.memory_check`` is false)."""
+        vocab, source = (len(data.tokenizer), "the given data") if data is not None else \
+            vocab_for_plan(cfg, hf_config, self.out / "tokenizer")
+        machine = this_machine(self.env.device, self.env.world_size)
+        plan = make_plan(cfg, self.env.world_size, model_shape(cfg, vocab, hf_config), machine, source)
+        self.info("\n".join(plan.lines()))
+        if cfg.train.memory_check and not plan.fits:
+            raise MemoryPlanError(plan.refusal())
+        return plan
+
+    def _resolve_zero_stage(self, cfg: Config) -> Config:
         """``train.zero_stage: auto`` becomes a number here (logged, and written to run.json)."""
         if cfg.train.zero_stage == "auto":
-            parameters = count_parameters(cfg, self.data.tokenizer, self.mask_token_id, hf_config)
-            device_bytes = torch.cuda.get_device_properties(self.env.device).total_memory if self.env.on_gpu \
-                else None
-            stage, why = (3, "model.path: parameters not counted before loading") if parameters is None else \
-                choose_zero_stage(parameters, self.env.world_size, device_bytes)
+            stage, why = choose_zero_stage(self.plan.shape.parameters, self.env.world_size,
+                                           self.plan.machine.device_bytes)
             self.info(f"train.zero_stage auto -> {stage} ({why})")
             cfg = replace(cfg, train=replace(cfg.train, zero_stage=stage))
         return cfg
