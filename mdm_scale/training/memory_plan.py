@@ -54,10 +54,10 @@ update's fp32 gradient).
 
 **Host memory** per process: a baseline (Python, torch, DeepSpeed, CUDA's host libraries), plus the larger of
 building the model (stages 0-2 build it whole in fp32 on the host, 4 P, before moving it to the GPU; ZeRO-3 builds
-it partitioned) and the offloaded states (pinned: fp32 master, moments and update gradient, 16 T / W, the ZeRO-3
-gradient partition e T / W, and 4 T / W more for accumulation at stages 1-2 with ``grad_accum`` > 1; the
-weights e P / W with ``offload_params``). A CPU run holds everything on the host. The processes of one host
-share its memory.
+it partitioned) and the offloaded states: fp32 master, moments and update gradient, plus the bf16 gradient
+partition at ZeRO-3, 18 T / W bytes (16 T / W at stages 1-2), and the weights e P / W with ``offload_params``,
+all times 1.5 for pinned buffers (``PINNED_FACTOR``; DeepSpeed's estimator uses the same bytes and factor). A CPU
+run holds everything on the host. The processes of one host share its memory.
 
 Not modelled: the P-POTS offline estimate and the online probe (no-grad forwards, smaller than a training step's
 saved activations at the same tokens), compilation workspaces, NCCL's buffers.
@@ -85,6 +85,10 @@ CARD_80GB = int(79.1 * GIB)
 """What an 80 GB card (H100, A100) reports as its memory: the unit of the plan's "needs N GPUs"."""
 HOST_BASELINE = {"cuda": 3 * GIB, "cpu": 1 * GIB}
 """Host memory of one process before the model: Python, torch, DeepSpeed (and CUDA's host libraries)."""
+PINNED_FACTOR = 1.5
+"""Host memory of offloaded states over their bytes: pinned allocations are rounded up to powers of two and
+DeepSpeed stages copies (its estimator ``estimate_zero3_model_states_mem_needs`` uses the same 1.5). Without it
+the issue's 7B run offloaded on a 125 GiB host would have been planned at ~100 GiB; the kernel killed it."""
 FIX_LORA_RANK = 16
 """The LoRA rank the plan proposes as a fix (dllm's and peft's usual choice)."""
 
@@ -222,7 +226,7 @@ class MemoryPlan:
         parts = (f"weights {_g(e.weights)}, gradients {_g(e.gradients)}, optimizer {_g(e.optimizer)}, "
                  f"activations {_g(e.activations)} + {_g(e.working)}, buffers {_g(e.buffers)}")
         fixes = fixes_that_fit(self)
-        advice = "fits with: " + "; ".join(fixes) if fixes else "no single change fits this machine"
+        advice = "fits with: " + "; ".join(map(str, fixes)) if fixes else "no single change fits this machine"
         if self.machine.device_bytes is None and not self.cfg.model.lora.rank:
             advice += f"; on 80 GB GPUs it needs {gpus_needed(self, CARD_80GB)} (ZeRO-3)"
         return (f"memory plan: {self.shape.parameters / 1e9:.2f}B parameters at ZeRO-{self.zero_stage} {problem} "
@@ -372,13 +376,11 @@ def estimate(cfg: Config, world_size: int, shape: ModelShape, machine: Machine, 
     else:
         update = 4 * T // W
     offloaded = 0
-    if offload_opt:
-        offloaded += master + moments + update + grads_static
-        offloaded += 4 * T // W if stage in (1, 2) and t.grad_accum > 1 else 0
-        master = moments = update = 0
-        grads_static = 0
+    if offload_opt:  # DeepSpeed's own estimator's bytes per trained parameter, times its buffer factor
+        offloaded += int(PINNED_FACTOR * (18 if stage == 3 else 16) * T / W)
+        master = moments = update = grads_static = 0
     if offload_params:
-        offloaded += weights
+        offloaded += int(PINNED_FACTOR * weights)
         weights = 0
     static = weights + grads_static + master + moments
 
@@ -445,57 +447,58 @@ def _candidate_world_sizes(limit: int) -> list[int]:
     return list(range(1, 17)) + [2**i for i in range(5, int(math.log2(limit)) + 1)]
 
 
-def fixes_that_fit(plan: MemoryPlan) -> list[str]:
-    """Each single change of the configuration that makes the plan fit, with its estimate."""
+@dataclass(frozen=True)
+class Fix:
+    """One change of the configuration (or of the number of GPUs) and the plan it gives."""
+
+    change: str
+    plan: MemoryPlan
+
+    def __str__(self) -> str:
+        e = self.plan.estimate
+        host = f", host {_g(e.host_total)}" if e.offloaded else ""
+        return f"{self.change} ({_g(e.device_peak)}{host})"
+
+
+def fixes_that_fit(plan: MemoryPlan) -> list[Fix]:
+    """Each single change that makes the plan fit this machine: more GPUs (ZeRO-3), optimizer offload, LoRA, the
+    largest smaller micro-batch, the fewest checkpointed blocks."""
     cfg, t, m = plan.cfg, plan.cfg.train, plan.machine
-    fixes = []
-
-    def fits(new: Config, world: int = plan.world_size, shape: ModelShape = plan.shape) -> MemoryPlan | None:
-        candidate = make_plan(new, world, shape, m)
-        return candidate if candidate.fits else None
-
-    def with_train(**changes) -> Config:
-        return replace(cfg, train=replace(t, **changes))
-
+    candidates: list[tuple[str, str, Config, int, ModelShape]] = []  # (kind, change, config, world size, model)
     if m.device_bytes is not None:
-        zero3 = with_train(zero_stage=3)
-        for w in _candidate_world_sizes(4096):
-            if w > plan.world_size:
-                p = fits(zero3, w)
-                if p:
-                    fixes.append(f"{w} GPUs at train.zero_stage=3 ({_g(p.estimate.device_peak)} each)")
-                    break
+        zero3 = replace(cfg, train=replace(t, zero_stage=3))
+        candidates += [("gpus", f"{w} GPUs at train.zero_stage=3", zero3, w, plan.shape)
+                       for w in _candidate_world_sizes(4096) if w > plan.world_size]
         if not t.offload_optimizer:
-            p = fits(with_train(offload_optimizer=True, zero_stage=max(plan.zero_stage, 1)))
-            if p:
-                fixes.append(f"train.offload_optimizer=true{'' if plan.zero_stage else ' train.zero_stage=2'} "
-                             f"({_g(p.estimate.device_peak)} GPU, {_g(p.estimate.host_total)} host)")
+            stage = "" if plan.zero_stage else " train.zero_stage=2"
+            candidates.append(("offload", f"train.offload_optimizer=true{stage}",
+                               replace(cfg, train=replace(t, offload_optimizer=True, zero_stage=plan.zero_stage or 2)),
+                               plan.world_size, plan.shape))
     if not cfg.model.lora.rank:
         lora = replace(cfg, model=replace(cfg.model, lora=replace(cfg.model.lora, rank=FIX_LORA_RANK)))
-        shape = _lora_shape(plan.shape, cfg)
-        p = fits(lora, shape=shape)
-        if p:
-            fixes.append(f"LoRA model.lora.rank={FIX_LORA_RANK} ({_g(p.estimate.device_peak)}, "
-                         f"{shape.trainable / 1e6:.0f}M trained)")
+        candidates.append(("lora", f"model.lora.rank={FIX_LORA_RANK}", lora, plan.world_size, _lora_shape(plan.shape)))
     for micro in range(t.micro_batch_size - 1, 0, -1):
-        p = fits(with_train(micro_batch_size=micro, global_batch_size=None))
-        if p:
-            accum = t.micro_batch_size * t.grad_accum / micro
-            keep = f" train.grad_accum={int(accum)}" if accum == int(accum) else ""
-            fixes.append(f"train.micro_batch_size={micro}{keep} ({_g(p.estimate.device_peak)})")
-            break
+        accum = t.micro_batch_size * t.grad_accum / micro
+        keep = f" train.grad_accum={int(accum)}" if accum == int(accum) else ""
+        candidates.append(("micro", f"train.micro_batch_size={micro}{keep}",
+                           replace(cfg, train=replace(t, micro_batch_size=micro, global_batch_size=None)),
+                           plan.world_size, plan.shape))
     if plan.shape.builtin:
         for blocks in range(_checkpointed(cfg, plan.shape.layers) + 1, plan.shape.layers + 1):
             model = replace(cfg.model, activation_checkpointing=True, checkpoint_blocks=blocks)
-            p = fits(replace(cfg, model=model))
-            if p:
-                fixes.append(f"model.activation_checkpointing=true model.checkpoint_blocks={blocks} "
-                             f"({_g(p.estimate.device_peak)})")
-                break
+            candidates.append(("checkpointing", f"model.activation_checkpointing=true model.checkpoint_blocks={blocks}",
+                               replace(cfg, model=model), plan.world_size, plan.shape))
+    fixes, kinds = [], set()
+    for kind, change, new, world, shape in candidates:  # the first that fits of each kind (fewest GPUs, ...)
+        if kind not in kinds:
+            candidate = make_plan(new, world, shape, m)
+            if candidate.fits:
+                fixes.append(Fix(change, candidate))
+                kinds.add(kind)
     return fixes
 
 
-def _lora_shape(shape: ModelShape, cfg: Config) -> ModelShape:
+def _lora_shape(shape: ModelShape) -> ModelShape:
     """The shape with rank-``FIX_LORA_RANK`` adapters on the default targets, without building anything: every
     linear layer of a built-in block adapted (qkv d -> d + 2k, o d -> d, gate/up d -> 2f, down f -> d)."""
     d, f, k, r, L = shape.hidden, shape.intermediate, shape.kv_width, FIX_LORA_RANK, shape.layers
