@@ -89,6 +89,7 @@ class Trainer:
         self.ds_config.update(self.checkpoints.load_settings(self.resume_from))  # elastic resume
         model = build_model(cfg, self.data.tokenizer, self.mask_token_id, hf_config, self.ds_config, cfg.seed)
         self.shapes = parameter_shapes(model)
+        self.trained = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)
         if self.resume_from is not None:
             self.checkpoints.check_compatible(self.resume_from, self.shapes, self.global_batch)
         self._write_run_files()
@@ -388,13 +389,15 @@ class Trainer:
         self.uncounted.zero_()
 
     def model_flops_per_token(self) -> float | None:
-        """Model FLOPs per trained token (``models/flops.py``, T = data.seq_len), or None for a model whose
-        config names its depth and width otherwise."""
+        """Model FLOPs per trained token (``models/flops.py``, T = data.seq_len; weight gradients of the trained
+        parameters only, so about 4 N with LoRA), or None for a model whose config names its depth and width
+        otherwise."""
         config = self.engine.module.config
         layers, width = getattr(config, "num_hidden_layers", None), getattr(config, "hidden_size", None)
         if layers is None or width is None:
             return None
-        return flops_per_token(sum(_numel(s) for s in self.shapes.values()), layers, width, self.cfg.data.seq_len)
+        return flops_per_token(sum(_numel(s) for s in self.shapes.values()), layers, width, self.cfg.data.seq_len,
+                               self.trained)
 
     def save(self) -> Path:
         self.count_seen()
