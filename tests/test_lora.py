@@ -34,7 +34,7 @@ def initial_weights(t: Trainer) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("stage", [0, 3])
 def test_only_the_adapters_train_and_the_loss_falls(synth_dir, tmp_path, dist_env, stage):
-    t = trainer(synth_dir, tmp_path / "run", dist_env, **LORA, **{"train.zero_stage": stage, "train.max_steps": 20})
+    t = trainer(synth_dir, tmp_path / "run", dist_env, **LORA, **{"train.zero_stage": stage, "train.max_steps": 12})
     before, eval_before = initial_weights(t), t.evaluate()
     adapters = {n for n in before if ".lora_A." in n or ".lora_B." in n}
     assert adapters and all(".base_layer." in n or n in adapters or "lora" not in n for n in before)
@@ -92,7 +92,8 @@ def test_adapter_only_export_loads_with_peft_on_the_base_model(synth_dir, tmp_pa
     base_dir = export_checkpoint(tmp_path / "base_run", tmp_path / "base")
     run = tmp_path / "lora_run"
     trainer(synth_dir, run, dist_env, **LORA, **{"train.max_steps": 4, "model.path": str(base_dir),
-                                                  "data.tokenizer": str(base_dir)}).fit()
+                                                  "data.tokenizer": str(base_dir),
+                                                  "model.lora.modules_to_save": ["lm_head"]}).fit()
     adapter_dir = export_checkpoint(run, tmp_path / "adapter", lora_adapter_only=True)
     assert (adapter_dir / "adapter_config.json").is_file() and not (adapter_dir / "model.safetensors").exists()
     peft_model = PeftModel.from_pretrained(MDMForMaskedDiffusion.from_pretrained(str(base_dir)), str(adapter_dir))
