@@ -1,5 +1,5 @@
-"""The training loop, top to bottom: config -> data -> model -> objective -> DeepSpeed engine -> steps ->
-logging, evaluation and checkpoints.
+"""The training loop, top to bottom: config -> memory plan -> data -> model -> objective -> DeepSpeed engine ->
+steps -> logging, evaluation and checkpoints.
 
 One optimiser step = ``grad_accum`` micro-batches per rank. For each micro-batch the objective corrupts the
 clean batch on the host (keyed noise, no device sync), the engine runs forward and backward, and
