@@ -47,7 +47,8 @@ input (e d + 4) and the token ids (8).
 
 **DeepSpeed's buffers**: ZeRO-3 e (reduce_bucket_size + min(stage3_prefetch_bucket_size, P) + the largest
 gathered unit: a block, the embedding or the head); stages 1-2 on several ranks e reduce_bucket_size; stage 0 on
-several ranks e min(5e8, T) for the all-reduce bucket.
+several ranks e min(5e8, T) for the all-reduce bucket. On CPU the reduce bucket counts at most T elements (its
+untouched pages are never resident).
 
 Device peak = buffers + max(static states + saved activations + working set, static states + gradients + the
 update's fp32 gradient).
@@ -398,15 +399,17 @@ def estimate(cfg: Config, world_size: int, shape: ModelShape, machine: Machine, 
     block_backward = e * n * 3 * shape.intermediate + (n * per_block if k else 0)
     working = max(head, block_backward)
 
+    # DeepSpeed allocates the reduce bucket whole; host pages are only resident once written (CPU runs: at most T)
+    bucket = int(zero.get("reduce_bucket_size", 5 * 10**8))
+    bucket = bucket if on_gpu else min(bucket, T)
     if stage == 3:
-        buffers = e * (int(zero.get("reduce_bucket_size", 5 * 10**8)) +
-                       min(int(zero.get("stage3_prefetch_bucket_size", 5 * 10**8)), P) + shape.largest_unit)
+        buffers = e * (bucket + min(int(zero.get("stage3_prefetch_bucket_size", 5 * 10**8)), P) + shape.largest_unit)
     elif W == 1:
         buffers = 0
     elif stage == 0:
         buffers = e * min(5 * 10**8, T)
     else:
-        buffers = e * int(zero.get("reduce_bucket_size", 5 * 10**8))
+        buffers = e * bucket
     backward_peak = static + kept + working
     step_peak = static + (grads_step if stage < 3 else 0) + update
     device_peak = buffers + max(backward_peak, step_peak)
