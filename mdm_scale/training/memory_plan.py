@@ -33,9 +33,10 @@ per token, match to 0.3%, docs/benchmarks.md); 4 h + 8: attention's log-sum-exp 
 in fp32. Eager kernels (the CPU default) keep each RMSNorm's fp32 input and, if its weight trains, its fp32
 output (+2 (8 d - e d), or +2 (4 d - e d) with frozen norms) and SwiGLU's silu output (+e f). LoRA adds e r per
 adapted layer (the rank-r product) and, with dropout, e x its input width (the mask; the dropped copy replaces
-the input, except o_proj's on CPU, which is then new). A checkpointed block keeps
-only its input (e d); the backward pass then recomputes one block at a time. Outside the blocks: the final norm's
-input (e d + 4) and the token ids (8).
+the input, except o_proj's on CPU, which is then new). A checkpointed block keeps only its input (e d); the
+backward pass then recomputes one block at a time. Outside the blocks: the final norm's input (e d + 4) and the
+token ids (8). Other architectures (``model.path``) get the same formula from their config's widths, an
+approximation.
 
 **Working sets** on top of the saved activations, the larger of
 - the masked-only head (``models/masked_head.py``): 8 c V for the fp32 logits of one chunk and one fp32
@@ -96,6 +97,10 @@ FIX_LORA_RANK = 16
 
 class MemoryPlanError(ConfigError):
     """The configuration does not fit this machine (the one-line message names the numbers and the fixes)."""
+
+
+class ModelNotCountable(RuntimeError):
+    """A ``model.path`` architecture that cannot be built on the meta device (its own code allocates)."""
 
 
 @dataclass(frozen=True)
@@ -301,9 +306,12 @@ def _meta_model(cfg: Config, vocab_size: int, hf_config) -> nn.Module:
         return MDMForMaskedDiffusion(hf_config)
     remote = cfg.model.trust_remote_code
     try:
-        return AutoModelForMaskedLM.from_config(hf_config, trust_remote_code=remote)
-    except ValueError:  # LLaDA registers its LM head model only as AutoModel
-        return AutoModel.from_config(hf_config, trust_remote_code=remote)
+        try:
+            return AutoModelForMaskedLM.from_config(hf_config, trust_remote_code=remote)
+        except ValueError:  # LLaDA registers its LM head model only as AutoModel
+            return AutoModel.from_config(hf_config, trust_remote_code=remote)
+    except Exception as err:  # any failure of another project's modelling code: no plan, not a failed run
+        raise ModelNotCountable(f"{type(err).__name__}: {err}") from err
 
 
 def _repeated_blocks(model: nn.Module) -> list[nn.Module]:

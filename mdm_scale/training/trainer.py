@@ -42,6 +42,7 @@ from mdm_scale.training.lr_schedule import scheduler_factory
 from mdm_scale.training.memory_plan import (
     MemoryPlan,
     MemoryPlanError,
+    ModelNotCountable,
     make_plan,
     model_shape,
     this_machine,
@@ -152,13 +153,19 @@ class Trainer:
                 raise ConfigError(f"train.output_dir '{self.out}' holds another run ({key}: {before!r} there, "
                                   f"{now!r} here); choose a new train.output_dir")
 
-    def _memory_plan(self, cfg: Config, hf_config, data: RunData | None) -> MemoryPlan:
+    def _memory_plan(self, cfg: Config, hf_config, data: RunData | None) -> MemoryPlan | None:
         """Print the memory plan (``training/memory_plan.py``); one that does not fit this machine stops the run
         here, in seconds, before the data and the model are built (unless ``train.memory_check`` is false)."""
         vocab, source = (len(data.tokenizer), "the given data") if data is not None else \
             vocab_for_plan(cfg, hf_config, self.out / "tokenizer")
         machine = this_machine(self.env.device, self.env.world_size)
-        plan = make_plan(cfg, self.env.world_size, model_shape(cfg, vocab, hf_config), machine, source)
+        try:
+            shape = model_shape(cfg, vocab, hf_config)
+        except ModelNotCountable as err:
+            self.info(f"memory plan: not available, model.path {cfg.model.path!r} cannot be built on the meta "
+                      f"device ({err})")
+            return None
+        plan = make_plan(cfg, self.env.world_size, shape, machine, source)
         self.info("\n".join(plan.lines()))
         if cfg.train.memory_check and not plan.fits:
             raise MemoryPlanError(plan.refusal())
@@ -167,8 +174,8 @@ class Trainer:
     def _resolve_zero_stage(self, cfg: Config) -> Config:
         """``train.zero_stage: auto`` becomes a number here (logged, and written to run.json)."""
         if cfg.train.zero_stage == "auto":
-            stage, why = choose_zero_stage(self.plan.shape.parameters, self.env.world_size,
-                                           self.plan.machine.device_bytes)
+            stage, why = (3, "model.path: parameters not counted") if self.plan is None else \
+                choose_zero_stage(self.plan.shape.parameters, self.env.world_size, self.plan.machine.device_bytes)
             self.info(f"train.zero_stage auto -> {stage} ({why})")
             cfg = replace(cfg, train=replace(cfg.train, zero_stage=stage))
         return cfg

@@ -132,7 +132,8 @@ def run_worker(args: argparse.Namespace) -> None:
         "parameters": parameter_count(config),
         "flops_per_token": subject.trainer.model_flops_per_token() if subject.trainer else
         flops_per_token(config, args.seq_len),
-        "plan_peak_gb": subject.trainer.plan.estimate.device_peak / 2**30 if subject.trainer else None,
+        "plan_peak_gb": subject.trainer.plan.estimate.device_peak / 2**30 if subject.trainer and subject.trainer.plan
+        else None,
     }
     if env.is_main:
         Path(args.result).write_text(json.dumps(result))
