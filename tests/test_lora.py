@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import read_scalars, tiny_overrides
+from conftest import final_summary, read_scalars, run_deepspeed, tiny_overrides
 from mdm_scale.config.loader import load_config
 from mdm_scale.config.schema import ConfigError
 from mdm_scale.generation.export import export_checkpoint
@@ -61,6 +61,25 @@ def test_resume_continues_exactly_with_adapter_dropout(synth_dir, tmp_path, dist
     b = read_scalars(resumed["tensorboard_dir"], "train/loss")
     for step in (4, 5, 6):
         assert b[step] == pytest.approx(a[step], rel=1e-6, abs=1e-7), step
+
+
+@pytest.mark.distributed
+def test_two_zero3_ranks_draw_the_same_adapters_and_match_one_rank(synth_dir, tmp_path, dist_env):
+    """The adapters are injected after the base is partitioned and drawn from the seed alone, whatever the world
+    size (DeepSpeed then partitions rank 0's): 2 ZeRO-3 ranks and 1 rank accumulating 2 micro-batches take the
+    same steps from the same weights."""
+    steps = {**LORA, "train.max_steps": 3, "train.zero_stage": 3, "logging.tensorboard": True}
+    args = ["train", "--config", "configs/quickstart.yaml"]
+    for item in tiny_overrides(synth_dir, tmp_path / "two", **steps):
+        args += ["--set", item]
+    proc = run_deepspeed(args, ranks=2)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    two = read_scalars(final_summary(proc.stdout)["tensorboard_dir"], "train/loss")
+    one = read_scalars(trainer(synth_dir, tmp_path / "one", dist_env, **steps, **{"train.grad_accum": 2}).fit()[
+        "tensorboard_dir"], "train/loss")
+    assert one[1] == pytest.approx(two[1], rel=1e-5)
+    for step in (2, 3):  # float summation order differs slightly (all-reduce vs accumulation)
+        assert one[step] == pytest.approx(two[step], rel=1e-3), step
 
 
 def _logits(model, ids):
