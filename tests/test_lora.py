@@ -48,8 +48,12 @@ def test_only_the_adapters_train_and_the_loss_falls(synth_dir, tmp_path, dist_en
     assert summary["eval_loss"] < eval_before - 0.2, (eval_before, summary["eval_loss"])  # fixed-key held-out loss
 
 
-def test_resume_continues_exactly_with_adapter_dropout(synth_dir, tmp_path, dist_env):
-    common = {**LORA, "model.lora.dropout": 0.1, "train.grad_accum": 2, "train.max_steps": 6}
+def test_resume_continues_exactly_with_adapter_dropout_ppots_and_mirror(synth_dir, tmp_path, dist_env):
+    """LoRA composes with the variance methods: P-POTS (refit every 2 steps, so its state crosses the checkpoint)
+    and MIRROR pairs, with adapter dropout, whose RNG state the checkpoint carries."""
+    common = {**LORA, "model.lora.dropout": 0.1, "train.grad_accum": 2, "train.max_steps": 6,
+              "variance.t_sampler": "ppots", "variance.mirror": True, "variance.ppots_x0": 2,
+              "variance.ppots_masks": 2, "variance.ppots_refit_every": 2}
     straight = trainer(synth_dir, tmp_path / "straight", dist_env, **common).fit()
     interrupted = trainer(synth_dir, tmp_path / "split", dist_env, **common)
     for _ in range(3):
