@@ -20,9 +20,10 @@ Each group registers its own subcommands: ``generation/cli.py``, ``variance/cli.
 
     deepspeed --num_gpus 8 --module mdm_scale.cli train --config configs/pretrain_8b.yaml
 
-Exit status of ``train`` (``docs/operations.md``): 0 finished; 2 bad input (config, data, checkpoint), with a
-one-line message; 3 stopped after ``train.max_nonfinite_steps`` non-finite steps in a row (last good state
-saved); 75 stopped by SIGUSR1/SIGTERM after saving a checkpoint (run the same command again to resume).
+Exit status of ``train`` (``docs/operations.md``): 0 finished; 2 bad input (config, data, checkpoint, or a
+memory plan that does not fit the machine), with a one-line message; 3 stopped after
+``train.max_nonfinite_steps`` non-finite steps in a row (last good state saved); 75 stopped by SIGUSR1/SIGTERM
+after saving a checkpoint (run the same command again to resume).
 """
 
 from __future__ import annotations

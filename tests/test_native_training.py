@@ -142,12 +142,14 @@ def test_mask_id_of_the_model_config_and_of_the_tokenizer(llada_fixture, synth_d
 
 
 def test_parameters_of_a_native_checkpoint_are_counted_before_loading(llada_fixture, synth_dir, tmp_path):
-    """``train.zero_stage: auto`` sizes the model before any weight is read: the fixture has 172,352."""
-    from mdm_scale.models.loading import count_parameters, load_hf_config
+    """The memory plan and ``train.zero_stage: auto`` size the model before any weight is read (on the meta
+    device): the fixture has 172,352."""
+    from mdm_scale.models.loading import load_hf_config
+    from mdm_scale.training.memory_plan import counted_parameters
 
-    tokenizer = build_char_tokenizer([(synth_dir / "train.jsonl").read_text()])
     cfg = load_config([], tiny_overrides(synth_dir, tmp_path, **{"model.path": str(llada_fixture)}))
-    assert count_parameters(cfg, tokenizer, 500, load_hf_config(cfg)) == 172_352
+    hf_config = load_hf_config(cfg)
+    assert counted_parameters(cfg, hf_config.vocab_size, hf_config) == 172_352
 
 
 @pytest.mark.distributed

@@ -19,6 +19,34 @@ __all__ = ["Config", "ConfigError", "DataConfig", "LoggingConfig", "ModelConfig"
 
 
 @dataclass
+class LoRAConfig:
+    """Low-rank adapters (LoRA, through ``peft``; ``models/lora.py``): the base weights stay frozen (bf16 on GPU)
+    and each targeted linear layer W gets W + (alpha / rank) B A with A (rank x in) and B (out x rank), B starting
+    at zero, so training starts from the base model. Only the adapters (and ``modules_to_save``) are trained and
+    held by the optimizer."""
+
+    rank: int = 0
+    """Adapter rank r; 0 = no LoRA (full fine-tuning)."""
+    alpha: float = 32.0
+    """Scale numerator: the adapter's update is multiplied by alpha / rank."""
+    dropout: float = 0.0
+    """Dropout on each adapter's input (costs one activation copy per targeted layer; 0 = none)."""
+    target_modules: list[str] = field(default_factory=lambda: ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"])
+    """Linear layers to adapt, by name (a module matches when its name ends with one). The built-in model's are
+    ``qkv_proj`` (q, k and v fused), ``o_proj``, ``gate_up_proj`` and ``down_proj``; an unknown name fails,
+    listing the linear layers that exist."""
+    modules_to_save: list[str] = field(default_factory=list)
+    """Modules trained in full next to the adapters, e.g. ``[embed_tokens, lm_head]``."""
+
+    def check(self) -> None:
+        require(self.rank >= 0, "model.lora.rank", self.rank, "must be >= 0 (0 = no LoRA)")
+        require(self.alpha > 0, "model.lora.alpha", self.alpha, "must be > 0")
+        require(0.0 <= self.dropout < 1.0, "model.lora.dropout", self.dropout, "must be in [0, 1)")
+        require(self.rank == 0 or len(self.target_modules) > 0, "model.lora.target_modules", self.target_modules,
+                 "name at least one linear layer")
+
+
+@dataclass
 class ModelConfig:
     """Which network to train (``mdm_scale/models``)."""
 
@@ -49,6 +77,8 @@ class ModelConfig:
     ``null`` = on with CUDA, off on CPU."""
     attention_backend: Literal["auto", "flash", "cudnn", "efficient", "math"] = "auto"
     """Built-in model: the scaled-dot-product-attention kernel; ``auto`` lets PyTorch choose."""
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    """LoRA adapters instead of full fine-tuning (``model.lora.rank > 0``)."""
 
     def check(self) -> None:
         from mdm_scale.config.presets import PRESETS
@@ -61,6 +91,7 @@ class ModelConfig:
                  self.checkpoint_blocks, "must be >= 0")
         require(self.checkpoint_blocks is None or self.activation_checkpointing, "model.checkpoint_blocks",
                  self.checkpoint_blocks, "needs model.activation_checkpointing = true")
+        self.lora.check()
 
 
 @dataclass
@@ -210,7 +241,12 @@ class TrainConfig:
     fused step); not with ``offload_optimizer`` / ``offload_params``. With bf16 either setting resumes the other's
     checkpoints (at stage 0 in fp32, resume with the setting that wrote it)."""
     offload_optimizer: bool = False
+    """ZeRO-Offload: fp32 master weights, Adam moments and the update's gradients live in pinned host memory."""
     offload_params: bool = False
+    """ZeRO-3 only: the bf16 parameters live in pinned host memory too."""
+    memory_check: bool = True
+    """Refuse to start, in seconds and with one line, when the memory plan (``training/memory_plan.py``, printed
+    at start) does not fit the GPU or the host; false only prints the plan and tries anyway."""
     eval_every: int = 50
     """Steps between evaluations of the held-out diffusion loss; 0 evaluates only at the end."""
     eval_samples: int = 256

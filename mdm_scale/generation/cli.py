@@ -70,7 +70,7 @@ def _export(args: argparse.Namespace) -> int:
     _quiet()
     from mdm_scale.generation.export import export_checkpoint
 
-    print(f"exported to {export_checkpoint(args.checkpoint, args.out, args.trust_remote_code)}")
+    print(f"exported to {export_checkpoint(args.checkpoint, args.out, args.trust_remote_code, args.lora_adapter_only)}")
     return 0
 
 
@@ -139,6 +139,9 @@ def add_generation_commands(commands) -> None:
     export = commands.add_parser("export", help="write a training checkpoint as a Hugging Face directory")
     _common(export)
     export.add_argument("--out", required=True, help="new directory (safetensors, config, tokenizer)")
+    export.add_argument("--lora-adapter-only", action="store_true",
+                        help="a LoRA run: write a PEFT adapter directory (adapters only, for the run's model.path) "
+                             "instead of merging the adapters into the weights")
     export.set_defaults(func=_export)
 
     lm_eval = commands.add_parser("lm-eval", add_help=False, help="run lm-eval (EleutherAI's harness) with --model "

@@ -18,6 +18,12 @@ or Dream checkpoint is written back in that format instead (``write_source_forma
 ``config.json`` and ``auto_map``); a causal LM adapted to diffusion (LLaMA, Qwen) is no longer a causal LM and
 is exported as the built-in model above. Hugging Face models wrapped for training (BERT, ...) are written as
 the original model class.
+
+A LoRA run (``model.lora``) is exported with its adapters merged into the weights (``models/lora.py``), so the
+directory is a plain model of the base architecture whose logits equal the adapted model's. With
+``--lora-adapter-only`` it is a PEFT adapter directory instead (``adapter_config.json``,
+``adapter_model.safetensors`` and the tokenizer), for the run's ``model.path``:
+``PeftModel.from_pretrained(base_model, DIR)``.
 """
 
 from __future__ import annotations
@@ -32,17 +38,20 @@ from transformers.dynamic_module_utils import get_relative_import_files
 
 from mdm_scale.models import modeling_mdm
 from mdm_scale.models.formats import EXPORTED, source_config_json
+from mdm_scale.models.lora import has_lora, merge_lora, save_adapter
 from mdm_scale.models.modeling_mdm import MDMForMaskedDiffusion
 from mdm_scale.models.native import source_tensors
 from mdm_scale.models.safetensors_dir import write_safetensors
-from mdm_scale.training.run_reader import EXPORT_INFO, read_run
+from mdm_scale.training.checkpoint import CheckpointError
+from mdm_scale.training.run_reader import EXPORT_INFO, RunSource, read_run
 
 AUTO_MAP = {"AutoConfig": "configuration_mdm.MDMConfig", "AutoModel": "modeling_mdm.MDMModel",
             "AutoModelForMaskedLM": "modeling_mdm.MDMForMaskedDiffusion"}
 """config.json's ``auto_map``: which class of the shipped files each Auto class loads."""
 
 
-def export_checkpoint(checkpoint: str | Path, out: str | Path, trust_remote_code: bool = False) -> Path:
+def export_checkpoint(checkpoint: str | Path, out: str | Path, trust_remote_code: bool = False,
+                      lora_adapter_only: bool = False) -> Path:
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"--out {out}: the directory exists and is not empty")
@@ -52,14 +61,19 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, trust_remote_code
     model = loaded if builtin else loaded.model
     staging = out.with_name(out.name + ".tmp")
     shutil.rmtree(staging, ignore_errors=True)
-    if builtin and model.config.source_format in EXPORTED:
-        write_source_format(model, staging)
-    elif builtin:
-        model.config.auto_map = AUTO_MAP
-        model.save_pretrained(str(staging), safe_serialization=True)
-        ship_modelling_code(staging)
+    if lora_adapter_only:
+        _save_adapter_only(source, model, staging)
     else:
-        model.save_pretrained(str(staging), safe_serialization=True)
+        if has_lora(model):
+            merge_lora(model)
+        if builtin and model.config.source_format in EXPORTED:
+            write_source_format(model, staging)
+        elif builtin:
+            model.config.auto_map = AUTO_MAP
+            model.save_pretrained(str(staging), safe_serialization=True)
+            ship_modelling_code(staging)
+        else:
+            model.save_pretrained(str(staging), safe_serialization=True)
     tokenizer.save_pretrained(str(staging))
     info = {"chat_template": source.chat_template, "source": str(source.path), "causal": source.causal,
             "step": source.step, "config": asdict(source.config) if source.config is not None else None}
@@ -85,6 +99,16 @@ def write_source_format(model: MDMForMaskedDiffusion, directory: Path) -> None:
     if config.source_generation_config is not None:
         (directory / "generation_config.json").write_text(
             json.dumps(config.source_generation_config, indent=2, sort_keys=True) + "\n")
+
+
+def _save_adapter_only(source: RunSource, model, staging: Path) -> None:
+    if not has_lora(model):
+        raise CheckpointError(f"--lora-adapter-only: {source.path} holds no LoRA adapters (model.lora.rank was 0)")
+    if source.config is None or source.config.model.path is None:
+        raise CheckpointError(f"--lora-adapter-only: the run at {source.path} adapted a model built from "
+                              f"model.preset, whose base weights exist only in its checkpoints; export without "
+                              f"--lora-adapter-only to merge the adapters into them")
+    save_adapter(model, source.config.model.lora, staging, source.config.model.path)
 
 
 def ship_modelling_code(directory: Path) -> list[Path]:

@@ -28,6 +28,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, Pretrained
 from mdm_scale.config.presets import PRESETS
 from mdm_scale.config.schema import Config, ConfigError
 from mdm_scale.models.configuration_mdm import MDMConfig
+from mdm_scale.models.lora import add_lora
 from mdm_scale.models.modeling_mdm import MDMForMaskedDiffusion, MDMOutput, full_logits_loss
 from mdm_scale.models.native import load_native, native_config, native_format
 from mdm_scale.models.zero3 import gathered_modules, set_block_leaves
@@ -133,21 +134,6 @@ def builtin_config(cfg: Config, vocab_size: int, mask_token_id: int | None) -> M
         raise ConfigError(f"config key 'model.overrides' = {cfg.model.overrides!r}: {err}") from None
 
 
-def count_parameters(cfg: Config, tokenizer: PreTrainedTokenizerBase, mask_token_id: int | None,
-                     hf_config: PretrainedConfig | None) -> int | None:
-    """Parameters of the built-in model class (a preset, or a checkpoint read natively), counted on the meta
-    device (no memory); None for other models at ``model.path``."""
-    if hf_config is None:
-        config = builtin_config(cfg, len(tokenizer), mask_token_id)
-    elif _is_native(cfg):
-        config = sized_native_config(hf_config, mask_token_id)
-    else:
-        return None
-    with torch.device("meta"):
-        model = MDMForMaskedDiffusion(config)
-    return sum(p.numel() for p in model.parameters())
-
-
 def _is_native(cfg: Config) -> bool:
     """``model.path`` is a checkpoint read natively (``load_hf_config`` gave its ``MDMConfig``)."""
     return cfg.model.path is not None and native_format(cfg.model.path, cfg.model.trust_remote_code) is not None
@@ -184,6 +170,10 @@ def build_model(cfg: Config, tokenizer: PreTrainedTokenizerBase, mask_token_id: 
     elif cfg.model.checkpoint_blocks is not None or cfg.data.packing:
         raise ConfigError("config keys 'model.checkpoint_blocks' and 'data.packing' need the built-in model; "
                           f"model.path = {cfg.model.path!r} is another architecture")
+    if cfg.model.lora.rank:
+        add_lora(model, cfg.model.lora, seed)
+    elif zero3 and isinstance(model, MDMForMaskedDiffusion):
+        set_block_leaves(model)
     if cfg.model.activation_checkpointing:
         enable_activation_checkpointing(model, cfg.model.checkpoint_blocks)
     return model
@@ -195,7 +185,6 @@ def _build_builtin(config: MDMConfig, ds_config: dict, zero3: bool, seed: int) -
     if zero3:
         with deepspeed.zero.Init(config_dict_or_path=ds_config):
             model = MDMForMaskedDiffusion(config)
-        set_block_leaves(model)
     else:
         model = MDMForMaskedDiffusion(config)
     torch.manual_seed(seed)
@@ -214,8 +203,6 @@ def _load_pretrained(cfg: Config, hf_config: PretrainedConfig, ds_config: dict, 
     if hf_config.model_type == MDMConfig.model_type:
         model = MDMForMaskedDiffusion.from_pretrained(path)
         del keep_alive
-        if zero3:
-            set_block_leaves(model)
         return model
     try:
         model = AutoModelForMaskedLM.from_pretrained(path, trust_remote_code=remote)

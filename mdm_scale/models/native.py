@@ -36,7 +36,7 @@ from mdm_scale.models.formats import (
 )
 from mdm_scale.models.modeling_mdm import MDMForMaskedDiffusion
 from mdm_scale.models.safetensors_dir import SafetensorsDir
-from mdm_scale.models.zero3 import gathered_modules, set_block_leaves
+from mdm_scale.models.zero3 import gathered_modules
 
 GROWABLE = ("model.embed_tokens.weight", "lm_head.weight")
 """Parameters that may have more rows than the checkpoint's tensor (a [MASK] token added to the vocabulary)."""
@@ -86,7 +86,6 @@ def load_native(path: str | Path, config: MDMConfig, ds_config: dict | None = No
     if zero3:
         with deepspeed.zero.Init(config_dict_or_path=ds_config):
             model = MDMForMaskedDiffusion(config)
-        set_block_leaves(model)
     else:
         with torch.device("meta"):
             model = MDMForMaskedDiffusion(config)

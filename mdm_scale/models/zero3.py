@@ -34,7 +34,9 @@ def gathered_modules(model: nn.Module) -> Iterator[tuple[nn.Module, list[tuple[s
 def set_block_leaves(model: nn.Module) -> None:
     """Make each transformer block one ZeRO-3 unit: its parameters are gathered together when the block runs,
     with one set of hooks per block instead of one per Linear (the per-module hooks cost host time that the
-    GPU would otherwise wait for)."""
+    GPU would otherwise wait for). Not with LoRA adapters: DeepSpeed 0.19 does not gather the adapters of such
+    a block for its backward pass (``tests/test_lora.py`` trains at ZeRO-3), so they keep per-module hooks; the
+    caller (``loading.build_model``) decides."""
     from deepspeed.utils import set_z3_leaf_modules
 
     set_z3_leaf_modules(model, [Block])

@@ -1,5 +1,5 @@
-"""The training loop, top to bottom: config -> data -> model -> objective -> DeepSpeed engine -> steps ->
-logging, evaluation and checkpoints.
+"""The training loop, top to bottom: config -> memory plan -> data -> model -> objective -> DeepSpeed engine ->
+steps -> logging, evaluation and checkpoints.
 
 One optimiser step = ``grad_accum`` micro-batches per rank. For each micro-batch the objective corrupts the
 clean batch on the host (keyed noise, no device sync), the engine runs forward and backward, and
@@ -50,14 +50,19 @@ from mdm_scale.distributed.env import (
     init_distributed,
 )
 from mdm_scale.models.flops import flops_per_token
-from mdm_scale.models.loading import (
-    build_model,
-    load_hf_config,
-    parameter_shapes,
-    resolve_mask_token_id,
-)
+from mdm_scale.models.loading import build_model, load_hf_config, parameter_shapes, resolve_mask_token_id
 from mdm_scale.training.checkpoint import CheckpointManager, rank_state, write_atomic
 from mdm_scale.training.faults import NonFiniteGuard
+from mdm_scale.training.memory_plan import (
+    MemoryPlan,
+    MemoryPlanError,
+    ModelNotCountable,
+    ModelShape,
+    make_plan,
+    model_shape,
+    this_machine,
+    vocab_for_plan,
+)
 from mdm_scale.training.metrics import MetricLogger, Throughput
 from mdm_scale.training.optimizer.engine import initialize_engine
 from mdm_scale.training.ppots_estimate import initial_fit
@@ -83,6 +88,11 @@ class Trainer:
         self.resume_from = self._resume_point()
         self._check_run_identity()
         check_ranks_agree("the configuration", json.dumps(asdict(cfg), sort_keys=True), self.env)
+        hf_config = load_hf_config(cfg)
+        counted = self._model_shape(cfg, hf_config, data)
+        self.cfg = cfg = resolve_zero_stage(cfg, None if counted is None else counted[0].parameters, self.env,
+                                            self.info, self.checkpoints.saved_zero_stage(self.resume_from))
+        self.plan = self._memory_plan(cfg, counted)
 
         self.data = data or build_data(cfg.data, cfg.seed, self.out / "tokenizer", Ranks.of(self.env))
         self.info(f"data: {self.data.summary()}")
@@ -92,14 +102,12 @@ class Trainer:
         check_ranks_agree("the data", self.data.train.fingerprint(), self.env)
         self.pad_id, _ = special_ids(self.data.tokenizer)
 
-        hf_config = load_hf_config(cfg)
         self.mask_token_id = resolve_mask_token_id(cfg, self.data.tokenizer, hf_config)
-        self.cfg = cfg = resolve_zero_stage(cfg, self.data.tokenizer, self.mask_token_id, hf_config, self.env,
-                                            self.info, self.checkpoints.saved_zero_stage(self.resume_from))
         self.ds_config = build_deepspeed_config(cfg, self.env.world_size, self.env.on_gpu)
         self.ds_config.update(self.checkpoints.load_settings(self.resume_from, cfg.train.zero_stage))  # elastic
         model = build_model(cfg, self.data.tokenizer, self.mask_token_id, hf_config, self.ds_config, cfg.seed)
         self.shapes = parameter_shapes(model)
+        self.trained = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)
         if self.resume_from is not None:
             self.checkpoints.check_compatible(self.resume_from, self.shapes, self.global_batch)
         self._write_run_files()
@@ -162,6 +170,30 @@ class Trainer:
             if before != now:
                 raise ConfigError(f"train.output_dir '{self.out}' holds another run ({key}: {before!r} there, "
                                   f"{now!r} here); choose a new train.output_dir")
+
+    def _model_shape(self, cfg: Config, hf_config, data: RunData | None) -> tuple[ModelShape, str] | None:
+        """The model counted on the meta device (``training/memory_plan.py``) and where its vocabulary size came
+        from; None (with a note) for a ``model.path`` architecture that cannot be built there."""
+        vocab, source = (len(data.tokenizer), "the given data") if data is not None else \
+            vocab_for_plan(cfg, hf_config, self.out / "tokenizer")
+        try:
+            return model_shape(cfg, vocab, hf_config), source
+        except ModelNotCountable as err:
+            self.info(f"memory plan: not available, model.path {cfg.model.path!r} cannot be built on the meta "
+                      f"device ({err})")
+            return None
+
+    def _memory_plan(self, cfg: Config, counted: tuple[ModelShape, str] | None) -> MemoryPlan | None:
+        """Print the memory plan; one that does not fit this machine stops the run here, in seconds, before the
+        data and the model are built (unless ``train.memory_check`` is false)."""
+        if counted is None:
+            return None
+        shape, source = counted
+        plan = make_plan(cfg, self.env.world_size, shape, this_machine(self.env.device, self.env.world_size), source)
+        self.info("\n".join(plan.lines()))
+        if cfg.train.memory_check and not plan.fits:
+            raise MemoryPlanError(plan.refusal())
+        return plan
 
     def _write_run_files(self) -> None:
         if self.env.is_main:
@@ -348,13 +380,15 @@ class Trainer:
         self.uncounted.zero_()
 
     def model_flops_per_token(self) -> float | None:
-        """Model FLOPs per trained token (``models/flops.py``, T = data.seq_len), or None for a model whose
-        config names its depth and width otherwise."""
+        """Model FLOPs per trained token (``models/flops.py``, T = data.seq_len; weight gradients of the trained
+        parameters only, so about 4 N with LoRA), or None for a model whose config names its depth and width
+        otherwise."""
         config = self.engine.module.config
         layers, width = getattr(config, "num_hidden_layers", None), getattr(config, "hidden_size", None)
         if layers is None or width is None:
             return None
-        return flops_per_token(sum(_numel(s) for s in self.shapes.values()), layers, width, self.cfg.data.seq_len)
+        return flops_per_token(sum(_numel(s) for s in self.shapes.values()), layers, width, self.cfg.data.seq_len,
+                               self.trained)
 
     def save(self) -> Path:
         self.count_seen()

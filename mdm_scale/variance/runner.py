@@ -40,6 +40,7 @@ from mdm_scale.data.loader import collate
 from mdm_scale.data.tokenizer import special_ids
 from mdm_scale.distributed.env import DistEnv, barrier, init_distributed
 from mdm_scale.models.loading import build_model, load_hf_config, resolve_mask_token_id
+from mdm_scale.training.memory_plan import counted_parameters
 from mdm_scale.training.run_reader import RunSource, load_weights, read_run
 from mdm_scale.training.zero_stage import resolve_zero_stage
 from mdm_scale.variance.decomposition import UnitSummary, decompose, summarize_unit
@@ -119,7 +120,8 @@ def build_subject(cfg: Config, env: DistEnv, source: RunSource | None) -> Subjec
     pad_id, _ = special_ids(data.tokenizer)
     hf_config = load_hf_config(cfg)
     mask_token_id = resolve_mask_token_id(cfg, data.tokenizer, hf_config)
-    cfg = resolve_zero_stage(cfg, data.tokenizer, mask_token_id, hf_config, env, lambda text: _info(env, text))
+    parameters = counted_parameters(cfg, len(data.tokenizer), hf_config)
+    cfg = resolve_zero_stage(cfg, parameters, env, lambda text: _info(env, text))
     ds_config = build_deepspeed_config(cfg, env.world_size, env.on_gpu)
     model = build_model(cfg, data.tokenizer, mask_token_id, hf_config, ds_config, cfg.seed)
     if source is not None and source.is_checkpoint:

@@ -5,13 +5,17 @@
     python -m tools.bench.throughput --gpus 1 --preset 1b --data sft --grad-accum 4 \
         --subjects "uniform,uniform[data.packing=true]"
     python -m tools.bench.throughput --gpus 1 --preset 1b --subjects "uniform,llada"
+    python -m tools.bench.throughput --gpus 1 --preset 8b --micro-batch 4 --config configs/llada_8b_lora.yaml \
+        --subjects "uniform[train.zero_stage=0]"
 
 Each subject runs in its own ``deepspeed --num_gpus N`` job on the same data and model shape: random-token
 pretraining blocks (``--data blocks``, no padding), or (``--data sft``) random SFT records with log-normal
 lengths between 32 and ``--seq-len`` tokens (median 256; a quarter of each record is prompt). It reports
 tokens/s/GPU (real, non-pad tokens through the model; MIRROR's two rows both count), TFLOP/s/GPU and MFU
-(``common.py`` has the FLOP convention; for SFT data MFU is only a proxy, the attention term assumes full rows),
-peak memory, and a step-time breakdown (forward / backward / optimizer / communication / sampler / online
+(``common.py`` has the FLOP convention; weight gradients only for trained parameters, so about 4 N with LoRA;
+for SFT data MFU is only a proxy, the attention term assumes full rows), peak memory next to the memory plan's
+estimate (``training/memory_plan.py``; a subject the plan refuses is reported as refused, with its line), and a
+step-time breakdown (forward / backward / optimizer / communication / sampler / online
 variance probe / data) from extra steps timed with device synchronisation and DeepSpeed's communication logger
 (those steps are slower, so throughput comes from untimed steps). Results go to ``<out>.json`` and ``<out>.md``,
 rewritten after every subject (a job stopped by a time limit keeps the subjects it finished).
@@ -82,6 +86,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--breakdown-steps", type=int, default=5)
     p.add_argument("--subjects", default="plain,uniform,ppots,ppots_mirror")
     p.add_argument("--set", action="append", default=[], help="extra mdm-scale overrides for every subject")
+    p.add_argument("--config", action="append", default=[],
+                   help="YAML config(s) under the bench's own settings (mdm-scale subjects), e.g. a LoRA section")
     p.add_argument("--data", choices=["blocks", "sft"], default="blocks",
                    help="random pretraining blocks, or SFT records with log-normal lengths")
     p.add_argument("--profile", default=None, metavar="DIR",
@@ -117,8 +123,15 @@ def run_worker(args: argparse.Namespace) -> None:
     if extra is None:
         subject, config = _plain(args, env, PLAIN_STAGES[name])
     else:
+        from mdm_scale.training.memory_plan import MemoryPlanError
+
         native = [f"model.path={args.checkpoint_dir}"] if "native_llada" in extra else []
-        subject, config = _mdm_scale(args, env, micro, [o for o in extra if o not in MARKERS] + native + overrides)
+        try:
+            subject, config = _mdm_scale(args, env, micro, [o for o in extra if o not in MARKERS] + native + overrides)
+        except MemoryPlanError as err:
+            if env.is_main:
+                Path(args.result).write_text(json.dumps({"subject": args.worker, "refused": str(err)}))
+            return
     for _ in range(args.warmup):
         subject.step()
     sync_device()
@@ -139,7 +152,11 @@ def run_worker(args: argparse.Namespace) -> None:
         "peak_memory_gb": torch.cuda.max_memory_allocated() / 2**30 if env.on_gpu else None,
         "peak_reserved_gb": torch.cuda.max_memory_reserved() / 2**30 if env.on_gpu else None,
         "breakdown_ms": subject.breakdown(args.breakdown_steps),
-        "parameters": parameter_count(config), "flops_per_token": flops_per_token(config, args.seq_len),
+        "parameters": parameter_count(config),
+        "flops_per_token": subject.trainer.model_flops_per_token() if subject.trainer else
+        flops_per_token(config, args.seq_len),
+        "plan_peak_gb": subject.trainer.plan.estimate.device_peak / 2**30 if subject.trainer and subject.trainer.plan
+        else None,
         "source_format": getattr(config, "source_format", None),
         "losses": losses,
     }
@@ -246,7 +263,7 @@ def _mdm_scale(args, env, micro: int, overrides: list[str]):
             "train.zero_stage=3",
             "train.eval_every=0", "train.lr=1e-4", "logging.tensorboard=false", "train.resume=never",
             *args.set, *overrides]
-    cfg = load_config([], sets)
+    cfg = load_config(args.config, sets)
     steps = args.warmup + args.steps + args.breakdown_steps + 1
     if args.data == "sft":
         data = random_sft(_vocab(args), args.seq_len, 4096, seed=cfg.seed)
@@ -329,7 +346,7 @@ def _unavailable(subject: str, args) -> str | None:
         return None
     overrides = [o for o in SUBJECTS[name] if o not in MARKERS] + extra
     try:
-        load_config([], [*args.set, *overrides])
+        load_config(args.config, [*args.set, *overrides])
     except ConfigError as err:
         return str(err)
     return None
@@ -357,6 +374,8 @@ def _launch(subject: str, args, timeout: float | None = None) -> dict:
         cmd += ["--checkpoint-dir", args.checkpoint_dir]
     for item in args.set:
         cmd += ["--set", item]
+    for item in args.config:
+        cmd += ["--config", item]
     print(f"[bench] {subject}: {' '.join(cmd)}", flush=True)
     proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONPATH": f"{REPO}:{os.environ.get('PYTHONPATH', '')}"},
                             start_new_session=True)  # its own process group: a timeout ends the launcher's ranks too
@@ -413,17 +432,19 @@ def _markdown(report: dict) -> str:
              f"{peak:.0f} TFLOP/s" if peak else f"Device: {report['device']} x {report['gpus']}",
              f"Command: `{report['command']}`", "",
              "| subject | micro (x accum) | tokens/s/GPU | vs plain | vs uniform | TFLOP/s/GPU | MFU (measured / "
-             "datasheet) | peak mem GiB | fwd / bwd / opt / comm / sampler / probe / data ms |",
+             "datasheet) | peak mem GiB (plan) | fwd / bwd / opt / comm / sampler / probe / data ms |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in report["results"]:
         if "tokens_per_s_per_gpu" not in r:
-            lines.append(f"| {r['subject']} | | {r.get('unavailable') or r.get('failed')} | | | | | | |")
+            why = r.get("unavailable") or r.get("failed") or f"refused: {r.get('refused')}"
+            lines.append(f"| {r['subject']} | | {why} | | | | | | |")
             continue
         b = r["breakdown_ms"]
         parts = " / ".join(f"{b[k]:.0f}" if k in b else "-" for k in ("forward", "backward", "optimizer",
                                                                        "communication", "sampler", "probe", "data"))
         mfu = " / ".join(f"{100 * m:.1f}%" if m else "-" for m in (r["mfu_measured_peak"], r["mfu_datasheet"]))
         mem = f"{r['peak_memory_gb']:.1f}" if r["peak_memory_gb"] is not None else "-"
+        mem += f" ({r['plan_peak_gb']:.1f})" if r.get("plan_peak_gb") is not None else ""
         micro = f"{r['micro_batch']}" + (f" x {r['grad_accum']}" if r.get("grad_accum", 1) > 1 else "")
         lines.append(f"| {r['subject']} | {micro} | {r['tokens_per_s_per_gpu']:.0f} | "
                      f"{r.get('vs_plain', float('nan')):.3f} | {r.get('vs_uniform', float('nan')):.3f} | "
