@@ -138,3 +138,24 @@ def test_early_corruption_trains_exactly_as_drawing_at_use(synth_dir, tmp_path, 
     assert sorted(a) == list(range(1, 7))
     for step in a:
         assert a[step] == pytest.approx(b[step], rel=1e-6, abs=1e-7), step
+
+
+def test_early_corruption_waits_for_mirror_auto_decisions(synth_dir, tmp_path, dist_env, monkeypatch):
+    """``variance.mirror: auto`` with decisions forced to alternate at every refit (every 2 steps): a switch
+    changes the masks and the sequences per micro-batch of the next step, so the trainer must not corrupt that
+    step's first micro-batch before the decision (``VarianceMonitor.may_switch_after``). Every step's loss
+    equals that of a run that draws each micro-batch when it is used."""
+    from mdm_scale.diffusion.online_variance import VarianceMonitor
+
+    monkeypatch.setattr(VarianceMonitor, "_decide", lambda self, report: not self.mirror_on)
+    settings = {"variance.mirror": "auto", "variance.ppots_refit_every": 2, "variance.probe_every": 1,
+                "variance.probe_fraction": 0.5, "train.max_steps": 6, "train.zero_stage": 0}
+    early_trainer = trainer(synth_dir, tmp_path / "early", dist_env, **settings)
+    early = early_trainer.fit()
+    assert early_trainer.monitor.decisions == [(2, True), (4, False), (6, True)]
+    monkeypatch.setattr(Trainer, "_prefetch", lambda self, step, micro: None)
+    at_use = run(synth_dir, tmp_path / "at_use", dist_env, **settings)
+    a, b = (read_scalars(s["tensorboard_dir"], "train/loss") for s in (early, at_use))
+    assert sorted(a) == list(range(1, 7))
+    for step in a:
+        assert a[step] == pytest.approx(b[step], rel=1e-6, abs=1e-7), step
