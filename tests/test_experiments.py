@@ -157,6 +157,30 @@ def test_micro_experiment_runs_end_to_end_and_resumes(synth_dir, tmp_path):
     assert again.returncode == 0 and "6 runs, 6 already finished, 0 to do" in again.stdout
 
 
+def test_auto_study_plans_five_rows_per_family_and_collects_the_decisions(tmp_path):
+    """``auto_study.py``: per family Standard, auto and MIRROR 0.5x at R rows, MIRROR at equal batch and
+    Standard 2x; ``auto_decisions.csv`` and ``auto_summary.md`` from the runs' variance lines (here the console
+    lines of ``train.log``: ``variance/mirror`` at step s is the setting from step s + 1 on)."""
+    import auto_study
+
+    entries = experiment_run.plan(auto_study.METHODS, ["batch", "rows"], 64, 64)
+    assert {(e.label, e.micro, e.rows) for e in entries} == {
+        ("Standard", 64, 64), ("auto", 64, 64), ("MIRROR 0.5x", 32, 64), ("MIRROR", 64, 128), ("Standard 2x", 128, 128)}
+    finished, unfinished = (experiment_run.Run("auto", 64, seed, tmp_path / f"seed_{seed}") for seed in (7, 8))
+    finished.directory.mkdir()
+    (finished.directory / "train.log").write_text(
+        "[train step 50] loss=2.0\n[variance step 50] V=0.9 gain=-0.1 gain_se=0.02 mirror=0\n"
+        "[variance step 100] V=0.8 gain=0.3 gain_se=0.1 mirror=1\n[variance step 150] V=0.7 gain=0.2 mirror=1\n")
+    finished.result_file.write_text(json.dumps({"tensorboard_dir": None}))
+    table, summary = auto_study.write_decisions(tmp_path, [finished, unfinished])
+    with table.open() as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["seed"], r["step"], r["mirror"], r["gain"], r["gain_se"]) for r in rows] == [
+        ("7", "50", "0.0", "-0.1", "0.02"), ("7", "100", "1.0", "0.3", "0.1"), ("7", "150", "1.0", "0.2", "")]
+    lines = summary.read_text().splitlines()
+    assert lines[2] == "| 7 | 3 | 2 | 101 | 0.7, 0.2, – |" and lines[3].startswith("| 8 | not finished")
+
+
 def test_error_profile_of_true_and_corrupted_answers(tmp_path):
     import synth_errors
 
