@@ -158,14 +158,17 @@ def test_micro_experiment_runs_end_to_end_and_resumes(synth_dir, tmp_path):
 
 
 def test_auto_study_plans_five_rows_per_family_and_collects_the_decisions(tmp_path):
-    """``auto_study.py``: per family Standard, auto and MIRROR 0.5x at R rows, MIRROR at equal batch and
-    Standard 2x; ``auto_decisions.csv`` and ``auto_summary.md`` from the runs' variance lines (here the console
-    lines of ``train.log``: ``variance/mirror`` at step s is the setting from step s + 1 on)."""
+    """``auto_study.py``: per family Standard, auto and MIRROR 0.5x at R rows, with ``--equal-batch`` also MIRROR
+    at equal batch and Standard 2x; ``auto_decisions.csv`` and ``auto_summary.md`` from the runs' variance lines
+    (here the console lines of ``train.log``: ``variance/mirror`` at step s is the setting from step s + 1 on)."""
     import auto_study
 
+    equal_rows = {("Standard", 64, 64), ("auto", 64, 64), ("MIRROR 0.5x", 32, 64)}
+    entries = experiment_run.plan(auto_study.EQUAL_ROWS, ["rows"], 64, 64)
+    assert {(e.label, e.micro, e.rows) for e in entries} == equal_rows
     entries = experiment_run.plan(auto_study.METHODS, ["batch", "rows"], 64, 64)
-    assert {(e.label, e.micro, e.rows) for e in entries} == {
-        ("Standard", 64, 64), ("auto", 64, 64), ("MIRROR 0.5x", 32, 64), ("MIRROR", 64, 128), ("Standard 2x", 128, 128)}
+    assert {(e.label, e.micro, e.rows) for e in entries} == equal_rows | {("MIRROR", 64, 128),
+                                                                          ("Standard 2x", 128, 128)}
     finished, unfinished = (experiment_run.Run("auto", 64, seed, tmp_path / f"seed_{seed}") for seed in (7, 8))
     finished.directory.mkdir()
     (finished.directory / "train.log").write_text(

@@ -1,12 +1,12 @@
 """``variance.mirror: auto`` against Standard and MIRROR on several task families, all runs in one pool.
 
     python tools/experiments/auto_study.py --out results/auto --families sort,missing,unique \\
-        --seeds 42,731,20231,1,2 --parallel 16 --limit-s 480
+        --equal-batch unique --seeds 42,731,20231,1,2 --parallel 16 --limit-s 420
 
-Per family (``FAMILIES``: its generator, sizes, training config and generation length) the methods of
-``run.py``'s plan for ``--budget batch,rows --rows R`` with methods Standard, Standard 2x, MIRROR and auto:
-Standard, auto and MIRROR 0.5x at R forward rows per micro-batch (equal rows), MIRROR at R sequences (2R rows,
-equal batch) and Standard 2x (2R sequences), every seed. The runs of all families share one pool of
+Per family (``FAMILIES``: its generator, sizes, training config and generation length) and seed: Standard,
+auto and MIRROR 0.5x at R forward rows per micro-batch (``run.py --budget rows --rows R``: equal rows), and for
+the families of ``--equal-batch`` also MIRROR at R sequences (2R rows) and Standard 2x (2R sequences)
+(``--budget batch,rows`` with Standard 2x: the equal-batch protocol). The runs of all families share one pool of
 ``--parallel`` workers, seed by seed and the longest (2R rows) first within a seed, so that no worker idles at
 the end of a family. After ``--limit-s`` seconds no further run is started (running ones finish); a later
 invocation skips finished runs and resumes interrupted ones (``run.py``).
@@ -43,6 +43,7 @@ from mdm_scale.data.synthetic import write_synthetic_task  # noqa: E402
 
 CONFIGS = HERE / "configs"
 METHODS = ["Standard", "Standard 2x", "MIRROR", "auto"]
+EQUAL_ROWS = ["Standard", "MIRROR", "auto"]  # under --budget rows alone: Standard, MIRROR 0.5x, auto
 
 
 @dataclass(frozen=True)
@@ -63,13 +64,16 @@ FAMILIES = {
 
 
 def family_args(name: str, out: Path, options: argparse.Namespace) -> argparse.Namespace:
-    """``run.py``'s arguments for one family (its data made first if absent)."""
+    """``run.py``'s arguments for one family (its data made first if absent); ``args.methods`` are the family's
+    (module docstring)."""
     family, data = FAMILIES[name], out / name / "data"
     if not (data / "eval.jsonl").is_file():
         write_synthetic_task(data, train=options.synth_train, eval=options.synth_eval, seed=0,
                              min_ops=family.min_size, max_ops=family.max_size, family=family.generator)
-    argv = ["--config", str(family.config), "--methods", ",".join(METHODS), "--seeds", options.seeds,
-            "--eval-data", str(data / "eval.jsonl"), "--out", str(out / name), "--budget", "batch,rows",
+    equal_batch = name in options.equal_batch
+    argv = ["--config", str(family.config), "--methods", ",".join(METHODS if equal_batch else EQUAL_ROWS),
+            "--seeds", options.seeds, "--eval-data", str(data / "eval.jsonl"), "--out", str(out / name),
+            "--budget", "batch,rows" if equal_batch else "rows",
             "--rows", str(options.rows), f"--eval-arg=--gen-length={family.gen_length}",
             f"--eval-arg=--steps={family.gen_length}", f"--eval-arg=--batch-size={options.eval_batch}",
             "--set", f"data.train_file={data / 'train.jsonl'}", "--set", f"data.eval_file={data / 'eval.jsonl'}"]
@@ -119,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, type=Path, help="study directory (re-run to resume)")
     parser.add_argument("--families", default=",".join(FAMILIES), help=f"comma-separated, from {', '.join(FAMILIES)}")
+    parser.add_argument("--equal-batch", default="unique",
+                        help="families that also run MIRROR at equal batch and Standard 2x (comma-separated)")
     parser.add_argument("--seeds", default="42,731,20231,1,2")
     parser.add_argument("--rows", type=int, default=64, help="forward rows per micro-batch of the equal-rows runs")
     parser.add_argument("--parallel", type=int, default=16, help="runs at once, over all families")
@@ -129,12 +135,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eval-batch", type=int, default=500, help="problems per generation batch")
     options = parser.parse_args(argv)
     names = [n.strip() for n in options.families.split(",") if n.strip()]
-    unknown = [n for n in names if n not in FAMILIES]
+    options.equal_batch = [n.strip() for n in options.equal_batch.split(",") if n.strip()]
+    unknown = [n for n in [*names, *options.equal_batch] if n not in FAMILIES]
     if unknown:
-        parser.error(f"--families: unknown {', '.join(unknown)} (known: {', '.join(FAMILIES)})")
+        parser.error(f"--families / --equal-batch: unknown {', '.join(unknown)} (known: {', '.join(FAMILIES)})")
     start = time.perf_counter()
     plans = {name: family_args(name, options.out, options) for name in names}
-    entries = {name: study.plan(METHODS, args.budget, args.micro, args.rows) for name, args in plans.items()}
+    entries = {name: study.plan(args.methods, args.budget, args.micro, args.rows) for name, args in plans.items()}
     seeds = plans[names[0]].seeds
     todo = [(run, plans[name]) for name in names for entry in entries[name]
             for run in study.pending(entry.runs(options.out / name, seeds), seeds)]

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-LOG_LINE = re.compile(r"^\[(train|eval) step (\d+)\] (.*)$", re.MULTILINE)
+LOG_LINE = re.compile(r"^\[(train|eval|variance) step (\d+)\] (.*)$", re.MULTILINE)
 LOG_VALUE = re.compile(r"(\w+)=([0-9.eE+-]+|nan|inf)")
 CSV_FIELDS = ["label", "method", "micro_batch", "protocols", "seed", "accuracy", "correct", "total", "no_answer",
               "eval_loss", "steps", "rows", "tokens", "flops", "train_seconds", "wall_seconds"]
