@@ -56,6 +56,15 @@ def test_set_profiles_separate_wrong_digits_from_left_out_ones():
     assert (q["no wrong digit"], q["no digit left out"], q["accuracy_by_size"]) == (1.0, 0.0, {4: 0.0})
 
 
+def test_minmax_profile_checks_each_end():
+    records = [_record("minmax 7 3 0 9 3\n", "#### 09", True),
+               _record("minmax 7 3 0 9 3\n", "#### 39", False),   # min wrong
+               _record("minmax 5 1 7\n", "#### 18", False)]       # max wrong (true 17)
+    p = error_profile("minmax", records)
+    assert p["correct"] == 1 / 3 and p["min right"] == 2 / 3 and p["max right"] == 2 / 3
+    assert p["accuracy_by_size"] == {3: 0.0, 5: 0.5}
+
+
 def test_add_profile_counts_digits_from_the_right():
     p = error_profile("add", [_record("4172 - 856 =\n", "#### 3326", False)])  # true 3316
     assert p["length right"] == 1.0 and p["digits right"] == 0.75

@@ -1,7 +1,7 @@
 """``variance.mirror: auto`` against Standard and MIRROR on several task families, all runs in one pool.
 
-    python tools/experiments/auto_study.py --out results/auto --families sort,missing,unique \\
-        --equal-batch unique --seeds 42,731,20231,1,2 --parallel 16 --limit-s 420
+    python tools/experiments/auto_study.py --out results/auto --families sort,missing,minmax \\
+        --equal-batch minmax --seeds 42,731,20231,1,2 --parallel 16 --limit-s 420
 
 Per family (``FAMILIES``: its generator, sizes, training config and generation length) and seed: Standard,
 auto and MIRROR 0.5x at R forward rows per micro-batch (``run.py --budget rows --rows R``: equal rows), and for
@@ -58,9 +58,10 @@ class Family:
 FAMILIES = {
     "sort": Family("sort", 1, 8, CONFIGS / "family_sort.yaml", 18),
     "missing": Family("missing", 1, 6, CONFIGS / "family_missing.yaml", 18),
-    "unique": Family("unique", 1, 8, CONFIGS / "family_unique.yaml", 18),
+    "minmax": Family("minmax", 2, 8, CONFIGS / "family_minmax.yaml", 18),
 }
-"""The studies of docs/results.md (``sort`` and ``missing``, from scratch) and ``unique`` (the distinct digits)."""
+"""The studies of docs/results.md (``sort`` and ``missing``, from scratch) and ``minmax`` (a list's smallest and
+largest digit)."""
 
 
 def family_args(name: str, out: Path, options: argparse.Namespace) -> argparse.Namespace:
@@ -123,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, type=Path, help="study directory (re-run to resume)")
     parser.add_argument("--families", default=",".join(FAMILIES), help=f"comma-separated, from {', '.join(FAMILIES)}")
-    parser.add_argument("--equal-batch", default="unique",
+    parser.add_argument("--equal-batch", default="minmax",
                         help="families that also run MIRROR at equal batch and Standard 2x (comma-separated)")
     parser.add_argument("--seeds", default="42,731,20231,1,2")
     parser.add_argument("--rows", type=int, default=64, help="forward rows per micro-batch of the equal-rows runs")

@@ -13,8 +13,9 @@ partial credits:
   answer is the number of digits, not of the queried one's occurrences);
 - ``lookup``: **chain valid** (every ``x=y`` of the worked chain is an assignment of the prompt, from the queried
   variable on) and **answer = chain end** (the answer is the value the written chain reaches);
-- ``common``, ``missing``, ``unique`` (set answers): **no wrong digit** (every digit of the answer belongs to the
-  true set) and **no digit left out** (every digit of the true set is in the answer);
+- ``minmax``: **min right** and **max right** (the answer's first / second digit);
+- ``common``, ``missing`` (set answers): **no wrong digit** (every digit of the answer belongs to the true set)
+  and **no digit left out** (every digit of the true set is in the answer);
 - ``add``: **length right** (as many digits as the true result) and **digits right** (share of the true result's
   digits in place, counted from the right).
 """
@@ -34,7 +35,7 @@ ANSWER = AnswerPattern()
 
 def _size(family: str, prompt: str) -> int:
     text = prompt.rstrip("\n")
-    if family in ("sort", "missing", "unique"):
+    if family in ("sort", "missing", "minmax"):
         return len(text.split(" ")) - 1
     if family == "common":
         return max(len(part.split()) for part in text.removeprefix("common ").split(" ; "))
@@ -53,7 +54,10 @@ def _credits(family: str, prompt: str, prediction: str, answer: str | None, gold
         got = answer or ""
         return {"multiset kept": sorted(got) == sorted(given),
                 "ordered": bool(got) and got.isdigit() and list(got) == sorted(got)}
-    if family in ("common", "missing", "unique"):
+    if family == "minmax":
+        got = answer or ""
+        return {"min right": got[:1] == gold[:1], "max right": got[1:2] == gold[1:2]}
+    if family in ("common", "missing"):
         got = set(answer or "")
         return {"no wrong digit": got <= set(gold), "no digit left out": set(gold) <= got}
     if family == "count":
@@ -94,7 +98,7 @@ def error_profile(family: str, records: list[dict]) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--family", required=True,
-                        choices=["sort", "count", "common", "missing", "unique", "lookup", "add"])
+                        choices=["sort", "count", "common", "missing", "minmax", "lookup", "add"])
     parser.add_argument("predictions", nargs="+", type=Path, help="PRED.jsonl files of mdm-scale eval")
     args = parser.parse_args(argv)
     rows = []
