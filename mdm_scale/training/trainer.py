@@ -54,8 +54,10 @@ from mdm_scale.training.step_timer import NoTimer
 # holds another run. Everything else (max_steps, lr, logging, ...) may change when a run is continued.
 RUN_IDENTITY = ("seed", "model", "data.train_file", "data.tokenizer", "data.task", "data.seq_len",
                 "train.objective", "variance")
-# Online A/B/C (``diffusion/online_variance.py``) written to the console and TensorBoard (``variance/*``) each refit.
-LOGGED_ESTIMATES = ("A", "B", "C", "V", "A_share", "B_share", "C_share", "pair_half_sq", "mirror")
+# Online A/B/C (``diffusion/online_variance.py``) written to the console and TensorBoard (``variance/*``) each refit:
+# with ``mirror: auto``'s rule, both sides (pair_half_sq against V) with their standard errors and the setting.
+LOGGED_ESTIMATES = ("A", "B", "C", "V", "A_share", "B_share", "C_share", "pair_half_sq", "V_se", "pair_half_sq_se",
+                    "pairs", "mirror")
 
 
 class Trainer:
