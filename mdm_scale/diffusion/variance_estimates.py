@@ -48,11 +48,12 @@ as plain counts (n = sum w) would overstate the standard error by sqrt(n_eff / s
 **Strata of t.** Items are binned by the quantile u = F(t) of their (first) row's rate under the run's
 t-density into ``STRATA`` strata of equal probability 1 / ``STRATA`` (equal-width t-bins under uniform t). The
 estimate is sum_j P_j zbar_j with the exact P_j, not the pooled mean: the share of the noise that comes from
-how many draws happened to land at small t, where the weight 1/pi(t) makes every quantity large, is removed,
-and an extreme draw in a stratum that the sample over-represents counts with its stratum's probability, not
-with 1 / n. A stratum with fewer than ``MIN_EFFECTIVE`` effective items is merged with the next (collapsed
-strata: a small bias towards the neighbour's mean while strata are nearly empty, none once they fill).
-Var = sum_j P_j^2 sigma_j^2 / n_eff_j.
+how many draws happened to land in each stratum (the variance of the strata's means) is removed, and an
+extreme draw in a stratum that the sample over-represents counts with its stratum's probability, not with
+1 / n. The heavy tail inside a stratum stays (where 1/pi(t) grows towards 1/eps it lies inside the first
+stratum; docs/spec.md section 2.2). A stratum with fewer than ``MIN_EFFECTIVE`` effective items is merged with
+the next (collapsed strata: a small bias towards the neighbour's mean while strata are nearly empty, none once
+they fill). Var = sum_j P_j^2 sigma_j^2 / n_eff_j.
 
 **What the standard errors leave out.** Items of one step share m and c; c's noise is ignored (its variance
 relative to that of an item sum is about 4 / n for V's items, n the step's rows, and far less for the
