@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Multi-node training through the deepspeed launcher and a hostfile (launch/hostfile.example).
 #
-#   HOSTFILE=launch/hostfile bash launch/deepspeed.sh --config configs/llada_8b.yaml [--set key=value ...]
+#   HOSTFILE=launch/hostfile bash launch/deepspeed.sh --config configs/pretrain_8b.yaml [--set key=value ...]
 #
 # Run it on the first node of the hostfile. The launcher starts every node's ranks over passwordless ssh
 # (pdsh when installed); every node needs the same repository path, .venv and data (a shared filesystem).

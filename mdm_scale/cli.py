@@ -2,16 +2,22 @@
 
     mdm-scale train --config configs/quickstart.yaml [--config more.yaml] [--set train.lr=1e-4 train.max_steps=10 ...]
     mdm-scale data synth --out data/synth [--train 20000 --eval 500 --seed 0]
-    mdm-scale variance --config configs/quickstart.yaml [--checkpoint DIR] --out report.json
     mdm-scale eval --checkpoint runs/x --data data/synth/eval.jsonl --out runs/x/pred.jsonl
     mdm-scale generate --checkpoint runs/x --prompt "Mia has 3 shells. ..."
     mdm-scale export --checkpoint runs/x --out exports/x
     mdm-scale lm-eval --model mdm_scale --model_args pretrained=exports/x,gen_length=128 --tasks gsm8k
+    mdm-scale variance measure --config configs/quickstart.yaml [--checkpoint DIR] --out report.json
+    mdm-scale variance summary report.json ...
+    mdm-scale variance plot-online runs/x/tensorboard --out abc.png
+    mdm-scale experiment run --config task.yaml --methods Standard,MIRROR --seeds 1,2 --eval-data eval.jsonl --out D
+    mdm-scale experiment errors --family arith D/runs/*/mb_*/seed_*/pred.jsonl
+
+Each group registers its own subcommands: ``generation/cli.py``, ``variance/cli.py``, ``experiments/cli.py``.
 
 ``train`` runs as one plain process or under any launcher that sets RANK/WORLD_SIZE (``deepspeed``,
 ``torchrun``) or under ``srun``/``mpirun`` (MPI discovery), e.g.
 
-    deepspeed --num_gpus 8 --module mdm_scale.cli train --config configs/llada_8b.yaml
+    deepspeed --num_gpus 8 --module mdm_scale.cli train --config configs/pretrain_8b.yaml
 
 Exit status of ``train`` (``docs/operations.md``): 0 finished; 2 bad input (config, data, checkpoint), with a
 one-line message; 3 stopped after ``train.max_nonfinite_steps`` non-finite steps in a row (last good state
@@ -46,26 +52,6 @@ def _train(args: argparse.Namespace) -> int:
     return 0 if summary["stopped_by"] is None else EXIT_PREEMPTED
 
 
-def _variance(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from mdm_scale.config.loader import load_config
-    from mdm_scale.variance.runner import ToolSettings
-
-    config = load_config(args.config, args.set)
-    settings = ToolSettings(methods=args.methods.split(","), num_x0=args.x0, num_t=args.t_draws,
-                            num_masks=args.masks, grad_dim=args.grad_dim, strats_batch=args.strats_batch)
-    from mdm_scale.training.metrics import quiet_third_party_logs
-
-    quiet_third_party_logs()
-    from mdm_scale.variance.runner import run_variance
-
-    run_variance(config, settings, Path(args.out), args.checkpoint)
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(f"variance report: {args.out}", flush=True)
-    return 0
-
-
 def _synth(args: argparse.Namespace) -> int:
     from mdm_scale.data.synthetic import write_synthetic_task
 
@@ -93,22 +79,6 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
     train.set_defaults(func=_train)
 
-    variance = commands.add_parser("variance", help="measure the A/B/C variance decomposition (docs/variance.md)")
-    variance.add_argument("--config", action="append", required=True, help="YAML file; repeat to merge several")
-    _add_overrides(variance)
-    variance.add_argument("--checkpoint", default=None, help="a training checkpoint (or run directory) to load")
-    variance.add_argument("--out", required=True, help="report JSON path; plots and TensorBoard go next to it")
-    variance.add_argument("--methods", default="standard,mirror,ppots,ppots+mirror,strats,syrm,clipped",
-                          help="comma-separated: standard, mirror, ppots, ppots+mirror, strats, syrm, isad, clipped, "
-                               "arm")
-    variance.add_argument("--x0", type=int, default=64, help="sequences of data")
-    variance.add_argument("--t-draws", type=int, default=8, help="masking-rate draws per unit of data")
-    variance.add_argument("--masks", type=int, default=4, help="mask draws per (data, rate)")
-    variance.add_argument("--grad-dim", type=int, default=1021, help="gradient sketch dimension; 0 = loss only")
-    variance.add_argument("--strats-batch", type=int, default=16, help="global batch that StraTS stratifies")
-    variance.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
-    variance.set_defaults(func=_variance)
-
     data = commands.add_parser("data", help="data utilities").add_subparsers(dest="data_command", required=True)
     synth = data.add_parser("synth", help="write a synthetic reasoning task (train/eval JSONL)")
     synth.add_argument("--out", default="data/synth")
@@ -126,15 +96,21 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--max-ops", type=int, default=3, help="largest problem size (see --min-ops)")
     synth.add_argument("--pretrain", type=int, default=0, help="also write this many {text} records")
     synth.set_defaults(func=_synth)
+    from mdm_scale.experiments.cli import add_experiment_commands
     from mdm_scale.generation.cli import add_generation_commands
+    from mdm_scale.variance.cli import add_variance_commands
 
     add_generation_commands(commands)
+    add_variance_commands(commands, _add_overrides)
+    add_experiment_commands(commands)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    from mdm_scale.variance.cli import with_subcommand
+
     parser = build_parser()
-    args, rest = parser.parse_known_args(argv)
+    args, rest = parser.parse_known_args(with_subcommand(sys.argv[1:] if argv is None else list(argv)))
     if args.command == "lm-eval":  # its arguments are lm-eval's own
         args.harness_args = rest
     elif rest:

@@ -85,6 +85,31 @@ def read_scalars(tb_dir: str | Path, tag: str) -> dict[int, float]:
     return {event.step: event.value for event in acc.Scalars(tag)}
 
 
+FIXTURES_ENV = "MDM_SCALE_FIXTURES"
+"""Where the tiny LLaDA / Dream checkpoint fixtures are (default: ``../shared/fixtures`` beside the checkout)."""
+
+
+def format_fixture(name: str) -> Path:
+    """``llada-tiny`` or ``dream-tiny``: a checkpoint in the released format with upstream reference logits
+    (``reference.safetensors``). Skips, saying why, where the fixtures are absent (a plain clone)."""
+    root = Path(os.environ.get(FIXTURES_ENV) or REPO.parent / "shared" / "fixtures")
+    path = root / name
+    if not (path / "reference.safetensors").is_file():
+        pytest.skip(f"checkpoint fixture {path} is absent: set {FIXTURES_ENV} to the folder holding llada-tiny and "
+                    f"dream-tiny to run the native-format tests")
+    return path
+
+
+@pytest.fixture(scope="session")
+def llada_fixture() -> Path:
+    return format_fixture("llada-tiny")
+
+
+@pytest.fixture(scope="session")
+def dream_fixture() -> Path:
+    return format_fixture("dream-tiny")
+
+
 @pytest.fixture(scope="session")
 def tiny_export(synth_dir, dist_env, tmp_path_factory) -> tuple[Path, Path]:
     """``(run_dir, export_dir)``: a 2-step tiny training run and its ``mdm-scale export``."""

@@ -20,9 +20,9 @@ from mdm_scale.training.trainer import Trainer
 # x0 = 3 sequences over 2 ranks (rank 1 pads with filler forwards), refits at steps 2 and 4, saved at step 5
 # with statistics pending since the refit, resumed to step 7 (a refit at step 6).
 SETTINGS = {
-    "variance.t_sampler": "ppots", "variance.mirror": True, "variance.mirror_plus_threshold": 0.9,
-    "variance.ppots_x0": 3, "variance.ppots_bins": 16, "variance.ppots_masks": 2, "variance.ppots_restarts": 4,
-    "variance.ppots_refit_every": 2, "variance.ppots_half_life": 4.0, "train.max_steps": 5,
+    "variance.t_sampler": {"name": "ppots", "x0": 3, "bins": 16, "masks": 2, "restarts": 4, "refit_every": 2,
+                           "half_life": 4.0},
+    "variance.masks": {"name": "mirror", "single_above": 0.9}, "train.max_steps": 5,
     "train.micro_batch_size": 4, "train.log_every": 2, "data.eval_file": None,
 }
 
@@ -35,7 +35,7 @@ def record_run(trainer: Trainer) -> dict:
 
     def recording_refit(step: int) -> bool:
         if step % sampler.settings.refit_every == 0:
-            record["pending"].append(sampler.pending.clone())
+            record["pending"].append(sampler.sums.pending.clone())
         return refit(step)
 
     def recording_corrupt(batch, *args, **kwargs):

@@ -15,9 +15,9 @@ from mdm_scale.cli import build_parser, main
 from mdm_scale.config.loader import load_config
 
 
-@pytest.mark.parametrize("command,extra", [("train", []), ("variance", ["--out", "r.json"])])
+@pytest.mark.parametrize("command,extra", [(["train"], []), (["variance", "measure"], ["--out", "r.json"])])
 def test_set_takes_several_pairs_per_flag_and_repeats(command, extra):
-    argv = [command, "--config", "c.yaml", "--set", "train.lr=1e-3", "train.max_steps=70", *extra,
+    argv = [*command, "--config", "c.yaml", "--set", "train.lr=1e-3", "train.max_steps=70", *extra,
             "--set", "seed=5", "train.lr=2e-3"]
     overrides = build_parser().parse_args(argv).set
     assert overrides == ["train.lr=1e-3", "train.max_steps=70", "seed=5", "train.lr=2e-3"]
@@ -25,14 +25,14 @@ def test_set_takes_several_pairs_per_flag_and_repeats(command, extra):
     assert (cfg.train.lr, cfg.train.max_steps, cfg.seed) == (2e-3, 70, 5)  # applied in order: the last lr wins
 
 
-@pytest.mark.parametrize("command,extra", [("train", []), ("variance", ["--out", "report.json"])])
+@pytest.mark.parametrize("command,extra", [(["train"], []), (["variance", "measure"], ["--out", "report.json"])])
 def test_missing_synthetic_task_names_the_command_that_makes_it(command, extra, tmp_path, monkeypatch, capsys,
                                                                 dist_env):
     monkeypatch.chdir(tmp_path)  # a fresh clone: no data/synth yet
-    assert main([command, "--config", str(REPO / "configs/quickstart.yaml"), *extra]) == 2
+    assert main([*command, "--config", str(REPO / "configs/quickstart.yaml"), *extra]) == 2
     err = capsys.readouterr().err
     assert "data/synth/train.jsonl" in err and "`mdm-scale data synth --out data/synth`" in err, err
-    assert main([command, "--config", str(REPO / "configs/quickstart.yaml"), "--set",
+    assert main([*command, "--config", str(REPO / "configs/quickstart.yaml"), "--set",
                  "data.train_file=mine/train.jsonl", *extra]) == 2
     assert "data synth" not in capsys.readouterr().err  # only the synthetic task's own layout gets the hint
 

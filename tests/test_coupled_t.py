@@ -78,8 +78,8 @@ def test_isad_masks_boosted_tokens_at_rate_q_and_weights_them_by_one_over_q(mask
 def test_training_step_stratifies_the_global_batch_across_accumulation(synth_dir, tmp_path, dist_env):
     """grad_accum 2 x micro 4 (length-grouped micro-batches): the 8 rates of each step cover 8 strata."""
     cfg = load_config(["configs/quickstart.yaml"], tiny_overrides(
-        synth_dir, tmp_path, **{"train.grad_accum": 2, "variance.t_coupling": "stratified", "variance.mirror": True,
-                                "variance.isad_token_ids": [5, 6], "train.max_steps": 3}))
+        synth_dir, tmp_path, **{"train.grad_accum": 2, "variance.t_coupling": "stratified", "variance.masks": "mirror",
+                                "variance.isad.token_ids": [5, 6], "train.max_steps": 3}))
     trainer = Trainer(cfg, dist_env)
     seen, corrupt = {}, trainer.objective.corrupt
 
@@ -98,8 +98,8 @@ def test_training_step_stratifies_the_global_batch_across_accumulation(synth_dir
 def test_strats_wraps_ppots_in_training(synth_dir, tmp_path, dist_env):
     """StraTS over P-POTS: the offline estimate fits the wrapped sampler, and a step draws from its density."""
     cfg = load_config(["configs/quickstart.yaml"], tiny_overrides(
-        synth_dir, tmp_path, **{"variance.t_sampler": "ppots", "variance.t_coupling": "stratified",
-                                "variance.ppots_x0": 2, "variance.ppots_bins": 8, "variance.ppots_masks": 2,
+        synth_dir, tmp_path, **{"variance.t_sampler": {"name": "ppots", "x0": 2, "bins": 8, "masks": 2},
+                                "variance.t_coupling": "stratified",
                                 "train.max_steps": 1}))
     trainer = Trainer(cfg, dist_env)
     sampler = trainer.objective.t_sampler
@@ -110,9 +110,9 @@ def test_strats_wraps_ppots_in_training(synth_dir, tmp_path, dist_env):
 
 
 @pytest.mark.parametrize("item, message", [
-    ("variance.clip_low=0.9", "variance.clip_low"),
-    ("variance.isad_token_ids=5", "variance.isad_token_ids' = 5: expected a list"),
-    ("variance.isad_token_ids=[1, x]", r"variance.isad_token_ids\[1\]' = 'x': expected an integer"),
+    ("variance.t_sampler={name: clipped, low: 0.9}", "variance.t_sampler.low"),
+    ("variance.isad.token_ids=5", "variance.isad.token_ids' = 5: expected a list"),
+    ("variance.isad.token_ids=[1, x]", r"variance.isad.token_ids\[1\]' = 'x': expected an integer"),
     ("variance.t_coupling=paired", "choose one of"),
 ])
 def test_bad_method_keys_fail_with_the_key_named(item, message):
@@ -120,5 +120,5 @@ def test_bad_method_keys_fail_with_the_key_named(item, message):
 
     with pytest.raises(ConfigError, match=message):
         load_config(None, [item])
-    with pytest.raises(ConfigError, match="needs an unbiased t_sampler"):
-        load_config(None, ["variance.t_sampler=clipped", "variance.ema_bins=10"])
+    with pytest.raises(ConfigError, match=r"'variance.ema.bins' = 10: .* needs an unbiased t-sampler \(not clipped\)"):
+        load_config(None, ["variance.t_sampler=clipped", "variance.ema.bins=10"])

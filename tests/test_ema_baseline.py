@@ -54,7 +54,7 @@ def test_training_with_the_ema_baseline_takes_exactly_the_same_steps(synth_dir, 
     runs = {}
     for bins in (0, 10):
         cfg = load_config(["configs/quickstart.yaml"], tiny_overrides(
-            synth_dir, tmp_path / f"ema{bins}", **{"variance.ema_bins": bins, "variance.ema_rate": 0.5,
+            synth_dir, tmp_path / f"ema{bins}", **{"variance.ema": {"bins": bins, "rate": 0.5},
                                                    "train.max_steps": 4, "train.eval_every": 0}))
         runs[bins] = Trainer(cfg, dist_env).fit()
     assert runs[10]["eval_loss"] == runs[0]["eval_loss"]  # same weights, bit for bit

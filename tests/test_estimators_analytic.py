@@ -34,10 +34,11 @@ from analytic_mdm import (
     sft_batch,
     t_breaks,
 )
+from mdm_scale.config.variance import PPOTSConfig
 from mdm_scale.diffusion.coupled_t import StratifiedT, SymmetricT
 from mdm_scale.diffusion.masks import BernoulliMasks, MirrorMasks
-from mdm_scale.diffusion.objective import MDMObjective
-from mdm_scale.diffusion.ppots import STAT_COLUMNS, SUM, SUMSQ, PiecewiseLinearDensity, PPOTSSampler, PPOTSSettings
+from mdm_scale.diffusion.objective import MDMObjective, TrainedMicroBatch
+from mdm_scale.diffusion.ppots import STAT_COLUMNS, SUM, SUMSQ, PiecewiseLinearDensity, PPOTSSampler
 from mdm_scale.diffusion.t_samplers import UniformT
 from test_mirror import ConstantT
 
@@ -144,7 +145,7 @@ def model():
 def fitted_density(model) -> PiecewiseLinearDensity:
     """P-POTS's own fit (``PPOTSSampler.update``: bins -> EPR -> density) to the exact E[l^2 | t] at the bin
     centres: a density far from uniform (about 1/pi(t) at small t)."""
-    sampler = PPOTSSampler(0, PPOTSSettings(bins=64, restarts=8))
+    sampler = PPOTSSampler(0, PPOTSConfig(bins=64, restarts=8))
     sampler.update(exact_bin_statistics(model, 64))
     return sampler.density
 
@@ -161,7 +162,7 @@ def exact_bin_statistics(model: AnalyticMDM, bins: int) -> torch.Tensor:
 
 
 def ppots(seed: int, density: PiecewiseLinearDensity) -> PPOTSSampler:
-    sampler = PPOTSSampler(seed, PPOTSSettings())
+    sampler = PPOTSSampler(seed, PPOTSConfig())
     sampler.density = density
     return sampler
 
@@ -240,12 +241,12 @@ def test_ppots_fit_reaches_the_optimal_variance_and_beats_uniform(model, fitted_
     m = moments(model, TOKENS, t, EPS)
     optimum = float(np.sqrt(m.s.mean(0)) @ w) ** 2 - float(((m.f @ w) ** 2).mean())
     uniform = weighted_variance(model, None)
-    sampler = PPOTSSampler(61, PPOTSSettings(bins=64, restarts=8, refit_every=1))
+    sampler = PPOTSSampler(61, PPOTSConfig(bins=64, restarts=8, refit_every=1))
     objective = MDMObjective(UniformT(61), BernoulliMasks(62, EPS), MASK)  # statistics from uniform t
     noisy = objective.corrupt(sft_batch(COPIES))
     with torch.no_grad():
         out = model(**noisy.model_inputs())
-    sampler.observe(noisy.t, noisy.sample_losses(noisy.row_losses(out.token_ce.float())), None)
+    sampler.observe(TrainedMicroBatch(noisy, out.token_ce.float()))
     assert sampler.on_optimizer_step(1) and sampler.refits == 1
     for density in (fitted_density, sampler.density):
         fitted = weighted_variance(model, density)
@@ -353,12 +354,15 @@ def test_strats_permutations_depend_on_seed_and_stream():
     assert sorted(strata(1, Stream.T)) == list(range(64))
 
 
-def test_build_masks_passes_every_setting_on():
-    """``build_masks`` (what configs use) hands mirror_plus's threshold and ISAD's ids and delta to the generator."""
-    from mdm_scale.diffusion.masks import build_masks
+def test_masks_for_passes_every_setting_on():
+    """``masks_for`` (what configs use) hands mirror_plus's threshold and ISAD's ids and delta to the generator."""
+    from mdm_scale.config.loader import load_config
+    from mdm_scale.config.variance import BernoulliMasksConfig
+    from mdm_scale.diffusion.build import masks_for
 
-    mirror = build_masks(True, 3, EPS, single_above=0.9, boosted_ids=(6,), delta=0.25)
-    single = build_masks(False, 3, EPS, boosted_ids=(6,), delta=0.25)
+    cfg = load_config(None, [f"variance.eps={EPS}", "variance.masks={name: mirror, single_above: 0.9}",
+                             "variance.isad.token_ids=[6]", "variance.isad.delta=0.25"])
+    mirror, single = masks_for(cfg.variance, 3), masks_for(cfg.variance, 3, BernoulliMasksConfig())
     assert isinstance(mirror, MirrorMasks) and mirror.single_above == 0.9
     assert type(single) is BernoulliMasks
     for masks in (mirror, single):

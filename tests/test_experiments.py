@@ -1,4 +1,5 @@
-"""The methods x seeds harness (``tools/experiments``): report arithmetic, and a micro experiment end to end."""
+"""The methods x seeds harness (``mdm-scale experiment run``, ``mdm_scale/experiments``): report arithmetic, and a
+micro experiment end to end."""
 
 from __future__ import annotations
 
@@ -11,11 +12,9 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO
-
-sys.path.insert(0, str(REPO / "tools" / "experiments"))
-import methods as experiment_methods  # noqa: E402
-import report  # noqa: E402
-import run as experiment_run  # noqa: E402
+from mdm_scale.experiments import harness as experiment_run
+from mdm_scale.experiments import methods as experiment_methods
+from mdm_scale.experiments import report
 
 
 def test_summary_and_the_worst_versus_best_check():
@@ -32,9 +31,9 @@ def test_table_rows_hold_each_seed_the_statistics_and_the_check(tmp_path):
     """results.md from hand-written result files: a method that loses to the baseline's best run says so, and
     the Δ columns compare with Standard at the same sequences (equal batch) and the same rows (equal compute)."""
     accuracies = {"Standard": {1: 0.50, 2: 0.60}, "Standard 2x": {1: 0.58, 2: 0.66},
-                  "MIRROR": {1: 0.55, 2: 0.70}, "P-POTS": {1: 0.65, 2: 0.61}}
+                  "MIRROR": {1: 0.55, 2: 0.70}, "P-POTS": {1: 0.65, 2: 0.61}}  # by the labels reports show
     groups = []
-    for entry in experiment_run.plan(list(accuracies), ["batch"], micro=4, rows=4):
+    for entry in experiment_run.plan(["standard", "standard 2x", "mirror", "ppots"], ["batch"], micro=4, rows=4):
         runs = entry.runs(tmp_path, [1, 2])
         for run in runs:
             run.directory.mkdir(parents=True)
@@ -42,7 +41,7 @@ def test_table_rows_hold_each_seed_the_statistics_and_the_check(tmp_path):
                                                    "accuracy": accuracies[entry.label][run.seed], "total": 100,
                                                    "no_answer": 0}))
         groups.append((entry, runs))
-    table = report.markdown_table(report.load_results(groups), [1, 2], ["Standard"], {})
+    table = report.markdown_table(report.load_results(groups), [1, 2], ["standard"], {})
     header = next(line for line in table.splitlines() if line.startswith("| Method")).strip("| ").split(" | ")
     rows = {cells[0]: dict(zip(header, cells)) for line in table.splitlines() if line.startswith("| ")
             and (cells := line.strip("| ").split(" | "))[0] != "Method"}
@@ -60,24 +59,35 @@ def test_table_rows_hold_each_seed_the_statistics_and_the_check(tmp_path):
 
 
 def test_every_method_maps_to_overrides_or_a_clean_reason():
-    for name in experiment_methods.METHODS:
+    """The harness's methods are the package's table (one spelling); reports and run directories use the derived
+    display names, so directories of studies from before the table keep their names (``p-pots+mirror``)."""
+    from mdm_scale.config.methods import parts
+
+    for name in [*parts(), "ppots+mirror", "ppots+strats", "standard 2x"]:
         why = experiment_methods.availability(name, ["configs/quickstart.yaml"], [])
         assert why is None or why.startswith(("unknown config key", "config key")), (name, why)
-    assert experiment_methods.availability("Standard", ["configs/quickstart.yaml"], []) is None
-    assert experiment_methods.availability("MIRROR", ["configs/quickstart.yaml"], []) is None
+    assert experiment_methods.availability("isad", ["configs/quickstart.yaml"], []) is None
     assert experiment_methods.availability("Nonsense", ["configs/quickstart.yaml"], []).startswith("unknown method")
-    assert experiment_methods.availability("Standard 2x", ["configs/quickstart.yaml"], []) is None
-    assert experiment_methods.slug("P-POTS+MIRROR") == "p-pots+mirror"
+    assert experiment_methods.availability("P-POTS", ["configs/quickstart.yaml"], []).startswith("unknown method")
+    assert not experiment_methods.known("MIRROR") and experiment_methods.known("standard 2x")
+    assert experiment_methods.overrides("ppots+mirror") == ["variance.t_sampler.name=ppots",
+                                                             "variance.masks.name=mirror"]
+    assert experiment_methods.overrides("ema") == ["variance.ema.bins=10"]
+    assert [experiment_methods.rows_per_sequence(m) for m in ("mirror", "ppots+mirror", "auto", "standard 2x")] == \
+        [2, 2, 1, 1]
+    assert experiment_methods.display("ppots+strats") == "P-POTS+StraTS"
+    assert experiment_methods.slug("ppots+mirror") == "p-pots+mirror"
+    assert experiment_methods.slug("standard 2x") == "standard_2x"
 
 
 def test_both_protocols_share_the_runs_they_have_in_common(tmp_path):
-    methods = ["Standard", "Standard 2x", "P-POTS", "MIRROR", "P-POTS+MIRROR", "auto"]
+    methods = ["standard", "standard 2x", "ppots", "mirror", "ppots+mirror", "auto"]
     entries = experiment_run.plan(methods, ["batch", "rows"], micro=64, rows=128)
     got = {(e.label, e.method, e.micro, e.rows, "+".join(e.protocols)) for e in entries}
-    assert got == {("Standard", "Standard", 64, 64, "batch"), ("Standard 2x", "Standard", 128, 128, "batch+rows"),
-                   ("P-POTS", "P-POTS", 64, 64, "batch"), ("P-POTS 2x", "P-POTS", 128, 128, "rows"),
-                   ("MIRROR", "MIRROR", 64, 128, "batch+rows"),
-                   ("P-POTS+MIRROR", "P-POTS+MIRROR", 64, 128, "batch+rows"),
+    assert got == {("Standard", "standard", 64, 64, "batch"), ("Standard 2x", "standard", 128, 128, "batch+rows"),
+                   ("P-POTS", "ppots", 64, 64, "batch"), ("P-POTS 2x", "ppots", 128, 128, "rows"),
+                   ("MIRROR", "mirror", 64, 128, "batch+rows"),
+                   ("P-POTS+MIRROR", "ppots+mirror", 64, 128, "batch+rows"),
                    ("auto", "auto", 64, 64, "batch"), ("auto 2x", "auto", 128, 128, "rows")}
     directories = [run.directory for e in entries for run in e.runs(tmp_path, [1, 2])]
     assert len(set(directories)) == len(directories) == 2 * len(entries)
@@ -108,8 +118,8 @@ logging: {{progress_bar: never}}
 def test_micro_experiment_runs_end_to_end_and_resumes(synth_dir, tmp_path):
     config, eval_data = micro_experiment(synth_dir, tmp_path)
     out = tmp_path / "exp"
-    cmd = [sys.executable, "tools/experiments/run.py", "--config", str(config), "--methods",
-           "Standard,Standard 2x,MIRROR,Nonsense", "--seeds", "1,2", "--eval-data", str(eval_data), "--out",
+    cmd = [sys.executable, "-m", "mdm_scale.cli", "experiment", "run", "--config", str(config), "--methods",
+           "standard,standard 2x,mirror,Nonsense", "--seeds", "1,2", "--eval-data", str(eval_data), "--out",
            str(out), "--budget", "batch,rows", "--parallel", "2", "--eval-arg=--gen-length=40",
            "--eval-arg=--steps=4", "--eval-arg=--block-length=20"]
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
@@ -185,25 +195,24 @@ def test_auto_study_plans_five_rows_per_family_and_collects_the_decisions(tmp_pa
 
 
 def test_error_profile_of_true_and_corrupted_answers(tmp_path):
-    import synth_errors
-
     from mdm_scale.data.synthetic import write_synthetic_task
+    from mdm_scale.experiments import answer_errors
 
     paths = write_synthetic_task(tmp_path, train=10, eval=40, seed=1, min_ops=2, max_ops=3)
     records = [json.loads(line) for line in paths["eval"].read_text().splitlines()]
     true = [{"prompt": r["prompt"], "prediction": r["response"], "correct": True} for r in records]
-    p = synth_errors.error_profile(true)
+    p = answer_errors.arith_profile(true)
     shares = ("accuracy", "start_copied", "steps_true", "chained", "answer_is_last_step")
     assert [p[k] for k in shares] == [1, 1, 1, 1, 1]
     assert set(p["accuracy_by_ops"]) == {2, 3}
     # Off by one in every first result: that step is false, the next no longer chains, the answer is kept.
     wrong = []
     for r in true:
-        first = synth_errors.STEP.search(r["prediction"])
+        first = answer_errors.STEP.search(r["prediction"])
         bad = f"{first.group(1)} {first.group(2)} {first.group(3)} = {int(first.group(4)) + 1}"
         wrong.append({**r, "prediction": r["prediction"].replace(first.group(0), bad, 1), "correct": False})
-    q = synth_errors.error_profile(wrong)
-    steps = sum(len(synth_errors.STEP.findall(r["response"])) for r in records)
+    q = answer_errors.arith_profile(wrong)
+    steps = sum(len(answer_errors.STEP.findall(r["response"])) for r in records)
     assert q["steps_true"] == pytest.approx((steps - len(records)) / steps)
     assert q["chained"] == pytest.approx((steps - 2 * len(records)) / (steps - len(records)))
     assert (q["accuracy"], q["start_copied"], q["answer_is_last_step"]) == (0, 1, 1)
@@ -230,12 +239,13 @@ def test_init_fine_tunes_every_run_from_a_pretrained_directory(synth_dir, tmp_pa
     tokenizer.save_pretrained(str(init))
     config, eval_data = micro_experiment(synth_dir, tmp_path)
     out = tmp_path / "exp"
-    done = subprocess.run([sys.executable, "tools/experiments/run.py", "--config", str(config), "--methods",
-                           "Standard,ARM", "--seeds", "5", "--init", str(init), "--eval-data", str(eval_data),
+    done = subprocess.run([sys.executable, "-m", "mdm_scale.cli", "experiment", "run", "--config", str(config),
+                           "--methods",
+                           "standard,arm", "--seeds", "5", "--init", str(init), "--eval-data", str(eval_data),
                            "--out", str(out), "--set", "train.max_steps=1", "--set", "train.lr=1e-6",
                            "--eval-arg=--gen-length=8"], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert f"ARM: not available (--init {init} holds a bidirectional model; ARM needs a causal one" in done.stdout
+    assert f"arm: not available (--init {init} holds a bidirectional model; ARM needs a causal one" in done.stdout
     run = out / "runs" / "standard" / "mb_4" / "seed_5"  # micro_experiment: micro-batch 4
     config_used = json.loads((run / "train" / "run.json").read_text())["config"]
     assert (config_used["model"]["path"], config_used["data"]["tokenizer"], config_used["seed"]) == (str(init),
@@ -245,3 +255,18 @@ def test_init_fine_tunes_every_run_from_a_pretrained_directory(synth_dir, tmp_pa
     assert trained.keys() == start.keys()
     assert max(float((trained[k] - start[k]).abs().max()) for k in start) < 1e-4
     assert json.loads((run / "result.json").read_text())["total"] == 4
+
+
+def test_bad_flags_are_one_line_errors_before_any_run(synth_dir, tmp_path, capsys):
+    from mdm_scale.cli import main
+
+    base = ["experiment", "run", "--config", str(REPO / "configs/quickstart.yaml"), "--methods", "Standard",
+            "--eval-data", str(synth_dir / "eval.jsonl"), "--out", str(tmp_path / "exp")]
+    cases = {("--seeds", "1,x"): "--seeds '1,x': expected comma-separated integers",
+             ("--seeds", "1", "--init", str(synth_dir)): f"--init {synth_dir}: not a Hugging Face directory",
+             ("--seeds", "1", "--budget", "steps"): "--budget 'steps': expected one or both of batch, rows"}
+    for flags, message in cases.items():
+        assert main([*base, *flags]) == 2, flags
+        err = capsys.readouterr().err
+        assert err.startswith(f"mdm-scale: error: {message}") and err.count("\n") == 1, err
+    assert not (tmp_path / "exp").exists()

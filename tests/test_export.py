@@ -33,7 +33,7 @@ def test_export_loads_with_transformers_alone_and_gives_the_checkpoints_logits(t
     run_dir, export_dir = tiny_export
     config = (export_dir / "config.json").read_text()
     assert '"AutoModelForMaskedLM": "modeling_mdm.MDMForMaskedDiffusion"' in config
-    assert {"modeling_mdm.py", "configuration_mdm.py", "kernels.py", "masked_head.py"} <= {
+    assert {"modeling_mdm.py", "configuration_mdm.py", "kernels.py", "kv_cache.py", "masked_head.py"} <= {
         p.name for p in export_dir.iterdir()}
 
     gm = load_generation_model(run_dir, torch.device("cpu"), torch.float32)

@@ -18,13 +18,13 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mdm_scale.config.loader import all_keys, check_batch_arithmetic, load_config, parse_override
+from mdm_scale.config.loader import all_keys, check_batch_arithmetic, choice_sections, load_config, parse_override
 from mdm_scale.config.schema import Config, ConfigError
 from mdm_scale.data.dataset import TokenizedData
 from mdm_scale.data.loader import TrainLoader
 from mdm_scale.data.records import DataError, read_records
 
-SECTIONS = {k.split(".")[0] for k in all_keys() if "." in k}
+SECTIONS = {k.rsplit(".", 1)[0] for k in all_keys() if "." in k}  # every section, nested ones too
 LEAF_KEYS = sorted(k for k in all_keys() if k not in SECTIONS)
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
@@ -40,11 +40,12 @@ override_values = st.one_of(json_values.map(lambda v: yaml.safe_dump(v, default_
 
 
 def field_hint(key: str):
-    """The schema's type annotation of a dotted key."""
+    """The schema's type annotation of a dotted key (in a choice section: of the first kind that has it)."""
     cls, *parents, name = [Config, *key.split(".")]
     for part in parents:
         cls = typing.get_type_hints(cls)[part]
-    return typing.get_type_hints(cls)[name]
+    kinds = cls.kinds.values() if hasattr(cls, "kinds") else [cls]
+    return next(typing.get_type_hints(k)[name] for k in kinds if name in typing.get_type_hints(k))
 
 
 def values_of(hint) -> st.SearchStrategy:
@@ -72,7 +73,7 @@ def one_line_error(err: Exception) -> None:
 
 
 CROSS_CHECKED = [  # the schema's checks of one key against another name either key
-    ("variance.clip_low", "variance.clip_high"),
+    ("variance.t_sampler.low", "variance.t_sampler.high"),
 ]
 
 
@@ -114,10 +115,12 @@ def same_value(actual, expected) -> bool:
 
 
 def last_word(items: list[tuple[str, str]]) -> dict[str, object]:
-    """Leaf keys whose value no later item replaces (the same key, a section above it or a key inside it)."""
+    """Leaf keys whose value no later item replaces (the same key, a section above it or a key inside it, or the
+    ``name`` of the choice section it is in: another kind replaces the section)."""
     final = {}
     for i, (key, text) in enumerate(items):
         later = [k for k, _ in items[i + 1:]]
+        later += [k.removesuffix(".name") for k in later if k.removesuffix(".name") in choice_sections()]
         if key in LEAF_KEYS and not any(k == key or key.startswith(k + ".") or k.startswith(key + ".")
                                         for k in later):
             final[key] = parse_override(f"{key}={text}")[1]

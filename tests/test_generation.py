@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
@@ -18,19 +19,29 @@ from mdm_scale.generation.evaluate import read_prompt_records
 from mdm_scale.generation.model_source import load_generation_model
 from mdm_scale.generation.sampler import GenerationError, SamplingConfig
 from mdm_scale.models.configuration_mdm import MDMConfig
-from mdm_scale.models.modeling_mdm import MDMForMaskedDiffusion
+from mdm_scale.models.kv_cache import KVCache
+from mdm_scale.models.modeling_mdm import MDMForMaskedDiffusion, build_attention_mask, rotary_tables
 from mdm_scale.training.trainer import Trainer
 
 MASK, PAD, EOS, VOCAB = 2, 0, 1, 40
 CPU = torch.device("cpu")
 
 
-def random_model(causal: bool = False) -> MDMForMaskedDiffusion:
-    """A random tiny model in fp64, so that padding changes no argmax through rounding."""
+def random_model(causal: bool = False, layers: int = 2, sharp: bool = False) -> MDMForMaskedDiffusion:
+    """A random tiny model in fp64, so that padding changes no argmax through rounding. ``sharp`` scales the
+    output layer by 60, which spreads the confidences over (0, 1) (a random head gives about 1/V everywhere), so
+    that a threshold step unmasks several positions in some rows and one in others, and the attention
+    projections by 8, so that attention is far from uniform and depends on the positions."""
     torch.manual_seed(0)
-    config = MDMConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    config = MDMConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
                        num_attention_heads=4, causal=causal, mask_token_id=MASK)
-    return MDMForMaskedDiffusion(config).double().eval()
+    model = MDMForMaskedDiffusion(config).double().eval()
+    if sharp:
+        with torch.no_grad():
+            model.lm_head.weight.mul_(60.0)
+            for layer in model.model.layers:
+                layer.attn.qkv_proj.weight.mul_(8.0)
+    return model
 
 
 PROMPTS = [[5, 6, 7], [8, 9, 10, 11, 12, 13, 14], [15]]
@@ -118,18 +129,152 @@ def test_temperature_samples_from_the_softmax_of_the_scaled_logits(temperature, 
     assert abs(share - p_high) <= bound, share
 
 
-def test_diffusion_is_deterministic_for_a_seed_and_independent_of_the_batch():
-    model = random_model()
-    cfg = SamplingConfig(gen_length=12, steps=12, block_length=4, temperature=1.0, seed=7)
+FAST_OPTIONS = [{}, {"threshold": 0.5}, {"threshold": 0.5, "cache": "prefix"}, {"threshold": 0.5, "cache": "dual"},
+                {"steps": 6, "cache": "dual"}]
+
+
+@pytest.mark.parametrize("options", FAST_OPTIONS)
+def test_diffusion_is_deterministic_for_a_seed_and_independent_of_the_batch(options):
+    """Each prompt decodes alone as in the batch. With the threshold, the rows of this model take different numbers
+    of steps in a block (the batch waits for its slowest row): the noise of a row must not depend on that."""
+    model = random_model(sharp=True)
+    cfg = SamplingConfig(**{"gen_length": 12, "steps": 12, "block_length": 4, "temperature": 1.0, "seed": 7,
+                            **options})
     first = sampler.diffusion_generate(model, PROMPTS, [10, 11, 12], MASK, PAD, cfg, CPU)[:, -12:]
     again = sampler.diffusion_generate(model, PROMPTS, [10, 11, 12], MASK, PAD, cfg, CPU)[:, -12:]
-    assert torch.equal(first, again)
-    alone = sampler.diffusion_generate(model, [PROMPTS[0]], [10], MASK, PAD, cfg, CPU)[:, -12:]
-    assert torch.equal(alone[0], first[0])  # left padding and batch neighbours change nothing
-    other_seed = sampler.diffusion_generate(model, PROMPTS, [10, 11, 12], MASK, PAD,
-                                    SamplingConfig(gen_length=12, steps=12, block_length=4, temperature=1.0, seed=8),
-                                    CPU)[:, -12:]
-    assert not torch.equal(first, other_seed)
+    assert torch.equal(first, again) and not (first == MASK).any()
+    for row, key in enumerate([10, 11, 12]):
+        alone = sampler.diffusion_generate(model, [PROMPTS[row]], [key], MASK, PAD, cfg, CPU)[:, -12:]
+        assert torch.equal(alone[0], first[row])  # left padding and batch neighbours change nothing
+    other_seed = sampler.diffusion_generate(model, PROMPTS, [10, 11, 12], MASK, PAD, replace(cfg, seed=8), CPU)
+    assert not torch.equal(first, other_seed[:, -12:])
+
+
+class ScoredSteps:
+    """A stub model whose confidences the test sets: on its c-th call it predicts token ``10 + c`` at every answer
+    position (so the output tells at which call a position was unmasked), with logit ``scores[row][p]`` at
+    answer position p and 0 for every other token."""
+
+    def __init__(self, width: int, scores: list[list[float]]):
+        self.width, self.scores, self.calls = width, torch.tensor(scores, dtype=torch.float64), 0
+
+    def __call__(self, input_ids, attention_mask=None):
+        logits = torch.zeros(*input_ids.shape, VOCAB, dtype=torch.float64)
+        logits[:, self.width:, 10 + self.calls] = self.scores
+        self.calls += 1
+        return SimpleNamespace(logits=logits)
+
+
+def test_threshold_unmasks_exactly_the_masked_positions_above_it_and_at_least_the_most_confident_one():
+    """Threshold 0.9 over 39 candidate tokens ([MASK] is never predicted): a logit s gives confidence
+    e^s / (e^s + 38), above 0.9 iff s > 5.835 (5.83 -> 0.8996, 5.85 -> 0.9013). Row 0 has 2 positions above in
+    each block, then one per step by confidence; row 1 has its whole first block above (one step, then it waits
+    unchanged while row 0 finishes) and nothing above in its second block (one per step, most confident first).
+    A position decoded on call c holds token 10 + c."""
+    scores = [[7.0, 2.0, 5.83, 6.5, 1.0, 5.85, 3.0, 8.0],
+              [9.0, 9.0, 9.0, 9.0, 0.5, 0.4, 0.3, 0.2]]
+    model = ScoredSteps(3, scores)
+    cfg = SamplingConfig(gen_length=8, block_length=4, threshold=0.9)
+    decoding = sampler.Decoding(model, [[5, 6, 7], [8, 9, 4]], [0, 1], MASK, PAD, cfg, CPU)
+    out = decoding.run()
+    calls = (out[:, 3:] - 10).tolist()
+    assert calls == [[0, 2, 1, 0, 5, 3, 4, 3],
+                     [0, 0, 0, 0, 3, 4, 5, 6]]
+    assert model.calls == 3 + 4  # block 0 ends when row 0 has no mask left, block 1 when row 1 has none
+    assert decoding.row_forwards.tolist() == [3 + 3, 1 + 4]  # the forwards a row waits through do not count
+    assert out[:, :3].tolist() == [[5, 6, 7], [8, 9, 4]]
+
+
+def hybrid_reference(model: MDMForMaskedDiffusion, refreshed: torch.Tensor, current: torch.Tensor,
+                     key_mask: torch.Tensor, start: int, end: int) -> torch.Tensor:
+    """Logits at positions [start, end) of ``current`` under the cache's semantics, computed without any cache:
+    in every layer, the input is the refresh forward's (of ``refreshed``) except at [start, end), which carries
+    ``current``'s own hidden states; each block runs on the whole sequence."""
+    inner = model.model
+    cos, sin = rotary_tables(current.shape[1], model.config.head_dim, model.config.rope_theta, CPU, torch.float64)
+    mask = build_attention_mask(key_mask, None, False)
+    old, new = inner.embed_tokens(refreshed), inner.embed_tokens(current)[:, start:end]
+    for layer in inner.layers:
+        hybrid = old.clone()
+        hybrid[:, start:end] = new
+        new = layer(hybrid, cos, sin, mask)[:, start:end]
+        old = layer(old, cos, sin, mask)
+    return model.lm_head(inner.norm(new))
+
+
+@pytest.mark.parametrize("start, end", [(11, 19), (11, 15), (10, 15)], ids=["prefix", "dual", "dual_shifted"])
+@torch.no_grad()
+def test_cached_forward_reuses_the_refresh_keys_and_values_outside_the_forwarded_positions(start, end):
+    """Prompts left-padded to 7, answer window 12, block 1 = positions [11, 15): the forward of [start, end) against
+    the cache recorded at the refresh equals the semantics in kv_cache.py computed without a cache, at two
+    successive steps (the first step's writes into the cache must not leak into the second); and, the model
+    having 3 layers, it differs from the exact full forward (the cache is approximate there)."""
+    model = random_model(layers=3)
+    torch.manual_seed(1)
+    prompt, real = sampler.left_pad(PROMPTS, 7, PAD)
+    window = torch.full((3, 12), MASK)
+    window[:, :4] = torch.randint(3, VOCAB, (3, 4))  # block 0 decoded
+    refreshed = torch.cat([prompt, window], 1)
+    key_mask = torch.cat([real, torch.ones(3, 12, dtype=torch.bool)], 1)
+    cache = KVCache()
+    model(input_ids=refreshed, attention_mask=key_mask, kv_cache=cache)
+    current = refreshed.clone()
+    for _ in range(2):  # two steps of block 1, each unmasking two more of its positions
+        still = (current[:, 11:15] == MASK).nonzero()
+        current[:, 11:15][still[:6, 0], still[:6, 1]] = torch.randint(3, VOCAB, (len(still[:6]),))
+        cached = model(input_ids=current[:, start:end], attention_mask=key_mask, kv_cache=cache,
+                       query_start=start).logits
+        reference = hybrid_reference(model, refreshed, current, key_mask, start, end)
+        assert (cached - reference).abs().max() < 1e-10
+        exact = model(input_ids=current, attention_mask=key_mask).logits[:, start:end]
+        assert (cached - exact).abs().max() > 1e-4
+
+
+def shifted(model: MDMForMaskedDiffusion) -> MDMForMaskedDiffusion:
+    """The same weights with Dream's convention (``config.logit_shift``): the logits at position i are read from
+    the hidden state at i - 1 (the first position keeps its own)."""
+    model.config.logit_shift = True
+    return model
+
+
+@pytest.mark.parametrize("shift", [False, True], ids=["plain", "logit_shift"])
+@pytest.mark.parametrize("options", FAST_OPTIONS[1:])
+def test_cached_decoding_equals_uncached_decoding_where_the_cache_is_exact(options, shift):
+    """A one-layer model: the keys and values at a position depend on its token alone, and the tokens outside the
+    block never change while the block is decoded, so both caches are exact and decode what the uncached sampler
+    decodes (also for a model with a logit shift, whose cached steps forward one position before the block). A
+    deep model with one step per block: every step is a refresh, bit for bit the uncached forward."""
+    model = random_model(layers=1, sharp=True)
+    model = shifted(model) if shift else model
+    cfg = SamplingConfig(**{"gen_length": 12, "steps": 12, "block_length": 4, "temperature": 1.0, "seed": 3,
+                            **options})
+    uncached = sampler.diffusion_generate(model, PROMPTS, [4, 5, 6], MASK, PAD, replace(cfg, cache="none"), CPU)
+    assert torch.equal(sampler.diffusion_generate(model, PROMPTS, [4, 5, 6], MASK, PAD, cfg, CPU), uncached)
+    deep = random_model(layers=3, sharp=True)
+    one_step = replace(cfg, steps=3, threshold=None)
+    assert torch.equal(sampler.diffusion_generate(deep, PROMPTS, [4, 5, 6], MASK, PAD, one_step, CPU),
+                       sampler.diffusion_generate(deep, PROMPTS, [4, 5, 6], MASK, PAD,
+                                                  replace(one_step, cache="none"), CPU))
+
+
+@pytest.mark.parametrize("shift", [False, True], ids=["plain", "logit_shift"])
+@pytest.mark.parametrize("cache", ["prefix", "dual"])
+def test_each_block_records_the_cache_once_and_then_forwards_only_the_positions_its_mode_recomputes(cache, shift):
+    """Prompts padded to 7, 3 blocks of 4, 4 steps each: every block's first forward is the whole sequence (the
+    refresh, into an empty cache), its other three forward [a, 19) (prefix) or [a, a + 4) (dual) from the block's
+    start a, or from a - 1 with a logit shift."""
+    model = random_model()
+    model = shifted(model) if shift else model
+    calls = []
+    model.register_forward_pre_hook(lambda _, args, kwargs: calls.append(
+        (kwargs.get("query_start", 0), kwargs["input_ids"].shape[1], kwargs["kv_cache"].length)), with_kwargs=True)
+    cfg = SamplingConfig(gen_length=12, steps=12, block_length=4, cache=cache)
+    sampler.diffusion_generate(model, PROMPTS, [0, 1, 2], MASK, PAD, cfg, CPU)
+    expected = []
+    for a in (7, 11, 15):
+        s = a - shift
+        expected += [(0, 19, 0)] + [(s, (19 if cache == "prefix" else a + 4) - s, 19)] * 3
+    assert calls == expected
 
 
 def test_transfer_counts_split_each_block_evenly():
@@ -142,6 +287,29 @@ def test_sampling_settings_are_checked():
         SamplingConfig(gen_length=16, block_length=5).check()
     with pytest.raises(GenerationError, match="--steps 3: must be a multiple of the number of blocks"):
         SamplingConfig(gen_length=16, block_length=8, steps=3).check()
+    with pytest.raises(GenerationError, match=r"--threshold 1.5: must be in \[0, 1\]"):
+        SamplingConfig(threshold=1.5).check()
+    with pytest.raises(GenerationError, match="--threshold needs --remasking low_confidence"):
+        SamplingConfig(threshold=0.9, remasking="random").check()
+    with pytest.raises(GenerationError, match="--cache 'full': choose none, prefix or dual"):
+        SamplingConfig(cache="full").check()
+    with pytest.raises(GenerationError, match="--cache dual: KnownLogits has no cache-aware forward"):
+        sampler.diffusion_generate(KnownLogits(1, [], []), [[5]], [0], MASK, PAD, SamplingConfig(cache="dual"), CPU)
+
+
+def test_generate_and_eval_read_the_fast_decoding_options(capsys):
+    from mdm_scale.cli import build_parser
+    from mdm_scale.generation.cli import _sampling
+
+    common = ["--checkpoint", "missing", "--gen-length", "16", "--block-length", "4"]
+    args = build_parser().parse_args(["eval", *common, "--data", "d", "--out", "o", "--threshold", "0.9", "--cache",
+                                      "dual"])
+    assert _sampling(args) == SamplingConfig(gen_length=16, steps=16, block_length=4, threshold=0.9, cache="dual")
+    args = build_parser().parse_args(["generate", *common, "--prompt", "a", "--cache", "prefix"])
+    assert _sampling(args) == SamplingConfig(gen_length=16, steps=16, block_length=4, cache="prefix")
+    capsys.readouterr()
+    assert main(["generate", *common, "--prompt", "a", "--steps", "8", "--threshold", "0.9"]) == 2
+    assert "--steps 8 and --threshold 0.9: give one" in capsys.readouterr().err  # before any model is loaded
 
 
 def test_greedy_arm_decoding_matches_a_step_by_step_argmax():
@@ -236,7 +404,7 @@ def test_export_round_trip_generates_identically(synth_dir, tmp_path, dist_env, 
                      "40", "--steps", "20", "--block-length", "20", "--temperature", "0.5", "--batch-size", "4"]) == 0
         summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
         predictions = [json.loads(line) for line in out.read_text().splitlines()]
-        assert summary["total"] == len(predictions) == 6
+        assert summary["total"] == len(predictions) == 6 and summary["forwards_per_prompt"] == 20
         assert [p["prompt"] for p in predictions] == [json.loads(x)["prompt"] for x in data.read_text().splitlines()]
         results[source.name] = (summary["accuracy"], [p["prediction"] for p in predictions])
     assert results["run"] == results["export"]
@@ -296,22 +464,3 @@ def test_a_response_of_exactly_response_eos_pad_tokens_has_no_room_for_its_eos(s
         assert len(tail) == pad and tail.count(run_data.tokenizer.eos_token_id) == eos_count
         truncated[pad] = run_data.train.counts["truncated (response over data.response_eos_pad)"]
     assert truncated[n] - truncated[n + 1] == lengths.count(n)  # exactly the responses of n tokens
-
-
-class _NotATensor:  # a pickled class: torch.load(weights_only=True) must refuse to build it
-    pass
-
-
-def test_stage_0_weights_load_without_unpickling_code(tmp_path):
-    from mdm_scale.generation.model_source import consolidated_state_dict
-    from mdm_scale.training.checkpoint import CheckpointError
-
-    step = tmp_path / "step_00000001"
-    step.mkdir()
-    weights = {"w": torch.arange(4, dtype=torch.bfloat16)}
-    torch.save({"module": weights, "ds_config": {"a": [1, 2]}}, step / "mp_rank_00_model_states.pt")
-    loaded = consolidated_state_dict(step, zero_stage=0)
-    assert loaded["w"].dtype == torch.float32 and torch.equal(loaded["w"], weights["w"].float())
-    torch.save({"module": weights, "extra": _NotATensor()}, step / "mp_rank_00_model_states.pt")
-    with pytest.raises(CheckpointError, match="weights_only=True"):
-        consolidated_state_dict(step, zero_stage=0)

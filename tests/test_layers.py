@@ -1,16 +1,18 @@
 """Imports point down the layers (docs/architecture.md): config and core (keyed noise, ``Batch``) on the ground
-floor, then data / distributed / models, then diffusion, training, variance / generation, and cli on top. A module
-may import its own layer or a lower one, never a higher one (checked on every import statement of every module,
-including imports inside functions), and no two modules import each other, directly or through others."""
+floor, then data / distributed / models, then diffusion, training, variance / generation / experiments, and cli on
+top. A module may import its own layer or a lower one, never a higher one (checked on every import statement of
+every module, including imports inside functions), and no two modules import each other, directly or through
+others."""
 
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "mdm_scale"
 RANK = {"config": 0, "core": 0, "data": 1, "distributed": 1, "models": 1, "diffusion": 2, "training": 3,
-        "variance": 4, "generation": 4, "cli": 5}
+        "variance": 4, "generation": 4, "experiments": 4, "cli": 5}
 
 
 def layer(module: str) -> str:
@@ -103,3 +105,19 @@ def test_the_checks_see_an_upward_import_and_a_cycle(tmp_path, monkeypatch):
 def test_relative_imports_are_resolved():
     names = [name for _, name in imported_modules(PACKAGE / "models" / "modeling_mdm.py")]
     assert "mdm_scale.models.configuration_mdm" in names and "mdm_scale.models.masked_head" in names
+
+
+def documented_floors(page: Path) -> dict[str, int]:
+    """``{package: floor}`` from the floors table of ``page`` (rows ``| N | `a`, `b` | ...``)."""
+    rows = re.findall(r"^\| (\d) \| ([^|]+) \|", page.read_text(), re.M)
+    return {name: int(floor) for floor, names in rows for name in re.findall(r"`(\w+)`", names)}
+
+
+def test_the_architecture_page_shows_these_floors_and_readme_links_it(tmp_path):
+    docs = PACKAGE.parent / "docs" / "architecture.md"
+    assert documented_floors(docs) == RANK
+    concepts = (PACKAGE.parent / "README.md").read_text().split("## Concepts")[1].split("\n## ")[0]
+    assert "(docs/architecture.md)" in concepts
+    moved = tmp_path / "page.md"
+    moved.write_text(docs.read_text().replace("| 3 | `training` |", "| 2 | `training` |"))
+    assert documented_floors(moved) != RANK  # power: a package on the wrong floor is seen

@@ -18,6 +18,7 @@ from conftest import REPO
 from mdm_scale.cli import main
 from mdm_scale.data.tokenizer import build_char_tokenizer
 from mdm_scale.generation.lm_eval_model import MDMScaleLM, likelihood_terms, pair_key
+from mdm_scale.generation.sampler import GenerationError
 from mdm_scale.models.configuration_mdm import MDMConfig
 from mdm_scale.models.modeling_mdm import MDMForMaskedDiffusion
 
@@ -106,6 +107,14 @@ def test_is_greedy_says_whether_greedy_decoding_gives_the_continuation(random_mo
     assert random_lm(random_model_dir, mc_num=3).score(CONTEXT, greedy)[1] is False  # not asked: not computed
 
 
+def test_fast_decoding_model_args_reach_the_sampler(random_model_dir):
+    lm = random_lm(random_model_dir, block_length=2, threshold=0.9, cache="dual")
+    assert (lm.sampling.threshold, lm.sampling.cache, lm.sampling.block_length) == (0.9, "dual", 2)
+    assert random_lm(random_model_dir, cache=None).sampling.cache == "none"  # lm-eval reads cache=none as None
+    with pytest.raises(GenerationError, match="--steps 4 and --threshold 0.9: give one"):
+        random_lm(random_model_dir, steps=4, threshold=0.9)
+
+
 def write_tasks(directory, records: list[dict]) -> None:
     """A generation task and a multiple-choice task over local JSONL files (lm-eval's ``json`` loader)."""
     for name in ("gen", "mc"):
@@ -130,7 +139,7 @@ def test_lm_eval_runs_local_tasks_offline_like_generate(tiny_export, synth_dir, 
         records.append({"prompt": record["prompt"], "answer": answer, "choices": [answer, str(int(answer) + 1)],
                         "label": 0})
     write_tasks(tmp_path, records)
-    sampling = {"gen_length": 16, "steps": 8, "block_length": 8, "temperature": 1.0, "seed": 3}
+    sampling = {"gen_length": 16, "block_length": 8, "temperature": 1.0, "seed": 3, "threshold": 0.1, "cache": "dual"}
     model_args = ",".join(f"{k}={v}" for k, v in {"pretrained": export_dir, **sampling, "mc_num": 8}.items())
     offline = {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "HTTP_PROXY": "http://127.0.0.1:9",
                "HTTPS_PROXY": "http://127.0.0.1:9", "NO_PROXY": "", "OMP_NUM_THREADS": "1"}

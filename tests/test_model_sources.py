@@ -1,6 +1,7 @@
 """Models from local Hugging Face directories (``models/loading.py``), built on the fly with tiny random weights,
-no hub: a LLaDA-format directory with its own modelling code (``trust_remote_code``), ModernBERT, the [MASK] id
-taken from the model config, and the tokenizer's chat template in the data path."""
+no hub: a directory with its own modelling code (``trust_remote_code``, as LLaDA's releases ship it), ModernBERT,
+the [MASK] id taken from the model config, and the tokenizer's chat template in the data path. LLaDA and Dream
+themselves are read natively: ``test_native_formats.py``."""
 
 from __future__ import annotations
 
@@ -18,17 +19,16 @@ from mdm_scale.config.loader import load_config
 from mdm_scale.config.schema import ConfigError
 from mdm_scale.training.trainer import Trainer
 
-# ---- a LLaDA-format directory --------------------------------------------------------------------------------
-# LLaDA ships configuration_llada.py / modeling_llada.py next to its weights; config.json names them in auto_map
-# (AutoConfig and AutoModel only: there is no AutoModelForMaskedLM entry), its fields are d_model, n_layers,
-# n_heads, vocab_size and mask_token_id, and LLaDAModelLM(input_ids, attention_mask) returns full logits. This
-# stand-in has that interface with a small bidirectional network of our own.
+# ---- a directory with its own modelling code -------------------------------------------------------------------
+# As LLaDA's releases do, it ships configuration_remote.py / modeling_remote.py next to its weights; config.json
+# names them in auto_map (AutoConfig and AutoModel only: there is no AutoModelForMaskedLM entry), and
+# RemoteMLM(input_ids, attention_mask) returns full logits, from a small bidirectional network of our own.
 CONFIGURATION = '''
 from transformers import PretrainedConfig
 
 
-class LLaDAConfig(PretrainedConfig):
-    model_type = "llada"
+class RemoteMLMConfig(PretrainedConfig):
+    model_type = "remote_mlm"
 
     def __init__(self, d_model=32, n_layers=1, n_heads=4, vocab_size=64, mask_token_id=None,
                  max_sequence_length=256, **kwargs):
@@ -42,11 +42,11 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from .configuration_llada import LLaDAConfig
+from .configuration_remote import RemoteMLMConfig
 
 
-class LLaDAModelLM(PreTrainedModel):
-    config_class = LLaDAConfig
+class RemoteMLM(PreTrainedModel):
+    config_class = RemoteMLMConfig
     base_model_prefix = "model"
 
     def __init__(self, config):
@@ -72,7 +72,7 @@ class LLaDAModelLM(PreTrainedModel):
 
 
 def no_mask_tokenizer(texts: list[str], chat_template: str | None = None) -> PreTrainedTokenizerFast:
-    """A character tokenizer without a [MASK] token (LLaDA's mask id lives only in its model config)."""
+    """A character tokenizer without a [MASK] token (as LLaDA's: its mask id lives only in its model config)."""
     specials = ["<pad>", "<eos>", "<unk>"]
     chars = sorted(set("".join(texts)) - set(specials))
     backend = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(specials + chars)}, merges=[], unk_token="<unk>"))
@@ -89,20 +89,21 @@ def synth_texts(synth: Path) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def llada_dir(synth_dir, tmp_path_factory) -> Path:
+def remote_dir(synth_dir, tmp_path_factory) -> Path:
     """config.json + remote code + random weights + a tokenizer without a mask token; the mask id (one past the
     tokenizer's vocabulary, as LLaDA reserves its own) is in the config only."""
-    out = tmp_path_factory.mktemp("llada")
+    out = tmp_path_factory.mktemp("remote")
     tokenizer = no_mask_tokenizer(synth_texts(synth_dir))
     tokenizer.save_pretrained(str(out))
-    (out / "configuration_llada.py").write_text(CONFIGURATION)
-    (out / "modeling_llada.py").write_text(MODELING)
+    (out / "configuration_remote.py").write_text(CONFIGURATION)
+    (out / "modeling_remote.py").write_text(MODELING)
     mask_id = len(tokenizer) + 1
-    config = {"model_type": "llada", "architectures": ["LLaDAModelLM"], "d_model": 32, "n_layers": 1, "n_heads": 4,
+    config = {"model_type": "remote_mlm", "architectures": ["RemoteMLM"], "d_model": 32, "n_layers": 1, "n_heads": 4,
               "vocab_size": len(tokenizer) + 8, "mask_token_id": mask_id, "max_sequence_length": 256,
-              "auto_map": {"AutoConfig": "configuration_llada.LLaDAConfig", "AutoModel": "modeling_llada.LLaDAModelLM"}}
+              "auto_map": {"AutoConfig": "configuration_remote.RemoteMLMConfig",
+                           "AutoModel": "modeling_remote.RemoteMLM"}}
     (out / "config.json").write_text(json.dumps(config))
-    torch.manual_seed(0)  # random weights built by the directory's own classes, as a LLaDA release ships them
+    torch.manual_seed(0)  # random weights built by the directory's own classes, as a release ships them
     model = AutoModel.from_config(AutoConfig.from_pretrained(str(out), trust_remote_code=True),
                                   trust_remote_code=True)
     model.save_pretrained(str(out), safe_serialization=True)
@@ -114,32 +115,32 @@ def trainer(synth: Path, out: Path, env, **overrides) -> Trainer:
     return Trainer(load_config([], tiny_overrides(synth, out, **overrides)), env)
 
 
-def test_llada_directory_needs_trust_remote_code_then_trains_with_the_config_mask_id(synth_dir, llada_dir, tmp_path,
+def test_remote_directory_needs_trust_remote_code_then_trains_with_the_config_mask_id(synth_dir, remote_dir, tmp_path,
                                                                                     dist_env):
-    llada = {"model.path": str(llada_dir), "data.tokenizer": str(llada_dir)}
-    with pytest.raises(ConfigError, match=r"'model.path' = .* ships its own modelling code \(e.g. LLaDA\); set "
-                                          r"model.trust_remote_code=true if you trust it"):
-        trainer(synth_dir, tmp_path / "refused", dist_env, **llada)
+    remote = {"model.path": str(remote_dir), "data.tokenizer": str(remote_dir)}
+    with pytest.raises(ConfigError, match=r"'model.path' = .*config.json names modelling code shipped in the "
+                                          r"directory \(auto_map\); set model.trust_remote_code=true"):
+        trainer(synth_dir, tmp_path / "refused", dist_env, **remote)
     assert not (tmp_path / "refused").exists()
 
-    t = trainer(synth_dir, tmp_path / "run", dist_env, **llada, **{"model.trust_remote_code": True,
+    t = trainer(synth_dir, tmp_path / "run", dist_env, **remote, **{"model.trust_remote_code": True,
                                                                   "train.max_steps": 16, "train.lr": 3e-3})
-    mask_id = json.loads((llada_dir / "config.json").read_text())["mask_token_id"]
+    mask_id = json.loads((remote_dir / "config.json").read_text())["mask_token_id"]
     assert t.data.tokenizer.mask_token_id is None and t.mask_token_id == mask_id
-    assert type(t.engine.module.model).__name__ == "LLaDAModelLM"  # loaded through AutoModel, remote class
+    assert type(t.engine.module.model).__name__ == "RemoteMLM"  # loaded through AutoModel, remote class
     noisy = t.objective.corrupt(t.loader.micro_batch_at(0, 0))
     assert (noisy.model_inputs()["input_ids"] == mask_id).sum() == noisy.masked_tokens > 0
     losses = read_scalars(t.fit()["tensorboard_dir"], "train/loss")
     assert sum(losses[s] for s in range(13, 17)) < sum(losses[s] for s in range(1, 5)) - 0.5
 
 
-def test_model_mask_token_id_overrides_tokenizer_and_model_config(synth_dir, llada_dir, tmp_path, dist_env):
+def test_model_mask_token_id_overrides_tokenizer_and_model_config(synth_dir, remote_dir, tmp_path, dist_env):
     from mdm_scale.models.loading import load_hf_config, resolve_mask_token_id
 
     tokenizer = no_mask_tokenizer(synth_texts(synth_dir))
-    for overrides, expected in (({}, None), ({"model.path": str(llada_dir), "model.trust_remote_code": True},
+    for overrides, expected in (({}, None), ({"model.path": str(remote_dir), "model.trust_remote_code": True},
                                              len(tokenizer) + 1),
-                                ({"model.path": str(llada_dir), "model.trust_remote_code": True,
+                                ({"model.path": str(remote_dir), "model.trust_remote_code": True,
                                   "model.mask_token_id": 3}, 3)):
         cfg = load_config([], tiny_overrides(synth_dir, tmp_path, **overrides))
         if expected is None:
@@ -198,8 +199,8 @@ def test_chat_template_wraps_every_prompt_in_training_and_generation(synth_dir, 
     assert encode_prompts(tokenizer, [records[0]["prompt"]], True) == [list(ids[:prompt_len])]
 
 
-def test_generate_decodes_a_llada_directory_only_with_trust_remote_code(llada_dir, capsys):
-    """``mdm-scale generate`` on the LLaDA-format directory: refused with a one-line error without
+def test_generate_decodes_a_remote_directory_only_with_trust_remote_code(remote_dir, capsys):
+    """``mdm-scale generate`` on the directory with its own code: refused with a one-line error without
     ``--trust-remote-code``; with it, the remote model decodes with the config's [MASK] id."""
     from mdm_scale.cli import main
     from mdm_scale.data.dataset import encode_prompts
@@ -207,16 +208,17 @@ def test_generate_decodes_a_llada_directory_only_with_trust_remote_code(llada_di
     from mdm_scale.generation.model_source import load_generation_model
     from mdm_scale.generation.sampler import SamplingConfig, diffusion_generate
 
-    argv = ["generate", "--checkpoint", str(llada_dir), "--prompt", "Mia has 3 shells.", "--gen-length", "6"]
+    argv = ["generate", "--checkpoint", str(remote_dir), "--prompt", "Mia has 3 shells.", "--gen-length", "6"]
     capsys.readouterr()
     assert main(argv) == 2
     err = capsys.readouterr().err
-    assert err.startswith(f"mdm-scale: error: --checkpoint {llada_dir} ships its own modelling code") and \
+    assert err.startswith(f"mdm-scale: error: --checkpoint {remote_dir}: {remote_dir}/config.json names modelling "
+                          f"code shipped in the directory") and \
         "--trust-remote-code" in err and len(err.splitlines()) == 1, err
     assert main([*argv, "--trust-remote-code"]) == 0
     printed = json.loads(capsys.readouterr().out.splitlines()[-1])
-    gm = load_generation_model(llada_dir, torch.device("cpu"), torch.float32, trust_remote_code=True)
-    assert gm.mask_token_id == json.loads((llada_dir / "config.json").read_text())["mask_token_id"]
+    gm = load_generation_model(remote_dir, torch.device("cpu"), torch.float32, trust_remote_code=True)
+    assert gm.mask_token_id == json.loads((remote_dir / "config.json").read_text())["mask_token_id"]
     out = diffusion_generate(gm.model, encode_prompts(gm.tokenizer, ["Mia has 3 shells."], False), [0],
                              gm.mask_token_id, gm.tokenizer.pad_token_id, SamplingConfig(6, 6, 6), torch.device("cpu"))
     assert printed == {"prompt": "Mia has 3 shells.",

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from mdm_scale.core.batch import Batch
 from mdm_scale.core.noise import Stream, keyed_uniform
-from mdm_scale.diffusion.masks import BernoulliMasks, mask_probability
+from mdm_scale.diffusion.masks import BernoulliMasks, MirrorMasks, mask_probability
 from mdm_scale.diffusion.objective import ARMObjective, MDMObjective
 from mdm_scale.diffusion.t_samplers import UniformT
 from mdm_scale.models.configuration_mdm import MDMConfig
@@ -32,9 +32,8 @@ def make_batch(first_index: int = 0) -> Batch:
 
 
 def objective(mirror: bool = False, seed: int = 0) -> MDMObjective:
-    from mdm_scale.diffusion.masks import build_masks
 
-    return MDMObjective(UniformT(seed), build_masks(mirror, seed, EPS), MASK)
+    return MDMObjective(UniformT(seed), (MirrorMasks if mirror else BernoulliMasks)(seed, EPS), MASK)
 
 
 @pytest.mark.parametrize("mirror", [False, True])
@@ -181,14 +180,14 @@ def test_host_corruption_gathers_without_cpu_advanced_indexing():
     from test_packing import PAD_ID, SEQ_LEN, sft_data
     from torch.profiler import profile
 
+    from mdm_scale.config.variance import PPOTSConfig
     from mdm_scale.data.loader import TrainLoader
-    from mdm_scale.diffusion.masks import MirrorMasks
-    from mdm_scale.diffusion.ppots import PPOTSSampler, PPOTSSettings
+    from mdm_scale.diffusion.ppots import PPOTSSampler
 
     packed = TrainLoader(sft_data(), seed=0, rank=0, world=1, micro_batch=4, grad_accum=1, pad_id=PAD_ID,
                          pad_to_multiple_of=8, seq_len=SEQ_LEN, packing=True).micro_batch_at(step=0, micro=0)
     cases = [(objective(), make_batch()), (MDMObjective(UniformT(0), MirrorMasks(0, EPS, 0.5), MASK), make_batch()),
-             (MDMObjective(PPOTSSampler(0, PPOTSSettings()), BernoulliMasks(0, EPS), MASK), make_batch()),
+             (MDMObjective(PPOTSSampler(0, PPOTSConfig()), BernoulliMasks(0, EPS), MASK), make_batch()),
              (objective(mirror=True), packed)]
     for objective_, batch in cases:
         with profile() as prof:

@@ -1,4 +1,4 @@
-"""Online A/B/C (``diffusion/online_variance.py``) and ``variance.mirror: auto``.
+"""Online A/B/C (``diffusion/online_variance.py``) and ``variance.masks: auto``.
 
 1. On the analytic model of ``analytic_mdm.py`` (A, B, C, V and MIRROR's pair statistic known exactly by
    enumerating masks), the probe and training-row estimators recover the exact values within 4.5 of their own
@@ -7,7 +7,7 @@
    checkpoint of the same weights (learning rate ~0 keeps them fixed), within 4.5 combined standard errors.
 3. Through ``mirror: auto``'s switches the per-step loss and its gradient stay unbiased for the uniform
    objective (exact values of the analytic model), and the stream positions stay consecutive and disjoint.
-4. A tiny ``mirror: auto`` run logs its decisions and resumes exactly across a switch.
+4. A tiny ``masks: auto`` run logs its decisions and resumes exactly across a switch.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from analytic_mdm import MASK, PAD, SFT_ROWS, VOCAB, AnalyticMDM, eligible_token
 from conftest import read_scalars, tiny_overrides
 from mdm_scale.config.loader import load_config
 from mdm_scale.config.schema import ConfigError
+from mdm_scale.config.variance import BernoulliMasksConfig, MirrorMasksConfig
 from mdm_scale.core.batch import Batch
 from mdm_scale.data.dataset import TokenizedData
 from mdm_scale.data.loader import TrainLoader
@@ -61,7 +62,8 @@ def test_online_estimators_recover_exact_values_on_a_known_model():
     cfg = load_config(None, [f"variance.eps={EPS}", "seed=3"])
     model = AnalyticMDM()
     objective = MDMObjective(UniformT(3), masks_for(cfg.variance, 3), MASK)
-    probe = Probe(objective, masks_for(cfg.variance, 3, mirror=True), masks_for(cfg.variance, 3), 3, fraction=1.0)
+    probe = Probe(objective, masks_for(cfg.variance, 3, MirrorMasksConfig()), masks_for(cfg.variance, 3), 3,
+                  fraction=1.0)
     loader = analytic_loader(micro=16)
     total = torch.zeros(online_variance.COLUMNS, dtype=torch.float64)
     with torch.no_grad():
@@ -92,12 +94,12 @@ def test_online_estimates_agree_with_the_variance_tool_on_the_same_checkpoint(sy
     overrides = tiny_overrides(synth_dir, tmp_path / "run", **{
         "train.lr": 1e-30, "train.weight_decay": 0.0, "train.max_steps": steps, "train.micro_batch_size": 8,
         "train.zero_stage": 0, "train.eval_samples": 8,
-        "train.log_every": steps, "variance.eps": 0.1, "variance.probe_every": 1, "variance.probe_fraction": 1.0,
-        "variance.ppots_refit_every": steps, "variance.ppots_half_life": 0.0, "logging.tensorboard": False})
+        "train.log_every": steps, "variance.eps": 0.1, "variance.probe": {"every": 1, "fraction": 1.0},
+        "variance.monitor": {"every": steps, "half_life": 0.0}, "logging.tensorboard": False})
     cfg = load_config(["configs/quickstart.yaml"], overrides)
     trainer = Trainer(cfg, dist_env)
     summary = trainer.fit()
-    online = estimates(trainer.monitor.statistics)
+    online = estimates(trainer.service(VarianceMonitor).statistics)
     assert online["rows"] == steps * 8 and online["probes"] == steps * 8
     report = run_variance(cfg, ToolSettings(methods=["standard"], num_x0=48, num_t=3, num_masks=2, grad_dim=0),
                           tmp_path / "tool" / "report.json", checkpoint=summary["checkpoint"], env=dist_env)
@@ -117,7 +119,7 @@ def test_online_estimates_agree_with_the_variance_tool_on_the_same_checkpoint(sy
 def test_loss_and_gradient_stay_unbiased_through_mirror_switches():
     """The trainer's own switch (``Trainer._set_mirror``) toggles MIRROR every few steps; the mean step loss and
     gradient over the run equal the exact uniform objective and its gradient."""
-    cfg = load_config(None, [f"variance.eps={EPS}", "seed=3", "variance.mirror=auto", "train.micro_batch_size=8"])
+    cfg = load_config(None, [f"variance.eps={EPS}", "seed=3", "variance.masks=auto", "train.micro_batch_size=8"])
     model = AnalyticMDM()
     host = SimpleNamespace(cfg=cfg, loader=analytic_loader(micro=8),
                            objective=MDMObjective(UniformT(3), masks_for(cfg.variance, 3), MASK))
@@ -146,13 +148,13 @@ def test_loss_and_gradient_stay_unbiased_through_mirror_switches():
 def test_mirror_auto_run_logs_decisions_and_resumes_exactly(synth_dir, tmp_path, dist_env, monkeypatch):
     """Decisions are forced to alternate at every refit (every 2 steps) so that the run crosses switches."""
     monkeypatch.setattr(VarianceMonitor, "_decide", lambda self, report: not self.mirror_on)
-    common = {"variance.mirror": "auto", "variance.ppots_refit_every": 2, "variance.probe_every": 1,
-              "variance.probe_fraction": 0.5, "train.max_steps": 7, "train.grad_accum": 2,
+    common = {"variance.masks": "auto", "variance.monitor.every": 2, "variance.probe": {"every": 1, "fraction": 0.5},
+              "train.max_steps": 7, "train.grad_accum": 2,
               "train.zero_stage": 0, "train.eval_samples": 8}
     straight = Trainer(load_config(["configs/quickstart.yaml"], tiny_overrides(synth_dir, tmp_path / "a", **common)),
                        dist_env)
     summary = straight.fit()
-    assert straight.monitor.decisions == [(2, True), (4, False), (6, True)]
+    assert straight.service(VarianceMonitor).decisions == [(2, True), (4, False), (6, True)]
     assert [straight.loader._span(s)[1] for s in (1, 2, 3, 4, 6)] == [4, 2, 2, 4, 2]  # sequences per micro-batch
     tb = summary["tensorboard_dir"]
     assert read_scalars(tb, "variance/mirror") == {2: 1.0, 4: 0.0, 6: 1.0}
@@ -164,8 +166,8 @@ def test_mirror_auto_run_logs_decisions_and_resumes_exactly(synth_dir, tmp_path,
         interrupted.train_step()
     interrupted.save()
     resumed = Trainer(split_cfg, dist_env)
-    assert resumed.monitor.decisions == [(2, True), (4, False)] and resumed.objective.masks.__class__.__name__ == \
-        "BernoulliMasks"
+    assert resumed.service(VarianceMonitor).decisions == [(2, True), (4, False)]
+    assert resumed.objective.masks.__class__.__name__ == "BernoulliMasks"
     resumed_summary = resumed.fit()
     a, b = read_scalars(tb, "train/loss"), read_scalars(resumed_summary["tensorboard_dir"], "train/loss")
     for step in (6, 7):
@@ -218,10 +220,11 @@ def test_monitor_pools_at_refits_decides_with_a_margin_and_restores():
     """Refit every 2 steps with decay 0.5; probe steps are multiples of probe_every. ``mirror: auto`` keeps its
     setting below MIN_PROBES pairs, switches on when the pair statistic clearly exceeds V, and records the step;
     the state round-trips without sharing tensors with the checkpoint."""
-    settings = online_variance.MonitorSettings(refit_every=2, decay=0.5, probe_every=3, probe_fraction=0.5,
+    settings = online_variance.MonitorSettings(every=2, decay=0.5, probe_every=3, probe_fraction=0.5,
                                                mirror_auto=True)
-    monitor = VarianceMonitor(settings)
-    assert monitor.take_report() is None  # nothing to log before the first refit
+    switched = []
+    monitor = VarianceMonitor(settings, switch=lambda on, step, why: switched.append((on, step, why[:14])))
+    assert monitor.log(0, True) == {}  # nothing to log before the first refit
     assert [monitor.probe_step(step) for step in range(4)] == [True, False, False, True]
     for every, fraction, expected in ((1, 0.5, True), (0, 0.5, False), (3, 0.0, False)):
         other = online_variance.MonitorSettings(probe_every=every, probe_fraction=fraction)
@@ -229,38 +232,45 @@ def test_monitor_pools_at_refits_decides_with_a_margin_and_restores():
     fresh = VarianceMonitor(settings).state_dict()["pending"]
     assert fresh.dtype == torch.float64 and not fresh.any() and len(fresh) == online_variance.COLUMNS
     rows, pairs = [1.0, 2.0] * 4, [5.0, 6.0] * 4  # V = 0.25, pair statistic 5.5: MIRROR pays
-    monitor.observe(pooled_sums(rows[:4], [], [], pairs[:3]))
-    monitor.observe(pooled_sums(rows[4:], [], [], pairs[3:7]))
+    monitor.sums.add(pooled_sums(rows[:4], [], [], pairs[:3]))
+    monitor.sums.add(pooled_sums(rows[4:], [], [], pairs[3:7]))
     assert torch.equal(monitor.state_dict()["pending"], pooled_sums(rows, [], [], pairs[:7]))
-    assert monitor.on_optimizer_step(1, torch.device("cpu")) is None  # not a refit step
-    assert monitor.on_optimizer_step(2, torch.device("cpu")) is None  # 8 rows but 7 pairs < MIN_PROBES: keep off
-    report = monitor.take_report()
-    assert (report["rows"], report["pairs"], report["mirror"]) == (8, 7, 0.0) and monitor.take_report() is None
+    monitor.on_optimizer_step(1)  # not a refit step
+    assert monitor.report is None
+    monitor.on_optimizer_step(2)  # 8 rows but 7 pairs < MIN_PROBES: keep off
+    assert (monitor.report["rows"], monitor.report["pairs"], monitor.report["mirror"]) == (8, 7, 0.0)
+    assert set(monitor.log(2, False)) == set(online_variance.LOGGED_ESTIMATES) and monitor.log(3, True) == {}
     first = monitor.statistics.clone()
-    monitor.observe(pooled_sums(rows, [], [], pairs))
-    assert monitor.on_optimizer_step(4, torch.device("cpu")) is True
+    monitor.sums.add(pooled_sums(rows, [], [], pairs))
+    monitor.on_optimizer_step(4)
     assert torch.allclose(monitor.statistics, 0.5 * first + pooled_sums(rows, [], [], pairs))
-    assert monitor.decisions == [(4, True)] and monitor.mirror_on and monitor.take_report()["mirror"] == 1.0
-    assert monitor.on_optimizer_step(6, torch.device("cpu")) is None  # nothing new (no observe): the setting stays
-    every_step = VarianceMonitor(online_variance.MonitorSettings(refit_every=1))
-    assert every_step.on_optimizer_step(1, torch.device("cpu")) is None and every_step.take_report() is not None
-    assert every_step.pending.dtype == torch.float64  # later sums accumulate in float64
+    assert monitor.decisions == [(4, True)] and monitor.mirror_on and monitor.log(4, True)["mirror"] == 1.0
+    assert switched == [(True, 4, "E[(L1-L2)^2]/2")]
+    monitor.on_optimizer_step(6)  # nothing new (no observe): the setting stays
+    assert monitor.decisions == [(4, True)] and len(switched) == 1
+    every_step = VarianceMonitor(online_variance.MonitorSettings(every=1))
+    every_step.on_optimizer_step(1)
+    assert every_step.report is not None and every_step.sums.pending.dtype == torch.float64  # float64 sums
     state = monitor.state_dict()
-    restored = VarianceMonitor(settings)
+    replayed = []
+    restored = VarianceMonitor(settings, switch=lambda on, step, why: replayed.append((on, step, why)))
     restored.load_state_dict(state)
     assert torch.equal(restored.statistics, monitor.statistics) and restored.mirror_on
-    assert restored.decisions == [(4, True)]
-    restored.observe(pooled_sums(rows, [], [], []))
+    assert restored.decisions == [(4, True)] and replayed == [(True, 4, "")]  # the resume replays, quietly
+    restored.sums.add(pooled_sums(rows, [], [], []))
     assert torch.equal(state["pending"], torch.zeros(online_variance.COLUMNS, dtype=torch.float64))
-    restored.observe(pooled_sums(rows, [], [], []).to("meta"))  # a host checkpoint resumed on an accelerator
-    assert restored.pending.device.type == "meta"
+    restored.sums.add(pooled_sums(rows, [], [], []).to("meta"))  # a host checkpoint resumed on an accelerator
+    assert restored.sums.pending.device.type == "meta"
 
 
 def test_monitor_settings_follow_the_variance_config():
-    cfg = load_config(None, ["variance.mirror=auto", "variance.ppots_refit_every=10", "variance.ppots_half_life=20",
-                             "variance.probe_every=4", "variance.probe_fraction=0.25", "train.micro_batch_size=4"])
+    """The monitor runs on its own cadence (``variance.monitor``), not P-POTS's: a refit interval of 7 under P-POTS
+    leaves it at 10."""
+    cfg = load_config(None, ["variance.masks=auto", "variance.monitor.every=10", "variance.monitor.half_life=20",
+                             "variance.probe.every=4", "variance.probe.fraction=0.25", "train.micro_batch_size=4",
+                             "variance.t_sampler={name: ppots, refit_every: 7, half_life: 5}"])
     assert online_variance.MonitorSettings.from_config(cfg.variance) == online_variance.MonitorSettings(
-        refit_every=10, decay=0.5**0.5, probe_every=4, probe_fraction=0.25, mirror_auto=True)
+        every=10, decay=0.5**0.5, probe_every=4, probe_fraction=0.25, mirror_auto=True)
     assert not online_variance.MonitorSettings.from_config(load_config(None, []).variance).mirror_auto
 
 
@@ -325,8 +335,8 @@ def test_probe_rows_share_the_training_t_and_fall_back_to_one_uncounted_sequence
     cfg = load_config(None, [f"variance.eps={EPS}", "seed=3"])
     objective = MDMObjective(UniformT(3), masks_for(cfg.variance, 3), MASK)
     batch = analytic_loader(micro=4).micro_batch_at(0, 0)
-    probes = [Probe(objective, masks_for(cfg.variance, 3, mirror=True), masks_for(cfg.variance, 3), 3, fraction)
-              for fraction in (1.0, 0.0)]
+    probes = [Probe(objective, masks_for(cfg.variance, 3, MirrorMasksConfig()), masks_for(cfg.variance, 3), 3,
+                    fraction) for fraction in (1.0, 0.0)]
     rows, counted = probes[0].rows(batch)
     training_t = objective.corrupt(batch).t
     assert counted == 4 and torch.equal(rows.t[:4], training_t) and torch.equal(rows.t[4:8], training_t)
@@ -336,11 +346,14 @@ def test_probe_rows_share_the_training_t_and_fall_back_to_one_uncounted_sequence
 
 
 @pytest.mark.parametrize("items, message", [
-    (["variance.mirror=auto", "train.micro_batch_size=5"], r"'train.micro_batch_size' = 5: .*must be even"),
-    (["variance.mirror=auto", "variance.t_coupling=stratified"], r"'variance.t_coupling' = 'stratified'"),
-    (["variance.mirror=auto", "variance.probe_every=0"], r"'variance.probe_every' = \(0, 0.0625\)"),
-    (["variance.mirror=sometimes"], r"'variance.mirror' = 'sometimes'"),
-    (["variance.probe_fraction=2"], r"'variance.probe_fraction' = 2.0: must be in \[0, 1\]"),
+    (["variance.masks=auto", "train.micro_batch_size=5"], r"'train.micro_batch_size' = 5: .*must be even"),
+    (["variance.masks=auto", "variance.t_coupling=stratified"], r"'variance.t_coupling' = 'stratified'"),
+    (["variance.masks=auto", "variance.probe.every=0"], r"'variance.probe.every' = \(0, 0.0625\)"),
+    (["variance.masks=auto", "variance.monitor.every=0"], r"'variance.monitor.every' = 0: variance.masks = auto"),
+    (["variance.masks=auto", "data.packing=true"], r"'variance.masks' = 'auto': .*packed rows"),
+    (["variance.masks=sometimes"], r"'variance.masks.name' = 'sometimes': choose one of \['bernoulli', 'mirror', "
+                                   r"'auto'"),
+    (["variance.probe.fraction=2"], r"'variance.probe.fraction' = 2.0: must be in \[0, 1\]"),
 ])
 def test_bad_online_variance_settings_name_the_key(items, message):
     with pytest.raises(ConfigError, match=message):
@@ -353,8 +366,8 @@ def test_two_ranks_pool_the_same_statistics_as_one_rank(synth_dir, tmp_path, dis
     selection (all keyed by stream position), so the all-reduced estimates and ``mirror: auto``'s settings agree."""
     from conftest import final_summary, run_deepspeed
 
-    common = {"variance.mirror": "auto", "variance.ppots_refit_every": 3, "variance.probe_every": 1,
-              "variance.probe_fraction": 0.5, "train.max_steps": 9}
+    common = {"variance.masks": "auto", "variance.monitor.every": 3, "variance.probe": {"every": 1, "fraction": 0.5},
+              "train.max_steps": 9}
     args = ["train", "--config", "configs/quickstart.yaml"]
     for item in tiny_overrides(synth_dir, tmp_path / "two", **common):
         args += ["--set", item]
@@ -377,7 +390,8 @@ def test_gradient_norm_proxy_brackets_the_true_logit_gradient_norm(mirror):
     is at most the norm of the autograd gradient of each sequence's loss w.r.t. its logits, and at least
     1/sqrt(2) of it."""
     cfg = load_config(None, ["variance.eps=0.05", "seed=4"])
-    objective = MDMObjective(UniformT(4), masks_for(cfg.variance, 4, mirror=mirror), MASK)
+    kind = MirrorMasksConfig() if mirror else BernoulliMasksConfig()
+    objective = MDMObjective(UniformT(4), masks_for(cfg.variance, 4, kind), MASK)
     noisy = objective.corrupt(analytic_loader(micro=8).micro_batch_at(0, 0))
     logits = torch.randn(noisy.masked_tokens, VOCAB, generator=torch.Generator().manual_seed(0), requires_grad=True)
     token_ce = torch.nn.functional.cross_entropy(logits, noisy.loss_targets, reduction="none")
@@ -392,14 +406,14 @@ def test_gradient_norm_proxy_brackets_the_true_logit_gradient_norm(mirror):
 
 def test_mirror_auto_can_switch_only_at_the_steps_it_names():
     """The trainer corrupts the next step's first micro-batch early except after the steps at which
-    ``may_switch_after`` is true; a decision at any other step would train on a stale micro-batch."""
+    ``changes_after`` is true; a decision at any other step would train on a stale micro-batch."""
     from mdm_scale.diffusion.online_variance import MonitorSettings
 
-    auto = VarianceMonitor(MonitorSettings(refit_every=5, mirror_auto=True))
-    assert [s for s in range(1, 16) if auto.may_switch_after(s)] == [5, 10, 15]
-    assert not any(VarianceMonitor(MonitorSettings(refit_every=5)).may_switch_after(s) for s in range(1, 16))
-    for step in range(1, 16):  # a decision comes from on_optimizer_step only where may_switch_after said so
-        auto.observe(torch.ones(online_variance.COLUMNS, dtype=torch.float64))
-        auto.on_optimizer_step(step, torch.device("cpu"))
-        assert (auto.report is not None) == auto.may_switch_after(step)
+    auto = VarianceMonitor(MonitorSettings(every=5, mirror_auto=True))
+    assert [s for s in range(1, 16) if auto.changes_after(s)] == [5, 10, 15]
+    assert not any(VarianceMonitor(MonitorSettings(every=5)).changes_after(s) for s in range(1, 16))
+    for step in range(1, 16):  # a decision comes from on_optimizer_step only where changes_after said so
+        auto.sums.add(torch.ones(online_variance.COLUMNS, dtype=torch.float64))
+        auto.on_optimizer_step(step)
+        assert (auto.report is not None) == auto.changes_after(step)
         auto.report = None

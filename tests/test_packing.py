@@ -10,7 +10,7 @@ import torch
 from mdm_scale.data.dataset import TokenizedData
 from mdm_scale.data.loader import TrainLoader, collate
 from mdm_scale.data.packing import pack_rows
-from mdm_scale.diffusion.masks import build_masks
+from mdm_scale.diffusion.masks import BernoulliMasks, MirrorMasks
 from mdm_scale.diffusion.objective import MDMObjective
 from mdm_scale.diffusion.t_samplers import UniformT
 from mdm_scale.models.configuration_mdm import MDMConfig
@@ -54,7 +54,7 @@ def test_packed_rows_give_the_unpacked_losses_and_gradients(mirror):
     examples = loader.stream.example_ids(packed.sample_index.tolist())
     unpacked = collate(data, examples, packed.sample_index.tolist(), PAD_ID, 8, SEQ_LEN)
     unpacked.loss_denominator = packed.loss_denominator  # the same normalisation, so the gradients compare
-    objective = MDMObjective(UniformT(7), build_masks(mirror, 7, 1e-3), MASK_ID)
+    objective = MDMObjective(UniformT(7), (MirrorMasks if mirror else BernoulliMasks)(7, 1e-3), MASK_ID)
     net = model()
     loss_p, total_p, grad_p = per_record_loss_and_grads(net, objective, packed)
     loss_u, total_u, grad_u = per_record_loss_and_grads(net, objective, unpacked)

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from conftest import REPO
+from mdm_scale.config.variance import PPOTSConfig
 from mdm_scale.core.batch import Batch
 from mdm_scale.core.noise import Stream
 from mdm_scale.diffusion.epr import fit_epr, log_w
@@ -23,7 +24,6 @@ from mdm_scale.diffusion.ppots import (
     SUMSQ,
     PiecewiseLinearDensity,
     PPOTSSampler,
-    PPOTSSettings,
     bin_centres,
     bin_statistics,
     epr_density,
@@ -167,11 +167,16 @@ def test_bins_and_fit_target_by_hand():
 
 def test_ppots_settings_follow_the_variance_config():
     from mdm_scale.config.loader import load_config
+    from mdm_scale.diffusion.build import t_sampler_for
 
-    cfg = load_config(None, ["variance.ppots_bins=16", "variance.ppots_restarts=3", "variance.ppots_mix_uniform=0.1",
-                             "variance.ppots_max_weight=8", "variance.ppots_loss_max=20",
-                             "variance.ppots_refit_every=5", "variance.ppots_half_life=10"])
-    assert PPOTSSettings.from_config(cfg.variance) == PPOTSSettings(16, 3, 0.1, 8.0, 20.0, 5, 10.0)
+    cfg = load_config(None, ["variance.t_sampler=ppots", "variance.t_sampler.bins=16", "variance.t_sampler.restarts=3",
+                             "variance.t_sampler.mix_uniform=0.1", "variance.t_sampler.max_weight=8",
+                             "variance.t_sampler.loss_max=20", "variance.t_sampler.refit_every=5",
+                             "variance.t_sampler.half_life=10"])
+    sampler = t_sampler_for(cfg.variance, cfg.seed, global_batch=8)
+    assert type(sampler) is PPOTSSampler and sampler.settings == PPOTSConfig(
+        bins=16, restarts=3, mix_uniform=0.1, max_weight=8.0, loss_max=20.0, refit_every=5, half_life=10.0)
+    assert (sampler.sums.every, sampler.sums.decay) == (5, 0.5 ** 0.5)
 
 
 def test_inverse_cdf_is_exact_and_density_integrates_to_one():
@@ -196,7 +201,7 @@ def test_mixing_and_weight_cap_keep_a_normalised_density(mix, cap):
 
 
 def fitted_sampler(seed: int = 0, **settings) -> PPOTSSampler:
-    sampler = PPOTSSampler(seed, PPOTSSettings(**settings))
+    sampler = PPOTSSampler(seed, PPOTSConfig(**settings))
     sampler.density = epr_density(Z_KNOWN)
     return sampler
 
@@ -287,16 +292,16 @@ def test_service_refits_every_n_steps_with_decay_and_warm_start():
     """Losses with E[l^2 | t] = w(t)^2: refits move p towards the known EPR density; the accumulated statistics
     decay by 0.5^(refit_every / half_life) per refit; the state round-trips exactly."""
     settings = dict(bins=32, refit_every=2, half_life=4.0, restarts=4)
-    sampler = PPOTSSampler(0, PPOTSSettings(**settings))
+    sampler = PPOTSSampler(0, PPOTSConfig(**settings))
     gen = torch.Generator().manual_seed(1)
     changed = []
     for step in range(1, 7):
         t = torch.rand(4096, generator=gen)
         loss = torch.from_numpy(np.exp(log_w(Z_KNOWN, t.double().numpy()))) * torch.randn(4096, generator=gen,
                                                                                           dtype=torch.float64)
-        sampler.observe(t, loss.float(), None)
+        sampler.add(t, loss.float(), None)
         before = sampler.statistics.clone()
-        pending = sampler.pending.clone()
+        pending = sampler.sums.pending.clone()
         changed.append(sampler.on_optimizer_step(step))
         if changed[-1]:
             assert torch.allclose(sampler.statistics, 0.5 ** 0.5 * before + pending, rtol=1e-12)
@@ -304,30 +309,45 @@ def test_service_refits_every_n_steps_with_decay_and_warm_start():
     known = epr_density(Z_KNOWN).values
     assert ((sampler.density.values - known).abs() / known).max() < 0.1
 
-    restored = PPOTSSampler(0, PPOTSSettings(**settings))
+    restored = PPOTSSampler(0, PPOTSConfig(**settings))
     restored.load_state_dict(sampler.state_dict())
     index = torch.arange(50)
     assert all(torch.equal(a, b) for a, b in zip(sampler.sample(index), restored.sample(index)))
     assert np.array_equal(sampler.z, restored.z) and torch.equal(sampler.statistics, restored.statistics)
     with pytest.raises(ValueError, match="bins"):
-        PPOTSSampler(0, PPOTSSettings(bins=16)).load_state_dict(sampler.state_dict())
+        PPOTSSampler(0, PPOTSConfig(bins=16)).load_state_dict(sampler.state_dict())
+
+
+def test_observe_bins_the_target_the_config_names():
+    """``observe`` of a trained micro-batch: under ``target: loss`` the per-sequence loss with MIRROR's pair
+    differences, under ``target: grad`` the gradient-norm proxy without pairs."""
+    from types import SimpleNamespace
+
+    micro = SimpleNamespace(t=torch.tensor([0.1, 0.6]), sample_loss=torch.tensor([1.0, 2.0]),
+                            pair_sq_diff=torch.tensor([0.5, 0.25]), sample_grad_norm=torch.tensor([3.0, 4.0]))
+    for target, expected in (("loss", bin_statistics(micro.t, micro.sample_loss, micro.pair_sq_diff, 4)),
+                             ("grad", bin_statistics(micro.t, micro.sample_grad_norm, None, 4))):
+        sampler = PPOTSSampler(0, PPOTSConfig(bins=4, target=target))
+        sampler.observe(micro)
+        assert torch.equal(sampler.sums.pending, expected), target
 
 
 def test_service_accumulates_pairs_and_capped_losses_and_bounds_its_draw_log(monkeypatch):
-    """observe adds every micro-batch (MIRROR pair differences and the ``loss_max`` cap included) to the
-    pending sums, moves them to the statistics' new device after a resume, refits every step with
+    """``add`` (what ``observe`` calls) adds every micro-batch (MIRROR pair differences and the ``loss_max`` cap
+    included) to the pending sums, moves them to the statistics' new device after a resume, refits every step with
     refit_every = 1, returns float32 weights, and keeps drawn t only up to the log limit."""
     import mdm_scale.diffusion.ppots as ppots
 
-    settings = PPOTSSettings(bins=4, refit_every=1, restarts=2, loss_max=2.0, max_weight=1.5)
+    settings = PPOTSConfig(bins=4, refit_every=1, restarts=2, loss_max=2.0, max_weight=1.5)
     sampler = PPOTSSampler(0, settings)
     fresh = sampler.state_dict()
     assert fresh["z"] is None and not fresh["pending"].any() and fresh["pending"].shape == (4, 5)
     t, loss, pairs = torch.tensor([0.1, 0.6, 0.9]), torch.tensor([1.0, 5.0, 2.0]), torch.tensor([1.0, 3.0, 0.5])
-    sampler.observe(t, loss, pairs)
-    sampler.observe(t, loss, pairs)
-    assert torch.equal(sampler.pending, 2 * bin_statistics(t, loss.clamp(max=2.0), pairs, 4))
-    assert sampler.pending[:, PAIRS].sum() == 6 and torch.equal(sampler.state_dict()["pending"], sampler.pending)
+    sampler.add(t, loss, pairs)
+    sampler.add(t, loss, pairs)
+    assert torch.equal(sampler.sums.pending, 2 * bin_statistics(t, loss.clamp(max=2.0), pairs, 4))
+    assert sampler.sums.pending[:, PAIRS].sum() == 6
+    assert torch.equal(sampler.state_dict()["pending"], sampler.sums.pending)
     assert sampler.on_optimizer_step(1) is True and sampler.refits == 1
     assert sampler.density.values.min() >= 1 / 1.5 - 1e-12  # the weight cap holds after a refit
     assert sampler.z is not None
@@ -335,23 +355,23 @@ def test_service_accumulates_pairs_and_capped_losses_and_bounds_its_draw_log(mon
                                 ([], [], 0)):  # two filled bins suffice; all-zero targets or one bin keep p
         other = PPOTSSampler(0, settings)
         if times:
-            other.observe(torch.tensor(times), torch.tensor(losses), None)
+            other.add(torch.tensor(times), torch.tensor(losses), None)
         assert other.on_optimizer_step(1) is True and other.refits == fits
-        assert other.pending.dtype == torch.float64 and other.pending.shape == (4, 5)
-    sampler.observe(t, loss, None)
+        assert other.sums.pending.dtype == torch.float64 and other.sums.pending.shape == (4, 5)
+    sampler.add(t, loss, None)
     state = sampler.state_dict()
     restored = PPOTSSampler(0, settings)
     restored.load_state_dict(state)
-    assert restored.refits == 1 and torch.equal(restored.pending, sampler.pending)
-    restored.observe(t, loss, None)
-    assert torch.equal(state["pending"], sampler.pending)  # the checkpoint's tensors are not shared
+    assert restored.refits == 1 and torch.equal(restored.sums.pending, sampler.sums.pending)
+    restored.add(t, loss, None)
+    assert torch.equal(state["pending"], sampler.sums.pending)  # the checkpoint's tensors are not shared
     PPOTSSampler(0, settings).load_state_dict(fresh)
-    with pytest.raises(ValueError, match="^the checkpoint's P-POTS state has 4 bins and variance.ppots_bins is 8$"):
-        PPOTSSampler(0, PPOTSSettings(bins=8)).load_state_dict(state)
-    sampler.observe(t.to("meta"), loss.to("meta"), None)  # a host checkpoint resumed on an accelerator
-    assert sampler.pending.device.type == "meta"
+    with pytest.raises(ValueError, match="^the checkpoint's P-POTS state has 4 bins and variance.t_sampler.bins is 8$"):
+        PPOTSSampler(0, PPOTSConfig(bins=8)).load_state_dict(state)
+    sampler.add(t.to("meta"), loss.to("meta"), None)  # a host checkpoint resumed on an accelerator
+    assert sampler.sums.pending.device.type == "meta"
     monkeypatch.setattr(ppots, "_DRAW_LOG_LIMIT", 6)
-    drawing = PPOTSSampler(0, PPOTSSettings(bins=4))
+    drawing = PPOTSSampler(0, PPOTSConfig(bins=4))
     for _ in range(3):
         assert drawing.transform(torch.rand(4))[1].dtype == torch.float32
     assert len(drawing._drawn) == 2  # 4 then 8 >= 6 draws: the third batch is not kept
@@ -374,10 +394,12 @@ def test_log_statistics_reports_weights_and_draws():
 
 
 @pytest.mark.parametrize("items, message", [
-    (["variance.mirror_plus_threshold=0.9"], r"'variance.mirror_plus_threshold' = 0.9: needs variance.mirror"),
-    (["variance.ppots_max_weight=1"], r"'variance.ppots_max_weight' = 1.0: must be > 1"),
-    (["variance.ppots_masks=1"], r"'variance.ppots_masks' = 1: must be >= 2 without MIRROR"),
-    (["variance.ppots_bins=1"], r"'variance.ppots_bins' = 1: must be in \[2, 4096\]"),
+    (["variance.masks.single_above=0.9"], r"unknown config key 'variance.masks.single_above': variance.masks "
+                                          r"'bernoulli' has no such field \(set variance.masks.name to mirror\)"),
+    (["variance.masks=mirror", "variance.masks.single_above=0"], r"'variance.masks.single_above' = 0.0: must be in"),
+    (["variance.t_sampler={name: ppots, max_weight: 1}"], r"'variance.t_sampler.max_weight' = 1.0: must be > 1"),
+    (["variance.t_sampler={name: ppots, masks: 1}"], r"'variance.t_sampler.masks' = 1: must be >= 2 without MIRROR"),
+    (["variance.t_sampler={name: ppots, bins: 1}"], r"'variance.t_sampler.bins' = 1: must be in \[2, 4096\]"),
     (["variance.t_sampler=ppots", "train.objective=arm"], r"'variance.t_sampler' = 'ppots': t-samplers apply"),
 ])
 def test_bad_variance_settings_name_key_and_value(items, message):
@@ -390,29 +412,29 @@ def test_bad_variance_settings_name_key_and_value(items, message):
 
 @pytest.mark.parametrize("overrides", [
     [],  # the defaults: 64 bins x 10 masks, 192 tokens
-    ["variance.mirror=true", "data.seq_len=256"],
-    ["variance.ppots_x0=3", "variance.ppots_bins=7", "variance.ppots_masks=3", "variance.ppots_forward_tokens=1000",
-     "data.seq_len=192", "train.micro_batch_size=2"],
+    ["variance.masks=mirror", "data.seq_len=256"],
+    ["variance.t_sampler.x0=3", "variance.t_sampler.bins=7", "variance.t_sampler.masks=3",
+     "variance.t_sampler.forward_tokens=1000", "data.seq_len=192", "train.micro_batch_size=2"],
 ])
 def test_offline_estimate_plan_records_every_job_once_in_forwards_of_one_sequence(overrides):
     from mdm_scale.config.loader import load_config
     from mdm_scale.training.ppots_estimate import estimate_plan, forward_jobs
 
     cfg = load_config([REPO / "configs" / "quickstart.yaml"], ["data.seq_len=192", "train.micro_batch_size=64",
-                                                                 *overrides])
-    v = cfg.variance
-    rows = (v.ppots_forward_tokens or 65536) // cfg.data.seq_len
+                                                                 "variance.t_sampler=ppots", *overrides])
+    v = cfg.variance.t_sampler
+    rows = (v.forward_tokens or 65536) // cfg.data.seq_len
     plans = {w: estimate_plan(cfg, w, on_gpu=True) for w in (1, 2, 3, 4, 16)}
     assert len({(p.per_forward, p.forwards_per_x0) for p in plans.values()}) == 1  # shapes: any world size
     for world, plan in plans.items():
-        assert plan.per_forward * (2 if v.mirror else 1) <= max(rows, 2 * cfg.train.micro_batch_size)
+        assert plan.per_forward * cfg.variance.masks.rows_per_sequence <= max(rows, 2 * cfg.train.micro_batch_size)
         recorded = []
         for rank in range(world):
             for f in range(plan.forwards):
-                jobs, n = forward_jobs(plan, f, rank, world, v.ppots_x0)
+                jobs, n = forward_jobs(plan, f, rank, world, v.x0)
                 assert len(jobs) == plan.per_forward and len({j // plan.jobs_per_x0 for j in jobs}) == 1
                 recorded += jobs[:n]
-        assert sorted(recorded) == list(range(v.ppots_x0 * v.ppots_bins * v.ppots_masks)), world
+        assert sorted(recorded) == list(range(v.x0 * v.bins * v.masks)), world
     if not overrides:  # GPU: 640 draws of 192 tokens under 65,536 tokens: 2 forwards of 320 per sequence
         assert (plans[1].per_forward, plans[1].forwards_per_x0, plans[1].forwards) == (320, 2, 20)
         assert estimate_plan(cfg, 1, on_gpu=False).per_forward == 64  # CPU: one micro-batch
@@ -426,15 +448,15 @@ def test_batched_offline_estimate_equals_micro_batch_forwards(synth_dir, tmp_pat
     from mdm_scale.training.ppots_estimate import estimate_plan, offline_statistics
     from mdm_scale.training.trainer import Trainer
 
-    settings = {"variance.t_sampler": "ppots", "variance.mirror": True, "variance.ppots_x0": 0,
-                "variance.ppots_bins": 8, "variance.ppots_masks": 3}
+    settings = {"variance.t_sampler": {"name": "ppots", "x0": 0, "bins": 8, "masks": 3}, "variance.masks": "mirror"}
     cfg = load_config(["configs/quickstart.yaml"], tiny_overrides(synth_dir, tmp_path / "run", **settings))
     trainer = Trainer(cfg, dist_env)
-    cfg.variance.ppots_x0 = 3
+    ppots = cfg.variance.t_sampler
+    ppots.x0 = 3
     statistics = {}
     for tokens in (1, 10**6):
-        cfg.variance.ppots_forward_tokens = tokens
+        ppots.forward_tokens = tokens
         statistics[tokens] = offline_statistics(trainer)
-    assert estimate_plan(cfg, 1, on_gpu=False).forwards == 3 and cfg.variance.ppots_forward_tokens == 10**6
+    assert estimate_plan(cfg, 1, on_gpu=False).forwards == 3 and ppots.forward_tokens == 10**6
     assert statistics[1][:, 0].sum() == 3 * 8 * 3  # every job counted once
     torch.testing.assert_close(statistics[10**6], statistics[1], rtol=1e-6, atol=0.0)

@@ -11,7 +11,7 @@ from ppots_worker import SETTINGS
 
 from conftest import read_scalars, run_deepspeed, tiny_overrides
 from mdm_scale.config.loader import load_config
-from mdm_scale.diffusion.ppots import PPOTSSampler, PPOTSSettings
+from mdm_scale.diffusion.ppots import PPOTSSampler
 from mdm_scale.training.trainer import Trainer
 
 pytestmark = pytest.mark.distributed
@@ -42,7 +42,7 @@ def test_two_rank_ppots_service_matches_pooled_fit_world_size_and_resume(synth_d
     # ... equal to a fit of the pooled statistics in this one process (replaying each refit's sum over ranks).
     cfg = load_config(["configs/quickstart.yaml"], tiny_overrides(synth_dir, tmp_path / "one", **SETTINGS,
                                                                   **{"train.grad_accum": 2}))
-    replay = PPOTSSampler(cfg.seed, PPOTSSettings.from_config(cfg.variance))
+    replay = PPOTSSampler(cfg.seed, cfg.variance.t_sampler)
     replay.load_state_dict(ranks[0]["initial"])
     assert len(ranks[0]["pending"]) == 2
     for local0, local1 in zip(ranks[0]["pending"], ranks[1]["pending"]):

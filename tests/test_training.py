@@ -43,7 +43,8 @@ def test_loss_decreases_and_tensorboard_reads_back(synth_dir, tmp_path, dist_env
 
 @pytest.mark.parametrize("mirror, packing", [(False, False), (True, False), (True, True)])
 def test_resume_continues_exactly(synth_dir, tmp_path, dist_env, mirror, packing):
-    common = {"train.grad_accum": 2, "variance.mirror": mirror, "train.max_steps": 6, "train.warmup_steps": 2,
+    common = {"train.grad_accum": 2, "variance.masks": "mirror" if mirror else "bernoulli", "train.max_steps": 6,
+              "train.warmup_steps": 2,
               "data.packing": packing}
     straight = run(synth_dir, tmp_path / "straight", dist_env, **common)
     interrupted = trainer(synth_dir, tmp_path / "split", dist_env, **common)
@@ -93,12 +94,12 @@ def test_checkpoints_of_another_run_are_refused(synth_dir, tmp_path, dist_env):
     run(synth_dir, tmp_path / "run", dist_env, **{"train.max_steps": 2})
     with pytest.raises(ConfigError, match=r"holds another run \(model.preset: 'tiny' there, 'small' here\)"):
         run(synth_dir, tmp_path / "run", dist_env, **{"train.max_steps": 4, "model.preset": "small"})
-    with pytest.raises(ConfigError, match=r"holds another run \(variance.probe_every: 25 there, 5 here\)"):
-        run(synth_dir, tmp_path / "run", dist_env, **{"train.max_steps": 4, "variance.probe_every": 5})
+    with pytest.raises(ConfigError, match=r"holds another run \(variance.probe.every: 25 there, 5 here\)"):
+        run(synth_dir, tmp_path / "run", dist_env, **{"train.max_steps": 4, "variance.probe.every": 5})
     # A run written by an mdm-scale without a key ran with that key's default: it continues.
     run_file = tmp_path / "run" / "run.json"
     written = json.loads(run_file.read_text())
-    del written["config"]["variance"]["probe_every"], written["config"]["data"]["packing"]
+    del written["config"]["variance"]["probe"]["every"], written["config"]["data"]["packing"]
     run_file.write_text(json.dumps(written))
     assert run(synth_dir, tmp_path / "run", dist_env, **{"train.max_steps": 3})["step"] == 3
     with pytest.raises(ConfigError, match="already holds checkpoints and train.resume=never"):
@@ -109,6 +110,31 @@ def test_checkpoints_of_another_run_are_refused(synth_dir, tmp_path, dist_env):
     with pytest.raises(CheckpointError, match=r"another model shape: parameter 'lm_head.weight' is \[\d+, 64\] there "
                                               r"and \[\d+, 32\] in this run"):
         Trainer(cfg, dist_env)
+
+
+def test_a_run_written_with_the_old_flat_variance_keys_resumes(synth_dir, tmp_path, dist_env):
+    """``run.json`` of a run from before the nested ``variance`` sections (its section as mdm-scale wrote it then)
+    is read under the new keys: the same run resumes, with one warning line naming the file; another is refused
+    naming the new key. P-POTS's old cadence was also the online monitor's, so that run had monitor.every 2."""
+    from mdm_scale.config.legacy import ConfigDeprecation
+
+    same = {"variance.t_sampler": {"name": "ppots", "x0": 2, "bins": 8, "masks": 2, "refit_every": 2},
+            "variance.masks": "mirror", "variance.monitor.every": 2}
+    run(synth_dir, tmp_path / "run", dist_env, **same, **{"train.max_steps": 2})
+    run_file = tmp_path / "run" / "run.json"
+    written = json.loads(run_file.read_text())
+    written["config"]["variance"] = {
+        "t_sampler": "ppots", "mirror": True, "mirror_plus_threshold": None, "eps": 0.001, "ppots_x0": 2,
+        "ppots_masks": 2, "ppots_bins": 8, "ppots_forward_tokens": None, "ppots_restarts": 20, "ppots_refit_every": 2,
+        "ppots_half_life": 200.0, "ppots_mix_uniform": 0.0, "ppots_max_weight": None, "ppots_target": "loss",
+        "ppots_loss_max": None, "t_coupling": "independent", "clip_low": 0.3, "clip_high": 0.8, "isad_token_ids": [],
+        "isad_delta": 0.2, "ema_bins": 0, "ema_rate": 0.01, "probe_every": 25, "probe_fraction": 0.0625}
+    run_file.write_text(json.dumps(written))
+    with pytest.warns(ConfigDeprecation, match=f"^{run_file}: read the deprecated keys variance.mirror, "):
+        with pytest.raises(ConfigError, match=r"holds another run \(variance.monitor.every: 2 there, 50 here\)"):
+            run(synth_dir, tmp_path / "run", dist_env, **{**same, "variance.monitor.every": 50, "train.max_steps": 3})
+    with pytest.warns(ConfigDeprecation):
+        assert run(synth_dir, tmp_path / "run", dist_env, **same, **{"train.max_steps": 3})["step"] == 3
 
 
 def test_zero3_with_leaf_blocks_trains_like_plain_data_parallel(synth_dir, tmp_path, dist_env):
@@ -139,22 +165,22 @@ def assert_early_corruption_trains_as_drawing_at_use(synth, tmp_path, env, monke
 
 @pytest.mark.parametrize("accum", [1, 2])
 def test_early_corruption_trains_exactly_as_drawing_at_use(synth_dir, tmp_path, dist_env, monkeypatch, accum):
-    """The trainer corrupts the next micro-batch before the optimiser step. Across a P-POTS refit (every 2 steps
-    here) the draw must wait for the new p(t)."""
-    settings = {"variance.t_sampler": "ppots", "variance.ppots_x0": 2, "variance.ppots_bins": 8,
-                "variance.ppots_masks": 2, "variance.ppots_refit_every": 2, "variance.mirror": True,
+    """The trainer corrupts the next micro-batch before the optimiser step (``Trainer._prefetch``). Across a
+    P-POTS refit (every 2 steps here) the draw must wait for the new p(t)."""
+    settings = {"variance.t_sampler": {"name": "ppots", "x0": 2, "bins": 8, "masks": 2, "refit_every": 2},
+                "variance.masks": "mirror",
                 "train.grad_accum": accum, "train.max_steps": 6, "train.warmup_steps": 2}
     assert_early_corruption_trains_as_drawing_at_use(synth_dir, tmp_path, dist_env, monkeypatch, settings)
 
 
 def test_early_corruption_waits_for_mirror_auto_decisions(synth_dir, tmp_path, dist_env, monkeypatch):
-    """``variance.mirror: auto`` with decisions forced to alternate at every refit (every 2 steps): a switch
+    """``variance.masks: auto`` with decisions forced to alternate at every pooling (every 2 steps): a switch
     changes the masks and the sequences per micro-batch of the next step, so the trainer must not corrupt that
-    step's first micro-batch before the decision (``VarianceMonitor.may_switch_after``)."""
+    step's first micro-batch before the decision (``VarianceMonitor.changes_after``)."""
     from mdm_scale.diffusion.online_variance import VarianceMonitor
 
     monkeypatch.setattr(VarianceMonitor, "_decide", lambda self, report: not self.mirror_on)
-    settings = {"variance.mirror": "auto", "variance.ppots_refit_every": 2, "variance.probe_every": 1,
-                "variance.probe_fraction": 0.5, "train.max_steps": 6, "train.zero_stage": 0}
+    settings = {"variance.masks": "auto", "variance.monitor.every": 2, "variance.probe.every": 1,
+                "variance.probe.fraction": 0.5, "train.max_steps": 6, "train.zero_stage": 0}
     early = assert_early_corruption_trains_as_drawing_at_use(synth_dir, tmp_path, dist_env, monkeypatch, settings)
-    assert early.monitor.decisions == [(2, True), (4, False), (6, True)]
+    assert early.service(VarianceMonitor).decisions == [(2, True), (4, False), (6, True)]

@@ -12,7 +12,7 @@ term it claims, so an estimate of 0 or of twice the value fails.
 
 from __future__ import annotations
 
-from types import SimpleNamespace
+import re
 
 import numpy as np
 import pytest
@@ -25,7 +25,7 @@ from mdm_scale.data.dataset import TokenizedData
 from mdm_scale.distributed.env import DistEnv
 from mdm_scale.variance.decomposition import Z_95, decompose, summarize_unit
 from mdm_scale.variance.methods import build_method
-from mdm_scale.variance.runner import ToolSettings, VarianceRun
+from mdm_scale.variance.runner import Subject, ToolSettings, VarianceRun
 from mdm_scale.variance.sketch import GradientSketch
 
 N_TOK, EPS = 5, 0.3
@@ -47,13 +47,11 @@ class Engine:
         loss.backward()
 
 
-def fake_trainer(cfg, model):
+def subject(cfg, model) -> Subject:
     tokens = BLOCKS.reshape(-1)
     offsets = np.arange(0, len(tokens) + 1, N_TOK)
     data = TokenizedData(tokens, offsets, np.zeros(len(BLOCKS), dtype=np.int64))
-    env = DistEnv(0, 1, 0, torch.device("cpu"))
-    return SimpleNamespace(engine=Engine(model), env=env, data=SimpleNamespace(train=data), cfg=cfg, pad_id=0,
-                           mask_token_id=MASK)
+    return Subject(cfg, DistEnv(0, 1, 0, torch.device("cpu")), Engine(model), data, pad_id=0, mask_token_id=MASK)
 
 
 def exact_moments(mirror: bool, isad: bool, t: np.ndarray, projection: np.ndarray | None = None):
@@ -90,8 +88,9 @@ def test_decompose_recovers_nested_gaussian_components():
 
 @pytest.fixture(scope="module")
 def tool_cfg():
-    return load_config(None, [f"variance.eps={EPS}", f"variance.isad_token_ids=[{ISAD_IDS[0]}, {ISAD_IDS[1]}]",
-                              f"variance.clip_low={CLIP[0]}", f"variance.clip_high={CLIP[1]}", "seed=3",
+    """The run's config: its clip interval is the clipped method's (a method keeps the fields of its own kind)."""
+    return load_config(None, [f"variance.eps={EPS}", f"variance.isad.token_ids=[{ISAD_IDS[0]}, {ISAD_IDS[1]}]",
+                              f"variance.t_sampler={{name: clipped, low: {CLIP[0]}, high: {CLIP[1]}}}", "seed=3",
                               "data.seq_len=16"])
 
 
@@ -105,7 +104,7 @@ def test_tool_recovers_exact_loss_decomposition(tool_cfg, name):
     group = 4
     settings = ToolSettings(methods=[name], num_x0=480, num_t=4, num_masks=2, grad_dim=0, strats_batch=group)
     method = build_method(name, tool_cfg, group)
-    result = VarianceRun(fake_trainer(tool_cfg, AnalyticMDM(weight=WEIGHT)), settings).measure(method)
+    result = VarianceRun(subject(tool_cfg, AnalyticMDM(weight=WEIGHT)), settings).measure(method)
     measured = decompose([s for _, s in result.loss], settings.num_t, settings.num_masks, method.group)
     t = midpoints(*CLIP, 1000) if name == "clipped" else midpoints(0.0, 1.0, 1000)
     coupling = {"syrm": "symmetric", "strats": "stratified"}.get(name, "independent")
@@ -135,7 +134,7 @@ def test_tool_recovers_exact_decomposition_under_importance_sampled_t(tool_cfg, 
     method = build_method(name, tool_cfg, 4)
     method.t_sampler.density = PiecewiseLinearDensity(torch.tensor([0.5, 1.5], dtype=torch.float64))
     settings = ToolSettings(methods=[name], num_x0=480, num_t=4, num_masks=2, grad_dim=0)
-    result = VarianceRun(fake_trainer(tool_cfg, AnalyticMDM(weight=WEIGHT)), settings).measure(method)
+    result = VarianceRun(subject(tool_cfg, AnalyticMDM(weight=WEIGHT)), settings).measure(method)
     measured = decompose([s for _, s in result.loss], settings.num_t, settings.num_masks)
     t = midpoints(0.0, 1.0, 1000)
     m = exact_moments(name == "ppots+mirror", False, t)
@@ -157,7 +156,7 @@ def test_tool_recovers_exact_gradient_decomposition(tool_cfg, name):
     probe.remove()
     projection = np.stack(columns, 1)  # (d, P): the sketch is this linear map
     settings = ToolSettings(methods=[name], num_x0=400, num_t=3, num_masks=2, grad_dim=dim)
-    result = VarianceRun(fake_trainer(tool_cfg, model), settings).measure(build_method(name, tool_cfg, 4))
+    result = VarianceRun(subject(tool_cfg, model), settings).measure(build_method(name, tool_cfg, 4))
     measured = decompose([s for _, s in result.grad], settings.num_t, settings.num_masks)
     m = exact_moments(name == "mirror", False, midpoints(0.0, 1.0, 400), projection)
     assert_recovered(measured, exact_abc(m, gradient=True), powered=("A", "C"))  # the gradient's B is small here
@@ -190,3 +189,32 @@ def test_bad_plans_fail_before_any_model_is_built(tool_cfg):
         build_method("mirrors", tool_cfg, 16)
     with pytest.raises(ConfigError, match="'arm' needs a model trained with train.objective=arm"):
         build_method("arm", tool_cfg, 16)
+    with pytest.raises(ConfigError, match="method 'mirror\\+ppots': write 'ppots\\+mirror'"):
+        build_method("mirror+ppots", tool_cfg, 16)
+    for name in ("auto", "ema", "ppots+auto"):
+        with pytest.raises(ConfigError, match=f"--methods {re.escape(name)}: acts only during training"):
+            build_method(name, tool_cfg, 16)
+    with pytest.raises(ConfigError, match="--methods isad: set variance.isad.token_ids"):
+        build_method("isad", load_config(None, []), 16)
+
+
+def test_methods_set_what_defines_them_and_keep_the_rest_of_the_run_config(tool_cfg):
+    """Each method resets the keys that define methods (the run's t-sampler is clipped here) and keeps the rest:
+    eps, the ISAD ids for isad only, and a kind's own fields when the run has that kind (the clip interval)."""
+    from mdm_scale.config.variance import BernoulliMasksConfig, MirrorMasksConfig, PPOTSConfig, UniformTConfig
+    from mdm_scale.diffusion.coupled_t import StratifiedT
+    from mdm_scale.diffusion.ppots import PPOTSSampler
+
+    standard = build_method("standard", tool_cfg, 16).config.variance
+    assert standard.t_sampler == UniformTConfig() and standard.masks == BernoulliMasksConfig()
+    assert standard.isad.token_ids == [] and standard.eps == EPS
+    narrow = load_config(None, ["variance.t_sampler={name: clipped, low: 0.2, high: 0.6}", "variance.masks=mirror"])
+    clipped = build_method("clipped", narrow, 16).config.variance
+    assert (clipped.t_sampler.low, clipped.t_sampler.high, clipped.masks) == (0.2, 0.6, BernoulliMasksConfig())
+    assert build_method("isad", tool_cfg, 16).config.variance.isad.token_ids == list(ISAD_IDS)
+    both = build_method("ppots+strats", tool_cfg, 16)
+    assert both.group == 16 and isinstance(both.t_sampler, StratifiedT) and isinstance(both.t_sampler.inner,
+                                                                                       PPOTSSampler)
+    pair = build_method("ppots+mirror", tool_cfg, 16).config.variance
+    assert pair.t_sampler == PPOTSConfig() and pair.masks == MirrorMasksConfig() and pair.isad.token_ids == []
+    assert build_method("syrm", tool_cfg, 16).group == 2

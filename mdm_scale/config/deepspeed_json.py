@@ -21,24 +21,48 @@ def resolve_precision(config: Config, on_gpu: bool) -> str:
     return config.train.precision
 
 
-def choose_zero_stage(parameters: int, world_size: int, device_bytes: int | None) -> tuple[int, str]:
-    """``train.zero_stage: auto``: the stage and the reason, for a model of ``parameters`` parameters.
+STAGE0_BYTES = 18
+"""Model-state bytes per parameter at ZeRO stage 0 with bf16: parameters and gradients (2 + 2), the flat gradient
+``train.optimizer: fused`` concatenates (2), fp32 master weights and two Adam moments (4 + 4 + 4). DeepSpeed's own
+stage-0 optimizer holds an fp32 copy of the gradient instead (up to 6 bytes more while it steps), which the other
+half of the memory absorbs."""
 
-    ZeRO-3 gathers every block's parameters before its forward and backward and releases them after, through
-    per-module hooks; on one GPU, or whenever each rank can hold the whole bf16 model, that is work for nothing.
-    Stage 2 keeps the bf16 parameters whole on every rank (2 bytes each) and partitions gradients, fp32 master
-    weights and the two Adam moments (2 + 4 + 4 + 4 bytes plus the fp32 gradient of the update, 16 in all) over
-    the ranks, so it needs N (2 + 16 / W) bytes per rank. It is chosen when that is at most half of the GPU's
-    memory (the other half for activations and buffers); otherwise, and on CPU (``device_bytes`` None),
-    stage 3.
+
+def choose_zero_stage(parameters: int, world_size: int, device_bytes: int | None,
+                      resumed_stage: int | None = None) -> tuple[int, str]:
+    """``train.zero_stage: auto``: the fastest stage whose model states fit within half of the GPU's memory (the
+    other half for activations and buffers), and the reason, for a model of ``parameters`` parameters.
+
+    On one GPU that is stage 0: stages 1-3 partition over one rank, which saves no memory and costs work (ZeRO-3
+    gathers every block's parameters around its forward and backward through per-module hooks; stages 1-2 add
+    gradient buckets; one H200, docs/benchmarks.md: stage 0 ahead of 2 by 3%, of 3 by 4%). On several GPUs it is
+    stage 2, which keeps the bf16 parameters whole on every rank (2 bytes each) and partitions gradients, fp32
+    master weights and the two moments (16 bytes in all) over the ranks, N (2 + 16 / W) bytes per rank: it divides
+    the optimizer step over the ranks for the communication of stage 0's all-reduce (reduce-scatter plus
+    all-gather). When that does not fit, and on CPU (``device_bytes`` None), stage 3. A run resuming a checkpoint of
+    stage ``resumed_stage`` >= 1 does not move to stage 0, which cannot load ZeRO partitions (stage 2 instead when
+    it fits).
     """
     if device_bytes is None:
         return 3, "no GPU: the CPU path uses stage 3"
-    need = parameters * (2 + 16 / world_size)
-    verdict = f"model states {need / 2**30:.1f} GiB per rank {{}} half of {device_bytes / 2**30:.0f} GiB"
-    if need <= device_bytes / 2:
-        return 2, verdict.format("within")
-    return 3, verdict.format("over")
+    half = device_bytes / 2
+    verdict = "model states {:.1f} GiB per rank {} half of " + f"{device_bytes / 2**30:.0f} GiB"
+    zero0 = parameters * STAGE0_BYTES
+    if world_size == 1 and zero0 <= half:
+        fits = verdict.format(zero0 / 2**30, "within") + " at stage 0"
+        if not resumed_stage:
+            return 0, fits
+        return 2, f"{fits}, but stage 0 cannot load the stage-{resumed_stage} checkpoint this run resumes"
+    zero2 = parameters * (2 + 16 / world_size)
+    if zero2 <= half:
+        return 2, verdict.format(zero2 / 2**30, "within") + " at stage 2"
+    return 3, verdict.format(zero2 / 2**30, "over") + " at stage 2"
+
+
+def uses_flat_adamw(config: Config) -> bool:
+    """``train.optimizer: fused`` at stage 0: ``FlatAdamW`` is DeepSpeed's client optimizer (``training/optimizer``),
+    owning the master weights, the precision cast, clipping and the gradient all-reduce."""
+    return config.train.optimizer == "fused" and config.train.zero_stage == 0
 
 
 def build_deepspeed_config(config: Config, world_size: int, on_gpu: bool) -> dict[str, Any]:
@@ -64,6 +88,11 @@ def build_deepspeed_config(config: Config, world_size: int, on_gpu: bool) -> dic
             },
         },
     }
+    if uses_flat_adamw(config):
+        # The client optimizer does the precision, clipping and update: the engine runs in fp32 mode, so that it
+        # neither wraps the optimizer nor casts the model (the trainer casts it), and clips nothing itself.
+        ds.update(gradient_clipping=0.0, bf16={"enabled": False})
+        del ds["optimizer"]
     return deep_merge(ds, config.deepspeed)
 
 

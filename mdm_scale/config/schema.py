@@ -3,7 +3,8 @@
 A run is described by YAML files (``configs/*.yaml``) plus ``--set section.key=value`` overrides; ``loader.py``
 turns them into a :class:`Config` and rejects unknown keys, wrong types and out-of-range values before any
 expensive work. Each dataclass checks its own ranges in ``check()``; checks that need the world size (batch
-arithmetic) live in ``loader.check_batch_arithmetic``.
+arithmetic) live in ``loader.check_batch_arithmetic``. The ``variance`` section, whose t-sampler and mask
+generator are chosen by name among registered kinds, is ``variance.py``.
 """
 
 from __future__ import annotations
@@ -11,14 +12,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from mdm_scale.config.errors import ConfigError, require
+from mdm_scale.config.variance import VarianceConfig
 
-class ConfigError(ValueError):
-    """A configuration problem, always naming the offending key (``section.key``) and value."""
-
-
-def _require(ok: bool, key: str, value: Any, why: str) -> None:
-    if not ok:
-        raise ConfigError(f"config key '{key}' = {value!r}: {why}")
+__all__ = ["Config", "ConfigError", "DataConfig", "LoggingConfig", "ModelConfig", "TrainConfig", "VarianceConfig"]
 
 
 @dataclass
@@ -28,13 +25,20 @@ class ModelConfig:
     preset: str = "tiny"
     """Built-in bidirectional transformer preset (``config/presets.py``); used when ``path`` is not set."""
     path: str | None = None
-    """Local Hugging Face directory: an mdm-scale export, any masked LM (BERT, ModernBERT, ...), or LLaDA."""
+    """Local directory to start from instead of a preset: a LLaDA or Dream checkpoint, or a LLaMA / Qwen2 /
+    Qwen3 causal LM (adapted to diffusion: bidirectional attention, shifted logits), all read into the built-in
+    model class (``models/formats.py``, docs/models.md); an mdm-scale export; or any transformers masked LM
+    (BERT, ModernBERT, ...)."""
     trust_remote_code: bool = False
-    """Run modelling code shipped inside ``path`` (needed for LLaDA checkpoints). Off unless you ask."""
-    mask_token_id: int | None = None
-    """[MASK] id; by default the tokenizer's mask token, then the model config's ``mask_token_id``."""
+    """Run modelling code shipped inside ``path`` instead of reading it natively (LLaDA's own code; slower, no
+    masked-only head or packing; refused for Dream, whose code returns unshifted logits). Off unless you ask."""
+    mask_token_id: int | Literal["add"] | None = None
+    """[MASK] id; by default the tokenizer's mask token, then the model config's ``mask_token_id``. For a causal
+    LM that has none: an unused token id (e.g. a reserved special token), or ``add``: a new ``<|mask|>`` token
+    (the model gets an embedding row for it if it has none, the mean of the others)."""
     overrides: dict[str, Any] = field(default_factory=dict)
-    """Architecture fields to change on top of the preset, e.g. ``{num_hidden_layers: 4}``."""
+    """Architecture fields to change on top of the preset, e.g. ``{num_hidden_layers: 4}``; with ``path`` (a
+    native checkpoint), settings such as ``{loss_head: full}`` on top of its config."""
     activation_checkpointing: bool = False
     """Recompute each transformer block in the backward pass (less memory, about 1/3 more compute)."""
     checkpoint_blocks: int | None = None
@@ -50,12 +54,12 @@ class ModelConfig:
         from mdm_scale.config.presets import PRESETS
 
         if self.path is None:
-            _require(self.preset in PRESETS, "model.preset", self.preset, f"choose one of {sorted(PRESETS)}")
-        _require(self.mask_token_id is None or self.mask_token_id >= 0, "model.mask_token_id",
-                 self.mask_token_id, "must be >= 0")
-        _require(self.checkpoint_blocks is None or self.checkpoint_blocks >= 0, "model.checkpoint_blocks",
+            require(self.preset in PRESETS, "model.preset", self.preset, f"choose one of {sorted(PRESETS)}")
+        require(self.mask_token_id in (None, "add") or self.mask_token_id >= 0, "model.mask_token_id",
+                self.mask_token_id, "must be >= 0 or add")
+        require(self.checkpoint_blocks is None or self.checkpoint_blocks >= 0, "model.checkpoint_blocks",
                  self.checkpoint_blocks, "must be >= 0")
-        _require(self.checkpoint_blocks is None or self.activation_checkpointing, "model.checkpoint_blocks",
+        require(self.checkpoint_blocks is None or self.activation_checkpointing, "model.checkpoint_blocks",
                  self.checkpoint_blocks, "needs model.activation_checkpointing = true")
 
 
@@ -102,11 +106,11 @@ class DataConfig:
     unpacked."""
 
     def check(self) -> None:
-        _require(0.0 <= self.eval_fraction < 1.0, "data.eval_fraction", self.eval_fraction, "must be in [0, 1)")
-        _require(self.seq_len >= 8, "data.seq_len", self.seq_len, "must be >= 8")
-        _require(self.response_eos_pad >= 0, "data.response_eos_pad", self.response_eos_pad, "must be >= 0")
-        _require(self.pad_to_multiple_of >= 1, "data.pad_to_multiple_of", self.pad_to_multiple_of, "must be >= 1")
-        _require(bool(self.train_file), "data.train_file", self.train_file, "must name a file")
+        require(0.0 <= self.eval_fraction < 1.0, "data.eval_fraction", self.eval_fraction, "must be in [0, 1)")
+        require(self.seq_len >= 8, "data.seq_len", self.seq_len, "must be >= 8")
+        require(self.response_eos_pad >= 0, "data.response_eos_pad", self.response_eos_pad, "must be >= 0")
+        require(self.pad_to_multiple_of >= 1, "data.pad_to_multiple_of", self.pad_to_multiple_of, "must be >= 1")
+        require(bool(self.train_file), "data.train_file", self.train_file, "must name a file")
 
 
 @dataclass
@@ -136,9 +140,20 @@ class TrainConfig:
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     """``auto``: bf16 on GPU, fp32 on CPU."""
     zero_stage: int | Literal["auto"] = 3
-    """DeepSpeed ZeRO stage 0-3, or ``auto``: on GPU, stage 2 when one rank holds the bf16 parameters plus its
-    share of gradients, fp32 master weights and Adam moments, N (2 + 16 / world size) bytes, within half of the
-    GPU's memory, else stage 3; on CPU stage 3. The choice is logged (``training/trainer.py``)."""
+    """DeepSpeed ZeRO stage 0-3, or ``auto``, the fastest stage whose model states fit within half of the GPU's
+    memory (``config/deepspeed_json.py``, ``choose_zero_stage``): on one GPU stage 0 (nothing to partition; 18
+    bytes per parameter: bf16 parameters and gradients, their flat copy, fp32 master weights and two moments),
+    on several stage 2 (bf16 parameters whole, the rest partitioned: N (2 + 16 / world size) bytes per rank; the
+    optimizer step divided over the ranks), else stage 3; on CPU stage 3. Resuming a checkpoint of stage 1-3,
+    ``auto`` never picks stage 0 (which cannot load one); a stage-0 checkpoint resumes at any stage and world
+    size (``training/checkpoint.py``). The choice is logged (``training/trainer.py``)."""
+    optimizer: Literal["deepspeed", "fused"] = "deepspeed"
+    """How ``engine.step()`` applies the AdamW update (``training/optimizer``; the same update either way).
+    ``deepspeed``: DeepSpeed's FusedAdam (CUDA) or torch AdamW (CPU) inside DeepSpeed's stage-0 or ZeRO optimizer.
+    ``fused``: the update, clipping and bf16 copy in one pass per parameter group, after one fp32-accumulated
+    gradient norm (at stage 0 a flat-buffer client optimizer, at stages 1-3 DeepSpeed's ZeRO optimizer with a
+    fused step); not with ``offload_optimizer`` / ``offload_params``. With bf16 either setting resumes the other's
+    checkpoints (at stage 0 in fp32, resume with the setting that wrote it)."""
     offload_optimizer: bool = False
     offload_params: bool = False
     eval_every: int = 50
@@ -158,154 +173,38 @@ class TrainConfig:
     stops, saving the last good state (``training/faults.py``)."""
 
     def check(self) -> None:
-        _require(self.max_steps >= 1, "train.max_steps", self.max_steps, "must be >= 1")
-        _require(self.micro_batch_size >= 1, "train.micro_batch_size", self.micro_batch_size, "must be >= 1")
-        _require(self.grad_accum >= 1, "train.grad_accum", self.grad_accum, "must be >= 1")
-        _require(self.global_batch_size is None or self.global_batch_size >= 1, "train.global_batch_size",
+        require(self.max_steps >= 1, "train.max_steps", self.max_steps, "must be >= 1")
+        require(self.micro_batch_size >= 1, "train.micro_batch_size", self.micro_batch_size, "must be >= 1")
+        require(self.grad_accum >= 1, "train.grad_accum", self.grad_accum, "must be >= 1")
+        require(self.global_batch_size is None or self.global_batch_size >= 1, "train.global_batch_size",
                  self.global_batch_size, "must be >= 1")
-        _require(self.lr > 0, "train.lr", self.lr, "must be > 0")
-        _require(0 <= self.warmup_steps < self.max_steps or self.warmup_steps == 0, "train.warmup_steps",
+        require(self.lr > 0, "train.lr", self.lr, "must be > 0")
+        require(0 <= self.warmup_steps < self.max_steps or self.warmup_steps == 0, "train.warmup_steps",
                  self.warmup_steps, "must be smaller than train.max_steps")
-        _require(0.0 <= self.min_lr_ratio <= 1.0, "train.min_lr_ratio", self.min_lr_ratio, "must be in [0, 1]")
-        _require(self.weight_decay >= 0, "train.weight_decay", self.weight_decay, "must be >= 0")
+        require(0.0 <= self.min_lr_ratio <= 1.0, "train.min_lr_ratio", self.min_lr_ratio, "must be in [0, 1]")
+        require(self.weight_decay >= 0, "train.weight_decay", self.weight_decay, "must be >= 0")
         for key in ("adam_beta1", "adam_beta2"):
             value = getattr(self, key)
-            _require(0.0 <= value < 1.0, f"train.{key}", value, "must be in [0, 1)")
-        _require(self.adam_eps > 0, "train.adam_eps", self.adam_eps, "must be > 0")
-        _require(self.grad_clip >= 0, "train.grad_clip", self.grad_clip, "must be >= 0")
-        _require(self.zero_stage in (0, 1, 2, 3, "auto"), "train.zero_stage", self.zero_stage,
+            require(0.0 <= value < 1.0, f"train.{key}", value, "must be in [0, 1)")
+        require(self.adam_eps > 0, "train.adam_eps", self.adam_eps, "must be > 0")
+        require(self.grad_clip >= 0, "train.grad_clip", self.grad_clip, "must be >= 0")
+        require(self.zero_stage in (0, 1, 2, 3, "auto"), "train.zero_stage", self.zero_stage,
                  "must be 0, 1, 2, 3 or auto")
-        _require(not self.offload_params or self.zero_stage == 3, "train.offload_params", self.offload_params,
+        require(not self.offload_params or self.zero_stage == 3, "train.offload_params", self.offload_params,
                  "parameter offload needs train.zero_stage = 3")
-        _require(not self.offload_optimizer or self.zero_stage != 0, "train.offload_optimizer",
+        require(not self.offload_optimizer or self.zero_stage != 0, "train.offload_optimizer",
                  self.offload_optimizer, "optimizer offload needs train.zero_stage >= 1")
+        require(self.optimizer != "fused" or not (self.offload_optimizer or self.offload_params), "train.optimizer",
+                self.optimizer, "the fused step runs on the device; it does not combine with train.offload_optimizer "
+                 "or train.offload_params (use train.optimizer=deepspeed)")
         for key in ("eval_every", "eval_samples", "save_every"):
             value = getattr(self, key)
-            _require(value >= 0, f"train.{key}", value, "must be >= 0")
-        _require(self.log_every >= 1, "train.log_every", self.log_every, "must be >= 1")
-        _require(self.keep_last >= 1, "train.keep_last", self.keep_last, "must be >= 1")
-        _require(self.max_nonfinite_steps >= 1, "train.max_nonfinite_steps", self.max_nonfinite_steps,
+            require(value >= 0, f"train.{key}", value, "must be >= 0")
+        require(self.log_every >= 1, "train.log_every", self.log_every, "must be >= 1")
+        require(self.keep_last >= 1, "train.keep_last", self.keep_last, "must be >= 1")
+        require(self.max_nonfinite_steps >= 1, "train.max_nonfinite_steps", self.max_nonfinite_steps,
                  "must be >= 1")
-        _require(bool(self.output_dir), "train.output_dir", self.output_dir, "must name a directory")
-
-
-@dataclass
-class VarianceConfig:
-    """The diffusion noise: how t and the masks are drawn (``mdm_scale/diffusion``, docs/spec.md sections 1-3)."""
-
-    t_sampler: Literal["uniform", "ppots", "clipped"] = "uniform"
-    """Distribution of the masking rate t per sequence: ``uniform``; ``ppots`` (t ~ p(t) with weight
-    1/p(t), p fitted to the loss: ``diffusion/ppots.py``, docs/spec.md section 3.1); ``clipped``: t ~ U[clip_low,
-    clip_high] with weight 1, the BD3-LM baseline, *biased* (``diffusion/clipped_t.py``)."""
-    mirror: bool | Literal["auto"] = False
-    """MIRROR antithetic mask pairs (docs/spec.md section 3.2): two rows per sequence in the same forward. ``auto``:
-    switch MIRROR on or off at every refit (``ppots_refit_every``) by the measured rule "MIRROR pays at equal
-    rows iff E[(L1 - L2)^2] / 2 > Var(L)" (``diffusion/online_variance.py``), starting off; while on, a
-    micro-batch holds ``micro_batch_size / 2`` sequences, so the rows per step stay fixed."""
-    mirror_plus_threshold: float | None = None
-    """MIRROR only: sequences with t >= this use one mask (saves compute where the pair's anti-correlation is
-    weak; the paper's "mirror_plus" used 0.9). null = always two masks."""
-    eps: float = 1e-3
-    """Mask probability floor: pi(t) = (1 - eps) t + eps."""
-    ppots_x0: int = 10
-    """P-POTS offline estimate before the first step: training sequences used (split over ranks); 0 skips
-    it (p starts uniform and is fitted at the first refit)."""
-    ppots_masks: int = 10
-    """P-POTS offline estimate: mask draws per (sequence, t) (each draw is a pair with MIRROR)."""
-    ppots_bins: int = 64
-    """P-POTS t-bins of the statistics; the offline estimate evaluates t at the bin centres."""
-    ppots_forward_tokens: int | None = None
-    """P-POTS offline estimate: token budget of one no-grad forward. A forward holds (t, mask) draws of one
-    sequence: up to this // data.seq_len rows (half as many draws with MIRROR's pairs), at least
-    train.micro_batch_size draws (``training/ppots_estimate.py``). null: 65,536 on GPU; on CPU one
-    micro-batch of draws (large forwards measured slower per row there under ZeRO-3)."""
-    ppots_restarts: int = 20
-    """Random starts of the first EPR fit (later refits start from the current parameters)."""
-    ppots_refit_every: int = 50
-    """Optimiser steps between refits from the training losses (one all-reduce each); 0 = never refit."""
-    ppots_half_life: float = 200.0
-    """Half-life in optimiser steps of the accumulated statistics; 0 = no decay."""
-    ppots_mix_uniform: float = 0.0
-    """Defensive mixing p <- (1 - lambda) p + lambda with the uniform density."""
-    ppots_max_weight: float | None = None
-    """Cap on the importance weight 1/p(t), enforced by mixing in just enough uniform density (stays unbiased)."""
-    ppots_target: Literal["loss", "grad"] = "loss"
-    """What P-POTS fits p(t) proportional to sqrt(E[x^2 | t]) of: ``loss``, the per-sequence loss l (the paper);
-    ``grad``, a per-sequence gradient-norm proxy, the norm of the gradient of l with respect to its masked
-    tokens' logits (``NoisyBatch.sample_grad_norms``, no extra backward). Measured in docs/variance.md."""
-    ppots_loss_max: float | None = None
-    """Clamp per-sequence losses at this value in the P-POTS statistics only (the official code used 10)."""
-    t_coupling: Literal["independent", "stratified", "symmetric"] = "independent"
-    """How the rates of one batch are coupled (``diffusion/coupled_t.py``): ``stratified`` = StraTS, one rate per
-    stratum of the global batch of each optimiser step (docs/spec.md 3.4); ``symmetric`` = SyRM, rows paired as t and
-    1 - t inside each micro-batch (docs/spec.md 3.7, an interpretation). Both compose with any t_sampler and MIRROR."""
-    clip_low: float = 0.3
-    """Clipped t-sampler: lower end beta of U[beta, omega]."""
-    clip_high: float = 0.8
-    """Clipped t-sampler: upper end omega of U[beta, omega]."""
-    isad_token_ids: list[int] = field(default_factory=list)
-    """ISAD (docs/spec.md 3.6): token ids masked with probability min(pi + isad_delta, 1), weighted by 1/q
-    (Horvitz-Thompson); empty = off."""
-    isad_delta: float = 0.2
-    """ISAD: how much the mask probability of the chosen token ids is raised."""
-    ema_bins: int = 0
-    """EMA (docs/spec.md 3.5): per-t-bin moving-average baseline with this many bins, 0 = off. It is a control variate
-    of the logged loss only; the gradient is provably unchanged (``diffusion/ema_baseline.py``)."""
-    ema_rate: float = 0.01
-    """EMA: the baseline's moving-average rate eta."""
-    probe_every: int = 25
-    """Online A/B/C (``diffusion/online_variance.py``): every this many optimiser steps, a no-grad probe forward
-    evaluates four rows (base mask, its antithetic mask, an independent mask, an independent rate and mask) of
-    the selected sequences; 0 = no probe (V and MIRROR's pair statistic are still measured). The estimates are
-    pooled and logged every ``ppots_refit_every`` steps, for any t_sampler. At 25 the probe costs 0.86% of the
-    step time at the 1.1B shape (one probe step: 63 ms against 293 ms steps, docs/benchmarks.md)."""
-    probe_fraction: float = 0.0625
-    """Online A/B/C: fraction of the sequences of a probe step that the probe measures (chosen by a keyed draw
-    per global sample index). Cost: about (4/3) probe_fraction / probe_every of the training compute."""
-
-    def check(self) -> None:
-        _require(0.0 <= self.eps < 1.0, "variance.eps", self.eps, "must be in [0, 1)")
-        _require(self.mirror_plus_threshold is None or self.mirror is True, "variance.mirror_plus_threshold",
-                 self.mirror_plus_threshold, "needs variance.mirror = true")
-        _require(self.mirror_plus_threshold is None or 0.0 < self.mirror_plus_threshold <= 1.0,
-                 "variance.mirror_plus_threshold", self.mirror_plus_threshold, "must be in (0, 1]")
-        for key in ("ppots_x0", "ppots_refit_every"):
-            _require(getattr(self, key) >= 0, f"variance.{key}", getattr(self, key), "must be >= 0")
-        for key in ("ppots_masks", "ppots_restarts"):
-            _require(getattr(self, key) >= 1, f"variance.{key}", getattr(self, key), "must be >= 1")
-        _require(self.ppots_forward_tokens is None or self.ppots_forward_tokens >= 1, "variance.ppots_forward_tokens",
-                 self.ppots_forward_tokens, "must be >= 1 or null")
-        _require(self.ppots_masks >= 2 or self.mirror is True, "variance.ppots_masks", self.ppots_masks,
-                 "must be >= 2 without MIRROR (the mask variance needs two draws)")
-        _require(2 <= self.ppots_bins <= 4096, "variance.ppots_bins", self.ppots_bins, "must be in [2, 4096]")
-        _require(self.ppots_half_life >= 0, "variance.ppots_half_life", self.ppots_half_life, "must be >= 0")
-        _require(0.0 <= self.ppots_mix_uniform < 1.0, "variance.ppots_mix_uniform", self.ppots_mix_uniform,
-                 "must be in [0, 1)")
-        _require(self.ppots_max_weight is None or self.ppots_max_weight > 1.0, "variance.ppots_max_weight",
-                 self.ppots_max_weight, "must be > 1 (p(t) = 1 everywhere is the uniform density)")
-        _require(self.ppots_loss_max is None or self.ppots_loss_max > 0, "variance.ppots_loss_max",
-                 self.ppots_loss_max, "must be > 0")
-        _require(0.0 <= self.clip_low < self.clip_high <= 1.0, "variance.clip_low", (self.clip_low, self.clip_high),
-                 "need 0 <= clip_low < clip_high <= 1")
-        _require(0.0 < self.isad_delta < 1.0, "variance.isad_delta", self.isad_delta, "must be in (0, 1)")
-        _require(all(i >= 0 for i in self.isad_token_ids), "variance.isad_token_ids", self.isad_token_ids,
-                 "token ids must be >= 0")
-        _require(self.probe_every >= 0, "variance.probe_every", self.probe_every, "must be >= 0")
-        _require(0.0 <= self.probe_fraction <= 1.0, "variance.probe_fraction", self.probe_fraction,
-                 "must be in [0, 1]")
-        if self.mirror == "auto":
-            _require(self.ppots_refit_every > 0, "variance.ppots_refit_every", self.ppots_refit_every,
-                     "variance.mirror = auto decides at each refit: must be > 0")
-            _require(self.probe_every > 0 and self.probe_fraction > 0, "variance.probe_every",
-                     (self.probe_every, self.probe_fraction),
-                     "variance.mirror = auto measures MIRROR's pairs with the probe while MIRROR is off: "
-                     "probe_every and probe_fraction must be > 0")
-            _require(self.t_coupling != "stratified", "variance.t_coupling", self.t_coupling,
-                     "StraTS stratifies a fixed global batch of sequences, which variance.mirror = auto changes")
-        _require(self.ema_bins >= 0, "variance.ema_bins", self.ema_bins, "must be >= 0")
-        _require(0.0 < self.ema_rate <= 1.0, "variance.ema_rate", self.ema_rate, "must be in (0, 1]")
-        _require(self.ema_bins == 0 or self.t_sampler != "clipped", "variance.ema_bins", self.ema_bins,
-                 "the EMA control variate needs an unbiased t_sampler (not clipped)")
+        require(bool(self.output_dir), "train.output_dir", self.output_dir, "must name a directory")
 
 
 @dataclass
@@ -332,18 +231,9 @@ class Config:
     deepspeed: dict[str, Any] = field(default_factory=dict)
 
     def check(self) -> None:
-        _require(0 <= self.seed < 2**63, "seed", self.seed, "must be in [0, 2^63)")
-        for section in (self.model, self.data, self.train, self.variance):
+        require(0 <= self.seed < 2**63, "seed", self.seed, "must be in [0, 2^63)")
+        for section in (self.model, self.data, self.train):
             section.check()
-        _require(self.train.objective == "mdm" or self.variance.mirror is False, "variance.mirror",
-                 self.variance.mirror, "MIRROR masks apply to the mdm objective only (train.objective = arm)")
-        _require(self.train.objective == "mdm" or not self.data.packing, "data.packing", self.data.packing,
-                 "packed rows need the mdm objective (train.objective = arm would need causal document masks)")
-        _require(self.variance.mirror != "auto" or not self.data.packing, "variance.mirror", self.variance.mirror,
-                 "variance.mirror = auto changes the sequences per micro-batch, which packed rows (data.packing) "
-                 "do not have")
-        _require(self.train.objective == "mdm" or self.variance.t_sampler == "uniform", "variance.t_sampler",
-                 self.variance.t_sampler, "t-samplers apply to the mdm objective only (train.objective = arm)")
-        _require(self.variance.mirror != "auto" or self.train.micro_batch_size % 2 == 0, "train.micro_batch_size",
-                 self.train.micro_batch_size, "variance.mirror = auto halves the micro-batch while MIRROR is on: "
-                 "must be even")
+        self.variance.check(self)
+        require(self.train.objective == "mdm" or not self.data.packing, "data.packing", self.data.packing,
+                "packed rows need the mdm objective (train.objective = arm would need causal document masks)")

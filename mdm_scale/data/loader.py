@@ -9,7 +9,7 @@ sequences of similar length and little padding. The stream position is also the 
 (``core/noise.py``), so the set of (example, noise) pairs per step, and its split into groups, is the same
 for every world size with the same global batch, and a resume only needs the step number.
 
-``set_micro_batch`` changes the sequences per micro-batch from a given step on (``variance.mirror: auto`` halves
+``set_micro_batch`` changes the sequences per micro-batch from a given step on (``variance.masks: auto`` halves
 them while MIRROR is on): stream positions stay consecutive, so step k starts where step k - 1 ended, and the
 layout (the list of changes, which the trainer restores from its checkpoint) fixes every step's positions.
 """

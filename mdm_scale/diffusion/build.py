@@ -1,24 +1,21 @@
-"""The t-sampler and mask generator that a ``variance`` config section describes (docs/spec.md sections 1-3)."""
+"""The t-sampler and mask generator that a ``variance`` config section describes (docs/spec.md sections 1-3).
+
+Each is found through the component registry (``components.py``) from the kind of ``variance.t_sampler`` or
+``variance.masks``, so a new kind needs no edit here.
+"""
 
 from __future__ import annotations
 
-from mdm_scale.config.schema import VarianceConfig
-from mdm_scale.diffusion.clipped_t import ClippedT
+from mdm_scale.config.variance import AutoMasksConfig, BernoulliMasksConfig, MaskConfig, VarianceConfig
 from mdm_scale.diffusion.coupled_t import StratifiedT, SymmetricT
-from mdm_scale.diffusion.masks import BernoulliMasks, build_masks
-from mdm_scale.diffusion.ppots import PPOTSSampler, PPOTSSettings
-from mdm_scale.diffusion.t_samplers import TSampler, UniformT
+from mdm_scale.diffusion.masks import BernoulliMasks
+from mdm_scale.diffusion.t_samplers import TSampler
 
 
 def t_sampler_for(v: VarianceConfig, seed: int, global_batch: int) -> TSampler:
     """``v.t_sampler`` (its inverse CDF) with the uniforms coupled as ``v.t_coupling`` says; ``global_batch``
     (sequences per optimiser step) is StraTS's stratum count."""
-    if v.t_sampler == "ppots":
-        base = PPOTSSampler(seed, PPOTSSettings.from_config(v))
-    elif v.t_sampler == "clipped":
-        base = ClippedT(seed, v.clip_low, v.clip_high)
-    else:
-        base = UniformT(seed)
+    base = TSampler.component_for(v.t_sampler).from_config(v.t_sampler, seed)
     if v.t_coupling == "stratified":
         return StratifiedT(base, global_batch)
     if v.t_coupling == "symmetric":
@@ -26,9 +23,11 @@ def t_sampler_for(v: VarianceConfig, seed: int, global_batch: int) -> TSampler:
     return base
 
 
-def masks_for(v: VarianceConfig, seed: int, mirror: bool | None = None) -> BernoulliMasks:
-    """The mask generator of ``v``; ``mirror`` overrides ``v.mirror`` (``mirror: auto`` builds both kinds, and
-    starts without MIRROR; the online variance probe uses both)."""
-    mirror = (v.mirror is True) if mirror is None else mirror
-    return build_masks(mirror, seed, v.eps, single_above=v.mirror_plus_threshold if mirror else None,
-                       boosted_ids=tuple(v.isad_token_ids), delta=v.isad_delta)
+def masks_for(v: VarianceConfig, seed: int, kind: MaskConfig | None = None) -> BernoulliMasks:
+    """The mask generator of ``kind`` (default ``v.masks``) with ``v``'s eps and ISAD ids. ``masks: auto`` starts
+    without MIRROR; the trainer switches it (``Trainer._set_mirror``), and the online variance probe builds the
+    Bernoulli and MIRROR generators it compares."""
+    kind = v.masks if kind is None else kind
+    if isinstance(kind, AutoMasksConfig):
+        kind = BernoulliMasksConfig()
+    return BernoulliMasks.component_for(kind).from_config(kind, seed, v.eps, v.isad)

@@ -15,15 +15,20 @@ from __future__ import annotations
 
 import torch
 
+from mdm_scale.config.variance import ClippedTConfig
 from mdm_scale.diffusion.t_samplers import TSampler
 
 
-class ClippedT(TSampler):
+class ClippedT(TSampler, config=ClippedTConfig):
     name = "clipped"
 
     def __init__(self, seed: int, low: float, high: float):
         super().__init__(seed)
         self.low, self.high = low, high
+
+    @classmethod
+    def from_config(cls, config: ClippedTConfig, seed: int) -> ClippedT:
+        return cls(seed, config.low, config.high)
 
     def transform(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.low + (self.high - self.low) * u, torch.ones_like(u)

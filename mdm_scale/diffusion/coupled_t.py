@@ -40,8 +40,8 @@ class CoupledT(TSampler):
     def transform(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.inner.transform(u)
 
-    def observe(self, t, sample_loss, pair_sq_diff) -> None:
-        self.inner.observe(t, sample_loss, pair_sq_diff)
+    def observe(self, micro) -> None:
+        self.inner.observe(micro)
 
     def on_optimizer_step(self, step: int) -> bool:
         return self.inner.on_optimizer_step(step)

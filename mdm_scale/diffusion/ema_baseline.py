@@ -17,6 +17,8 @@ has the same expectation as the loss and, once b tracks E[l | t], much less mask
 training loss becomes a steadier curve. b is updated after use, b_k <- (1 - eta) b_k + eta * (mean loss of the
 micro-batch's sequences in bin k), so it is independent of the draw it corrects. It needs an unbiased sampler
 (not ``clipped``, whose weight is 1 on [beta, omega]).
+
+As a noise service (``service.py``) it adjusts each micro-batch's loss and observes the trained micro-batch.
 """
 
 from __future__ import annotations
@@ -24,12 +26,21 @@ from __future__ import annotations
 import torch
 
 from mdm_scale.diffusion.ppots import t_bin
+from mdm_scale.diffusion.service import NoiseService
 
 
-class EMABaseline:
+class EMABaseline(NoiseService):
+    state_key = "ema"
+
     def __init__(self, bins: int, rate: float, device: torch.device):
         self.bins, self.rate = bins, rate
         self.baseline = torch.zeros(bins, dtype=torch.float32, device=device)
+
+    def adjust_loss(self, loss: torch.Tensor, noisy) -> torch.Tensor:
+        return loss - self.correction(noisy.t, noisy.weight)
+
+    def observe(self, micro) -> None:
+        self.update(micro.t, micro.sample_loss)
 
     def bin_of(self, t: torch.Tensor) -> torch.Tensor:
         return t_bin(t, self.bins)

@@ -12,6 +12,9 @@ E[M_i / q_i] = 1 for every token. Caveat, stated in docs/variance.md: HT makes t
 token's CE does not depend on which other tokens are masked; for a real bidirectional model raising q also
 changes the contexts of the other tokens, so ISAD estimates a slightly different objective (the paper's
 prototype did the same). MIRROR composes: its second row masks {u_i > 1 - q_i}.
+
+Each kind of ``variance.masks`` (``config/variance.py``) is built by the generator class declared with
+``config=`` that kind's class (``components.py``); ``from_config`` makes one with the run's eps and ISAD ids.
 """
 
 from __future__ import annotations
@@ -20,7 +23,9 @@ from dataclasses import dataclass
 
 import torch
 
+from mdm_scale.config.variance import BernoulliMasksConfig, ISADConfig, MaskConfig, MirrorMasksConfig
 from mdm_scale.core.noise import keyed_uniform
+from mdm_scale.diffusion.components import Component
 
 
 def mask_probability(t: torch.Tensor, eps: float) -> torch.Tensor:
@@ -37,14 +42,19 @@ class MaskDraw:
     row_scale: torch.Tensor  # (R,) float32, sums to 1 over the rows of one sequence
 
 
-class BernoulliMasks:
+class BernoulliMasks(Component, family=True, config=BernoulliMasksConfig):
     """One row per sequence: M_i = [u_i < q_i] with u_i keyed by (seed, sample, position); q_i = pi(t), or
-    min(pi(t) + delta, 1) for ISAD-boosted token ids."""
+    min(pi(t) + delta, 1) for ISAD-boosted token ids. The base of the mask generators."""
 
     def __init__(self, seed: int, eps: float, boosted_ids: tuple[int, ...] = (), delta: float = 0.0):
         self.seed, self.eps = seed, eps
         self.boosted_ids = torch.tensor(sorted(boosted_ids), dtype=torch.int64)
         self.delta = delta
+
+    @classmethod
+    def from_config(cls, config: MaskConfig, seed: int, eps: float, isad: ISADConfig) -> BernoulliMasks:
+        """The generator of kind ``config`` (a subclass with fields overrides this)."""
+        return cls(seed, eps, tuple(isad.token_ids), isad.delta)
 
     def inclusion(self, t: torch.Tensor, token_ids: torch.Tensor | None, width: int) -> torch.Tensor:
         """q (B, L): each token's probability of being masked."""
@@ -62,7 +72,7 @@ class BernoulliMasks:
         return MaskDraw(masked=(u < q) & eligible, inclusion=q, row_sample=rows, row_scale=torch.ones(len(t)))
 
 
-class MirrorMasks(BernoulliMasks):
+class MirrorMasks(BernoulliMasks, config=MirrorMasksConfig):
     """MIRROR (docs/spec.md section 3.2): two antithetic rows per sequence from one shared uniform per token.
 
     Row 1 masks {u_i < pi}, row 2 masks {u_i > 1 - pi}. Each row is marginally Bernoulli(pi) (``noise.py``
@@ -83,6 +93,10 @@ class MirrorMasks(BernoulliMasks):
         super().__init__(seed, eps, boosted_ids, delta)
         self.single_above = single_above
 
+    @classmethod
+    def from_config(cls, config: MirrorMasksConfig, seed: int, eps: float, isad: ISADConfig) -> MirrorMasks:
+        return cls(seed, eps, config.single_above, tuple(isad.token_ids), isad.delta)
+
     def draw(self, sample_index: torch.Tensor, t: torch.Tensor, eligible: torch.Tensor, stream: int,
              token_ids: torch.Tensor | None = None) -> MaskDraw:
         q = self.inclusion(t, token_ids, eligible.shape[1])
@@ -95,9 +109,3 @@ class MirrorMasks(BernoulliMasks):
         return MaskDraw(masked=masked.index_select(0, kept), inclusion=q.index_select(0, row_sample),
                         row_sample=row_sample, row_scale=scale.index_select(0, kept))
 
-
-def build_masks(mirror: bool, seed: int, eps: float, single_above: float | None = None,
-                boosted_ids: tuple[int, ...] = (), delta: float = 0.0) -> BernoulliMasks:
-    if mirror:
-        return MirrorMasks(seed, eps, single_above, boosted_ids, delta)
-    return BernoulliMasks(seed, eps, boosted_ids, delta)

@@ -19,6 +19,7 @@ ARM (the autoregressive baseline): the same data, causal attention, and the next
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from functools import cached_property
 
 import torch
 
@@ -102,7 +103,7 @@ class NoisyBatch:
         loss l with respect to the logits of its masked tokens, with ||softmax - onehot|| replaced by 1 - p_y =
         1 - exp(-CE) (the true norm lies between that and sqrt(2) times it). Logits of different tokens and rows
         are different coordinates, so |grad l|^2 = sum_r s_r^2 sum_i (token_scale_i (1 - exp(-CE_i)))^2; it
-        needs no extra backward (``variance.ppots_target: grad``)."""
+        needs no extra backward (``variance.t_sampler.target: grad``)."""
         per_token = (self.token_scale * (1.0 - torch.exp(-token_ce.float()))) ** 2
         rows = torch.zeros(self.rows, dtype=torch.float32, device=token_ce.device).index_add_(0, self.token_row,
                                                                                               per_token)
@@ -113,6 +114,38 @@ class NoisyBatch:
         """Unweighted loss of each sequence (its rows combined by ``row_scale``), shape (B,)."""
         out = torch.zeros(len(self.t), dtype=torch.float32, device=row_loss.device)
         return out.index_add_(0, self.row_sample, row_loss * self.row_scale)
+
+
+class TrainedMicroBatch:
+    """A corrupted micro-batch and the model's token losses on it: what the noise services observe (``service.py``).
+    Each per-row and per-sequence quantity is computed on first use, once, on the device of ``token_ce``."""
+
+    def __init__(self, noisy: NoisyBatch, token_ce: torch.Tensor):
+        self.noisy, self.token_ce = noisy, token_ce
+
+    @property
+    def t(self) -> torch.Tensor:
+        return self.noisy.t
+
+    @cached_property
+    def row_loss(self) -> torch.Tensor:
+        """(R,) unweighted loss of each row (``NoisyBatch.row_losses``)."""
+        return self.noisy.row_losses(self.token_ce)
+
+    @cached_property
+    def sample_loss(self) -> torch.Tensor:
+        """(B,) unweighted loss of each sequence."""
+        return self.noisy.sample_losses(self.row_loss)
+
+    @cached_property
+    def pair_sq_diff(self) -> torch.Tensor | None:
+        """(B,) MIRROR's (l_1 - l_2)^2 per sequence (NaN without a pair), None without MIRROR."""
+        return self.noisy.pair_sq_diff(self.row_loss)
+
+    @cached_property
+    def sample_grad_norm(self) -> torch.Tensor:
+        """(B,) the per-sequence gradient-norm proxy (``NoisyBatch.sample_grad_norms``)."""
+        return self.noisy.sample_grad_norms(self.token_ce)
 
 
 def stack_rows(parts: list[NoisyBatch]) -> NoisyBatch:

@@ -1,5 +1,5 @@
 """Online A/B/C: where the training loss's noise comes from, measured while training (docs/spec.md
-sections 2 and 2.2), and the ``variance.mirror: auto`` rule that acts on it.
+sections 2 and 2.2), and the ``variance.masks: auto`` rule that acts on it.
 
 One row is one forward of one sequence x0 with one mask; its weighted loss is L = w(t) l(x0, t, M) (w = 1/p(t)
 under P-POTS, 1 under uniform t). With V = Var(L) = A + B + C (``docs/variance.md``):
@@ -7,8 +7,8 @@ under P-POTS, 1 under uniform t). With V = Var(L) = A + B + C (``docs/variance.m
 - **V** from the training rows: every row is marginally a standard draw (also MIRROR's second row), so the
   pooled sums of L and L^2 over all rows give V = E[L^2] - E[L]^2.
 - **A** and **A + B** from a *probe*: on a keyed subset of sequences (``Stream.PROBE_SELECT``; each sequence of
-  every ``probe_every``-th optimiser step with probability ``probe_fraction``) a no-grad forward evaluates
-  four rows of the same x0: the base row (t, M) and its antithetic partner M' = {u > 1 - q} (MIRROR's
+  every ``variance.probe.every``-th optimiser step with probability ``variance.probe.fraction``) a no-grad
+  forward evaluates four rows of the same x0: the base row (t, M) and its antithetic partner M' = {u > 1 - q} (MIRROR's
   second mask), an independent mask M2 at the same t (``Stream.PROBE_MASK``), and an independent rate and
   mask (t3, M3) (``Stream.PROBE_T``, ``Stream.PROBE_T_MASK``). Two i.i.d. draws X, Y given what they share have
   E[(X - Y)^2] / 2 = Var(X | shared), so
@@ -25,30 +25,35 @@ under P-POTS, 1 under uniform t). With V = Var(L) = A + B + C (``docs/variance.m
   forwards one uncounted row.
 - **MIRROR at equal rows.** With R rows per step, standard has Var = V / R and MIRROR (R / 2 sequences of two
   antithetic rows) Var = (A + K + 2B + 2C) / R, so MIRROR pays exactly when A - K > V, i.e. when
-  E[(L - L')^2] / 2 > Var(L): both sides are measured above. ``mirror: auto`` switches MIRROR on or off at each
-  refit by this rule (when the sides differ by ``SWITCH_Z`` standard errors), halving the sequences per
+  E[(L - L')^2] / 2 > Var(L): both sides are measured above. ``masks: auto`` switches MIRROR on or off at each
+  pooling by this rule (when the sides differ by ``SWITCH_Z`` standard errors), halving the sequences per
   micro-batch while on so the rows per step stay fixed.
   Unbiasedness: each step's loss is unbiased for the uniform objective under either setting, and the setting of
   a step is a function of earlier steps' noise only (samples are never reused: stream positions run on), so
   E[step loss] = objective through every switch (``tests/test_online_variance.py``).
 
-Accumulation: per-rank sums on the device (no host synchronisation per step), all-reduced every ``refit_every``
-steps (P-POTS's cadence, for any t-sampler), then decayed by 0.5^(refit_every / half_life) and added, like the
-P-POTS statistics. Standard errors treat the decayed sums as plain sums (approximate).
+Accumulation (``pooled_sums.py``, as for P-POTS's statistics): per-rank sums on the device (no host
+synchronisation per step), pooled over ranks every ``variance.monitor.every`` steps (for any t-sampler), the
+earlier pooled sums decayed by 0.5^(every / half_life). Standard errors treat the decayed sums as plain sums
+(approximate). :class:`VarianceMonitor` is a noise service (``service.py``): it probes, observes, pools at
+optimiser steps, logs the estimates, and under ``masks: auto`` decides and switches MIRROR.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
+from mdm_scale.config.variance import AutoMasksConfig, VarianceConfig
 from mdm_scale.core.batch import Batch
 from mdm_scale.core.noise import Stream, keyed_uniform
 from mdm_scale.diffusion.masks import BernoulliMasks
 from mdm_scale.diffusion.objective import MDMObjective, NoisyBatch, stack_rows
-from mdm_scale.diffusion.ppots import PPOTSSettings
-from mdm_scale.distributed.env import all_reduce_sum, broadcast_from_main
+from mdm_scale.diffusion.pooled_sums import PooledSums
+from mdm_scale.diffusion.service import LogValue, NoiseService
+from mdm_scale.distributed.env import broadcast_from_main
 
 # Columns of the statistics: training rows (count, sums of L, L^2, L^3, L^4: V and its standard error), then
 # (count, sum, sum of squares) of the half squared differences for the independent mask (A), the independent
@@ -56,23 +61,24 @@ from mdm_scale.distributed.env import all_reduce_sum, broadcast_from_main
 (ROWS, SUM_L, SUM_L2, SUM_L3, SUM_L4, MASK_N, MASK_SUM, MASK_SQ, RATE_N, RATE_SUM, RATE_SQ, PAIR_N, PAIR_SUM,
  PAIR_SQ) = range(14)
 COLUMNS = 14
-MIN_PROBES = 8  # ``mirror: auto`` keeps its setting until this many pairs and rows are pooled
+MIN_PROBES = 8  # ``masks: auto`` keeps its setting until this many pairs and rows are pooled
 SWITCH_Z = 2.0  # ... and until the rule's two sides differ by this many standard errors
+LOGGED_ESTIMATES = ("A", "B", "C", "V", "A_share", "B_share", "C_share", "pair_half_sq", "mirror")
+"""What the console and TensorBoard (``variance/*``) show at each pooling."""
 
 
 @dataclass(frozen=True)
 class MonitorSettings:
-    refit_every: int = 50
-    decay: float = 1.0  # factor on the pooled sums at each refit: P-POTS's, 0.5^(refit_every / half_life)
+    every: int = 50
+    decay: float = 1.0  # factor on the pooled sums at each pooling, 0.5^(every / half_life)
     probe_every: int = 25
     probe_fraction: float = 0.0625
     mirror_auto: bool = False
 
     @classmethod
-    def from_config(cls, variance) -> MonitorSettings:
-        return cls(refit_every=variance.ppots_refit_every, decay=PPOTSSettings.from_config(variance).decay,
-                   probe_every=variance.probe_every, probe_fraction=variance.probe_fraction,
-                   mirror_auto=variance.mirror == "auto")
+    def from_config(cls, variance: VarianceConfig) -> MonitorSettings:
+        return cls(every=variance.monitor.every, decay=variance.monitor.decay, probe_every=variance.probe.every,
+                   probe_fraction=variance.probe.fraction, mirror_auto=isinstance(variance.masks, AutoMasksConfig))
 
 
 def estimates(stats: torch.Tensor) -> dict[str, float]:
@@ -175,60 +181,74 @@ def training_statistics(noisy: NoisyBatch, row_loss: torch.Tensor, pair_sq_diff:
     return out
 
 
-class VarianceMonitor:
-    """Per-rank pending sums, pooled statistics, the latest estimates and ``mirror: auto``'s decisions."""
+MirrorSwitch = Callable[[bool, int, str], None]
+"""``switch(on, from_step, why)``: MIRROR on or off from optimiser step ``from_step`` (0-based) on; ``why`` is the
+rule's sides for the console ("" when a resume replays a decision)."""
 
-    def __init__(self, settings: MonitorSettings):
-        self.settings = settings
-        self.statistics = torch.zeros(COLUMNS, dtype=torch.float64)
-        self.pending: torch.Tensor | None = None
+
+class VarianceMonitor(NoiseService):
+    """Online A/B/C: pooled sums, the latest estimates and ``masks: auto``'s decisions (module docstring).
+    ``probe`` is None without the probe; ``switch`` applies ``masks: auto``'s decisions (``Trainer._set_mirror``)."""
+
+    state_key = "variance_monitor"
+    log_prefix = "variance"
+    log_console = True
+
+    def __init__(self, settings: MonitorSettings, probe: Probe | None = None,
+                 switch: MirrorSwitch = lambda on, from_step, why: None):
+        self.settings, self.prober, self.switch = settings, probe, switch
+        self.sums = PooledSums((COLUMNS,), settings.every, settings.decay)
         self.mirror_on = False
         self.decisions: list[tuple[int, bool]] = []  # (first step with the new setting, MIRROR on)
-        self.report: dict[str, float] | None = None  # set at a refit, taken by the logger
+        self.report: dict[str, float] | None = None  # set at a pooling, taken by ``log``
+
+    @property
+    def statistics(self) -> torch.Tensor:
+        """The pooled sums (``COLUMNS``,), the same on every rank."""
+        return self.sums.statistics
 
     def probe_step(self, step: int) -> bool:
         """Whether optimiser step ``step`` (0-based, the same on every rank) runs the probe."""
         every = self.settings.probe_every
         return every > 0 and self.settings.probe_fraction > 0 and step % every == 0
 
-    def observe(self, sums: torch.Tensor) -> None:
-        if self.pending is None:
-            self.pending = torch.zeros_like(sums)
-        elif self.pending.device != sums.device:  # restored from a checkpoint on the host
-            self.pending = self.pending.to(sums.device)
-        self.pending += sums
+    # ---- the service ----------------------------------------------------------------------------------------
+    def probe(self, step: int, batch: Batch, evaluate: Callable) -> None:
+        """On probe steps, the probe's no-grad forward on this micro-batch's selected sequences, at the parameters
+        the micro-batch trains with. Every rank runs it (ZeRO-3 gathers parameters collectively)."""
+        if self.prober is None or not self.probe_step(step):
+            return
+        noisy, counted = self.prober.rows(batch)
+        rows = evaluate(noisy)
+        self.sums.add(Probe.statistics(rows.noisy, rows.token_ce, counted))
 
-    def refits_at(self, step: int) -> bool:
-        """Whether optimiser step ``step`` (1-based) ends with a refit (all-reduce, estimate, ``auto`` decision)."""
-        every = self.settings.refit_every
-        return every > 0 and step % every == 0
+    def observe(self, micro) -> None:
+        self.sums.add(training_statistics(micro.noisy, micro.row_loss, micro.pair_sq_diff))
 
-    def may_switch_after(self, step: int) -> bool:
-        """Whether ``on_optimizer_step(step)`` may switch MIRROR (``mirror: auto``, at a refit)."""
-        return self.settings.mirror_auto and self.refits_at(step)
+    def changes_after(self, step: int) -> bool:
+        """Whether ``on_optimizer_step(step)`` may switch MIRROR (``masks: auto``, at a pooling)."""
+        return self.settings.mirror_auto and self.sums.due(step)
 
-    def on_optimizer_step(self, step: int, device: torch.device) -> bool | None:
-        """After optimiser step ``step`` (1-based), on every rank: at a refit, all-reduce, pool and estimate.
-        Returns the MIRROR setting from the next step on when ``mirror: auto`` changes it, else None."""
-        if not self.refits_at(step):
-            return None
-        if self.pending is None:
-            self.pending = torch.zeros(COLUMNS, dtype=torch.float64, device=device)
-        reduced = all_reduce_sum(self.pending.clone()).cpu()
-        self.pending.zero_()
-        self.statistics = self.settings.decay * self.statistics + reduced
-        self.report = estimates(self.statistics)
+    def on_optimizer_step(self, step: int) -> None:
+        """After optimiser step ``step`` (1-based), on every rank: at a pooling, all-reduce, pool and estimate;
+        under ``masks: auto``, decide and switch MIRROR from the next step on."""
+        if not self.sums.due(step):
+            return
+        self.sums.pool()
+        self.report = estimates(self.sums.statistics)
         if not self.settings.mirror_auto:
-            return None
+            return
         wanted = self._decide(self.report)
-        flag = broadcast_from_main(torch.tensor([float(wanted)], dtype=torch.float64, device=device))
+        flag = broadcast_from_main(torch.tensor([float(wanted)], dtype=torch.float64, device=self.sums.pending.device))
         wanted = bool(flag.item() > 0.5)  # all-reduced sums agree on every rank; rank 0's word makes it certain
         self.report["mirror"] = float(wanted)
         if wanted == self.mirror_on:
-            return None
+            return
         self.mirror_on = wanted
         self.decisions.append((step, wanted))
-        return wanted
+        r = self.report
+        self.switch(wanted, step, f"E[(L1-L2)^2]/2 = {r['pair_half_sq']:.4g} {'>' if wanted else '<='} Var(L) = "
+                                  f"{r['V']:.4g} (A = {r['A']:.4g}, B = {r['B']:.4g}, C = {r['C']:.4g})")
 
     def _decide(self, r: dict[str, float]) -> bool:
         """MIRROR pays at equal rows iff E[(L - L')^2] / 2 > Var(L) (module docstring). The setting changes only
@@ -242,19 +262,19 @@ class VarianceMonitor:
             return self.mirror_on
         return gap > 0
 
-    def take_report(self) -> dict[str, float] | None:
+    def log(self, step: int, interval: bool) -> dict[str, LogValue]:
         report, self.report = self.report, None
-        return report
+        return {k: report[k] for k in LOGGED_ESTIMATES if k in report} if report is not None else {}
 
     def state_dict(self) -> dict:
-        pending = self.pending.cpu().clone() if self.pending is not None else torch.zeros(COLUMNS, dtype=torch.float64)
-        return {"statistics": self.statistics.clone(), "pending": pending, "mirror_on": self.mirror_on,
-                "decisions": list(self.decisions)}
+        return {**self.sums.state_dict(), "mirror_on": self.mirror_on, "decisions": list(self.decisions)}
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore, and replay ``masks: auto``'s decisions through ``switch``."""
         if not state:
             return  # a checkpoint from before the monitor existed: start with empty statistics
-        self.statistics = state["statistics"].to(torch.float64, copy=True)
-        self.pending = state["pending"].to(torch.float64, copy=True)
+        self.sums.load_state_dict(state)
         self.mirror_on = bool(state["mirror_on"])
         self.decisions = [(int(s), bool(on)) for s, on in state["decisions"]]
+        for from_step, on in self.decisions:
+            self.switch(on, from_step, "")

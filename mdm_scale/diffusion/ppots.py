@@ -18,23 +18,24 @@ the density used, however well it approximates the EPR curve. Options: mixing wi
 p <- (1 - lambda) p + lambda, and a weight cap ``max_weight`` implemented as the smallest extra mixing that
 makes p >= 1 / max_weight everywhere, so capped weights stay exactly unbiased (clipping weights would not).
 
-**Service.** ``observe`` adds each micro-batch's statistics to a small per-rank device tensor (bins x 5,
-float64, one-hot matrix product: deterministic, no host sync). Every ``refit_every`` optimiser steps
-``on_optimizer_step`` all-reduces it (one collective of 5 x bins floats), decays the accumulated statistics by
-0.5^(refit_every / half_life), adds the new ones, and rank 0 refits from the current parameters (warm start)
-and broadcasts the new density, so every rank samples from bit-identical p(t) from the next step on.
+**Service** (``service.py``). ``observe`` adds each micro-batch's statistics (bins x 5, float64, one-hot matrix
+product: deterministic, no host sync) to its pooled sums (``pooled_sums.py``). Every ``refit_every`` optimiser
+steps ``on_optimizer_step`` pools them over ranks (one all-reduce of 5 x bins floats, decay
+0.5^(refit_every / half_life)), and rank 0 refits from the current parameters (warm start) and broadcasts the
+new density, so every rank samples from bit-identical p(t) from the next step on.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 
+from mdm_scale.config.variance import PPOTSConfig
 from mdm_scale.diffusion.epr import fit_epr, log_w
-from mdm_scale.diffusion.t_samplers import LogValue, TSampler
-from mdm_scale.distributed.env import all_reduce_sum, broadcast_from_main
+from mdm_scale.diffusion.pooled_sums import PooledSums
+from mdm_scale.diffusion.service import LogValue
+from mdm_scale.diffusion.t_samplers import TSampler
+from mdm_scale.distributed.env import broadcast_from_main
 
 DENSITY_CELLS = 1024
 COUNT, SUM, SUMSQ, PAIRS, PAIR_SQ = range(5)
@@ -114,7 +115,7 @@ def bin_statistics(t: torch.Tensor, sample_loss: torch.Tensor, pair_sq_diff: tor
     losses' device, by a one-hot matrix product (deterministic on GPU, unlike atomic scatter-adds).
 
     Non-finite losses (a step the non-finite guard skips) are left out, so one bad step cannot poison the
-    statistics; a NaN pair difference marks a sequence without a MIRROR pair (``mirror_plus_threshold``)."""
+    statistics; a NaN pair difference marks a sequence without a MIRROR pair (``variance.masks.single_above``)."""
     loss = sample_loss.detach().to(torch.float64)
     finite = torch.isfinite(loss)
     loss = torch.where(finite, loss, 0.0)
@@ -141,30 +142,7 @@ def fit_target(statistics: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     return t, w
 
 
-@dataclass(frozen=True)
-class PPOTSSettings:
-    bins: int = 64
-    restarts: int = 20
-    mix_uniform: float = 0.0
-    max_weight: float | None = None
-    loss_max: float | None = None
-    refit_every: int = 50
-    half_life: float = 200.0
-
-    @classmethod
-    def from_config(cls, variance) -> PPOTSSettings:
-        return cls(bins=variance.ppots_bins, restarts=variance.ppots_restarts,
-                   mix_uniform=variance.ppots_mix_uniform, max_weight=variance.ppots_max_weight,
-                   loss_max=variance.ppots_loss_max, refit_every=variance.ppots_refit_every,
-                   half_life=variance.ppots_half_life)
-
-    @property
-    def decay(self) -> float:
-        """Factor applied to the accumulated statistics at each refit (1 = no decay)."""
-        return 0.5 ** (self.refit_every / self.half_life) if self.half_life > 0 else 1.0
-
-
-class PPOTSSampler(TSampler):
+class PPOTSSampler(TSampler, config=PPOTSConfig):
     """t ~ p(t) by inverse CDF, weight 1 / p(t); p refitted from training statistics (module docstring).
 
     Until the first fit (the offline estimate, ``training/ppots_estimate.py``, or the first refit) p is
@@ -173,13 +151,12 @@ class PPOTSSampler(TSampler):
 
     name = "ppots"
 
-    def __init__(self, seed: int, settings: PPOTSSettings):
+    def __init__(self, seed: int, settings: PPOTSConfig):
         super().__init__(seed)
         self.settings = settings
         self.density = PiecewiseLinearDensity.uniform()
         self.z: np.ndarray | None = None
-        self.statistics = torch.zeros(settings.bins, STAT_COLUMNS, dtype=torch.float64)
-        self.pending: torch.Tensor | None = None  # this rank's statistics since the last refit (device)
+        self.sums = PooledSums((settings.bins, STAT_COLUMNS), settings.refit_every, settings.decay)
         self.refits = 0
         self._drawn: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._drawn_count = 0
@@ -197,34 +174,48 @@ class PPOTSSampler(TSampler):
             self._drawn.append((t, weight))
             self._drawn_count += len(t)
 
+    @classmethod
+    def from_config(cls, config: PPOTSConfig, seed: int) -> PPOTSSampler:
+        return cls(seed, config)
+
+    @property
+    def statistics(self) -> torch.Tensor:
+        """The pooled per-bin statistics (bins, 5) the fits use, the same on every rank."""
+        return self.sums.statistics
+
     # ---- the service ----------------------------------------------------------------------------------------
-    def observe(self, t: torch.Tensor, sample_loss: torch.Tensor, pair_sq_diff: torch.Tensor | None) -> None:
-        batch = bin_statistics(t, sample_loss, pair_sq_diff, self.settings.bins, self.settings.loss_max)
-        if self.pending is None:
-            self.pending = torch.zeros_like(batch)
-        elif self.pending.device != batch.device:  # restored from a checkpoint on the host
-            self.pending = self.pending.to(batch.device)
-        self.pending += batch
+    def observe(self, micro) -> None:
+        """Per-bin sums of the micro-batch's per-sequence target: the unweighted loss (with MIRROR, the pair's
+        mean and squared difference), or the gradient-norm proxy (``settings.target``)."""
+        if self.settings.target == "grad":
+            self.add(micro.t, micro.sample_grad_norm, None)
+        else:
+            self.add(micro.t, micro.sample_loss, micro.pair_sq_diff)
+
+    def add(self, t: torch.Tensor, sample_loss: torch.Tensor, pair_sq_diff: torch.Tensor | None) -> None:
+        """t (B,), the per-sequence target (B,) and, with MIRROR, the squared difference of the two rows' losses
+        (B,; NaN where a sequence has one row). Device tensors; no sync."""
+        self.sums.add(bin_statistics(t, sample_loss, pair_sq_diff, self.settings.bins, self.settings.loss_max))
 
     def changes_after(self, step: int) -> bool:
-        every = self.settings.refit_every
-        return every > 0 and step % every == 0
+        return self.sums.due(step)
 
     def on_optimizer_step(self, step: int) -> bool:
-        if not self.changes_after(step):
+        """At a refit step: pool the statistics over ranks and refit. Returns True if it refitted."""
+        if not self.sums.due(step):
             return False
-        if self.pending is None:
-            device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
-            self.pending = torch.zeros(self.settings.bins, STAT_COLUMNS, dtype=torch.float64, device=device)
-        reduced = all_reduce_sum(self.pending.clone())
-        self.pending.zero_()
-        self.update(reduced.cpu(), device=self.pending.device)
+        self.sums.pool()
+        self.refit(self.sums.pending.device)
         return True
 
     def update(self, new_statistics: torch.Tensor, device: torch.device | str = "cpu") -> None:
-        """Decay the accumulated statistics, add ``new_statistics`` (the same on every rank), refit on rank 0
-        and broadcast the result over ``device`` (where the collectives run)."""
-        self.statistics = self.settings.decay * self.statistics + new_statistics.to(torch.float64)
+        """Add ``new_statistics`` (the same on every rank, e.g. the offline estimate's) with decay and refit."""
+        self.sums.accumulate(new_statistics)
+        self.refit(device)
+
+    def refit(self, device: torch.device | str = "cpu") -> None:
+        """Refit on rank 0 from the pooled statistics and broadcast the result over ``device`` (where the
+        collectives run)."""
         z, density = self._fit() if _is_main() else (None, None)
         cells = self.density.cells
         payload = torch.zeros(1 + 7 + cells + 1, dtype=torch.float64)
@@ -262,19 +253,16 @@ class PPOTSSampler(TSampler):
         return values
 
     def state_dict(self) -> dict:
-        pending = self.pending.cpu().clone() if self.pending is not None else torch.zeros_like(self.statistics)
         return {"bins": self.settings.bins, "z": None if self.z is None else torch.from_numpy(self.z.copy()),
-                "density": self.density.values.clone(), "statistics": self.statistics.clone(),
-                "pending": pending, "refits": self.refits}
+                "density": self.density.values.clone(), **self.sums.state_dict(), "refits": self.refits}
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("bins") != self.settings.bins:
-            raise ValueError(f"the checkpoint's P-POTS state has {state.get('bins')} bins and variance.ppots_bins "
-                             f"is {self.settings.bins}")
+            raise ValueError(f"the checkpoint's P-POTS state has {state.get('bins')} bins and "
+                             f"variance.t_sampler.bins is {self.settings.bins}")
         self.z = None if state["z"] is None else state["z"].numpy().astype(np.float64)
         self.density = PiecewiseLinearDensity(state["density"])
-        self.statistics = state["statistics"].to(torch.float64, copy=True)
-        self.pending = state["pending"].to(torch.float64, copy=True)
+        self.sums.load_state_dict(state)
         self.refits = int(state["refits"])
 
 

@@ -11,34 +11,37 @@ Every sampler is two steps, ``sample = transform(uniforms(...))``:
 - ``transform(u) -> (t, weight)``: the inverse CDF of p and 1 / p(t) at the t it returns (uniform: identity and
   weight 1; P-POTS: ``ppots.py``). The weight therefore always belongs to the density t was drawn from.
 
-Adaptive samplers (P-POTS) also use the statistics hooks: ``observe`` receives each training micro-batch's
-unweighted per-sequence losses as device tensors (accumulate on the device, never synchronise there),
-``on_optimizer_step`` runs after every optimiser step on every rank and may run collectives (all-reduce,
-refit), ``state_dict`` / ``load_state_dict`` hold everything needed to resume (saved per rank), and
-``log_statistics`` returns what TensorBoard shows.
+A t-sampler is a noise service (``service.py``): an adaptive one (P-POTS) observes each training micro-batch,
+refits at optimiser steps (``on_optimizer_step``, collectives allowed), says when the next step's draws change
+(``changes_after``), logs its statistics and checkpoints its state. Each kind of ``variance.t_sampler``
+(``config/variance.py``) is built by the sampler class declared with ``config=`` that kind's class
+(``components.py``); ``from_config`` makes one.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
-
 import torch
 
+from mdm_scale.config.variance import TSamplerConfig, UniformTConfig
 from mdm_scale.core.noise import Stream, keyed_uniform
-
-# ``log_statistics`` values: a float is a scalar, a 1-D tensor a histogram, a callable returns a matplotlib
-# figure (called only where it is written, so other ranks pay nothing for plotting).
-LogValue = float | torch.Tensor | Callable[[], Any]
+from mdm_scale.diffusion.components import Component
+from mdm_scale.diffusion.service import LogValue, NoiseService
 
 
-class TSampler:
+class TSampler(NoiseService, Component, family=True, config=UniformTConfig):
     """Base class: uniform t with weight 1, no state. Subclasses override ``transform`` and the hooks."""
 
     name = "uniform"
+    state_key = "t_sampler"
+    log_prefix = "t_sampler"
 
     def __init__(self, seed: int):
         self.seed = seed
+
+    @classmethod
+    def from_config(cls, config: TSamplerConfig, seed: int) -> TSampler:
+        """The sampler of kind ``config`` (a subclass with fields overrides this)."""
+        return cls(seed)
 
     # ---- drawing --------------------------------------------------------------------------------------------
     def uniforms(self, sample_index: torch.Tensor, stream: int = Stream.T) -> torch.Tensor:
@@ -53,24 +56,12 @@ class TSampler:
         """(t, weight), both float32 of shape (B,)."""
         return self.transform(self.uniforms(sample_index, stream))
 
-    # ---- statistics hooks (no-ops for fixed samplers) -------------------------------------------------------
-    def observe(self, t: torch.Tensor, sample_loss: torch.Tensor, pair_sq_diff: torch.Tensor | None) -> None:
-        """One training micro-batch: t (B,), the unweighted per-sequence loss (B,) and, with MIRROR, the squared
-        difference of the two rows' losses (B,; NaN where a sequence has one row). Device tensors; no sync."""
-
-    def on_optimizer_step(self, step: int) -> bool:
-        """Called on every rank after optimiser step ``step`` (1-based). Returns True if p(t) changed."""
-        return False
-
-    def changes_after(self, step: int) -> bool:
-        """Whether ``on_optimizer_step(step)`` may change p(t); until then draws are fixed by their keys, so the
-        trainer may corrupt the next step's first micro-batch early."""
-        return False
+    # ---- the service (no-ops for fixed samplers) ------------------------------------------------------------
+    def log(self, step: int, interval: bool) -> dict[str, LogValue]:
+        return self.log_statistics() if interval else {}
 
     def log_statistics(self) -> dict[str, LogValue]:
-        return {}
-
-    def state_dict(self) -> dict:
+        """What TensorBoard shows under ``t_sampler/`` at each log interval."""
         return {}
 
     def load_state_dict(self, state: dict) -> None:

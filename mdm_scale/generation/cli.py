@@ -19,11 +19,10 @@ def _quiet() -> None:
 
 
 def _sampling(args: argparse.Namespace):
-    from mdm_scale.generation.sampler import SamplingConfig
+    from mdm_scale.generation.sampler import sampling_config
 
-    return SamplingConfig(gen_length=args.gen_length, steps=args.steps or args.gen_length,
-                          block_length=args.block_length or args.gen_length, temperature=args.temperature,
-                          remasking=args.remasking, seed=args.seed)
+    return sampling_config(args.gen_length, args.steps, args.block_length, args.temperature, args.remasking,
+                           args.seed, args.threshold, args.cache)
 
 
 def _answers(args: argparse.Namespace):
@@ -105,6 +104,13 @@ def _decoding(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     parser.add_argument("--remasking", choices=["low_confidence", "random"], default="low_confidence")
     parser.add_argument("--seed", type=int, default=0, help="key of the decoding noise (temperature > 0)")
+    parser.add_argument("--threshold", type=float, default=None,
+                        help="fast decoding: each step unmasks every position of the block whose confidence is above "
+                        "this (and at least one), so a block takes as many forwards as it needs (e.g. 0.9; replaces "
+                        "--steps); default: the fixed schedule of --steps")
+    parser.add_argument("--cache", choices=["none", "prefix", "dual"], default="none",
+                        help="fast decoding: approximate key/value cache of the positions before the block (prefix), "
+                        "or before and after it (dual), refreshed at each block (built-in model only)")
     parser.add_argument("--batch-size", type=int, default=64, help="prompts per forward on each rank")
     parser.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto",
                         help="auto: bf16 on GPU, fp32 on CPU")

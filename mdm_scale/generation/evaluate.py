@@ -7,7 +7,10 @@ the run with file and line before any model is loaded.
 Rank r of W decodes records r, r + W, r + 2W, ... in micro-batches of similar prompt length (less padding;
 masked-diffusion noise is keyed by the record's index, so results do not depend on W or on the batching
 order); rank 0 gathers everything and writes one ``{"prompt", "prediction", "answer", "correct"}`` line per
-input record, in input order. A prediction is the decoded text up to the first EOS.
+input record, in input order. A prediction is the decoded text up to the first EOS. For a masked diffusion model
+the summary also gives ``forwards_per_prompt``, the mean number of forwards a prompt took part in while its block
+still had a mask (``Decoding.row_forwards``): ``gen_length`` divided by it is the tokens decoded per forward, which
+``--threshold`` makes adaptive.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from mdm_scale.data.records import DataError
 from mdm_scale.distributed.env import DistEnv
 from mdm_scale.generation.answers import AnswerPattern, Score, normalize
 from mdm_scale.generation.model_source import GenerationModel, load_generation_model
-from mdm_scale.generation.sampler import SamplingConfig, diffusion_generate, greedy_generate
+from mdm_scale.generation.sampler import Decoding, SamplingConfig, greedy_generate
 from mdm_scale.training.checkpoint import write_atomic
 
 
@@ -78,19 +81,25 @@ def generation_env() -> DistEnv:
 
 
 def generate_predictions(gm: GenerationModel, prompts: list[str], sampling: SamplingConfig, batch_size: int,
-                         env: DistEnv) -> list[str] | None:
-    """Predicted texts for ``prompts`` in input order on rank 0 (None on other ranks)."""
-    texts = decode_shard(gm, prompts, sampling, batch_size, env.rank, env.world_size, env.device)
+                         env: DistEnv) -> tuple[list[str], list[int]] | None:
+    """Predicted texts for ``prompts`` in input order, and the forwards each masked-diffusion prompt took (empty
+    for ARM checkpoints), on rank 0 (None on other ranks)."""
+    forwards: dict[int, int] = {}
+    texts = decode_shard(gm, prompts, sampling, batch_size, env.rank, env.world_size, env.device, forwards)
     if env.world_size > 1:
-        gathered: list[dict[int, str] | None] = [None] * env.world_size
-        dist.all_gather_object(gathered, texts)
-        texts = {k: v for part in gathered for k, v in part.items()}
-    return [texts[i] for i in range(len(prompts))] if env.is_main else None
+        gathered: list[tuple[dict[int, str], dict[int, int]] | None] = [None] * env.world_size
+        dist.all_gather_object(gathered, (texts, forwards))
+        texts = {k: v for part, _ in gathered for k, v in part.items()}
+        forwards = {k: v for _, part in gathered for k, v in part.items()}
+    if not env.is_main:
+        return None
+    return [texts[i] for i in range(len(prompts))], [forwards[i] for i in sorted(forwards)]
 
 
 def decode_shard(gm: GenerationModel, prompts: list[str], sampling: SamplingConfig, batch_size: int, rank: int,
-                 world_size: int, device: torch.device) -> dict[int, str]:
-    """``{record index: predicted text}`` for this rank's records ``rank, rank + world_size, ...``."""
+                 world_size: int, device: torch.device, forwards: dict[int, int] | None = None) -> dict[int, str]:
+    """``{record index: predicted text}`` for this rank's records ``rank, rank + world_size, ...``; ``forwards``,
+    if given, receives ``{record index: forwards its row took}`` (``Decoding.row_forwards``; masked diffusion)."""
     from mdm_scale.data.dataset import encode_prompts
     from mdm_scale.data.tokenizer import special_ids
 
@@ -107,8 +116,11 @@ def decode_shard(gm: GenerationModel, prompts: list[str], sampling: SamplingConf
         if gm.causal:
             out = greedy_generate(gm.model, batch_ids, pad_id, eos_id, sampling.gen_length, device)
         else:
-            out = diffusion_generate(gm.model, batch_ids, [mine[j] for j in chunk], gm.mask_token_id, pad_id,
-                                     sampling, device)[:, -sampling.gen_length:]
+            decoding = Decoding(gm.model, batch_ids, [mine[j] for j in chunk], gm.mask_token_id, pad_id, sampling,
+                                device)
+            out = decoding.run()[:, -sampling.gen_length:]
+            if forwards is not None:
+                forwards.update(zip((mine[j] for j in chunk), decoding.row_forwards.tolist()))
         for j, row in zip(chunk, out.tolist()):
             texts[mine[j]] = decode_answer(gm.tokenizer, row, eos_id)
     return texts
@@ -126,6 +138,20 @@ def resolve_dtype(dtype: str, on_gpu: bool) -> torch.dtype:
     return {"bf16": torch.bfloat16, "fp32": torch.float32}.get(dtype, torch.bfloat16 if on_gpu else torch.float32)
 
 
+def score_predictions(records: list[PromptRecord], predictions: list[str], answers: AnswerPattern | None
+                      ) -> tuple[Score, list[dict]]:
+    """One ``{"prompt", "prediction"}`` line per record, with ``answers`` also its extracted ``"answer"`` and
+    whether it is ``"correct"``, counted in the score."""
+    score, lines = Score(), []
+    for record, prediction in zip(records, predictions):
+        line = {"prompt": record.prompt, "prediction": prediction}
+        if answers is not None:
+            line["answer"] = answers.extract(prediction)
+            line["correct"] = score.add(line["answer"], record.gold)
+        lines.append(line)
+    return score, lines
+
+
 def run_generation(checkpoint: str, records: list[PromptRecord], out: str | None, sampling: SamplingConfig,
                    batch_size: int, answers: AnswerPattern | None, dtype: str = "auto", trust_remote_code: bool = False
                    ) -> dict | None:
@@ -133,21 +159,19 @@ def run_generation(checkpoint: str, records: list[PromptRecord], out: str | None
     sampling.check()
     env = generation_env()
     gm = load_generation_model(checkpoint, env.device, resolve_dtype(dtype, env.on_gpu), trust_remote_code)
-    predictions = generate_predictions(gm, [r.prompt for r in records], sampling, batch_size, env)
-    if predictions is None:
+    decoded = generate_predictions(gm, [r.prompt for r in records], sampling, batch_size, env)
+    if decoded is None:
         return None
-    score, lines = Score(), []
-    for record, prediction in zip(records, predictions):
-        line = {"prompt": record.prompt, "prediction": prediction}
-        if answers is not None:
-            line["answer"] = answers.extract(prediction)
-            line["correct"] = score.add(line["answer"], record.gold)
-        lines.append(json.dumps(line))
+    predictions, forwards = decoded
+    score, scored = score_predictions(records, predictions, answers)
+    lines = [json.dumps(line) for line in scored]
     if out is not None:
         target = Path(out)
         target.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(target, "\n".join(lines) + "\n")
     summary: dict = {"checkpoint": gm.source, "records": len(records)}
+    if forwards:  # masked diffusion: how many forwards a prompt took, on average (gen_length / this: tokens each)
+        summary["forwards_per_prompt"] = sum(forwards) / len(forwards)
     if answers is not None:
         summary.update(accuracy=score.accuracy, correct=score.correct, total=score.total, no_answer=score.no_answer)
     if out is not None:

@@ -13,7 +13,8 @@ generating, Monte Carlo draws when scoring) and ``--device`` (its default ``cuda
 there is no GPU).
 
 - ``generate_until``: the project's LLaDA sampler (``sampler.py``) with ``gen_length``, ``steps``,
-  ``block_length``, ``temperature``, ``remasking`` and ``seed``, decoding exactly what ``mdm-scale generate``
+  ``block_length``, ``temperature``, ``remasking``, ``seed`` and the fast-decoding options ``threshold`` and
+  ``cache`` (as ``--threshold`` and ``--cache`` of ``mdm-scale generate``), decoding exactly what ``mdm-scale generate``
   decodes for the same prompts in the same order (the noise is keyed by the request's position), cut before the
   first of the task's ``until`` strings. The answer window is ``gen_length`` whatever the task's
   ``max_gen_toks``. ARM checkpoints decode greedily left to right.
@@ -47,7 +48,7 @@ from lm_eval.api.registry import register_model
 from mdm_scale.core.noise import keyed_uniform
 from mdm_scale.generation.evaluate import decode_shard, resolve_dtype
 from mdm_scale.generation.model_source import GenerationModel, load_generation_model
-from mdm_scale.generation.sampler import GenerationError, SamplingConfig, diffusion_generate
+from mdm_scale.generation.sampler import GenerationError, SamplingConfig, diffusion_generate, sampling_config
 
 LIKELIHOOD_STREAM = 0x4C4C0000
 """Base of the noise streams of the likelihood estimate (``+ 0``: u of the stratified l; ``+ 1 + j``: the
@@ -93,17 +94,18 @@ class MDMScaleLM(LM):
 
     def __init__(self, pretrained: str, gen_length: int = 128, steps: int | None = None,
                  block_length: int | None = None, temperature: float = 0.0, remasking: str = "low_confidence",
-                 seed: int = 0, mc_num: int = 128, check_greedy: bool = False, batch_size: int | str = 16,
-                 dtype: str = "auto", trust_remote_code: bool = False, device: str | None = None):
+                 seed: int = 0, threshold: float | None = None, cache: str | None = "none", mc_num: int = 128,
+                 check_greedy: bool = False, batch_size: int | str = 16, dtype: str = "auto",
+                 trust_remote_code: bool = False, device: str | None = None):
         super().__init__()
         if str(batch_size).startswith("auto"):
             raise GenerationError("--batch_size auto is not supported by --model mdm_scale; give a number")
         if int(mc_num) < 1:
             raise GenerationError(f"model arg mc_num={mc_num}: must be >= 1")
-        self.sampling = SamplingConfig(gen_length=int(gen_length), steps=int(steps or gen_length),
-                                       block_length=int(block_length or gen_length), temperature=float(temperature),
-                                       remasking=remasking, seed=int(seed))
-        self.sampling.check()
+        self.sampling = sampling_config(int(gen_length), int(steps) if steps else None,
+                                        int(block_length) if block_length else None, float(temperature), remasking,
+                                        int(seed), None if threshold is None else float(threshold),
+                                        cache or "none")  # lm-eval reads cache=none as None
         self.mc_num, self.seed, self.check_greedy = int(mc_num), int(seed), bool(check_greedy)
         self.batch_size = int(batch_size)
         self._device = torch.device(device or "cuda")

@@ -13,8 +13,25 @@ its steps (the first ``block_length mod steps`` steps take one more), so every m
 last step and the prompt is never changed. [MASK] itself is never predicted. Gumbel-max with temperature T
 samples x0_i from softmax(logits/T).
 
+Fast decoding (Fast-dLLM, Wu et al. 2025, arXiv 2505.22618), two options that compose with the above:
+
+- ``threshold`` tau (confidence-threshold parallel unmasking): instead of a fixed k, each step keeps every
+  still-masked position of the block with c_i > tau, and in each row with a mask left at least the most confident
+  one; a block ends when no row has a mask left in it (at most ``block_length`` steps), so the number of forwards
+  adapts to how sure the model is. A row that has finished the block waits, unchanged, for the others.
+- ``cache`` ``prefix`` / ``dual``: the block-wise approximate key/value cache of ``models/kv_cache.py``. The
+  first step of each block is the ordinary full forward and records every layer's keys and values; the block's
+  later steps forward only [a, L) (prefix: the block and everything after it) or [a, b) (dual: the block alone),
+  attending to the recorded keys and values elsewhere. For a model with a logit shift (``logit_shift``: logits at
+  i come from the hidden state at i - 1) the slice starts one position earlier, at a - 1.
+
+With neither option the sampler is the fixed schedule above, bit for bit.
+
 Random numbers (Gumbel noise, random confidences) are keyed by (seed, sample index, step) with the counter hash
-of ``core/noise.py``, so a prompt decodes the same in any batch, on any rank and any number of ranks.
+of ``core/noise.py``, so a prompt decodes the same in any batch, on any rank and any number of ranks. The step of
+the key is ``block * steps_per_block + i`` for the i-th step of a block (``block * block_length + i`` with a
+threshold): every row of a batch starts a block at the same step, so a row's noise does not depend on how many
+steps its neighbours needed.
 
 Rows are left-padded to the longest prompt with the attention mask hiding the pads (rotary attention depends
 only on relative positions, so a left-padded row sees what an unpadded one sees). ARM checkpoints (causal
@@ -30,6 +47,8 @@ from typing import Literal
 import torch
 
 from mdm_scale.core.noise import keyed_uniform
+from mdm_scale.models.kv_cache import KVCache
+from mdm_scale.models.modeling_mdm import MDMForMaskedDiffusion
 
 GENERATION_STREAM = 0x47454E00
 """Base of the noise streams used by decoding (one per step: base + step); far from the training streams."""
@@ -52,6 +71,13 @@ class SamplingConfig:
     remasking: Literal["low_confidence", "random"] = "low_confidence"
     seed: int = 0
     """Key of the decoding noise (used only with temperature > 0 or random remasking)."""
+    threshold: float | None = None
+    """Confidence-threshold parallel unmasking (Fast-dLLM): every step of a block unmasks each masked position of
+    the block whose confidence is above it, and at least the most confident one; a block ends when no mask is left,
+    so the number of forwards adapts (``steps`` is unused). None: the fixed schedule of ``steps``."""
+    cache: Literal["none", "prefix", "dual"] = "none"
+    """Block-wise approximate KV cache (``models/kv_cache.py``): ``prefix`` reuses the keys and values of the
+    positions before the block, ``dual`` also those after it; both are recorded by each block's first forward."""
 
     def check(self) -> None:
         if self.gen_length < 1:
@@ -66,6 +92,28 @@ class SamplingConfig:
             raise GenerationError(f"--temperature {self.temperature}: must be >= 0")
         if self.remasking not in ("low_confidence", "random"):
             raise GenerationError(f"--remasking {self.remasking!r}: choose low_confidence or random")
+        if self.threshold is not None:
+            if not 0 <= self.threshold <= 1:
+                raise GenerationError(f"--threshold {self.threshold}: must be in [0, 1] (a softmax confidence)")
+            if self.remasking != "low_confidence":
+                raise GenerationError(f"--threshold needs --remasking low_confidence (it thresholds the model's "
+                                      f"confidence), got {self.remasking}")
+        if self.cache not in ("none", "prefix", "dual"):
+            raise GenerationError(f"--cache {self.cache!r}: choose none, prefix or dual")
+
+
+def sampling_config(gen_length: int, steps: int | None, block_length: int | None, temperature: float = 0.0,
+                    remasking: str = "low_confidence", seed: int = 0, threshold: float | None = None,
+                    cache: str = "none") -> SamplingConfig:
+    """The settings of ``generate``, ``eval`` and the lm-eval model, where unset ``steps`` and ``block_length``
+    mean ``gen_length`` (one token per step, one block); ``steps`` and ``threshold`` exclude each other."""
+    if steps is not None and threshold is not None:
+        raise GenerationError(f"--steps {steps} and --threshold {threshold}: give one (the threshold decides how "
+                              f"many steps a block takes)")
+    cfg = SamplingConfig(gen_length=gen_length, steps=steps or gen_length, block_length=block_length or gen_length,
+                         temperature=temperature, remasking=remasking, seed=seed, threshold=threshold, cache=cache)
+    cfg.check()
+    return cfg
 
 
 def transfer_counts(masked: int, steps: int) -> list[int]:
@@ -90,32 +138,97 @@ def diffusion_generate(model, prompts: list[list[int]], sample_index: list[int],
                        cfg: SamplingConfig, device: torch.device) -> torch.Tensor:
     """``(B, P + gen_length)``: the left-padded prompts (P = the longest prompt) followed by the decoded answer
     windows of a masked diffusion model."""
-    cfg.check()
-    width = max(len(p) for p in prompts)
-    prompt_ids, real = left_pad(prompts, width, pad_id)
-    batch = len(prompts)
-    x = torch.cat([prompt_ids, torch.full((batch, cfg.gen_length), mask_id, dtype=torch.int64)], 1).to(device)
-    real = torch.cat([real, torch.ones((batch, cfg.gen_length), dtype=torch.bool)], 1).to(device)
-    attention_mask = None if bool(real.all()) else real
-    keys = torch.tensor(sample_index, dtype=torch.int64, device=device)
-    blocks = cfg.gen_length // cfg.block_length
-    steps_per_block = cfg.steps // blocks
-    step = 0
-    for block in range(blocks):
-        start = width + block * cfg.block_length
-        current = x[:, start:start + cfg.block_length]  # a view: writing into it writes into x
-        for count in transfer_counts(cfg.block_length, steps_per_block):
-            # only the current block's logits in fp32 (B x block x V, not B x L x V)
-            logits = model(input_ids=x, attention_mask=attention_mask).logits[:, start:start + cfg.block_length]
-            logits = logits.float()
-            logits[..., mask_id] = -torch.inf  # a decoded position is never [MASK] again
-            prediction, confidence = _predict(logits, keys, step, cfg)
-            confidence = torch.where(current == mask_id, confidence, -torch.inf)
-            if count:
-                chosen = confidence.topk(count, dim=1).indices
+    return Decoding(model, prompts, sample_index, mask_id, pad_id, cfg, device).run()
+
+
+class Decoding:
+    """One batch of prompts being decoded: the buffer ``x`` (left-padded prompts, then the answer window), the
+    block loop (``run`` decodes every block in order with ``decode_block``) and ``row_forwards``, the forwards
+    each row took part in while it still had a mask in the current block (with a threshold, a row that has
+    finished a block does not count the forwards it waits through)."""
+
+    def __init__(self, model, prompts: list[list[int]], sample_index: list[int], mask_id: int, pad_id: int,
+                 cfg: SamplingConfig, device: torch.device):
+        cfg.check()
+        if cfg.cache != "none" and not isinstance(model, MDMForMaskedDiffusion):
+            raise GenerationError(f"--cache {cfg.cache}: {type(model).__name__} has no cache-aware forward (only the "
+                                  f"built-in model class has one); use --cache none")
+        self.model, self.mask_id, self.cfg = model, mask_id, cfg
+        self.width = max(len(p) for p in prompts)
+        prompt_ids, real = left_pad(prompts, self.width, pad_id)
+        batch = len(prompts)
+        self.x = torch.cat([prompt_ids, torch.full((batch, cfg.gen_length), mask_id, dtype=torch.int64)], 1).to(device)
+        real = torch.cat([real, torch.ones((batch, cfg.gen_length), dtype=torch.bool)], 1).to(device)
+        self.attention_mask = None if bool(real.all()) else real
+        self.keys = torch.tensor(sample_index, dtype=torch.int64, device=device)
+        self.blocks = cfg.gen_length // cfg.block_length
+        self.steps_per_block = cfg.steps // self.blocks
+        self.shift = logit_shift(model)
+        self.row_forwards = torch.zeros(batch, dtype=torch.int64, device=device)
+
+    def run(self) -> torch.Tensor:
+        """Decode every block; ``(B, P + gen_length)`` on the CPU, as ``diffusion_generate``."""
+        for block in range(self.blocks):
+            self.decode_block(block)
+        return self.x.cpu()
+
+    def decode_block(self, block: int) -> int:
+        """Fill block ``block`` (every mask of it); returns the number of model forwards it took."""
+        cfg = self.cfg
+        start = self.width + block * cfg.block_length
+        current = self.x[:, start:start + cfg.block_length]  # a view: writing into it writes into x
+        if cfg.threshold is None:
+            quotas, per_block = transfer_counts(cfg.block_length, self.steps_per_block), self.steps_per_block
+        else:  # at most one step per position, as every step unmasks at least one in each row with masks left
+            quotas, per_block = [None] * cfg.block_length, cfg.block_length
+        cache = None if cfg.cache == "none" else KVCache()
+        forwards = 0
+        for i, quota in enumerate(quotas):
+            masked = current == self.mask_id
+            if quota is None and not bool(masked.any()):
+                break
+            logits = self._block_logits(start, cache, refresh=i == 0).float()
+            forwards += 1
+            self.row_forwards += masked.any(1)
+            logits[..., self.mask_id] = -torch.inf  # a decoded position is never [MASK] again
+            prediction, confidence = _predict(logits, self.keys, block * per_block + i, cfg)
+            confidence = torch.where(masked, confidence, -torch.inf)
+            if quota is None:
+                current.copy_(torch.where(threshold_choice(confidence, masked, cfg.threshold), prediction, current))
+            elif quota:
+                chosen = confidence.topk(quota, dim=1).indices
                 current.scatter_(1, chosen, prediction.gather(1, chosen))
-            step += 1
-    return x.cpu()
+        return forwards
+
+    def _block_logits(self, start: int, cache: KVCache | None, refresh: bool) -> torch.Tensor:
+        """Logits ``(B, block_length, V)`` of the block starting at ``start``: from a forward of the whole sequence
+        (no cache, or the refresh that records the cache), else from a forward of only [s, e) against the cache
+        (prefix: e = the end of the sequence; dual: e = the end of the block). s is the block's start, or one
+        position earlier for a model whose logits at i come from its hidden state at i - 1 (``logit_shift``)."""
+        end = start + self.cfg.block_length
+        if cache is None:  # the fixed schedule's call as it always was; fp32 only for the block (B x block x V)
+            return self.model(input_ids=self.x, attention_mask=self.attention_mask).logits[:, start:end]
+        if refresh:
+            return self.model(input_ids=self.x, attention_mask=self.attention_mask, kv_cache=cache).logits[:, start:end]
+        s = max(start - self.shift, 0)
+        e = self.x.shape[1] if self.cfg.cache == "prefix" else end
+        logits = self.model(input_ids=self.x[:, s:e], attention_mask=self.attention_mask, kv_cache=cache,
+                            query_start=s).logits
+        return logits[:, start - s:end - s]
+
+
+def threshold_choice(confidence: torch.Tensor, masked: torch.Tensor, threshold: float) -> torch.Tensor:
+    """The positions a threshold step unmasks: every masked one with confidence above ``threshold``, and in every
+    row with a mask left at least the most confident masked one (``confidence`` is -inf where not masked)."""
+    chosen = masked & (confidence > threshold)
+    chosen.scatter_(1, confidence.argmax(1, keepdim=True), True)
+    return chosen & masked
+
+
+def logit_shift(model) -> int:
+    """1 for a model whose logits at position i come from its hidden state at i - 1 (Dream's convention, applied
+    inside its forward; config field ``logit_shift``), else 0."""
+    return int(bool(getattr(getattr(model, "config", None), "logit_shift", False)))
 
 
 def _predict(logits: torch.Tensor, keys: torch.Tensor, step: int, cfg: SamplingConfig

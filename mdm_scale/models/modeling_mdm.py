@@ -4,15 +4,21 @@ Pre-norm blocks of RMSNorm -> attention with rotary position embeddings -> RMSNo
 ``torch.nn.functional.scaled_dot_product_attention`` with no causal mask (``config.causal = False``, the masked
 diffusion model) or a causal one (the autoregressive baseline). Padding keys are masked out; with no padding
 the call carries no mask at all, which lets SDPA pick the flash kernel. The elementwise pieces (RMSNorm,
-rotary, SwiGLU) come from ``kernels.py``, eager or fused (``set_kernels``).
+rotary, SwiGLU) come from ``kernels.py``, eager or fused (``set_kernels``). Released checkpoints (LLaDA, Dream,
+LLaMA, Qwen2, Qwen3) load into this same class (``formats.py``): the config fields ``qkv_bias``, ``qk_norm``,
+``head_dim``, ``tie_word_embeddings`` and ``logit_shift`` cover what they add (``configuration_mdm.py``).
 
 ``MDMForMaskedDiffusion.forward`` has two modes:
 - ``loss_positions`` given: returns the weighted loss (and per-position CE) at those flat positions through the
   masked-only head (``masked_head.py``); logits are never materialised for the whole batch;
 - otherwise: returns full logits, for generation and export checks.
 
-This file, ``configuration_mdm.py``, ``kernels.py`` and ``masked_head.py`` import nothing from mdm-scale but
-each other (relative imports), so ``mdm-scale export`` ships them unchanged next to the weights and plain
+For decoding, ``kv_cache`` (``kv_cache.py``) records every layer's keys and values, or reuses them while a slice
+of positions starting at ``query_start`` is forwarded (rotary positions from ``query_start``); the hook is the
+``kv`` argument of ``Attention.forward``.
+
+This file, ``configuration_mdm.py``, ``kernels.py``, ``kv_cache.py`` and ``masked_head.py`` import nothing from
+mdm-scale but each other (relative imports), so ``mdm-scale export`` ships them unchanged next to the weights and plain
 ``transformers`` loads the export with ``trust_remote_code=True``. The Auto classes are registered by
 ``mdm_scale/models/__init__.py``, not here, so loading an export's copy never re-registers ``mdm_scale``.
 """
@@ -35,6 +41,7 @@ from transformers.utils import ModelOutput
 from .configuration_mdm import MDMConfig
 from .kernels import EAGER
 from .kernels import fused as fused_kernels
+from .kv_cache import KVCache
 from .masked_head import MaskedLMHead
 
 
@@ -69,16 +76,26 @@ class Attention(nn.Module):
         self.head_dim = config.head_dim
         self.causal = config.causal
         # q, k and v come from one projection (one GEMM, one ZeRO-3 gather) and are split afterwards.
-        self.qkv_proj = nn.Linear(config.hidden_size, (self.n_heads + 2 * self.n_kv) * self.head_dim, bias=False)
+        self.qkv_proj = nn.Linear(config.hidden_size, (self.n_heads + 2 * self.n_kv) * self.head_dim,
+                                  bias=config.qkv_bias)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, config.hidden_size, bias=False)
+        # Qwen3: RMSNorm over each head of q and k (one weight of head_dim entries each), before the rotary.
+        self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else None
         self.kernels = EAGER
         self.sdpa_backend: str = "auto"
 
-    def forward(self, x, cos, sin, mask):
+    def forward(self, x, cos, sin, mask, kv=None):
+        """``kv``: the decoding cache's exchange for this layer (``kv_cache.py``), which gives the keys and values
+        of every cached position for those of ``x``'s positions."""
         b, length, _ = x.shape
         qkv = self.qkv_proj(x).view(b, length, self.n_heads + 2 * self.n_kv, self.head_dim).transpose(1, 2)
         q, k, v = qkv.split([self.n_heads, self.n_kv, self.n_kv], dim=1)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.kernels.rotary(q, k, cos, sin)
+        if kv is not None:
+            k, v = kv(k, v)
         if self.n_kv != self.n_heads:
             repeat = self.n_heads // self.n_kv
             k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
@@ -144,8 +161,8 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = SwiGLU(config)
 
-    def forward(self, x, cos, sin, mask):
-        x = x + self.attn(self.attn_norm(x), cos, sin, mask)
+    def forward(self, x, cos, sin, mask, kv=None):
+        x = x + self.attn(self.attn_norm(x), cos, sin, mask, kv)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -168,6 +185,8 @@ class MDMPreTrainedModel(PreTrainedModel):
         std = self.config.initializer_range
         if isinstance(module, (nn.Linear, nn.Embedding, MaskedLMHead)):
             module.weight.data.normal_(0.0, std)
+            if getattr(module, "bias", None) is not None:
+                module.bias.data.zero_()
         elif isinstance(module, RMSNorm):
             module.weight.data.fill_(1.0)
 
@@ -184,25 +203,38 @@ class MDMModel(MDMPreTrainedModel):
         self.post_init()
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                document_ids: torch.Tensor | None = None, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+                document_ids: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                kv_cache: KVCache | None = None, query_start: int = 0) -> torch.Tensor:
         """``position_ids`` (B, L) index the rotary tables (packed rows restart them per record); None means
-        0 .. L-1 in every row."""
+        0 .. L-1 in every row. ``kv_cache`` (decoding, ``kv_cache.py``): an empty cache records this forward's
+        keys and values; a recorded one makes ``input_ids`` the positions ``query_start ..`` of the recorded
+        sequence, and ``attention_mask`` then covers the whole recorded sequence."""
+        if kv_cache is not None:
+            if self.config.causal or document_ids is not None or position_ids is not None:
+                raise ValueError("the decoding KV cache serves bidirectional, unpacked forwards only")
+            kv_cache.begin(query_start, input_ids.shape[1])
         x = self.embed_tokens(input_ids)
-        cos, sin = rotary_tables(input_ids.shape[1], self.config.head_dim, self.config.rope_theta, x.device, x.dtype)
+        cos, sin = rotary_tables(query_start + input_ids.shape[1], self.config.head_dim, self.config.rope_theta,
+                                 x.device, x.dtype)
+        cos, sin = cos[query_start:], sin[query_start:]
         if position_ids is not None:
             cos, sin = cos[position_ids][:, None], sin[position_ids][:, None]
         key_mask = None if attention_mask is None else attention_mask.bool()  # callers pass None when unpadded
         mask = build_attention_mask(key_mask, document_ids, self.config.causal)
         for index, layer in enumerate(self.layers):
+            kv = None if kv_cache is None else functools.partial(kv_cache.exchange, index)
             if index < self.checkpointed_blocks and self.training:
-                x = checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
+                x = checkpoint(layer, x, cos, sin, mask, kv, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, mask)
+                x = layer(x, cos, sin, mask, kv)
         return self.norm(x)
 
 
 class MDMForMaskedDiffusion(MDMPreTrainedModel):
-    """The trainable model: ``MDMModel`` plus the masked-only LM head."""
+    """The trainable model: ``MDMModel`` plus the masked-only LM head (the embedding matrix itself with
+    ``config.tie_word_embeddings``)."""
+
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}  # only with config.tie_word_embeddings
 
     def __init__(self, config: MDMConfig):
         super().__init__(config)
@@ -234,10 +266,17 @@ class MDMForMaskedDiffusion(MDMPreTrainedModel):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 loss_positions: torch.Tensor | None = None, loss_targets: torch.Tensor | None = None,
                 loss_coef: torch.Tensor | None = None, document_ids: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None, **_unused) -> MDMOutput:
+                position_ids: torch.Tensor | None = None, kv_cache: KVCache | None = None, query_start: int = 0,
+                **_unused) -> MDMOutput:
         """``loss_positions`` index the flattened (B*L) batch; ``loss = sum coef * CE`` over them.
-        ``document_ids`` and ``position_ids``: packed rows (``MDMModel.forward``, ``build_attention_mask``)."""
-        hidden = self.model(input_ids, attention_mask, document_ids, position_ids)
+        ``document_ids`` and ``position_ids``: packed rows (``MDMModel.forward``, ``build_attention_mask``).
+        ``kv_cache`` and ``query_start``: decoding with the block-wise cache (``MDMModel.forward``).
+        With ``config.logit_shift`` every output is read from the hidden state one position earlier
+        (``shift_to_predictions``; in a cached slice, column 0 reads itself), so position j's logits and loss are
+        always the prediction of token j."""
+        hidden = self.model(input_ids, attention_mask, document_ids, position_ids, kv_cache, query_start)
+        if self.config.logit_shift:
+            hidden = shift_to_predictions(hidden, position_ids)
         if loss_positions is None:
             return MDMOutput(logits=self.lm_head(hidden))
         if self.config.loss_head == "full":
@@ -245,6 +284,17 @@ class MDMForMaskedDiffusion(MDMPreTrainedModel):
         selected = hidden.reshape(-1, hidden.shape[-1]).index_select(0, loss_positions)
         loss, token_ce = self.lm_head(selected, loss_targets, loss_coef)
         return MDMOutput(loss=loss, token_ce=token_ce)
+
+
+def shift_to_predictions(hidden: torch.Tensor, position_ids: torch.Tensor | None) -> torch.Tensor:
+    """The shifted convention (Dream; causal LMs adapted to diffusion): the network's state at position i
+    predicts token i + 1, so position j reads state j - 1; the first position of a sequence (column 0, or
+    ``position_ids == 0``: the first token of each record of a packed row) has no earlier state and reads its
+    own, as Dream's sampler does. A record never reads the previous record's state."""
+    previous = torch.cat([hidden[:, :1], hidden[:, :-1]], dim=1)
+    if position_ids is None:
+        return previous
+    return torch.where((position_ids == 0)[..., None], hidden, previous)
 
 
 def full_logits_loss(logits: torch.Tensor, positions: torch.Tensor, targets: torch.Tensor, coef: torch.Tensor

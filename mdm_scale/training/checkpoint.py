@@ -18,10 +18,15 @@ parallel) and the model's parameter shapes. Resuming checks them all, again spli
 DeepSpeed reads anything: a damaged newest checkpoint is reported by file, renamed ``*.damaged`` and the run
 falls back to the previous good one; a checkpoint of another model shape is refused by parameter name.
 
-Elastic resume: ZeRO shards are cut for one world size. When the world size changed, rank 0 converts the
-checkpoint once with DeepSpeed's ``ds_to_universal`` into ``universal/`` and every rank loads its new slice
-from there (``checkpoint.load_universal``). The data stream and the noise are keyed by the global sample index
-(``data/loader.py``, ``core/noise.py``), so with the same global batch the run continues on the same
+Elastic resume: ZeRO shards are cut for one world size and stage. When the world size or the ZeRO stage changed,
+rank 0 converts the checkpoint once into ``universal/`` (DeepSpeed's ``ds_to_universal`` for stages 1-3;
+``optimizer/universal.py`` for stage 0, whose optimizer state DeepSpeed's converter does not read) and every rank
+loads its new slice from there (``checkpoint.load_universal``). A stage-0 checkpoint holds whole tensors, so at
+stage 0 it loads directly on any number of ranks; a checkpoint of stages 1-3 cannot resume at stage 0 (refused
+before the model is built; ``train.zero_stage: auto`` avoids it). After loading, each parameter group's weight decay
+is the one this run configured (DeepSpeed's stage-3 universal load gives every group the first group's) and the
+optimizer's step counts have the type its own step expects. The data stream and the noise are keyed by the global
+sample index (``data/loader.py``, ``core/noise.py``), so with the same global batch the run continues on the same
 samples with the same noise; a different global batch is refused, naming the ``train.grad_accum`` that keeps
 it. The t-sampler state is saved per rank (``rank_state<r>.pt``): after a world-size change rank r takes rank
 r's state, or rank 0's where the old run had fewer ranks.
@@ -42,6 +47,9 @@ import torch
 import torch.distributed as dist
 
 from mdm_scale.distributed.env import DistEnv, barrier, control_group
+from mdm_scale.training.optimizer.adamw import match_step_types
+from mdm_scale.training.optimizer.groups import param_groups
+from mdm_scale.training.optimizer.universal import write_universal
 
 MANIFEST = "mdm_scale_manifest.json"
 LATEST = "latest"
@@ -180,13 +188,23 @@ class CheckpointManager:
                 self.log(f"moved damaged checkpoint {path} to {target.name}")
         barrier()
 
-    def load_settings(self, path: Path | None) -> dict:
-        """DeepSpeed config entries that loading ``path`` needs: universal loading when the world size differs
-        from the one that wrote it (ZeRO stage 0 holds whole tensors and needs no re-split)."""
+    @staticmethod
+    def saved_zero_stage(path: Path | None) -> int | None:
+        """The ZeRO stage that wrote checkpoint ``path`` (None without a checkpoint)."""
+        return None if path is None else int(json.loads((path / MANIFEST).read_text()).get("zero_stage", 0))
+
+    def load_settings(self, path: Path | None, zero_stage: int) -> dict:
+        """DeepSpeed config entries that loading ``path`` at ``zero_stage`` needs: universal loading when the
+        world size or the stage differs from the ones that wrote it; none from stage 0 to stage 0 (whole tensors,
+        any number of ranks). A checkpoint of stages 1-3 at stage 0 is refused here, before any model is built."""
         if path is None:
             return {}
         manifest = json.loads((path / MANIFEST).read_text())
-        if manifest["world_size"] == self.env.world_size or manifest.get("zero_stage", 0) == 0:
+        saved = manifest.get("zero_stage", 0)
+        if saved >= 1 and zero_stage == 0:
+            raise CheckpointError(f"checkpoint {path} holds ZeRO stage-{saved} partitions, which stage 0 cannot load; "
+                                  f"resume it with train.zero_stage 1, 2, 3 or auto")
+        if saved == zero_stage and (saved == 0 or manifest["world_size"] == self.env.world_size):
             return {}
         return {"checkpoint": {"load_universal": True}}
 
@@ -226,12 +244,16 @@ class CheckpointManager:
         self.check_compatible(path, shapes, global_batch)
         manifest = json.loads((path / MANIFEST).read_text())
         load_dir, tag = path.parent, path.name
-        if self.load_settings(path):
-            load_dir, tag = path, self._universal(path, manifest["world_size"])
+        if self.load_settings(path, engine.zero_optimization_stage()):
+            load_dir, tag = path, self._universal(path, manifest, engine)
+        weight_decay = [group["weight_decay"] for group in engine.optimizer.param_groups]
         _, client_state = engine.load_checkpoint(str(load_dir), tag=tag, load_optimizer_states=True,
                                                  load_lr_scheduler_states=True)
         if client_state is None:
             raise CheckpointError(f"DeepSpeed could not load {path}")
+        for group, decay in zip(engine.optimizer.param_groups, weight_decay, strict=True):
+            group["weight_decay"] = decay
+        match_step_types(engine.optimizer)
         rng_file = path / f"rng_rank{self.env.rank}.pt"
         if rng_file.is_file() and manifest["world_size"] == self.env.world_size:
             rng = torch.load(rng_file, weights_only=True)
@@ -240,21 +262,27 @@ class CheckpointManager:
                 torch.cuda.set_rng_state(rng["cuda"])
         return client_state
 
-    def _universal(self, path: Path, saved_world: int) -> str:
-        """Convert ``path`` to DeepSpeed's universal format once (rank 0) and return its tag under ``path``."""
+    def _universal(self, path: Path, manifest: dict, engine) -> str:
+        """Convert ``path`` to DeepSpeed's universal format once (rank 0) and return its tag under ``path``. The
+        resuming ``engine``'s model names the optimizer's parameter groups of a stage-0 checkpoint."""
         target = path / UNIVERSAL
         if self.env.is_main and not target.is_dir():
-            self.log(f"checkpoint {path} was written by {saved_world} ranks and this run has "
-                     f"{self.env.world_size}: converting it to a universal checkpoint in {target}")
+            self.log(f"checkpoint {path} was written by {manifest['world_size']} rank(s) at ZeRO stage "
+                     f"{manifest.get('zero_stage', 0)} and this run has {self.env.world_size} at stage "
+                     f"{engine.zero_optimization_stage()}: converting it to a universal checkpoint in {target}")
             tmp = path / (UNIVERSAL + ".tmp")
             shutil.rmtree(tmp, ignore_errors=True)
-            workers = str(max(1, min(8, (os.cpu_count() or 1) // 2)))
-            done = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
-                                   str(path), "--output_folder", str(tmp), "--num_extract_workers", workers,
-                                   "--num_merge_workers", workers], capture_output=True, text=True)
-            if done.returncode != 0:
-                raise CheckpointError(f"converting {path} to a universal checkpoint failed:\n"
-                                      f"{done.stdout[-2000:]}{done.stderr[-2000:]}")
+            if manifest.get("zero_stage", 0) == 0:
+                write_universal(path, tmp, [group.names for group in param_groups(engine.module, 0.0)])
+            else:
+                workers = str(max(1, min(8, (os.cpu_count() or 1) // 2)))
+                done = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal",
+                                       "--input_folder", str(path), "--output_folder", str(tmp),
+                                       "--num_extract_workers", workers, "--num_merge_workers", workers],
+                                      capture_output=True, text=True)
+                if done.returncode != 0:
+                    raise CheckpointError(f"converting {path} to a universal checkpoint failed:\n"
+                                          f"{done.stdout[-2000:]}{done.stderr[-2000:]}")
             tmp.rename(target)
         barrier()
         return UNIVERSAL

@@ -6,22 +6,29 @@ clean batch on the host (keyed noise, no device sync), the engine runs forward a
 ``engine.step()`` applies the update at the accumulation boundary (DeepSpeed scales the loss by
 1/grad_accum and averages gradients over ranks, so the update follows the mean loss over the global batch).
 The next micro-batch is loaded and corrupted while the device still runs this one's backward (``_prefetch``):
-its noise is a function of its keys, so only a refit of p(t) or a MIRROR switch between two steps can change
-it, and across those boundaries it is drawn when it is used.
+its noise is a function of its keys, so only a noise service (a refit of p(t), a MIRROR switch) can change it
+between two steps, and across those boundaries it is drawn when it is used.
+
+Noise services (``diffusion/service.py``: the t-sampler, the EMA baseline, the online variance monitor) are one
+list, called at the same points of every step; what a checkpoint holds besides the engine is two tables of
+stateful parts (``client_parts``, the same on every rank; ``rank_parts``, per rank), saved and restored in one
+place (``_checkpoint_state``, ``_restore``).
 """
 
 from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
-from mdm_scale.config.deepspeed_json import build_deepspeed_config, choose_zero_stage
-from mdm_scale.config.loader import check_batch_arithmetic, leaves
+from mdm_scale.config.deepspeed_json import build_deepspeed_config
+from mdm_scale.config.legacy import upgrade_config
+from mdm_scale.config.loader import check_batch_arithmetic, defaults_like, leaves
 from mdm_scale.config.schema import Config, ConfigError
+from mdm_scale.config.variance import BernoulliMasksConfig, MirrorMasksConfig
 from mdm_scale.core.batch import Batch
 from mdm_scale.core.noise import Stream
 from mdm_scale.data.build import RunData, build_data
@@ -30,34 +37,31 @@ from mdm_scale.data.tokenizer import special_ids
 from mdm_scale.diffusion.build import masks_for, t_sampler_for
 from mdm_scale.diffusion.ema_baseline import EMABaseline
 from mdm_scale.diffusion.masks import BernoulliMasks
-from mdm_scale.diffusion.objective import ARMObjective, MDMObjective, NoisyBatch
-from mdm_scale.diffusion.online_variance import MonitorSettings, Probe, VarianceMonitor, training_statistics
+from mdm_scale.diffusion.objective import ARMObjective, MDMObjective, NoisyBatch, TrainedMicroBatch
+from mdm_scale.diffusion.online_variance import MonitorSettings, Probe, VarianceMonitor
+from mdm_scale.diffusion.service import NoiseService
 from mdm_scale.diffusion.t_samplers import UniformT
 from mdm_scale.distributed.env import DistEnv, all_reduce_sum, barrier, check_ranks_agree, init_distributed
 from mdm_scale.models.flops import flops_per_token
 from mdm_scale.models.loading import (
     build_model,
-    count_parameters,
     load_hf_config,
     parameter_shapes,
     resolve_mask_token_id,
 )
 from mdm_scale.training.checkpoint import CheckpointManager, rank_state, write_atomic
 from mdm_scale.training.faults import NonFiniteGuard
-from mdm_scale.training.lr_schedule import scheduler_factory
 from mdm_scale.training.metrics import MetricLogger, Throughput
+from mdm_scale.training.optimizer.engine import initialize_engine
 from mdm_scale.training.ppots_estimate import initial_fit
 from mdm_scale.training.preemption import StopRequest
 from mdm_scale.training.step_timer import NoTimer
+from mdm_scale.training.zero_stage import resolve_zero_stage
 
 # Config keys that define a run: an output directory with checkpoints of a run that differs in one of these
 # holds another run. Everything else (max_steps, lr, logging, ...) may change when a run is continued.
 RUN_IDENTITY = ("seed", "model", "data.train_file", "data.tokenizer", "data.task", "data.seq_len",
                 "train.objective", "variance")
-# Online A/B/C (``diffusion/online_variance.py``) written to the console and TensorBoard (``variance/*``) each refit:
-# with ``mirror: auto``'s rule, both sides (pair_half_sq against V) with their standard errors and the setting.
-LOGGED_ESTIMATES = ("A", "B", "C", "V", "A_share", "B_share", "C_share", "pair_half_sq", "V_se", "pair_half_sq_se",
-                    "pairs", "mirror")
 
 
 class Trainer:
@@ -83,9 +87,10 @@ class Trainer:
 
         hf_config = load_hf_config(cfg)
         self.mask_token_id = resolve_mask_token_id(cfg, self.data.tokenizer, hf_config)
-        self.cfg = cfg = self._resolve_zero_stage(cfg, hf_config)
+        self.cfg = cfg = resolve_zero_stage(cfg, self.data.tokenizer, self.mask_token_id, hf_config, self.env,
+                                            self.info, self.checkpoints.saved_zero_stage(self.resume_from))
         self.ds_config = build_deepspeed_config(cfg, self.env.world_size, self.env.on_gpu)
-        self.ds_config.update(self.checkpoints.load_settings(self.resume_from))  # elastic resume
+        self.ds_config.update(self.checkpoints.load_settings(self.resume_from, cfg.train.zero_stage))  # elastic
         model = build_model(cfg, self.data.tokenizer, self.mask_token_id, hf_config, self.ds_config, cfg.seed)
         self.shapes = parameter_shapes(model)
         if self.resume_from is not None:
@@ -97,19 +102,20 @@ class Trainer:
                   f"global batch {self.global_batch}")
 
         self.objective, self.eval_objective = self._objectives()
-        self.monitor, self.probe = self._variance_monitor()
-        self.ema = EMABaseline(cfg.variance.ema_bins, cfg.variance.ema_rate, self.env.device) \
-            if cfg.variance.ema_bins and cfg.train.objective == "mdm" else None
         self.loader = TrainLoader(self.data.train, cfg.seed, self.env.rank, self.env.world_size,
                                   cfg.train.micro_batch_size, cfg.train.grad_accum, self.pad_id,
                                   cfg.data.pad_to_multiple_of, cfg.data.seq_len, cfg.data.group_by_length,
                                   cfg.data.packing)
+        self.services = self._noise_services()
         self.step = 0
         self.next_micro: tuple[tuple[int, int], Batch, NoisyBatch] | None = None  # ((step, micro), clean, noisy)
         self.seen = torch.zeros(2, dtype=torch.float64)  # forward rows and tokens of all ranks, counted so far
         self.uncounted = torch.zeros(2, dtype=torch.float64)  # this rank's since the last count_seen()
         self.guard = NonFiniteGuard(cfg.train.max_nonfinite_steps, self.info)
         self.timer = NoTimer()  # a StepTimer here splits each step's time into sections (diagnostics)
+        # Checkpointed besides the engine, by name: parts the same on every rank (rank 0's are saved) and per rank.
+        self.client_parts = {"nonfinite": self.guard}
+        self.rank_parts = {service.state_key: service for service in self.services}
         if self.resume_from is not None:
             self._restore(self.resume_from)
         else:
@@ -139,8 +145,8 @@ class Trainer:
         run_file = self.out / "run.json"
         if not run_file.is_file() or not self.checkpoints.complete():
             return
-        previous = leaves(json.loads(run_file.read_text())["config"])
-        current, defaults = leaves(asdict(self.cfg)), leaves(asdict(Config()))
+        previous = leaves(upgrade_config(json.loads(run_file.read_text())["config"], str(run_file)))
+        current, defaults = leaves(asdict(self.cfg)), leaves(asdict(defaults_like(self.cfg)))
         for key, now in current.items():
             if not any(key == k or key.startswith(k + ".") for k in RUN_IDENTITY):
                 continue
@@ -149,18 +155,6 @@ class Trainer:
             if before != now:
                 raise ConfigError(f"train.output_dir '{self.out}' holds another run ({key}: {before!r} there, "
                                   f"{now!r} here); choose a new train.output_dir")
-
-    def _resolve_zero_stage(self, cfg: Config, hf_config) -> Config:
-        """``train.zero_stage: auto`` becomes a number here (logged, and written to run.json)."""
-        if cfg.train.zero_stage == "auto":
-            parameters = count_parameters(cfg, self.data.tokenizer, self.mask_token_id, hf_config)
-            device_bytes = torch.cuda.get_device_properties(self.env.device).total_memory if self.env.on_gpu \
-                else None
-            stage, why = (3, "model.path: parameters not counted before loading") if parameters is None else \
-                choose_zero_stage(parameters, self.env.world_size, device_bytes)
-            self.info(f"train.zero_stage auto -> {stage} ({why})")
-            cfg = replace(cfg, train=replace(cfg.train, zero_stage=stage))
-        return cfg
 
     def _write_run_files(self) -> None:
         if self.env.is_main:
@@ -173,17 +167,7 @@ class Trainer:
         barrier()
 
     def _initialize_engine(self, model):
-        import deepspeed
-
-        trainable = [p for p in model.parameters() if p.requires_grad]
-        matrices = [p for p in trainable if len(getattr(p, "ds_shape", p.shape)) >= 2]  # norms: no weight decay
-        vectors = [p for p in trainable if len(getattr(p, "ds_shape", p.shape)) < 2]
-        groups = [{"params": matrices, "weight_decay": self.cfg.train.weight_decay},
-                  {"params": vectors, "weight_decay": 0.0}]
-        scheduler = None if "scheduler" in self.ds_config else scheduler_factory(self.cfg.train)
-        engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=self.ds_config,
-                                               lr_scheduler=scheduler)
-        return engine
+        return initialize_engine(model, self.cfg, self.ds_config, self.env.on_gpu)
 
     def _objectives(self):
         cfg = self.cfg
@@ -196,58 +180,59 @@ class Trainer:
         evaluation = MDMObjective(UniformT(cfg.seed), BernoulliMasks(cfg.seed, cfg.variance.eps), self.mask_token_id)
         return train, evaluation
 
-    def _variance_monitor(self) -> tuple[VarianceMonitor | None, Probe | None]:
-        """Online A/B/C for the mdm objective, with its probe unless ``probe_every`` or ``probe_fraction`` is 0
-        or the rows are packed (the probe re-draws whole sequences, one per row)."""
+    def _noise_services(self) -> list[NoiseService]:
+        """The mdm objective's t-sampler, EMA baseline (``variance.ema.bins`` > 0) and online variance monitor,
+        in the order their collectives run on every rank; none for the arm objective."""
         v = self.cfg.variance
         if self.cfg.train.objective != "mdm":
-            return None, None
-        monitor = VarianceMonitor(MonitorSettings.from_config(v))
-        if v.probe_every == 0 or v.probe_fraction == 0:
-            return monitor, None
+            return []
+        ema = [EMABaseline(v.ema.bins, v.ema.rate, self.env.device)] if v.ema.bins else []
+        monitor = VarianceMonitor(MonitorSettings.from_config(v), self._probe(), switch=self._set_mirror)
+        return [self.objective.t_sampler, *ema, monitor]
+
+    def _probe(self) -> Probe | None:
+        """The online variance probe, unless ``variance.probe.every`` or ``.fraction`` is 0 or the rows are packed
+        (the probe re-draws whole sequences, one per row)."""
+        v = self.cfg.variance
+        if v.probe.every == 0 or v.probe.fraction == 0:
+            return None
         if self.cfg.data.packing:
             self.info("online variance: no probe with data.packing (A and B are not measured; V is)")
-            return monitor, None
-        pairs = masks_for(replace(v, mirror_plus_threshold=None), self.cfg.seed, mirror=True)
-        return monitor, Probe(self.objective, pairs, masks_for(v, self.cfg.seed, mirror=False), self.cfg.seed,
-                              v.probe_fraction)
+            return None
+        return Probe(self.objective, masks_for(v, self.cfg.seed, MirrorMasksConfig()),
+                     masks_for(v, self.cfg.seed, BernoulliMasksConfig()), self.cfg.seed, v.probe.fraction)
 
-    def _set_mirror(self, on: bool, from_step: int) -> None:
-        """``mirror: auto``: MIRROR on or off from optimiser step ``from_step`` (0-based) on, with half the
+    def _set_mirror(self, on: bool, from_step: int, why: str = "") -> None:
+        """``masks: auto``: MIRROR on or off from optimiser step ``from_step`` (0-based) on, with half the
         sequences per micro-batch while on, so the forward rows per step stay fixed."""
-        self.objective.masks = masks_for(self.cfg.variance, self.cfg.seed, mirror=on)
+        kind = MirrorMasksConfig() if on else BernoulliMasksConfig()
+        self.objective.masks = masks_for(self.cfg.variance, self.cfg.seed, kind)
         micro = self.cfg.train.micro_batch_size
         self.loader.set_micro_batch(from_step, micro // 2 if on else micro)
+        if why:
+            self.info(f"variance.masks=auto: MIRROR {'on' if on else 'off'} from step {from_step + 1}: {why}")
 
-    def _client_state(self) -> dict:
-        # samples_seen counts global batches of the configured size (with ``mirror: auto`` the sequences per
-        # step vary, the rows do not); the checkpoint checks the global batch against it on resume.
-        return {"step": self.step, "samples_seen": self.step * self.global_batch, "nonfinite": self.guard.state_dict(),
-                "rows_seen": self.seen[0].item(), "tokens_seen": self.seen[1].item()}
+    def service(self, kind: type) -> NoiseService:
+        """The noise service of class ``kind`` (diagnostics and tests)."""
+        return next(s for s in self.services if isinstance(s, kind))
 
-    def _rank_state(self) -> dict:
-        """Per-rank state: the t-sampler's (adaptive samplers hold per-rank statistics since the last refit)
-        and the variance monitor's (pending sums, pooled statistics, ``mirror: auto`` decisions)."""
-        sampler = getattr(self.objective, "t_sampler", None)
-        return {"t_sampler": sampler.state_dict() if sampler is not None else {},
-                "ema": self.ema.state_dict() if self.ema is not None else {},
-                "variance_monitor": self.monitor.state_dict() if self.monitor is not None else {}}
+    def _checkpoint_state(self) -> tuple[dict, dict]:
+        """(client state, rank state). samples_seen counts global batches of the configured size (with ``masks:
+        auto`` the sequences per step vary, the rows do not); the checkpoint checks the global batch against it
+        on resume."""
+        client = {"step": self.step, "samples_seen": self.step * self.global_batch,
+                  "rows_seen": self.seen[0].item(), "tokens_seen": self.seen[1].item(),
+                  **{name: part.state_dict() for name, part in self.client_parts.items()}}
+        return client, {name: part.state_dict() for name, part in self.rank_parts.items()}
 
     def _restore(self, path: Path) -> None:
         client = self.checkpoints.load(self.engine, path, self.shapes, self.global_batch)
         self.step = int(client["step"])
         self.seen = torch.tensor([client.get("rows_seen", 0.0), client.get("tokens_seen", 0.0)], dtype=torch.float64)
-        self.guard.load_state_dict(client.get("nonfinite", {}))
-        state = rank_state(path, self.env.rank)
-        sampler = getattr(self.objective, "t_sampler", None)
-        if sampler is not None:
-            sampler.load_state_dict(state.get("t_sampler", {}))
-        if self.ema is not None:
-            self.ema.load_state_dict(state.get("ema", {}))
-        if self.monitor is not None:
-            self.monitor.load_state_dict(state.get("variance_monitor", {}))
-            for from_step, on in self.monitor.decisions:
-                self._set_mirror(on, from_step)
+        ranked = rank_state(path, self.env.rank)
+        for parts, state in ((self.client_parts, client), (self.rank_parts, ranked)):
+            for name, part in parts.items():
+                part.load_state_dict(state.get(name, {}))
         self.info(f"resumed from {path} at step {self.step}")
 
     # ---- the loop -----------------------------------------------------------------------------------------
@@ -260,19 +245,18 @@ class Trainer:
         self.lr = self.engine.get_lr()[0]  # the rate this step applies (the scheduler moves on after it)
         loss = torch.zeros((), dtype=torch.float64, device=self.env.device)
         counts = torch.zeros(4, dtype=torch.float64)
-        sampler = getattr(self.objective, "t_sampler", None)
-        probing = self.probe is not None and self.monitor.probe_step(self.step)
         accum = self.cfg.train.grad_accum
         for micro in range(accum):
             batch, noisy = self._micro_batch(self.step, micro)
-            if probing:
-                with self.timer.section("probe"):
-                    self._probe(batch)
+            for service in self.services:
+                service.probe(self.step, batch, self._evaluate)
             with self.timer.section("data"):
                 noisy = noisy.to(self.env.device, non_blocking=True)
             with self.timer.section("forward"):
                 out = self.engine(**noisy.model_inputs())
-            step_loss = out.loss if self.ema is None else out.loss - self.ema.correction(noisy.t, noisy.weight)
+            step_loss = out.loss
+            for service in self.services:
+                step_loss = service.adjust_loss(step_loss, noisy)
             with self.timer.section("backward"):
                 self.engine.backward(step_loss)
             if micro + 1 < accum:
@@ -282,18 +266,9 @@ class Trainer:
             with self.timer.section("optimizer"):
                 self.engine.step()
             with self.timer.section("sampler"):
-                if sampler is not None or self.ema is not None or self.monitor is not None:
-                    row_loss = noisy.row_losses(out.token_ce)
-                    sample_losses = noisy.sample_losses(row_loss)
-                    pair_sq_diff = noisy.pair_sq_diff(row_loss)
-                if self.monitor is not None:
-                    self.monitor.observe(training_statistics(noisy, row_loss, pair_sq_diff))
-                if sampler is not None and self.cfg.variance.ppots_target == "grad":
-                    sampler.observe(noisy.t, noisy.sample_grad_norms(out.token_ce), None)
-                elif sampler is not None:
-                    sampler.observe(noisy.t, sample_losses, pair_sq_diff)
-                if self.ema is not None:
-                    self.ema.update(noisy.t, sample_losses)
+                trained = TrainedMicroBatch(noisy, out.token_ce)
+                for service in self.services:
+                    service.observe(trained)
             rows_per_sample = noisy.rows / len(batch.sample_index)
             real = batch.input_ids.numel() if batch.attention_mask is None else int(batch.attention_mask.sum())
             counts += torch.tensor([1.0, noisy.masked_tokens, noisy.eligible_tokens * rows_per_sample,
@@ -302,18 +277,9 @@ class Trainer:
             forward_rows = len(noisy.input_ids)  # the model's rows (packed rows hold several sequences)
             self.uncounted += torch.tensor([forward_rows, real * rows_per_sample], dtype=torch.float64)
         self.step += 1
-        if sampler is not None:
-            with self.timer.section("sampler"):
-                sampler.on_optimizer_step(self.step)  # adaptive samplers: all-reduce statistics and refit
-        if self.monitor is not None:
-            with self.timer.section("sampler"):
-                mirror = self.monitor.on_optimizer_step(self.step, self.env.device)  # all-reduce, estimate
-            if mirror is not None:
-                self._set_mirror(mirror, self.step)
-                r = self.monitor.report
-                self.info(f"variance.mirror=auto: MIRROR {'on' if mirror else 'off'} from step {self.step + 1}: "
-                          f"E[(L1-L2)^2]/2 = {r['pair_half_sq']:.4g} {'>' if mirror else '<='} Var(L) = "
-                          f"{r['V']:.4g} (A = {r['A']:.4g}, B = {r['B']:.4g}, C = {r['C']:.4g})")
+        with self.timer.section("sampler"):
+            for service in self.services:
+                service.on_optimizer_step(self.step)  # pool statistics (all-reduce), refit p(t), switch MIRROR
         return loss, counts
 
     def _micro_batch(self, step: int, micro: int) -> tuple[Batch, NoisyBatch]:
@@ -335,23 +301,20 @@ class Trainer:
             self.next_micro = ((step, micro), *self._micro_batch(step, micro))
 
     def _noise_fixed_after(self, step: int) -> bool:
-        """Whether the end of optimiser step ``step`` (1-based) leaves the next step's noise as it is: no refit
-        of p(t) and no ``mirror: auto`` decision (which also changes the sequences per micro-batch)."""
-        sampler = getattr(self.objective, "t_sampler", None)
-        return not (sampler is not None and sampler.changes_after(step)) and \
-            not (self.monitor is not None and self.monitor.may_switch_after(step))
+        """Whether the end of optimiser step ``step`` (1-based) leaves the next step's noise as it is: no service
+        changes it (a refit of p(t), a ``masks: auto`` decision, which also changes the sequences per micro-batch)."""
+        return not any(service.changes_after(step) for service in self.services)
 
     @torch.no_grad()
-    def _probe(self, batch) -> None:
-        """The online variance probe's no-grad forward on this micro-batch's selected sequences, at the
-        parameters the micro-batch trains with (``diffusion/online_variance.py``). Every rank runs it on probe
-        steps (ZeRO-3 gathers parameters collectively)."""
-        noisy, counted = self.probe.rows(batch)
-        noisy = noisy.to(self.env.device, non_blocking=True)
-        self.engine.eval()
-        out = self.engine(**noisy.model_inputs())
-        self.engine.train()
-        self.monitor.observe(Probe.statistics(noisy, out.token_ce, counted))
+    def _evaluate(self, noisy: NoisyBatch) -> TrainedMicroBatch:
+        """A noise service's extra rows (the online variance probe) through the engine without gradient, at the
+        current parameters (every rank calls it at the same time: ZeRO-3 gathers parameters collectively)."""
+        with self.timer.section("probe"):
+            noisy = noisy.to(self.env.device, non_blocking=True)
+            self.engine.eval()
+            out = self.engine(**noisy.model_inputs())
+            self.engine.train()
+        return TrainedMicroBatch(noisy, out.token_ce)
 
     @torch.no_grad()
     def evaluate(self) -> float | None:
@@ -388,7 +351,8 @@ class Trainer:
 
     def save(self) -> Path:
         self.count_seen()
-        return self.checkpoints.save(self.engine, self.step, self._client_state(), self.shapes, self._rank_state())
+        client, ranked = self._checkpoint_state()
+        return self.checkpoints.save(self.engine, self.step, client, self.shapes, ranked)
 
     def fit(self) -> dict:
         cfg = self.cfg.train
@@ -409,10 +373,8 @@ class Trainer:
             elif self.guard.tripped:
                 raise self.guard.error(self.step, self.save())
             logger.advance()
-            report = self.monitor.take_report() if self.monitor is not None else None
-            if report is not None:
-                logger.log(self.step, "variance", {k: report[k] for k in LOGGED_ESTIMATES if k in report})
-            if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
+            interval = self.step % cfg.log_every == 0 or self.step == cfg.max_steps
+            if interval:
                 window = torch.cat([window_loss.reshape(1), window_counts.to(self.env.device)])
                 loss, micro, masked, eligible, tokens = all_reduce_sum(window).tolist()
                 values = {"loss": loss / micro if micro else float("nan"), "lr": self.lr,
@@ -426,11 +388,14 @@ class Trainer:
                 if self.env.on_gpu:
                     values["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
                 logger.log(self.step, "train", values)
-                sampler = getattr(self.objective, "t_sampler", None)
-                if sampler is not None:
-                    logger.log_objects(self.step, "t_sampler", sampler.log_statistics())
                 window_loss.zero_()
                 window_counts.zero_()
+            for service in self.services:
+                logged = service.log(self.step, interval)
+                if logged and service.log_console:
+                    logger.log(self.step, service.log_prefix, logged)
+                elif logged:
+                    logger.log_objects(self.step, service.log_prefix, logged)
             if cfg.eval_every and self.step % cfg.eval_every == 0:
                 eval_loss, last_eval_step = self._log_eval(logger), self.step
             if cfg.save_every and self.step % cfg.save_every == 0:

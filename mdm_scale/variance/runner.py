@@ -1,4 +1,4 @@
-"""``mdm-scale variance``: measure the A/B/C decomposition of each method on a model and its training data.
+"""``mdm-scale variance measure``: measure the A/B/C decomposition of each method on a model and its training data.
 
 For each method: U units of data x0 (drawn with replacement from the training set by a keyed generator, the
 same x0 for every method), J rate draws per unit, K mask draws per (unit, rate) (docs/spec.md section 2.1). Each cell
@@ -13,25 +13,36 @@ an independently keyed mask generator. The per-cell quantities are
 Units are split over ranks (unit u on rank u mod W, every rank runs the same number of cells, as ZeRO-3 needs);
 per-unit summaries are all-gathered and decomposed identically on every rank (``decomposition.py``), so the
 result does not depend on the world size except through floating-point summation inside the model.
+
+The tool builds only what it measures (``build_subject``): the training data, the model under the run's DeepSpeed
+configuration (ZeRO-3 partitions it over the ranks) and its engine, with the weights of ``--checkpoint`` read by
+``training/run_reader.py``. It writes nothing but the report: no output directory, no run files, no checkpoints.
 """
 
 from __future__ import annotations
 
-import shutil
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
+from mdm_scale.config.deepspeed_json import build_deepspeed_config
+from mdm_scale.config.methods import VARIANCE_DEFAULT
 from mdm_scale.config.schema import Config, ConfigError
 from mdm_scale.core.noise import keyed_generator
+from mdm_scale.data.build import build_data
+from mdm_scale.data.dataset import TokenizedData
 from mdm_scale.data.loader import collate
+from mdm_scale.data.tokenizer import special_ids
 from mdm_scale.distributed.env import DistEnv, barrier, init_distributed
-from mdm_scale.training.checkpoint import CheckpointError, rank_state, resolve_checkpoint
+from mdm_scale.models.loading import build_model, load_hf_config, resolve_mask_token_id
+from mdm_scale.training.run_reader import RunSource, load_weights, read_run
+from mdm_scale.training.zero_stage import resolve_zero_stage
 from mdm_scale.variance.decomposition import UnitSummary, decompose, summarize_unit
-from mdm_scale.variance.methods import ALL_METHODS, Method, build_method
+from mdm_scale.variance.methods import Method, build_method
 from mdm_scale.variance.sketch import GradientSketch
 
 _DATA_WORD = 0x58304441
@@ -39,10 +50,9 @@ _DATA_WORD = 0x58304441
 
 @dataclass
 class ToolSettings:
-    """The sampling plan (command-line flags of ``mdm-scale variance``)."""
+    """The sampling plan (command-line flags of ``mdm-scale variance measure``)."""
 
-    methods: list[str] = field(default_factory=lambda: ["standard", "mirror", "ppots", "ppots+mirror", "strats", "syrm",
-                                                       "clipped"])
+    methods: list[str] = field(default_factory=lambda: list(VARIANCE_DEFAULT))
     num_x0: int = 64
     """--x0: sequences of data; a method with units of g sequences has num_x0 / g units."""
     num_t: int = 8
@@ -76,25 +86,74 @@ class MethodResult:
     samples: list[tuple[float, float]]  # (t, l) of every cell and sequence: the draws that can fit P-POTS
 
 
-class VarianceRun:
-    """Holds the engine and data of one run; ``measure`` runs one method on this rank's units."""
+@dataclass
+class Subject:
+    """What the tool measures on: the model's DeepSpeed engine and the training set, with the ids the objective
+    and the collation need."""
 
-    def __init__(self, trainer, settings: ToolSettings):
-        self.trainer, self.settings = trainer, settings
-        self.engine, self.env, self.data = trainer.engine, trainer.env, trainer.data.train
-        cfg = trainer.cfg
-        generator = keyed_generator(cfg.seed, _DATA_WORD)
+    cfg: Config
+    env: DistEnv
+    engine: Any
+    data: TokenizedData
+    pad_id: int
+    mask_token_id: int | None
+
+
+def build_subject(cfg: Config, env: DistEnv, source: RunSource | None) -> Subject:
+    """The data, the model (partitioned under ZeRO-3 as in training) and its engine; nothing else is built.
+
+    ``source`` gives the weights: a training checkpoint's are read on rank 0 and loaded into the model before
+    the engine is made (``run_reader.load_weights``), with the run's own tokenizer; a Hugging Face directory (an
+    ``mdm-scale export``) becomes ``model.path`` and ``data.tokenizer``, so ZeRO-3 loads it partition by
+    partition. Without ``source`` the model is the configuration's initial one (or ``model.path``), with the
+    tokenizer a run of this configuration saved, if any, else one built from the data."""
+    import deepspeed
+
+    if source is not None and source.is_checkpoint:
+        cfg = replace(cfg, data=replace(cfg.data, tokenizer=str(source.tokenizer_dir)))
+    elif source is not None:
+        cfg = replace(cfg, model=replace(cfg.model, path=str(source.path)),
+                      data=replace(cfg.data, tokenizer=str(source.path)))
+    data = build_data(cfg.data, cfg.seed, Path(cfg.train.output_dir) / "tokenizer")
+    pad_id, _ = special_ids(data.tokenizer)
+    hf_config = load_hf_config(cfg)
+    mask_token_id = resolve_mask_token_id(cfg, data.tokenizer, hf_config)
+    cfg = resolve_zero_stage(cfg, data.tokenizer, mask_token_id, hf_config, env, lambda text: _info(env, text))
+    ds_config = build_deepspeed_config(cfg, env.world_size, env.on_gpu)
+    model = build_model(cfg, data.tokenizer, mask_token_id, hf_config, ds_config, cfg.seed)
+    if source is not None and source.is_checkpoint:
+        load_weights(model, source.state_dict() if env.is_main else None, source.path, env)
+        _info(env, f"variance: loaded the weights of {source.path}")
+    engine, _, _, _ = deepspeed.initialize(model=model, config=ds_config,
+                                           model_parameters=[p for p in model.parameters() if p.requires_grad])
+    engine.eval()
+    return Subject(cfg, env, engine, data.train, pad_id, mask_token_id)
+
+
+def _info(env: DistEnv, text: str) -> None:
+    if env.is_main:
+        print(text, flush=True)
+
+
+class VarianceRun:
+    """Holds the subject (engine and data) of one measurement; ``measure`` runs one method on this rank's
+    units."""
+
+    def __init__(self, subject: Subject, settings: ToolSettings):
+        self.subject, self.settings = subject, settings
+        self.engine, self.env, self.data = subject.engine, subject.env, subject.data
+        generator = keyed_generator(subject.cfg.seed, _DATA_WORD)
         self.examples = torch.randint(len(self.data), (settings.num_x0,), generator=generator).tolist()
-        self.sketch = GradientSketch(self.engine.module, settings.grad_dim, cfg.seed, self.env.device) \
+        self.sketch = GradientSketch(self.engine.module, settings.grad_dim, subject.cfg.seed, self.env.device) \
             if settings.grad_dim else None
 
     def measure(self, method: Method) -> MethodResult:
-        s, cfg = self.settings, self.trainer.cfg
+        s, cfg = self.settings, self.subject.cfg
         g = method.group
         units = s.num_x0 // g
         num_t = s.num_t if method.random_t else 1
         num_masks = s.num_masks if method.random_masks else 1
-        objectives = [method.objective(k, self.trainer.mask_token_id) for k in range(num_masks)]
+        objectives = [method.objective(k, self.subject.mask_token_id) for k in range(num_masks)]
         result = MethodResult([], [], [], [])
         for u in range(self.env.rank, units, self.env.world_size):
             members = self.examples[u * g:(u + 1) * g]
@@ -104,7 +163,7 @@ class VarianceRun:
             rates = np.zeros((num_t, g))
             for j in range(num_t):
                 index = [(u * num_t + j) * g + i for i in range(g)]
-                batch = collate(self.data, members, index, self.trainer.pad_id, cfg.data.pad_to_multiple_of,
+                batch = collate(self.data, members, index, self.subject.pad_id, cfg.data.pad_to_multiple_of,
                                 cfg.data.seq_len)
                 for k, objective in enumerate(objectives):
                     noisy = objective.corrupt(batch).to(self.env.device)
@@ -162,86 +221,48 @@ def t_curves(curve: list[tuple[float, float, float]], bins: int) -> dict:
     return out
 
 
-def fit_ppots(sampler, ckpt: Path | None, saved: dict | None, draws: list[tuple[float, float]] | None,
+def fit_ppots(sampler, source: RunSource | None, saved: dict | None, draws: list[tuple[float, float]] | None,
               env: DistEnv) -> str:
     """Give the P-POTS sampler its p(t): ``saved``, the state a P-POTS training run had fitted by checkpoint
-    ``ckpt``, or a fit (``PPOTSSampler.update``: E[l^2 | t-bin] -> EPR -> density) to the standard method's
+    ``source``, or a fit (``PPOTSSampler.update``: E[l^2 | t-bin] -> EPR -> density) to the standard method's
     (t, l) draws on the same model and data. Every rank calls this (the fit is broadcast from rank 0)."""
     from mdm_scale.diffusion.ppots import bin_statistics
 
     if saved is not None:
         sampler.load_state_dict(saved)
-        return f"the checkpoint {ckpt}"
+        return f"the checkpoint {source.path}"
     t, loss = (torch.tensor(column, dtype=torch.float64) for column in zip(*draws))
     sampler.update(bin_statistics(t, loss, None, sampler.settings.bins), device=env.device)
     return f"a fit to the {len(draws)} (t, loss) draws of the standard method"
 
 
-def has_zero_shards(ckpt: Path) -> bool:
-    """Whether ``ckpt`` holds ZeRO optimizer shards: ``zero_pp_rank_*`` files, or ``bf16_zero_pp_rank_*`` from
-    DeepSpeed's bf16 optimizer (a bf16 run on GPU writes those; the same config on CPU expects the others, so
-    such a checkpoint is read through ``zero_to_fp32`` rather than the engine)."""
-    return any(ckpt.glob("*zero_pp_rank_*_optim_states.pt"))
-
-
-def load_weights(trainer, ckpt: Path) -> None:
-    """Model weights only. A ZeRO-3 engine loads the sharded checkpoint directly (same world size as the run
-    that wrote it); other stages load the consolidated fp32 weights (DeepSpeed's ``zero_to_fp32``), so a
-    checkpoint from any number of ranks can be measured on one GPU with ``--set train.zero_stage=0``."""
-    manifest = trainer.checkpoints.verify(ckpt)
-    if manifest is not None:
-        raise CheckpointError(f"--checkpoint {ckpt}: {manifest}")
-    if trainer.cfg.train.zero_stage == 3 or not has_zero_shards(ckpt):
-        trainer.checkpoints.load(trainer.engine, ckpt, trainer.shapes, global_batch=None)
-    else:
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
-        trainer.engine.module.load_state_dict(state, strict=True)
-    trainer.info(f"variance: loaded the weights of {ckpt}")
-
-
 def run_variance(cfg: Config, settings: ToolSettings, out: Path, checkpoint: str | None = None,
                  env: DistEnv | None = None) -> dict:
-    """Build the engine (loading ``checkpoint``'s weights), measure every method, write the report."""
-    from mdm_scale.training.trainer import Trainer
+    """Build the subject (with ``checkpoint``'s weights), measure every method, write the report."""
     from mdm_scale.variance.report import markdown_table, write_report
 
     env = env or init_distributed()
     names = sorted(settings.methods, key=lambda name: name != "standard")  # standard's draws can fit P-POTS
     methods = [build_method(name, cfg, settings.strats_batch) for name in names]
     settings.check(methods, env.world_size)
-    ckpt = resolve_checkpoint(checkpoint) if checkpoint else None
-    saved = rank_state(ckpt, 0).get("t_sampler", {}) if ckpt is not None else {}
+    source = read_run(checkpoint) if checkpoint else None
+    saved = source.rank_state(0).get("t_sampler", {}) if source is not None else {}
     fitted = saved.get("refits", 0) > 0
     if any(m.uses_ppots for m in methods) and not fitted and "standard" not in names:
         raise ConfigError("--methods: ppots needs 'standard' too (its (t, loss) draws fit p(t)) or a --checkpoint "
-                          "of a run trained with variance.t_sampler=ppots")
-    work = out.parent / (out.stem + "_work")
-    if env.is_main and (work / "checkpoints").exists():
-        shutil.rmtree(work / "checkpoints")
-    barrier()
-    data = cfg.data
-    if ckpt is not None and data.tokenizer == "char" and (ckpt.parent.parent / "tokenizer").is_dir():
-        data = replace(data, tokenizer=str(ckpt.parent.parent / "tokenizer"))  # the run's own ids
-    run_cfg = replace(cfg, data=data, train=replace(cfg.train, output_dir=str(work), resume="never"),
-                      variance=replace(cfg.variance, t_sampler="uniform"),  # the methods bring their own samplers
-                      logging=replace(cfg.logging, tensorboard=False))
-    trainer = Trainer(run_cfg, env)
-    if ckpt is not None:
-        load_weights(trainer, ckpt)
-    trainer.engine.eval()
-    run = VarianceRun(trainer, settings)
+                          "of a run trained with variance.t_sampler.name=ppots")
+    subject = build_subject(cfg, env, source)
+    run = VarianceRun(subject, settings)
     report = {"settings": {**settings.__dict__, "world_size": env.world_size,
-                           "checkpoint": str(ckpt) if ckpt else None, "config_seed": cfg.seed},
+                           "checkpoint": str(source.path) if source else None, "config_seed": cfg.seed},
               "methods": {}}
     draws = None
     for method in methods:
-        trainer.info(f"variance: measuring {method.name} ({settings.num_x0 // method.group} units of "
+        _info(env, f"variance: measuring {method.name} ({settings.num_x0 // method.group} units of "
                      f"{method.group} sequence(s))")
         if method.uses_ppots:
-            source = fit_ppots(method.t_sampler, ckpt, saved if fitted else None, draws, env)
-            trainer.info(f"variance: P-POTS density from {source}")
+            density_source = fit_ppots(method.t_sampler, source, saved if fitted else None, draws, env)
+            _info(env, f"variance: P-POTS density from {density_source}")
         result = run.measure(method)
         if method.name == "standard":
             draws = result.samples
@@ -253,10 +274,11 @@ def run_variance(cfg: Config, settings: ToolSettings, out: Path, checkpoint: str
             entry["grad"] = decompose([s for _, s in result.grad], num_t, num_masks, method.group)
         entry["t_curve"] = t_curves(result.curve, settings.t_bins)
         if method.uses_ppots:
-            entry["ppots_density"] = {"source": source, "t": np.linspace(0, 1, 21).tolist(), "p": method.t_sampler
-                                      .density.pdf(torch.linspace(0, 1, 21)).tolist()}
+            grid = torch.linspace(0, 1, 21)
+            entry["ppots_density"] = {"source": density_source, "t": grid.tolist(),
+                                      "p": method.t_sampler.density.pdf(grid).tolist()}
         report["methods"][method.name] = entry
-        trainer.info(f"variance: {method.name}: " + ", ".join(
+        _info(env, f"variance: {method.name}: " + ", ".join(
             f"{k}={entry['loss'][k]:.4g}" for k in ("A", "B", "C", "total", "direct")))
     report["comparisons"] = comparisons(report["methods"])
     if env.is_main:
@@ -290,4 +312,4 @@ def _ratio(x: float, y: float) -> float | None:
     return float(x / y) if y != 0 else None
 
 
-__all__ = ["ALL_METHODS", "ToolSettings", "run_variance"]
+__all__ = ["ToolSettings", "run_variance"]

@@ -23,7 +23,7 @@ from mdm_scale.models.flops import flops_per_token as model_flops_per_token
 
 DATASHEET_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0}
 
-PPOTS_SMALL_ESTIMATE = ["variance.t_sampler=ppots", "variance.ppots_x0=2", "variance.ppots_masks=2"]
+PPOTS_SMALL_ESTIMATE = ["variance.t_sampler=ppots", "variance.t_sampler.x0=2", "variance.t_sampler.masks=2"]
 """P-POTS overrides with a small offline estimate: the benchmarks time training steps, not the estimate."""
 
 

@@ -7,7 +7,8 @@ overhead is the mean step time with the service over the mean without, and its s
 spread over block pairs. The difference includes the effect of p(t) on the number of masked tokens (the
 masked-only head computes only those), which is part of using P-POTS at the same batch.
 
-    bash tools/bench/run_gpu.sh deepspeed --num_gpus 2 tools/bench/ppots_overhead.py --preset 1b --out ppots_overhead
+    bash tools/bench/run_gpu.sh deepspeed --num_gpus 2 --module tools.bench.ppots_overhead --preset 1b \\
+        --out ppots_overhead
 
 Result: ``<out>.json`` and one line on stdout (rank 0).
 """
@@ -21,13 +22,9 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tools" / "bench"))
-
 
 def parse_args(argv=None) -> argparse.Namespace:
-    from common import step_bench_parser
+    from tools.bench.common import step_bench_parser
 
     p = step_bench_parser(__doc__, preset="1b", seq_len=2048, micro_batch=8, warmup=5, out="ppots_overhead")
     p.add_argument("--blocks", type=int, default=5, help="block pairs (service on, service off)")
@@ -38,7 +35,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     import torch
-    from common import PPOTS_SMALL_ESTIMATE, random_blocks, sync_device
 
     from mdm_scale.config.loader import load_config
     from mdm_scale.config.presets import PRESETS
@@ -46,6 +42,7 @@ def main(argv=None) -> int:
     from mdm_scale.distributed.env import init_distributed
     from mdm_scale.training.metrics import quiet_third_party_logs
     from mdm_scale.training.trainer import Trainer
+    from tools.bench.common import PPOTS_SMALL_ESTIMATE, random_blocks, sync_device
 
     args = parse_args(argv)
     quiet_third_party_logs()
@@ -55,7 +52,8 @@ def main(argv=None) -> int:
         f"train.max_steps={10**6}", f"train.output_dir={args.out}-run",
         "train.eval_every=0", "train.lr=1e-4", "logging.tensorboard=false", "train.resume=never",
         *PPOTS_SMALL_ESTIMATE,
-        f"variance.ppots_refit_every={args.refit_every}", f"variance.mirror={str(args.mirror).lower()}", *args.set])
+        f"variance.t_sampler.refit_every={args.refit_every}", f"variance.monitor.every={args.refit_every}",
+        f"variance.masks={'mirror' if args.mirror else 'bernoulli'}", *args.set])
     steps = args.warmup + 2 * args.blocks * args.block_steps
     vocab = PRESETS[args.preset].get("vocab_size", 32000)
     trainer = Trainer(cfg, env, data=random_blocks(vocab, args.seq_len, (steps + 1) * args.micro_batch *

@@ -1,26 +1,27 @@
 #!/usr/bin/env bash
-# The studies of docs/results.md on one GPU: synthetic reasoning tasks, every method x seed under both
-# protocols of run.py (--budget batch,rows), and the A/B/C variance decomposition of Standard's checkpoints
-# early, middle and late. Re-running resumes (finished runs, a finished pretraining are skipped).
+# The studies of docs/results.md on one GPU: synthetic reasoning tasks, every method x seed under both protocols of
+# `mdm-scale experiment run --budget batch,rows`, and the A/B/C variance decomposition (`mdm-scale variance measure`)
+# of Standard's checkpoints early, middle and late. Re-running resumes (finished runs, a finished pretraining are
+# skipped).
 #   bash tools/bench/run_gpu.sh bash tools/experiments/family_gpu.sh
-# Studies (SPEC below; a study names a generator family, its sizes and configs):
-# - sort (from scratch): sort 1-8 digits, tools/experiments/configs/family_sort.yaml;
-# - missing (from scratch): the digits 0-9 that a list of 1-6 digits lacks, configs/family_missing.yaml;
+# Studies (SPEC below; a study names a generator family, its sizes and configs, all in tools/experiments/configs):
+# - sort (from scratch): sort 1-8 digits, family_sort.yaml;
+# - missing (from scratch): the digits 0-9 that a list of 1-6 digits lacks, family_missing.yaml;
 # - sort_ft (pretrain, then fine-tune): pretraining on sort text (no eval prompt), export, then fine-tuning per
-#   run (configs/family_pretrain.yaml, configs/family_sort_finetune.yaml);
+#   run (family_pretrain.yaml, family_sort_finetune.yaml);
 # - count, lookup (pretrain, then fine-tune; not in the default FAMILIES: at chance / at the floor for this
-#   model size): configs/family_pretrain.yaml + family_count_finetune.yaml, family_lookup_{pretrain,finetune}.yaml.
+#   model size): family_pretrain.yaml + family_count_finetune.yaml, family_lookup_{pretrain,finetune}.yaml.
 # Knobs: OUT, FAMILIES (studies; default sort,sort_ft,missing), PARTS (study,variance: the study's runs, the A/B/C of
 # Standard's checkpoints; variance alone re-measures the checkpoints a study left), METHODS, SEEDS, PARALLEL,
 # LIMIT_S (time bound of each study's runs: what is unfinished then is reported as such and resumed by the next
 # invocation), EXTRA (more --set items for every training run, e.g. EXTRA="--set train.max_steps=4" for a smoke
-# test), VARIANCE_ARGS (sample sizes of mdm-scale variance; default --x0 64 --t-draws 4 --masks 4).
+# test), VARIANCE_ARGS (sample sizes of mdm-scale variance measure; default --x0 64 --t-draws 4 --masks 4).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-results/families}
 FAMILIES=${FAMILIES:-sort,sort_ft,missing}
 PARTS=${PARTS:-study,variance}
-METHODS=${METHODS:-Standard,Standard 2x,Clipped,P-POTS,MIRROR,P-POTS+MIRROR,P-POTS+StraTS,auto}
+METHODS=${METHODS:-standard,standard 2x,clipped,ppots,mirror,ppots+mirror,ppots+strats,auto}
 SEEDS=${SEEDS:-42,731,20231,1,2}
 PARALLEL=${PARALLEL:-12}
 PY=${PYTHON:-python3}
@@ -58,7 +59,7 @@ study() {  # every method x seed of one family, bounded by LIMIT_S seconds
   IFS='|' read -r _ _ config micro gen _ pre <<< "${SPEC[$family]}"
   local init=()
   [ "$pre" != - ] && init=(--init "$dir/pretrained")
-  timeout --kill-after 20 "${LIMIT_S:-3000}" $PY tools/experiments/run.py --config "$config" "${init[@]}" \
+  timeout --kill-after 20 "${LIMIT_S:-3000}" $PY -m mdm_scale.cli experiment run --config "$config" "${init[@]}" \
     --set data.train_file="$dir/data/train.jsonl" --set data.eval_file="$dir/data/eval.jsonl" \
     --set train.save_every=50 --set train.keep_last=8 ${EXTRA:-} \
     --methods "$METHODS" --seeds "$SEEDS" --budget batch,rows --rows "$micro" \
@@ -80,7 +81,7 @@ variance() {  # A/B/C of the checkpoints of Standard's first seed: early, middle
     local path
     path=$(printf "%s/checkpoints/step_%08d" "$run" "$((10#$ckpt))")
     [ -d "$path" ] || { echo "$family: missing $path"; continue; }
-    one_rank $PY -m mdm_scale.cli variance --config "$config" "${init[@]}" \
+    one_rank $PY -m mdm_scale.cli variance measure --config "$config" "${init[@]}" \
       --set data.train_file="$dir/data/train.jsonl" --set data.eval_file="$dir/data/eval.jsonl" \
       --checkpoint "$path" --out "$dir/variance/step_$((10#$ckpt)).json" \
       --methods standard,mirror,ppots,ppots+mirror ${VARIANCE_ARGS:---x0 64 --t-draws 4 --masks 4} \

@@ -8,7 +8,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-results/synth_gpu}
-METHODS=${METHODS:-Standard,MIRROR,P-POTS,P-POTS+MIRROR}
+METHODS=${METHODS:-standard,mirror,ppots,ppots+mirror}
 SEEDS=${SEEDS:-42,731,20231,1,2}
 PARALLEL=${PARALLEL:-6}
 PRETRAIN_STEPS=${PRETRAIN_STEPS:-1000}
@@ -39,7 +39,7 @@ unset RANK LOCAL_RANK WORLD_SIZE MASTER_ADDR MASTER_PORT  # the harness gives ev
 
 eval_args=()
 for a in "${DECODE[@]}"; do eval_args+=("--eval-arg=$a"); done
-$PY tools/experiments/run.py --config tools/experiments/configs/synth_finetune.yaml --init "$OUT/pretrained" \
+$PY -m mdm_scale.cli experiment run --config tools/experiments/configs/synth_finetune.yaml --init "$OUT/pretrained" \
   --set data.train_file="$OUT/data/train.jsonl" --set data.eval_file="$OUT/data/eval.jsonl" \
   --set train.max_steps="$FINETUNE_STEPS" --methods "$METHODS" --seeds "$SEEDS" \
   --eval-data "$OUT/data/eval.jsonl" --out "$OUT" --parallel "$PARALLEL" "${eval_args[@]}"

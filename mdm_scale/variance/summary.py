@@ -1,6 +1,7 @@
-"""A/B/C variance shares of `mdm-scale variance` reports, and whether MIRROR and P-POTS pay (docs/results.md).
+"""``mdm-scale variance summary``: A/B/C variance shares of ``mdm-scale variance measure`` reports, and whether
+MIRROR and P-POTS pay (docs/results.md).
 
-    python tools/experiments/abc_summary.py results/families/sort/variance/step_*.json
+    mdm-scale variance summary results/families/sort/variance/step_*.json
 
 Per report and quantity (loss; gradient sketch, squared norms) one markdown row, from the ``standard`` and
 ``mirror`` / ``ppots`` entries (docs/spec.md sections 2 and 2.2):
@@ -16,7 +17,6 @@ Per report and quantity (loss; gradient sketch, squared norms) one markdown row,
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
@@ -36,14 +36,12 @@ def rule(report: dict, quantity: str) -> dict[str, float] | None:
     return row
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("reports", nargs="+", type=Path, help="JSON reports of mdm-scale variance")
-    args = parser.parse_args(argv)
-    print("| report | quantity | V | A/V | B/V | C/V | E[(L1-L2)^2]/2 | MIRROR pays at equal rows "
-          "| MIRROR/Standard, equal batch | MIRROR/Standard, equal rows | P-POTS/Standard |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for path in args.reports:
+def summary_table(paths: list[Path]) -> str:
+    """One markdown row per report and quantity that has both a standard and a mirror entry."""
+    lines = ["| report | quantity | V | A/V | B/V | C/V | E[(L1-L2)^2]/2 | MIRROR pays at equal rows "
+             "| MIRROR/Standard, equal batch | MIRROR/Standard, equal rows | P-POTS/Standard |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for path in paths:
         report = json.loads(path.read_text())
         for quantity in ("loss", "grad"):
             r = rule(report, quantity)
@@ -51,11 +49,7 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             pays = "yes" if r["A-K"] > r["V"] else "no"
             ppots = f"{r['ppots/std']:.2f}" if "ppots/std" in r else "–"
-            print(f"| {path} | {quantity} | {r['V']:.4g} | {r['A/V']:.2f} | {r['B/V']:.2f} | {r['C/V']:.2f} | "
-                  f"{r['A-K']:.4g} | {pays} | {r['mirror/std, equal batch']:.2f} | "
-                  f"{r['mirror/std, equal rows']:.2f} | {ppots} |")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+            lines.append(f"| {path} | {quantity} | {r['V']:.4g} | {r['A/V']:.2f} | {r['B/V']:.2f} | {r['C/V']:.2f} | "
+                         f"{r['A-K']:.4g} | {pays} | {r['mirror/std, equal batch']:.2f} | "
+                         f"{r['mirror/std, equal rows']:.2f} | {ppots} |")
+    return "\n".join(lines)

@@ -1,6 +1,6 @@
 """The experiment report in the form of the paper's Table 1 (docs/spec.md section 6.1), with the compute each row spent.
 
-One row per method and micro-batch (``run.py``'s ``Entry``: a run both protocols asked for is one row):
+One row per method and micro-batch (``harness.py``'s ``Entry``: a run both protocols asked for is one row):
 
 - ``results.md``: the accuracy (%) of every seed, mean, sample standard deviation (n - 1), worst and best run;
   the gain of the mean over Standard at equal batch (Standard's row with the same sequences per micro-batch)
@@ -71,7 +71,7 @@ def markdown_table(results: list[tuple[object, dict[int, dict]]], seeds: list[in
 
     def standard(entry, field: str) -> float | None:
         """The mean accuracy of the other Standard row with the entry's ``micro`` (equal batch) or ``rows``."""
-        return next((mean[e.label] for e, _ in results if e.method == "Standard" and e is not entry
+        return next((mean[e.label] for e, _ in results if e.method == "standard" and e is not entry
                      and getattr(e, field) == getattr(entry, field)), None)
 
     header = ["Method", "protocols", "sequences / micro", "rows / micro", *(f"seed {s}" for s in seeds), "mean",
@@ -194,7 +194,7 @@ def write_plot(path: Path, results: list[tuple[object, dict[int, dict]]], run_di
 
 def write_report(out: Path, groups, seeds: list[int], baselines: list[str], unavailable: dict[str, str]
                  ) -> list[Path]:
-    """``groups``: ``[(entry, runs)]``, one per report row (``run.py``)."""
+    """``groups``: ``[(entry, runs)]``, one per report row (``harness.py``)."""
     out.mkdir(parents=True, exist_ok=True)
     results = load_results(groups)
     paths = [out / "results.md", out / "results.csv", out / "results.png"]

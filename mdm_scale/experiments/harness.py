@@ -1,7 +1,8 @@
-"""Methods x seeds on one task: train every run, evaluate its accuracy, write a Table-1-style report.
+"""``mdm-scale experiment run``: methods x seeds on one task: train every run, evaluate its accuracy, write a
+Table-1-style report.
 
-    python tools/experiments/run.py --config tools/experiments/configs/synth_finetune.yaml \\
-        --methods Standard,"Standard 2x",MIRROR,P-POTS,P-POTS+MIRROR --seeds 42,731,20231,1,2 \\
+    mdm-scale experiment run --config tools/experiments/configs/synth_finetune.yaml \\
+        --methods standard,"standard 2x",mirror,ppots,ppots+mirror --seeds 42,731,20231,1,2 \\
         --eval-data data/synth/eval.jsonl --out results/synth --parallel 6 --budget batch,rows \\
         [--init exports/pretrained] [--set train.max_steps=300] [--eval-arg=--gen-length=64]
 
@@ -18,10 +19,10 @@ run that both protocols ask for is trained once: with R = 2B, Standard at ``rows
 (the training output directory), ``train.log``, ``eval.log``, ``pred.jsonl`` and ``result.json`` (accuracy,
 and the forward rows, non-pad tokens and model FLOPs that training spent). A run with ``result.json`` is
 finished and skipped when the command is repeated; an interrupted one continues from its newest checkpoint
-(``train.resume=auto``). Runs are independent single-rank processes (``python -m mdm_scale.cli``); ``--parallel
-K`` runs K at once, sharing the machine's GPU (several small runs fit on one). ``--init DIR`` starts every run
-from a pretrained Hugging Face directory (an ``mdm-scale export``): ``model.path`` and ``data.tokenizer`` are set
-to it.
+(``train.resume=auto``). Runs are independent single-rank processes (``python -m mdm_scale.cli train`` and
+``eval``, in the current directory, so relative paths mean the same to them); ``--parallel K`` runs K at once,
+sharing the machine's GPU (several small runs fit on one). ``--init DIR`` starts every run from a pretrained
+Hugging Face directory (an ``mdm-scale export``): ``model.path`` and ``data.tokenizer`` are set to it.
 
 Methods map to configuration overrides (``methods.py``); one whose keys the current schema does not have is
 reported as not available and skipped. The report (``report.py``) is rewritten at the end of every
@@ -41,23 +42,19 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-REPO = HERE.parents[1]
-sys.path[:0] = [str(HERE), str(REPO)]
-
-from methods import BASELINES, DOUBLED, METHODS, NAMES, availability, overrides, rows_per_sequence, slug  # noqa: E402
-from report import write_report  # noqa: E402
-
-from mdm_scale.config.loader import load_config  # noqa: E402
-from mdm_scale.config.schema import ConfigError  # noqa: E402
-from mdm_scale.training.checkpoint import write_atomic  # noqa: E402
+from mdm_scale.config.loader import load_config
+from mdm_scale.config.schema import ConfigError
+from mdm_scale.experiments.methods import DOUBLED, availability, display, known, overrides, rows_per_sequence, slug
+from mdm_scale.experiments.report import write_report
+from mdm_scale.training.checkpoint import write_atomic
+from mdm_scale.training.run_reader import is_hf_dir, read_run
 
 BUDGETS = ("batch", "rows")
 
 
 @dataclass
 class Run:
-    method: str  # a key of METHODS
+    method: str  # a name of the method table (mdm_scale/config/methods.py)
     micro: int  # sequences per micro-batch
     seed: int
     directory: Path
@@ -72,7 +69,7 @@ class Entry:
     """A row of the report: one method at one micro-batch, asked for by one or both protocols."""
 
     label: str  # e.g. "MIRROR", "Standard 2x", "P-POTS 2x" (x: sequences per step over the configuration's)
-    method: str  # a key of METHODS
+    method: str  # a name of the method table (mdm_scale/config/methods.py)
     micro: int  # sequences per micro-batch
     rows: int  # nominal forward rows per micro-batch
     protocols: list[str]
@@ -99,7 +96,7 @@ def plan(methods: list[str], budgets: list[str], micro: int, rows: int) -> list[
                 continue
             else:
                 size = rows // rows_per_sequence(method)
-            label = f"{method} {size / micro:g}x" if size != micro else method
+            label = f"{display(method)} {size / micro:g}x" if size != micro else display(method)
             entry = entries.setdefault((method, size), Entry(label, method, size, size * rows_per_sequence(method),
                                                              []))
             entry.protocols.append(budget)
@@ -121,8 +118,7 @@ def free_port() -> int:
 def run_env(threads: int) -> dict[str, str]:
     """A one-rank world with its own rendezvous port, so that concurrent runs never meet."""
     env = {**os.environ, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
-           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "TOKENIZERS_PARALLELISM": "false",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "TOKENIZERS_PARALLELISM": "false"}
     env.setdefault("OMP_NUM_THREADS", str(threads))
     return env
 
@@ -130,7 +126,7 @@ def run_env(threads: int) -> dict[str, str]:
 def _call(cmd: list[str], log: Path, threads: int) -> str:
     """Run ``cmd`` with output to ``log``; return its stdout's last JSON line, or raise with the log's tail."""
     with log.open("w") as out:
-        done = subprocess.run(cmd, cwd=REPO, env=run_env(threads), stdout=subprocess.PIPE, stderr=out, text=True)
+        done = subprocess.run(cmd, env=run_env(threads), stdout=subprocess.PIPE, stderr=out, text=True)
         out.write(done.stdout)
     if done.returncode != 0:
         tail = "\n".join(log.read_text().splitlines()[-15:])
@@ -169,10 +165,9 @@ def execute(run: Run, args: argparse.Namespace, threads: int) -> dict:
 
 def init_conflict(method: str, init: str | None) -> str | None:
     """ARM rows need a causal starting model: a bidirectional one would see the tokens it predicts."""
-    if init is None or METHODS[DOUBLED.get(method, method)].get("train.objective") != "arm":
+    if init is None or "train.objective=arm" not in overrides(method):
         return None
-    config = json.loads((Path(init) / "config.json").read_text())
-    if config.get("model_type") == "mdm_scale" and not config.get("causal", False):
+    if not read_run(init).causal:
         return f"--init {init} holds a bidirectional model; ARM needs a causal one (train it without --init)"
     return None
 
@@ -182,54 +177,37 @@ def base_overrides(args: argparse.Namespace) -> list[str]:
     return [*init, *args.set]
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", action="append", required=True, help="training YAML; repeat to merge")
-    parser.add_argument("--methods", required=True, help=f"comma-separated, from: {', '.join(NAMES)}")
-    parser.add_argument("--seeds", required=True, help="comma-separated training seeds, e.g. 42,731,20231")
-    parser.add_argument("--eval-data", required=True, help="JSONL of {prompt, answer or response}")
-    parser.add_argument("--out", required=True, help="experiment directory (re-run to resume)")
-    parser.add_argument("--init", default=None, help="pretrained Hugging Face dir to start from (model.path)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for every run")
-    parser.add_argument("--eval-arg", action="append", default=[], metavar="ARG",
-                        help="argument for `mdm-scale eval`, e.g. --eval-arg=--gen-length=64 (repeatable)")
-    parser.add_argument("--budget", default="batch",
-                        help="protocols, comma-separated: batch (equal sequences per step), rows (equal forward rows)")
-    parser.add_argument("--rows", type=int, default=None,
-                        help="forward rows per micro-batch under --budget rows (default: 2 x train.micro_batch_size)")
-    parser.add_argument("--parallel", type=int, default=1, help="runs at once (they share the machine)")
-    parser.add_argument("--baselines", default=",".join(BASELINES),
-                        help="methods whose best run the others' worst run is compared with")
-    args = parser.parse_args(argv)
+def resolve_arguments(args: argparse.Namespace) -> argparse.Namespace:
+    """Parse and check ``mdm-scale experiment run``'s flags (``experiments/cli.py``) before any run starts; a
+    ``ConfigError`` names the flag. Adds the configuration's micro-batch and gradient accumulation."""
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     try:
         args.seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     except ValueError:
-        parser.error(f"--seeds {args.seeds!r}: expected comma-separated integers")
+        raise ConfigError(f"--seeds {args.seeds!r}: expected comma-separated integers") from None
     if args.parallel < 1:
-        parser.error("--parallel must be >= 1")
+        raise ConfigError("--parallel must be >= 1")
     if not Path(args.eval_data).is_file():
-        parser.error(f"--eval-data {args.eval_data}: file not found")
-    if args.init and not (Path(args.init) / "config.json").is_file():
-        parser.error(f"--init {args.init}: not a Hugging Face directory (no config.json)")
+        raise ConfigError(f"--eval-data {args.eval_data}: file not found")
+    if args.init and not is_hf_dir(Path(args.init)):
+        raise ConfigError(f"--init {args.init}: not a Hugging Face directory (config.json and weights); give a "
+                          f"pretrained model or the mdm-scale export of a training run")
     args.budget = [b.strip() for b in args.budget.split(",") if b.strip()]
     if not args.budget or set(args.budget) - set(BUDGETS):
-        parser.error(f"--budget {','.join(args.budget)!r}: expected one or both of {', '.join(BUDGETS)}")
-    try:
-        train = load_config(args.config, base_overrides(args)).train
-    except ConfigError as err:
-        parser.error(str(err))
+        raise ConfigError(f"--budget {','.join(args.budget)!r}: expected one or both of {', '.join(BUDGETS)}")
+    train = load_config(args.config, base_overrides(args)).train
     args.micro, args.grad_accum = train.micro_batch_size, train.grad_accum
     args.rows = 2 * args.micro if args.rows is None else args.rows
-    halved = [m for m in args.methods if m in METHODS and rows_per_sequence(m) == 2]
+    halved = [m for m in args.methods if known(m) and rows_per_sequence(m) == 2]
     if "rows" in args.budget and (args.rows < 2 or (halved and args.rows % 2)):
-        parser.error(f"--rows {args.rows}: MIRROR-family methods ({', '.join(halved) or 'none'}) need an even "
-                     f"number of rows >= 2")
+        raise ConfigError(f"--rows {args.rows}: MIRROR-family methods ({', '.join(halved) or 'none'}) need an even "
+                          f"number of rows >= 2")
     return args
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def run_experiment(args: argparse.Namespace) -> int:
+    """Every unfinished run of the plan, then the report; 1 if a run failed (it is retried next time), else 0."""
+    args = resolve_arguments(args)
     out = Path(args.out)
     unavailable = {m: why for m in args.methods
                    if (why := availability(m, args.config, base_overrides(args)) or init_conflict(m, args.init))}
@@ -259,7 +237,3 @@ def main(argv: list[str] | None = None) -> int:
                          unavailable)
     print("report: " + ", ".join(str(p) for p in paths), flush=True)
     return 1 if failures else 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,14 +1,16 @@
-"""Plot a training run's online A/B/C (``variance/*`` scalars, ``diffusion/online_variance.py``) from its
-TensorBoard event files: the shares A/V, B/V, C/V and the absolute A, B, C, V and MIRROR's pair statistic
-E[(L1 - L2)^2] / 2 against the step, with ``variance.mirror: auto``'s setting shaded where MIRROR was on.
+"""``mdm-scale variance plot-online``: a training run's online A/B/C (``variance/*`` scalars,
+``diffusion/online_variance.py``) from its TensorBoard event files: the shares A/V, B/V, C/V and the absolute A,
+B, C, V and MIRROR's pair statistic E[(L1 - L2)^2] / 2 against the step, with ``variance.masks: auto``'s setting
+shaded where MIRROR was on.
 
-    python tools/plot_tensorboard_abc.py runs/quickstart/tensorboard --out docs/figures/online_abc.png
+    mdm-scale variance plot-online runs/quickstart/tensorboard --out docs/figures/online_abc.png
 """
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
+
+from mdm_scale.data.records import DataError
 
 
 def read_variance_scalars(tb_dir: Path) -> dict[str, dict[int, float]]:
@@ -19,8 +21,8 @@ def read_variance_scalars(tb_dir: Path) -> dict[str, dict[int, float]]:
     acc.Reload()
     tags = [t for t in acc.Tags()["scalars"] if t.startswith("variance/")]
     if not tags:
-        raise SystemExit(f"{tb_dir}: no variance/* scalars (was the run trained with an mdm objective and a "
-                         f"ppots_refit_every > 0?)")
+        raise DataError(f"{tb_dir}: no variance/* scalars (was the run trained with an mdm objective and a "
+                         f"variance.monitor.every > 0?)")
     return {t.split("/", 1)[1]: {e.step: e.value for e in acc.Scalars(t)} for t in tags}
 
 
@@ -62,17 +64,9 @@ def _shade_mirror(axis, mirror: dict[int, float]) -> None:
             axis.axvspan(here, following if following is not None else here, color="tab:red", alpha=0.08, lw=0)
 
 
-def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("tensorboard_dir", type=Path)
-    p.add_argument("--out", type=Path, required=True, help="PNG to write")
-    p.add_argument("--title", default="online A/B/C")
-    args = p.parse_args(argv)
-    figure = plot(read_variance_scalars(args.tensorboard_dir), args.title)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(args.out, dpi=110)
-    print(f"wrote {args.out}")
-
-
-if __name__ == "__main__":
-    main()
+def plot_online_abc(tb_dir: Path, out: Path, title: str) -> Path:
+    """Read ``tb_dir``'s ``variance/*`` scalars and write the figure to ``out`` (PNG)."""
+    figure = plot(read_variance_scalars(tb_dir), title)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(out, dpi=110)
+    return out
