@@ -128,7 +128,7 @@ def test_the_objective_divides_packed_records_by_the_expected_record_count():
                          pad_to_multiple_of=8, seq_len=SEQ_LEN, packing=True)
     lengths = (data.offsets[1:] - data.offsets[:-1])[loader.stream.example_ids(list(range(len(data))))]
     records_per_row = len(data) / len(pack_rows(lengths.tolist(), SEQ_LEN, window=8))
-    objective = MDMObjective(UniformT(11), build_masks(False, 11, 1e-3), MASK_ID)
+    objective = MDMObjective(UniformT(11), BernoulliMasks(11, 1e-3), MASK_ID)
     for step in range(3):
         batch = loader.micro_batch_at(step, 0)
         noisy = objective.corrupt(batch)

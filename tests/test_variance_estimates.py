@@ -1,11 +1,13 @@
-"""The online variance estimators (``diffusion/variance_estimates.py``) on simulated draws with known answers.
+"""The online variance estimators (``diffusion/variance_estimates.py``) on simulated draws with known answers,
+vectorised over many independent runs (the monitor that calls them, ``diffusion/online_variance.py``, is tested on
+the analytic model and on a falling loss in ``test_online_variance.py``).
 
 1. The step centring and the item moments equal their definitions computed pair by pair.
-2. While the mean loss falls, V from within-step spread is unbiased; V from pooled raw sums (the estimator
-   before issue 26) is biased upwards by the drift.
+2. Units: rows coupled inside a unit never enter the centring, so V stays unbiased with coupled rows.
 3. Standard errors of decayed sums: z = (estimate - truth) / SE has spread 1 (plain counts would give ~0.74).
 4. Strata: the estimate weights strata by their probabilities, merges strata without enough items, stays
    unbiased and removes the noise of how many draws land in each stratum.
+5. The decomposition and MIRROR's gain from the quantities.
 """
 
 from __future__ import annotations
@@ -16,9 +18,8 @@ import math
 import pytest
 import torch
 
-from analytic_mdm import MASK, SFT_ROWS, AnalyticMDM, eligible_tokens, exact_abc, midpoints, moments, sft_batch
-from mdm_scale.core.batch import Batch
 from mdm_scale.diffusion import variance_estimates as ve
+from test_online_variance import falling_loss
 
 Z = 4.5
 
@@ -33,10 +34,10 @@ def test_centring_and_item_moments_equal_their_definitions():
     m = 0.7
     cross = [(loss[i] - m) * (loss[j] - m) for i, j in itertools.combinations(range(7), 2) if unit[i] != unit[j]]
     c = float(sum(cross) / len(cross))
-    rows = ve.row_sums(loss, unit)[None]
+    rows = ve.row_sums(loss, unit, 4)[None]
     assert float(ve.centring(rows, torch.tensor([m], dtype=torch.float64))[0]) == pytest.approx(c, rel=1e-12)
 
-    p, s, first = ve.unit_items(loss, unit)
+    p, s, first = ve.unit_items(loss, unit, 4)
     assert first.tolist() == [0, 2, 3, 6]
     stratum = torch.tensor([0, 1, 1, 0])
     moments = ve.item_moments(ve.item_sums(p, s, stratum, strata=2)[None], torch.tensor([m], dtype=torch.float64),
@@ -53,24 +54,13 @@ def test_centring_and_item_moments_equal_their_definitions():
                               torch.tensor([m], dtype=torch.float64), torch.tensor([c], dtype=torch.float64), centred)
         assert out[0].tolist() == pytest.approx([5, float(expected.sum()), float((expected**2).sum())], rel=1e-12)
 
-    one_unit = ve.row_sums(loss[:2], unit[:2])[None]  # no two units: no centring, the step's items are left out
+    one_unit = ve.row_sums(loss[:2], unit[:2], 1)[None]  # no two units: no centring, the step's items are left out
     assert math.isnan(float(ve.centring(one_unit, torch.tensor([m], dtype=torch.float64))[0]))
     skipped = ve.item_moments(ve.item_sums(p, s, stratum, strata=2)[None], torch.tensor([m], dtype=torch.float64),
                               torch.tensor([float("nan")], dtype=torch.float64), centred=False)
     assert not skipped.any()
-    nonfinite = ve.row_sums(torch.tensor([1.0, float("nan"), 2.0], dtype=torch.float64), torch.tensor([0, 1, 2]))
+    nonfinite = ve.row_sums(torch.tensor([1.0, float("nan"), 2.0], dtype=torch.float64), torch.tensor([0, 1, 2]), 3)
     assert nonfinite.tolist() == [2, 3, 5, 3, 2]  # the NaN row is left out of every column
-
-
-def simulate_falling_loss(runs: int, steps: int, units: int, slope: float, seed: int, shared: float = 0.3):
-    """Rows of MIRROR-like units of two rows, L = mu_s + a + b_r with a shared by the unit (variance
-    ``shared``) and b per row (variance 1 - shared, skewed): V = 1, Cov within a unit ``shared``. mu_s falls by
-    ``slope`` per step. Returns (runs, steps, 2 units) losses."""
-    g = torch.Generator().manual_seed(seed)
-    mu = 3.0 - slope * torch.arange(steps, dtype=torch.float64)
-    common = torch.randn(runs, steps, units, 1, generator=g, dtype=torch.float64) * shared**0.5
-    own = (torch.empty(runs, steps, units, 2, dtype=torch.float64).exponential_(generator=g) - 1) * (1 - shared)**0.5
-    return (mu[None, :, None, None] + common + own).reshape(runs, steps, 2 * units)
 
 
 def within_step_v(losses: torch.Tensor, refit_every: int, decay: float, unit_rows: int = 2) -> ve.Estimate:
@@ -78,50 +68,23 @@ def within_step_v(losses: torch.Tensor, refit_every: int, decay: float, unit_row
     every ``refit_every`` steps. Returns (value, se) tensors of shape (runs,)."""
     runs, steps, rows = losses.shape
     unit = torch.arange(rows) // unit_rows
+    units = rows // unit_rows
     pooled = torch.zeros(runs, 1, ve.POOLED_COLUMNS, dtype=torch.float64)
     previous = torch.zeros(runs, dtype=torch.float64)
     for start in range(0, steps, refit_every):
         block = losses[:, start:start + refit_every]
-        p, s, _ = ve.unit_items(block, unit)
+        p, s, _ = ve.unit_items(block, unit, units)
         items = ve.item_sums(p, s, torch.zeros_like(p, dtype=torch.int64), strata=1)
-        moments, previous = ve.block_moments(ve.row_sums(block, unit), {"V": items}, previous)
+        moments, previous = ve.block_moments(ve.row_sums(block, unit, units), {"V": items}, previous)
         pooled = ve.pool(pooled, moments["V"], decay)
     value, se, _ = ve.stratified_means(pooled)
     return value, se
 
 
-def pooled_raw_v(losses: torch.Tensor, refit_every: int, decay: float) -> torch.Tensor:
-    """The estimator before issue 26: sums of L and L^2 over all rows, decayed at each refit, V = E[L^2] - E[L]^2."""
-    runs, steps, rows = losses.shape
-    sums = torch.zeros(runs, 3, dtype=torch.float64)
-    for start in range(0, steps, refit_every):
-        block = losses[:, start:start + refit_every].reshape(runs, -1)
-        sums = decay * sums + torch.stack([torch.full((runs,), float(block.shape[1]), dtype=torch.float64),
-                                           block.sum(1), (block**2).sum(1)], dim=1)
-    mean = sums[:, 1] / sums[:, 0]
-    return sums[:, 2] / sums[:, 0] - mean**2
-
-
-def test_within_step_v_is_unbiased_while_the_loss_falls_and_pooled_raw_sums_are_not():
-    """A loss falling by r = 0.004 per step over 400 steps, pooled with refits every 50 steps and half-life 200
-    (decay 0.84): the pooled raw sums add the weighted variance of the step means, r^2 Var_w(step) ~ 0.17 here
-    (r^2 tau^2 with tau = half-life / ln 2 once the window is full), to V = 1. Over 60 runs the new estimator's
-    mean is within 4.5 standard errors of 1, the old one's is not."""
-    losses = simulate_falling_loss(runs=60, steps=400, units=8, slope=0.004, seed=1)
-    decay = 0.5 ** (50 / 200)
-    new, _ = within_step_v(losses, 50, decay)
-    old = pooled_raw_v(losses, 50, decay)
-    for values, unbiased in ((new, True), (old, False)):
-        error = float(values.mean()) - 1.0
-        se = float(values.std()) / len(values) ** 0.5
-        assert (abs(error) <= Z * se) is unbiased, (error, se)
-    assert float(old.mean()) - 1.0 > 0.1  # the drift's share, not a fluctuation
-
-
 def test_within_step_v_is_unbiased_without_drift_with_coupled_rows():
     """No drift, 4 units of two rows per step with covariance 0.8 inside a unit: the unit-aware centring keeps V
     unbiased (a centring over all pairs of rows, coupled ones included, would give V - 0.8 x 4 / 28)."""
-    losses = simulate_falling_loss(runs=100, steps=100, units=4, slope=0.0, seed=2, shared=0.8)
+    losses = falling_loss(runs=100, steps=100, units=4, slope=0.0, seed=2, shared=0.8)
     values, _ = within_step_v(losses, 25, 0.8)
     assert abs(float(values.mean()) - 1.0) <= Z * float(values.std()) / len(values) ** 0.5
 
@@ -213,97 +176,3 @@ def test_shares_and_the_rule_from_the_quantities():
     with_syrm = ve.decomposition({**quantities, "cov_syrm": pooled([-0.25, -0.75])})
     assert with_syrm["gain"].value == pytest.approx(1.0) and with_syrm["rule_right"].value == pytest.approx(2.5)
     assert math.isnan(ve.decomposition({})["A"].value)
-
-
-# ---- on the analytic model: every quantity against its exact value --------------------------------------------
-def iid_batch(step: int, size: int) -> Batch:
-    """``size`` sequences drawn i.i.d. from the analytic model's SFT rows (the training stream draws without
-    replacement, which on three rows would couple the rows of a step), sample indices step * size + b."""
-    choice = torch.randint(len(SFT_ROWS), (size,), generator=torch.Generator().manual_seed(1000 + step))
-    rows = sft_batch(1)
-    return Batch(rows.input_ids[choice], rows.loss_mask[choice], torch.arange(step * size, (step + 1) * size),
-                 rows.attention_mask[choice])
-
-
-def weighted_rows(model, noisy) -> torch.Tensor:
-    with torch.no_grad():
-        ce = model(**noisy.model_inputs()).token_ce.float()
-    return noisy.row_losses(ce).double() * noisy.weight.double()[noisy.row_sample]
-
-
-def analytic_step(model, objective, probe, batch, syrm: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """One step's row sums and item sums, built from the training rows and the probe's rows (every sequence
-    probed): V per unit (a sequence, or a SyRM pair of sequences), covariances of the pairs."""
-    noisy = objective.corrupt(batch)
-    loss = weighted_rows(model, noisy)
-    sequence = noisy.row_sample
-    unit = sequence // 2 if syrm else sequence
-    stratum = ve.strata_of(noisy.t)  # uniform t: the quantile is t itself
-    p, s, first = ve.unit_items(loss, unit)
-    items = {"V": ve.item_sums(p, s, stratum[sequence[first]])}
-    first_row = torch.ones(len(sequence), dtype=torch.bool)
-    first_row[1:] = sequence[1:] != sequence[:-1]
-    head = loss[first_row]  # each sequence's first row
-    rows, _ = probe.rows(batch)
-    probe_loss = weighted_rows(model, rows)
-    n = len(batch.sample_index)
-    base, anti = probe_loss[0:2 * n:2], probe_loss[1:2 * n:2]
-    other_mask, other_rate = probe_loss[2 * n:3 * n], probe_loss[3 * n:]
-    pairs = [ve.pair_items(base, anti)]
-    pair_strata = [stratum]
-    if noisy.rows == 2 * n:  # MIRROR's training pairs: adjacent rows of each sequence
-        pairs.append(ve.pair_items(loss[0::2], loss[1::2]))
-        pair_strata.append(stratum)
-    items["cov_pair"] = sum(ve.item_sums(pp, ss, st) for (pp, ss), st in zip(pairs, pair_strata))
-    items["cov_mask"] = ve.item_sums(*ve.pair_items(base, other_mask), stratum)
-    items["cov_rate"] = ve.item_sums(*ve.pair_items(base, other_rate), stratum)
-    items["B"] = ve.item_sums(*ve.difference_items(base, other_mask, other_rate), stratum)
-    if syrm:
-        items["cov_syrm"] = ve.item_sums(*ve.pair_items(head[0::2], head[1::2]), stratum[0::2])
-    return ve.row_sums(loss, unit), items
-
-
-def exact_quantities(model: AnalyticMDM) -> dict[str, float]:
-    t = midpoints(0.0, 1.0, 1000)  # symmetric about 1/2: t and 1 - t are both nodes
-    single = moments(model, eligible_tokens(), t, EPS, gradient=False)
-    paired = moments(model, eligible_tokens(), t, EPS, mirror=True, gradient=False)
-    abc = exact_abc(single)
-    pair_half_sq = 2 * abc["A"] - 2 * (paired.s - paired.f**2).mean()  # A - K (pair mean's mask variance (A+K)/2)
-    fbar = single.f.mean(0)
-    return {"V": abc["total"], "A": abc["A"], "B": abc["B"], "C": abc["C"], "pair_half_sq": pair_half_sq,
-            "cov_pair": abc["total"] - pair_half_sq, "cov_syrm": float((fbar * fbar[::-1]).mean() - fbar.mean() ** 2)}
-
-
-EPS = 0.05
-
-
-@pytest.mark.parametrize("mirror, syrm", [(False, False), (True, False), (False, True), (True, True)])
-def test_online_quantities_recover_their_exact_values(mirror, syrm):
-    """On the analytic model (A 3.57, B 0.15, C 0.01, V 3.73, A - K 4.72: cov_pair = -0.99, MIRROR pays at
-    equal rows), 120 steps of 16 sequences, all probed: V, A, B, C, the pair statistic and the covariances
-    within 4.5 SE of their exact values, with MIRROR's training pairs and SyRM's units or without; under SyRM
-    cov_syrm = Cov(f(t), f(1 - t)) too, and MIRROR's gain at equal rows is -(cov_pair + cov_syrm)."""
-    from mdm_scale.config.loader import load_config
-    from mdm_scale.diffusion.build import masks_for
-    from mdm_scale.diffusion.coupled_t import SymmetricT
-    from mdm_scale.diffusion.objective import MDMObjective
-    from mdm_scale.diffusion.online_variance import Probe
-    from mdm_scale.diffusion.t_samplers import UniformT
-
-    cfg = load_config(None, [f"variance.eps={EPS}", "seed=3"])
-    sampler = SymmetricT(UniformT(3)) if syrm else UniformT(3)
-    model = AnalyticMDM()
-    objective = MDMObjective(sampler, masks_for(cfg.variance, 3, mirror=mirror), MASK)
-    probe = Probe(objective, masks_for(cfg.variance, 3, mirror=True), masks_for(cfg.variance, 3, mirror=False), 3,
-                  fraction=1.0)
-    steps = [analytic_step(model, objective, probe, iid_batch(step, 16), syrm) for step in range(120)]
-    rows = torch.stack([r for r, _ in steps])
-    items = {name: torch.stack([i[name] for _, i in steps]) for name in steps[0][1]}
-    block, _ = ve.block_moments(rows, items, 0.0)
-    zero = torch.zeros(ve.STRATA, ve.POOLED_COLUMNS, dtype=torch.float64)
-    r = ve.decomposition({name: ve.pool(zero, moments, 1.0) for name, moments in block.items()})
-    exact = exact_quantities(model)
-    for name in ("V", "A", "B", "C", "pair_half_sq", "cov_pair", *(("cov_syrm",) if syrm else ())):
-        assert abs(r[name].value - exact[name]) <= Z * r[name].se, (name, r[name], exact[name])
-    assert r["gain"].value == pytest.approx(-(r["cov_pair"].value + (r["cov_syrm"].value if syrm else 0.0)))
-    assert r["gain"].value - Z * r["gain"].se > 0  # MIRROR pays here, resolved

@@ -121,15 +121,15 @@ NAN = Estimate(float("nan"), float("nan"), 0.0)
 
 # ---- per step: sums that one all-reduce pools over ranks and micro-batches ------------------------------------
 # Every function below broadcasts over leading dimensions (independent runs, in the tests).
-def row_sums(loss: torch.Tensor, unit: torch.Tensor) -> torch.Tensor:
+def row_sums(loss: torch.Tensor, unit: torch.Tensor, units: int) -> torch.Tensor:
     """(..., ROW_COLUMNS) float64 sums of one micro-batch's training rows: ``loss`` (..., R) the weighted row
-    losses (non-finite ones are left out), ``unit`` (R,) int64 the unit of each row, numbered 0..U-1 (rows of
-    one unit share noise: a MIRROR pair, a SyRM pair of sequences). Additive over the micro-batches and ranks of
-    a step, since units never straddle micro-batches."""
+    losses (non-finite ones are left out), ``unit`` (R,) int64 the unit of each row, numbered 0..``units``-1
+    (rows of one unit share noise: a MIRROR pair, a SyRM pair of sequences). Additive over the micro-batches and
+    ranks of a step, since units never straddle micro-batches. No host synchronisation."""
     loss = loss.detach().to(torch.float64)
     finite = torch.isfinite(loss)
     loss = torch.where(finite, loss, 0.0)
-    members = _one_hot(unit.to(loss.device), _count(unit))  # (R, U)
+    members = _one_hot(unit.to(loss.device), units)  # (R, U)
     k, total = finite.to(torch.float64) @ members, loss @ members  # (..., U)
     return torch.stack([k.sum(-1), total.sum(-1), (total * total).sum(-1), (k * total).sum(-1), (k * k).sum(-1)],
                        dim=-1)
@@ -149,10 +149,6 @@ def item_sums(p: torch.Tensor, s: torch.Tensor, stratum: torch.Tensor, strata: i
 def strata_of(u: torch.Tensor, strata: int = STRATA) -> torch.Tensor:
     """Stratum of each quantile u = F(t) in [0, 1]: floor(u * strata), int64."""
     return (u.to(torch.float64) * strata).floor().clamp(0, strata - 1).long()
-
-
-def _count(index: torch.Tensor) -> int:
-    return int(index.max()) + 1 if index.numel() else 0
 
 
 def _one_hot(index: torch.Tensor, size: int) -> torch.Tensor:
@@ -261,18 +257,20 @@ QUANTITIES = {"V": True, "cov_pair": True, "cov_mask": True, "cov_rate": True, "
 """Item types (module docstring) and whether their items are centred (e = 1)."""
 
 
-def unit_items(loss: torch.Tensor, unit: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def unit_items(loss: torch.Tensor, unit: torch.Tensor, units: int
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """V's items, one per unit of rows: p = mean L^2, s = 2 mean L over the unit's rows, (..., R) -> (..., U),
     and the first row of each unit (whose rate gives the item's stratum). ``unit`` (R,) numbers the units
-    0..U-1; a unit with a non-finite row gives a non-finite item (left out by ``item_sums``)."""
+    0..``units``-1, each with at least one row; a unit with a non-finite row gives a non-finite item (left out
+    by ``item_sums``)."""
     loss = loss.detach().to(torch.float64)
     finite = torch.isfinite(loss)
     loss = torch.where(finite, loss, 0.0)
-    members = _one_hot(unit.to(loss.device), _count(unit))  # (R, U)
+    members = _one_hot(unit.to(loss.device), units)  # (R, U)
     k = members.sum(0)
     broken = torch.where((~finite).to(torch.float64) @ members > 0, float("nan"), 0.0)
-    rows = torch.arange(len(unit), device=unit.device)[:, None].expand(-1, members.shape[1])
-    first = torch.where(members.bool().to(unit.device), rows, len(unit)).amin(0)
+    rows = torch.arange(len(unit), device=loss.device)[:, None].expand(-1, members.shape[1])
+    first = torch.where(members.bool(), rows, len(unit)).amin(0)
     return (loss * loss) @ members / k + broken, 2 * (loss @ members) / k + broken, first
 
 
@@ -307,12 +305,16 @@ def block_moments(rows: torch.Tensor, items: dict[str, torch.Tensor], previous_m
 
 def decomposition(pooled: dict[str, torch.Tensor]) -> dict[str, Estimate]:
     """V, A, B, C, their shares of V, the covariances and MIRROR's pair statistic from the pooled moments of
-    the quantities (``QUANTITIES``; missing ones are NaN). A = V - cov_mask, C = cov_rate, B from its own
-    (difference) items; shares A / V = 1 - cov_mask / V, B / V, C / V = cov_rate / V, which sum to 1.
-    ``gain`` = -(cov_pair + cov_syrm): the variance per row that MIRROR saves at equal rows (> 0: it pays)."""
+    the quantities (``QUANTITIES``; missing ones are NaN, except cov_syrm: without SyRM it is exactly 0).
+    A = V - cov_mask, C = cov_rate, B from its own (difference) items; shares A / V = 1 - cov_mask / V, B / V,
+    C / V = cov_rate / V, which sum to 1. The rule's sides E[(L - L')^2] / 2 = V - cov_pair (``pair_half_sq``) and
+    V + cov_syrm (``rule_right``), and ``gain`` = -(cov_pair + cov_syrm) = their difference: the variance per row
+    that MIRROR saves at equal rows (> 0: it pays), with the SE of the covariances (V cancels)."""
     est = {name: stratified_mean(pooled[name]) if name in pooled else NAN for name in QUANTITIES}
-    v, cov_pair, cov_mask, cov_rate = est["V"], est["cov_pair"], est["cov_mask"], est["cov_rate"]
-    cov_syrm = est["cov_syrm"] if "cov_syrm" in pooled else Estimate(0.0, 0.0, float("inf"))
+    if "cov_syrm" not in pooled:  # no SyRM: no such term, exactly
+        est["cov_syrm"] = Estimate(0.0, 0.0, float("inf"))
+    v, cov_pair, cov_mask = est["V"], est["cov_pair"], est["cov_mask"]
+    cov_rate, cov_syrm = est["cov_rate"], est["cov_syrm"]
     return {**est, "A": v - cov_mask, "C": cov_rate, "pair_half_sq": v - cov_pair, "rule_right": v + cov_syrm,
             "gain": -(cov_pair + cov_syrm), "A_share": -(cov_mask.share_of(v) - Estimate(1.0, 0.0, v.n_eff)),
             "B_share": est["B"].share_of(v), "C_share": cov_rate.share_of(v)}
