@@ -93,7 +93,7 @@ def test_monitor_recovers_the_exact_quantities_on_a_known_model(mirror, syrm):
     equal rows), one pooling of 120 steps of 16 sequences, all probed: V, A, B, C, the pair statistic and the
     covariances within 4.5 SE of their exact values, with MIRROR's training pairs and SyRM's units or without;
     under SyRM cov_syrm = Cov(f(t), f(1 - t)) too, and the gain -(cov_pair + cov_syrm) is resolved above 0.
-    (Planted: B's items centred like a covariance, or SyRM units ignored in the centring, fail it.)"""
+    (Planted: B's items centred like a covariance fails it.)"""
     cfg = load_config(None, [f"variance.eps={EPS}", "seed=3"])
     sampler = SymmetricT(UniformT(3)) if syrm else UniformT(3)
     model = AnalyticMDM()
@@ -149,7 +149,7 @@ def test_training_sums_hold_one_item_per_unit_pair_and_partner(syrm):
     third has one row). V: one item per sequence (under SyRM per pair of partners: sequences 0-1 and 2-3), p = mean
     L^2, s = 2 mean L over its weighted rows; cov_pair: each two-row sequence, (L1 L2, L1 + L2); cov_syrm (SyRM):
     each pair of partners' weighted mean rows. (Planted: units = sequences under SyRM; the single row paired with
-    its neighbour; pairs stratified by the second row: each fails.)"""
+    its neighbour: each fails.)"""
     loss, rows, t, weight = [1.0, 3.0, 2.0, 6.0, 5.0, 0.5, 1.5], [0, 0, 1, 1, 2, 3, 3], [0.05, 0.3, 0.6, 0.95], \
         [2.0, 0.5, 1.0, 1.0]
     strata = [0, 2, 4, 7]
@@ -188,10 +188,11 @@ def test_probe_sums_hold_a_pair_a_mask_a_rate_and_a_difference_item_per_sequence
     assert not online_variance.probe_sums(micro, 0, lambda u: u.double()).any()
 
 
-def hand_v(blocks: list[list[list[float]]], decay: float) -> tuple[float, float]:
-    """V pooled by hand and its n_eff: each step's rows (singleton units) centred on m = the previous step's mean
-    (0 at first) less c = the mean of (L_i - m)(L_j - m) over pairs i != j; the items of block k of K weighted
-    decay^(K - 1 - k)."""
+def hand_v(blocks: list[list[list[float]]], decay: float) -> tuple[float, float, float]:
+    """V pooled by hand, its SE and n_eff: each step's rows (singleton units) centred on m = the previous step's
+    mean (0 at first) less c = the mean of (L_i - m)(L_j - m) over pairs i != j; the items of block k of K
+    weighted w = decay^(K - 1 - k); sigma^2 = sum w (z - zbar)^2 / (W - W2 / W), SE = sigma / sqrt(n_eff),
+    n_eff = W^2 / W2 (W = sum w, W2 = sum w^2)."""
     weighted, m = [], 0.0
     for k, block in enumerate(blocks):
         for rows in block:
@@ -199,8 +200,11 @@ def hand_v(blocks: list[list[list[float]]], decay: float) -> tuple[float, float]
             c = sum(pairs) / len(pairs)
             weighted += [(decay ** (len(blocks) - 1 - k), (x - m) ** 2 - c) for x in rows]
             m = sum(rows) / len(rows)
-    total = sum(w for w, _ in weighted)
-    return sum(w * z for w, z in weighted) / total, total**2 / sum(w * w for w, _ in weighted)
+    total, squares = sum(w for w, _ in weighted), sum(w * w for w, _ in weighted)
+    mean = sum(w * z for w, z in weighted) / total
+    sigma2 = sum(w * (z - mean) ** 2 for w, z in weighted) / (total - squares / total)
+    n_eff = total**2 / squares
+    return mean, (sigma2 / n_eff) ** 0.5, n_eff
 
 
 def observe_rows(monitor: VarianceMonitor, rows: list[float]) -> None:
@@ -211,33 +215,35 @@ def observe_rows(monitor: VarianceMonitor, rows: list[float]) -> None:
 
 def test_monitor_centres_each_step_on_the_previous_mean_and_pools_with_decay():
     """Two poolings of two steps of three rows each (one stratum: the stratified mean is the weighted mean),
-    decay 0.5: V and its n_eff equal the hand computation, and nothing is pooled between poolings. A monitor
-    restored mid-block pools exactly what the first one pools. (Planted: m = the step's own mean; every step
-    of a block summed into one slot; the restored position reset to 0: each fails.)"""
+    decay 0.5: V, its SE and its n_eff equal the hand computation, and nothing is pooled between poolings. A
+    monitor restored mid-block pools exactly what the first one pools. (Planted: m = the step's own mean (V's
+    value does not move with m for singleton units, its SE does); every step of a block summed into one slot;
+    the restored position reset to 0: each fails.)"""
     settings = MonitorSettings(every=2, decay=0.5)
     blocks = [[[1.0, 2.0, 4.0], [2.0, 3.5, 3.0]], [[0.5, 1.0, 2.0], [0.0, 1.5, 0.5]]]
     monitor = VarianceMonitor(settings)
     for step, rows in enumerate([rows for block in blocks for rows in block], start=1):
         observe_rows(monitor, rows)
-        if step == 3:  # mid-block: a resume from here must pool the same
-            restored = VarianceMonitor(settings)
-            restored.load_state_dict(monitor.state_dict())
         monitor.on_optimizer_step(step)
         assert (monitor.report is not None) == (step % 2 == 0) and monitor.position == step % 2
         if step == 2:
-            value, n_eff = hand_v(blocks[:1], 0.5)
-            assert monitor.report["V"].value == pytest.approx(value, rel=1e-12) and monitor.report["V"].n_eff == 6
+            value, se, _ = hand_v(blocks[:1], 0.5)
+            assert (monitor.report["V"].value, monitor.report["V"].se) == (pytest.approx(value, rel=1e-12),
+                                                                           pytest.approx(se, rel=1e-12))
+            assert monitor.report["V"].n_eff == 6
             monitor.report = None
-    value, n_eff = hand_v(blocks, 0.5)
-    assert monitor.report["V"].value == pytest.approx(value, rel=1e-12)
-    assert monitor.report["V"].n_eff == pytest.approx(n_eff, rel=1e-12) and n_eff == pytest.approx(10.8)
-    restored.on_optimizer_step(3)
+        if step == 3:  # mid-block: a resume from here must pool the same
+            restored = VarianceMonitor(settings)
+            restored.load_state_dict(monitor.state_dict())
+    value, se, n_eff = hand_v(blocks, 0.5)
+    v = monitor.report["V"]
+    assert (v.value, v.se, v.n_eff) == (pytest.approx(value, rel=1e-12), pytest.approx(se, rel=1e-12),
+                                        pytest.approx(n_eff, rel=1e-12))
+    assert n_eff == pytest.approx(10.8)
     observe_rows(restored, blocks[1][1])
     restored.on_optimizer_step(4)
-    assert restored.report["V"].value == pytest.approx(monitor.report["V"].value, rel=1e-12)
+    assert restored.report["V"].value == pytest.approx(v.value, rel=1e-12)
     assert torch.equal(restored.pooled, monitor.pooled) and restored.previous_mean == monitor.previous_mean
-
-
 
 
 def falling_loss(runs: int, steps: int, units: int, slope: float, seed: int, shared: float = 0.3) -> torch.Tensor:
