@@ -22,7 +22,9 @@ makes p >= 1 / max_weight everywhere, so capped weights stay exactly unbiased (c
 product: deterministic, no host sync) to its pooled sums (``pooled_sums.py``). Every ``refit_every`` optimiser
 steps ``on_optimizer_step`` pools them over ranks (one all-reduce of 5 x bins floats, decay
 0.5^(refit_every / half_life)), and rank 0 refits from the current parameters (warm start) and broadcasts the
-new density, so every rank samples from bit-identical p(t) from the next step on.
+new density, so every rank samples from bit-identical p(t) from the next step on. A fit that fails on rank 0
+(e.g. an EPR curve whose log-range underflows the density to zero somewhere) keeps the current density on every
+rank: the broadcast's first number says that no new density comes, and rank 0 prints why.
 """
 
 from __future__ import annotations
