@@ -11,9 +11,13 @@
 #   `small` preset on the synthetic task, variance.masks auto, 400 steps) with its TensorBoard files, then
 #   `mdm-scale variance plot-online` -> OUT/figure/online_abc_small_gpu.png (drawn from whatever steps it logged,
 #   also when the run is cut short by FIGURE_S).
-# Knobs: OUT (results/auto), PARALLEL (16), LIMIT_S (330: no study run starts after it), SEEDS, FAMILIES, FIGURE_S
-# (420: the figure run's time bound), FIGURE_STEPS (400), EXTRA (more --set items for every study run, e.g.
-# EXTRA="--set train.max_steps=4" for a smoke test), FIGURE_EXTRA (the same for the figure run).
+# Knobs: OUT (results/auto), PARALLEL (16), LIMIT_S (330: no study run starts after it; 0 rewrites the reports of
+# the finished runs only), STUDY_S (500: the study's hard time bound; cut there, it writes no report: run again
+# with LIMIT_S=0), SEEDS, FAMILIES, FIGURE_S (420: the figure run's time bound), FIGURE_STEPS (400), EXTRA (more
+# arguments of auto_study for every study run, e.g. EXTRA="--set train.max_steps=4" for a smoke test),
+# FIGURE_EXTRA (more --set items for the figure run), COPY_TO (a directory: the reports, decisions, figures, logs
+# and every run's result.json and logs, the auto runs' and the figure run's TensorBoard files are copied there at
+# the end; checkpoints stay under OUT).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-results/auto}
@@ -40,13 +44,21 @@ figure() {
 figure &
 extra=()
 read -r -a extra <<< "${EXTRA:-}"
-$PY -m tools.experiments.auto_study --out "$OUT" --families "${FAMILIES:-sort,missing,minmax}" \
-  --seeds "${SEEDS:-42,731,20231,1,2}" --parallel "${PARALLEL:-16}" --limit-s "${LIMIT_S:-330}" "${extra[@]}" \
-  > "$OUT/study.log" 2>&1
+timeout --kill-after 20 "${STUDY_S:-500}" $PY -m tools.experiments.auto_study --out "$OUT" \
+  --families "${FAMILIES:-sort,missing,minmax}" --seeds "${SEEDS:-42,731,20231,1,2}" --parallel "${PARALLEL:-16}" \
+  --limit-s "${LIMIT_S:-330}" "${extra[@]}" > "$OUT/study.log" 2>&1
 echo "study: exit $? at $((SECONDS - start)) s"; tail -4 "$OUT/study.log"
 wait
 IFS=',' read -r -a families <<< "${FAMILIES:-sort,missing,minmax}"
 for family in "${families[@]}"; do
   [ -f "$OUT/$family/auto_summary.md" ] && { echo "== $family"; cat "$OUT/$family/auto_summary.md"; }
 done
+if [ -n "${COPY_TO:-}" ]; then
+  (cd "$OUT" && find . -maxdepth 2 \( -name '*.md' -o -name '*.csv' -o -name '*.png' -o -name '*.log' \) -print0 \
+     | xargs -0 -r cp --parents -t "$COPY_TO"
+   find . -path '*/runs/*' \( -name result.json -o -name train.log -o -name eval.log \) -print0 \
+     | xargs -0 -r cp --parents -t "$COPY_TO"
+   find . \( -path './*/runs/auto/*/tensorboard/*' -o -path './figure/run/tensorboard/*' \) -type f -print0 \
+     | xargs -0 -r cp --parents -t "$COPY_TO")
+fi
 echo "total: $((SECONDS - start)) s"
