@@ -355,6 +355,20 @@ def test_monitor_logs_every_estimate_with_its_interval_and_decides_at_poolings()
     assert line == "V=1 [0.5, 1.5] mirror=1"
 
 
+def test_a_checkpoint_of_the_old_estimators_keeps_its_decisions_and_starts_the_sums_empty():
+    """A monitor state written before issue 26 (raw sums of 14 columns) resumes with its decisions replayed and
+    empty statistics, on its own rank as after a change of the world size."""
+    old = {"statistics": torch.ones(14, dtype=torch.float64), "pending": torch.ones(14, dtype=torch.float64),
+           "mirror_on": True, "decisions": [(4, True)]}
+    for load in (lambda m: m.load_state_dict(old), lambda m: m.load_rank_states([old, old], old)):
+        replayed: list[tuple[bool, int]] = []
+        monitor = VarianceMonitor(MonitorSettings(every=2, mirror_auto=True),
+                                  switch=lambda on, step, why, seen=replayed: seen.append((on, step)))
+        load(monitor)
+        assert monitor.mirror_on and monitor.decisions == [(4, True)] and replayed == [(True, 4)]
+        assert not monitor.pooled.any() and not monitor.pending.host().any() and monitor.position == 0
+
+
 def test_monitor_settings_follow_the_variance_config():
     """The monitor runs on its own cadence (``variance.monitor``), not P-POTS's: a refit interval of 7 under P-POTS
     leaves it at 10; SyRM's coupling makes its units pairs of sequences."""
