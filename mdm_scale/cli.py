@@ -106,16 +106,16 @@ def build_parser() -> argparse.ArgumentParser:
     synth = data.add_parser("synth", help="write a synthetic reasoning task (train/eval JSONL)")
     synth.add_argument("--out", default="data/synth")
     synth.add_argument("--family", default="arith",
-                       choices=["arith", "add", "sort", "count", "common", "missing", "lookup"],
+                       choices=["arith", "add", "sort", "count", "common", "missing", "minmax", "lookup"],
                        help="arith: word problems; add: multi-digit +/-; sort: digits; count: a digit's "
                             "occurrences; common: the digits two lists share; missing: the digits a list lacks; "
-                            "lookup: variable chains")
+                            "minmax: a list's smallest and largest digit; lookup: variable chains")
     synth.add_argument("--train", type=int, default=20000)
     synth.add_argument("--eval", type=int, default=500)
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--min-ops", type=int, default=1,
                        help="smallest problem size: operations (arith), digits (add), list length (sort, count, "
-                            "common, missing), hops (lookup)")
+                            "common, missing, minmax), hops (lookup)")
     synth.add_argument("--max-ops", type=int, default=3, help="largest problem size (see --min-ops)")
     synth.add_argument("--pretrain", type=int, default=0, help="also write this many {text} records")
     synth.set_defaults(func=_synth)

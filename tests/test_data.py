@@ -41,7 +41,7 @@ def test_pretraining_text_never_contains_an_eval_prompt(tmp_path):
     assert not {t.split("\n")[0] + "\n" for t in texts} & eval_prompts
 
 
-@pytest.mark.parametrize("family", ["add", "sort", "count", "common", "missing", "lookup"])
+@pytest.mark.parametrize("family", ["add", "sort", "count", "common", "missing", "minmax", "lookup"])
 def test_family_is_deterministic_correct_and_keeps_eval_prompts_out(tmp_path, family):
     a = write_synthetic_task(tmp_path / "a", train=300, eval=100, seed=5, min_ops=1, max_ops=4, pretrain=300,
                              family=family)

@@ -3,6 +3,7 @@ micro experiment end to end."""
 
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 import subprocess
@@ -175,6 +176,47 @@ def test_micro_experiment_runs_end_to_end_and_resumes(synth_dir, tmp_path):
 
     again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and "6 runs, 6 already finished, 0 to do" in again.stdout
+
+
+def test_auto_study_plans_equal_rows_first_and_collects_the_decisions(tmp_path):
+    """``python -m tools.experiments.auto_study``: per family Standard, auto and MIRROR 0.5x at the config's
+    micro-batch of rows, with ``--equal-batch`` also MIRROR at equal batch and Standard 2x, scheduled after every
+    equal-rows run; ``auto_decisions.csv`` and ``auto_summary.md`` from the runs' variance lines (here the console
+    lines of ``train.log``, estimates with their intervals: ``variance/mirror`` at step s is the setting from step
+    s + 1 on; the SE of the rule's numbers is the interval's half-width / 1.96)."""
+    from tools.experiments import auto_study
+
+    options = argparse.Namespace(seeds="7,8", rows=None, set=[], equal_batch=["minmax"], synth_train=40,
+                                 synth_eval=8, eval_batch=8)
+    labels = {}
+    jobs = []
+    for name in ("sort", "minmax"):
+        args = auto_study.family_args(name, tmp_path, options)
+        entries = experiment_run.plan(args.methods, args.budget, args.micro, args.rows)
+        labels[name] = {(e.label, e.micro, e.rows) for e in entries}
+        jobs += [(run, args, "rows" not in e.protocols) for e in entries for run in e.runs(tmp_path / name, [7, 8])]
+    equal_rows = {("Standard", 64, 64), ("auto", 64, 64), ("MIRROR 0.5x", 32, 64)}
+    assert labels == {"sort": equal_rows, "minmax": equal_rows | {("MIRROR", 64, 128), ("Standard 2x", 128, 128)}}
+    order = [(run.method, run.micro, run.seed) for run, _, _ in auto_study.schedule(jobs, [7, 8])]
+    assert order[-4:] == [("standard", 128, 7), ("mirror", 64, 7), ("standard", 128, 8), ("mirror", 64, 8)]
+    assert (tmp_path / "minmax" / "data" / "eval.jsonl").is_file()
+
+    finished, unfinished = (experiment_run.Run("auto", 64, seed, tmp_path / f"seed_{seed}") for seed in (7, 8))
+    finished.directory.mkdir()
+    (finished.directory / "train.log").write_text(
+        "[train step 50] loss=2.0\n[variance step 50] V=0.9 [0.8, 1] gain=-0.1 [-0.2, 0] mirror=0\n"
+        "[variance step 100] V=0.8 [0.7, 0.9] gain=0.3 [0.1, 0.5] mirror=1\n"
+        "[variance step 150] V=0.7 [0.6, 0.8] gain=0.2 [0.1, 0.3] mirror=1\n")
+    finished.result_file.write_text(json.dumps({"tensorboard_dir": None}))
+    table, summary = auto_study.write_decisions(tmp_path, [finished, unfinished])
+    with table.open() as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["seed"], r["step"], r["mirror"], r["gain"], r["gain_lo"], r["V_hi"]) for r in rows] == [
+        ("7", "50", "0.0", "-0.1", "-0.2", "1.0"), ("7", "100", "1.0", "0.3", "0.1", "0.9"),
+        ("7", "150", "1.0", "0.2", "0.1", "0.8")]
+    assert float(rows[1]["gain_se"]) == pytest.approx(0.2 / 1.959964, rel=1e-6)
+    lines = summary.read_text().splitlines()
+    assert lines[2] == "| 7 | 3 | 2 | 101 | 0.2 (0.05102), –, – |" and lines[3].startswith("| 8 | not finished")
 
 
 def test_error_profile_of_true_and_corrupted_answers(tmp_path):

@@ -1,24 +1,39 @@
 """Online A/B/C (``diffusion/online_variance.py``) and ``variance.masks: auto``.
 
-1. On the analytic model of ``analytic_mdm.py`` (A, B, C, V and MIRROR's pair statistic known exactly by
-   enumerating masks), the probe and training-row estimators recover the exact values within 4.5 of their own
-   standard errors.
-2. On a real (tiny) model, the online estimates pooled during training agree with ``mdm-scale variance`` on the
+1. On the analytic model of ``analytic_mdm.py`` (A, B, C, V, MIRROR's pair statistic and SyRM's covariance known
+   exactly by enumerating masks), the monitor driven as the trainer drives it (probe, observe, pool) recovers the
+   exact values within 4.5 of its own standard errors, with and without MIRROR's training pairs and SyRM.
+2. While the mean loss falls, the monitor's V is unbiased; the raw pooled sums of the estimator before issue 26
+   are not. Its items are the ones the module docstring names, summed by hand; its pooling centres each step on
+   the previous step's mean and decays by what the settings say.
+3. On a real (tiny) model, the online estimates pooled during training agree with ``mdm-scale variance`` on the
    checkpoint of the same weights (learning rate ~0 keeps them fixed), within 4.5 combined standard errors.
-3. Through ``mirror: auto``'s switches the per-step loss and its gradient stay unbiased for the uniform
-   objective (exact values of the analytic model), and the stream positions stay consecutive and disjoint.
-4. A tiny ``masks: auto`` run logs its decisions and resumes exactly across a switch.
+4. Through ``masks: auto``'s switches the per-step loss and its gradient stay unbiased for the uniform objective
+   (exact values of the analytic model), and the stream positions stay consecutive and disjoint; the rule
+   switches only past its margin; a tiny ``masks: auto`` run logs its decisions and resumes exactly.
 """
 
 from __future__ import annotations
 
+import itertools
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
-from analytic_mdm import MASK, PAD, SFT_ROWS, VOCAB, AnalyticMDM, eligible_tokens, exact_abc, midpoints, moments
+from analytic_mdm import (
+    MASK,
+    PAD,
+    SFT_ROWS,
+    VOCAB,
+    AnalyticMDM,
+    eligible_tokens,
+    exact_abc,
+    midpoints,
+    moments,
+    sft_batch,
+)
 from conftest import read_scalars, tiny_overrides
 from mdm_scale.config.loader import load_config
 from mdm_scale.config.schema import ConfigError
@@ -27,9 +42,11 @@ from mdm_scale.core.batch import Batch
 from mdm_scale.data.examples import TokenizedData
 from mdm_scale.data.loader import TrainLoader
 from mdm_scale.diffusion import online_variance
+from mdm_scale.diffusion import variance_estimates as ve
 from mdm_scale.diffusion.build import masks_for
-from mdm_scale.diffusion.objective import MDMObjective
-from mdm_scale.diffusion.online_variance import Probe, VarianceMonitor, estimates, training_statistics
+from mdm_scale.diffusion.coupled_t import SymmetricT
+from mdm_scale.diffusion.objective import MDMObjective, TrainedMicroBatch
+from mdm_scale.diffusion.online_variance import MonitorSettings, Probe, VarianceMonitor
 from mdm_scale.diffusion.t_samplers import UniformT
 from mdm_scale.training.trainer import Trainer
 
@@ -45,44 +62,323 @@ def analytic_loader(micro: int, seed: int = 5) -> TrainLoader:
     return TrainLoader(data, seed, 0, 1, micro, 1, pad_id=PAD, pad_to_multiple_of=1, seq_len=16)
 
 
-def exact_values(model: AnalyticMDM) -> dict:
-    t = midpoints(0.0, 1.0, 1000)
+def iid_batch(step: int, size: int) -> Batch:
+    """``size`` sequences drawn i.i.d. from the analytic model's SFT rows (the training stream draws without
+    replacement, which on three rows would couple the sequences of a step), sample indices step * size + b."""
+    choice = torch.randint(len(SFT_ROWS), (size,), generator=torch.Generator().manual_seed(1000 + step))
+    rows = sft_batch(1)
+    return Batch(rows.input_ids[choice], rows.loss_mask[choice], torch.arange(step * size, (step + 1) * size),
+                 rows.attention_mask[choice])
+
+
+def exact_quantities(model: AnalyticMDM) -> dict[str, float]:
+    t = midpoints(0.0, 1.0, 1000)  # symmetric about 1/2: t and 1 - t are both nodes
     single = moments(model, eligible_tokens(), t, EPS, gradient=False)
     paired = moments(model, eligible_tokens(), t, EPS, mirror=True, gradient=False)
     abc = exact_abc(single)
-    # MIRROR's pair mean has mask variance (A + K) / 2 per (x0, t), so A - K = 2 A - 2 a_pair.
-    pair_mask_variance = (paired.s - paired.f**2).mean()
-    return {**abc, "V": abc["total"], "A+B": abc["A"] + abc["B"], "pair_half_sq": 2 * abc["A"] - 2 * pair_mask_variance}
+    pair_half_sq = 2 * abc["A"] - 2 * (paired.s - paired.f**2).mean()  # A - K (pair mean's mask variance (A+K)/2)
+    fbar = single.f.mean(0)
+    return {"V": abc["total"], "A": abc["A"], "B": abc["B"], "C": abc["C"], "pair_half_sq": pair_half_sq,
+            "cov_pair": abc["total"] - pair_half_sq, "cov_syrm": float((fbar * fbar[::-1]).mean() - fbar.mean() ** 2)}
 
 
-def test_online_estimators_recover_exact_values_on_a_known_model():
-    """Every online term within 4.5 of its standard error of the exact value. On this model A dominates
-    (A 3.57, B 0.15, C 0.01, pair statistic 4.72): the test resolves A, V and the pair statistic (a missing 1/2
-    fails it), while B and C lie below its resolution and are checked only for consistency."""
+def evaluate(model: AnalyticMDM, noisy) -> TrainedMicroBatch:
+    with torch.no_grad():
+        return TrainedMicroBatch(noisy, model(**noisy.model_inputs()).token_ce.float())
+
+
+@pytest.mark.parametrize("mirror, syrm", [(False, False), (True, False), (False, True), (True, True)])
+def test_monitor_recovers_the_exact_quantities_on_a_known_model(mirror, syrm):
+    """On the analytic model (A 3.57, B 0.15, C 0.01, V 3.73, A - K 4.72: cov_pair = -0.99, MIRROR pays at
+    equal rows), one pooling of 120 steps of 16 sequences, all probed: V, A, B, C, the pair statistic and the
+    covariances within 4.5 SE of their exact values, with MIRROR's training pairs and SyRM's units or without;
+    under SyRM cov_syrm = Cov(f(t), f(1 - t)) too, and the gain -(cov_pair + cov_syrm) is resolved above 0.
+    (Planted: B's items centred like a covariance fails it.)"""
     cfg = load_config(None, [f"variance.eps={EPS}", "seed=3"])
+    sampler = SymmetricT(UniformT(3)) if syrm else UniformT(3)
     model = AnalyticMDM()
-    objective = MDMObjective(UniformT(3), masks_for(cfg.variance, 3), MASK)
+    objective = MDMObjective(sampler, masks_for(cfg.variance, 3, MirrorMasksConfig() if mirror else None), MASK)
     probe = Probe(objective, masks_for(cfg.variance, 3, MirrorMasksConfig()), masks_for(cfg.variance, 3), 3,
                   fraction=1.0)
-    loader = analytic_loader(micro=16)
-    total = torch.zeros(online_variance.COLUMNS, dtype=torch.float64)
-    with torch.no_grad():
-        for step in range(150):
-            batch = loader.micro_batch_at(step, 0)
-            rows, counted = probe.rows(batch)
-            total += Probe.statistics(rows, model(**rows.model_inputs()).token_ce.float(), counted)
-            noisy = objective.corrupt(batch)
-            row_loss = noisy.row_losses(model(**noisy.model_inputs()).token_ce.float())
-            total += training_statistics(noisy, row_loss, noisy.pair_sq_diff(row_loss))
-    r, exact = estimates(total), exact_values(model)
-    se = {"A": r["A_se"], "A+B": r["A+B_se"], "V": r["V_se"], "pair_half_sq": r["pair_half_sq_se"],
-          "C": (r["V_se"] ** 2 + r["A+B_se"] ** 2) ** 0.5, "B": (r["A_se"] ** 2 + r["A+B_se"] ** 2) ** 0.5}
-    assert r["probes"] == 150 * 16 and r["rows"] == 150 * 16
-    for term, error in se.items():
-        assert abs(r[term] - exact[term]) <= Z * error, (term, r[term], exact[term], error)
-    # K < 0 (antithetic masks): the pair statistic is not A, by more than this test resolves.
-    assert exact["pair_half_sq"] - exact["A"] > Z * se["pair_half_sq"], (exact["pair_half_sq"], exact["A"])
-    assert r["A_share"] + r["B_share"] + r["C_share"] == pytest.approx(1.0)
+    steps = 120
+    monitor = VarianceMonitor(MonitorSettings(every=steps, probe_every=1, probe_fraction=1.0, syrm=syrm),
+                              sampler.quantile, probe)
+    for step in range(steps):
+        batch = iid_batch(step, 16)
+        monitor.probe(step, batch, lambda noisy: evaluate(model, noisy))
+        monitor.observe(evaluate(model, objective.corrupt(batch)))
+        monitor.on_optimizer_step(step + 1)
+    r, exact = monitor.report, exact_quantities(model)
+    assert r["cov_pair"].n_eff == steps * 16 * (2 if mirror else 1)  # the probe's pairs, and the training pairs
+    for name in ("V", "A", "B", "C", "pair_half_sq", "cov_pair", *(("cov_syrm",) if syrm else ())):
+        assert abs(r[name].value - exact[name]) <= Z * r[name].se, (name, r[name], exact[name])
+    assert r["gain"].value == pytest.approx(-(r["cov_pair"].value + (r["cov_syrm"].value if syrm else 0.0)))
+    assert r["gain"].value - Z * r["gain"].se > 0  # MIRROR pays here, resolved
+    assert r["A_share"].value + r["B_share"].value + r["C_share"].value == pytest.approx(1.0)
+
+
+# ---- the items and the pooling, by hand -------------------------------------------------------------------
+def micro_batch(loss: list[float], row_sample: list[int], t: list[float], weight: list[float]) -> SimpleNamespace:
+    """What ``training_sums`` and ``probe_sums`` read of a trained micro-batch: unweighted row losses, the
+    sequence of each row, and per sequence t, weight and mean row loss."""
+    row_loss, sequence = torch.tensor(loss), torch.tensor(row_sample)
+    sample_loss = torch.zeros(len(t)).index_add_(0, sequence, row_loss) / torch.bincount(sequence, minlength=len(t))
+    noisy = SimpleNamespace(t=torch.tensor(t), weight=torch.tensor(weight), row_sample=sequence, rows=len(loss))
+    return SimpleNamespace(noisy=noisy, t=noisy.t, row_loss=row_loss, sample_loss=sample_loss)
+
+
+def expected_sums(items: list[tuple[str, int, float, float]], rows: list[float], unit: list[int]) -> torch.Tensor:
+    """(STEP_COLUMNS,) built item by item: (quantity, stratum, p, s) -> [1, p, s, p^2, p s, s^2]; the rows' n, sum
+    L, sum over units of (unit sum)^2, of k_u (unit sum) and of k_u^2."""
+    out = torch.zeros(online_variance.STEP_COLUMNS, dtype=torch.float64)
+    for name, stratum, p, s in items:
+        start = ve.ROW_COLUMNS + online_variance.QUANTITY_NAMES.index(name) * online_variance.ITEM_BLOCK
+        out[start + stratum * ve.ITEM_COLUMNS:start + (stratum + 1) * ve.ITEM_COLUMNS] += torch.tensor(
+            [1.0, p, s, p * p, p * s, s * s], dtype=torch.float64)
+    if rows:
+        groups = [[L for L, u in zip(rows, unit) if u == g] for g in sorted(set(unit))]
+        out[:ve.ROW_COLUMNS] = torch.tensor([len(rows), sum(rows), sum(sum(g) ** 2 for g in groups),
+                                            sum(len(g) * sum(g) for g in groups), sum(len(g) ** 2 for g in groups)],
+                                           dtype=torch.float64)
+    return out
+
+
+@pytest.mark.parametrize("syrm", [False, True])
+def test_training_sums_hold_one_item_per_unit_pair_and_partner(syrm):
+    """Four sequences (t in strata 0, 2, 4, 7; weights 2, 0.5, 1, 1) with MIRROR rows (0, 0 | 1, 1 | 2 | 3, 3: the
+    third has one row). V: one item per sequence (under SyRM per pair of partners: sequences 0-1 and 2-3), p = mean
+    L^2, s = 2 mean L over its weighted rows; cov_pair: each two-row sequence, (L1 L2, L1 + L2); cov_syrm (SyRM):
+    each pair of partners' weighted mean rows. (Planted: units = sequences under SyRM; the single row paired with
+    its neighbour: each fails.)"""
+    loss, rows, t, weight = [1.0, 3.0, 2.0, 6.0, 5.0, 0.5, 1.5], [0, 0, 1, 1, 2, 3, 3], [0.05, 0.3, 0.6, 0.95], \
+        [2.0, 0.5, 1.0, 1.0]
+    strata = [0, 2, 4, 7]
+    got = online_variance.training_sums(micro_batch(loss, rows, t, weight), lambda u: u.double(), syrm)
+    L = [x * weight[b] for x, b in zip(loss, rows)]
+    unit = [b // 2 for b in rows] if syrm else rows
+    items = []
+    for u in sorted(set(unit)):
+        mine = [x for x, v in zip(L, unit) if v == u]
+        first = rows[unit.index(u)]
+        items.append(("V", strata[first], sum(x * x for x in mine) / len(mine), 2 * sum(mine) / len(mine)))
+    for i, j in ((0, 1), (2, 3), (5, 6)):
+        items.append(("cov_pair", strata[rows[i]], L[i] * L[j], L[i] + L[j]))
+    if syrm:
+        mean = [sum(x for x, b in zip(L, rows) if b == seq) / rows.count(seq) for seq in range(4)]
+        items += [("cov_syrm", strata[0], mean[0] * mean[1], mean[0] + mean[1]),
+                  ("cov_syrm", strata[2], mean[2] * mean[3], mean[2] + mean[3])]
+    assert torch.allclose(got, expected_sums(items, L, unit), rtol=1e-12, atol=0)
+
+
+def test_probe_sums_hold_a_pair_a_mask_a_rate_and_a_difference_item_per_sequence():
+    """Two probed sequences: rows (base, antithetic) x 2, then the independent-mask and independent-rate rows,
+    each weighted by its own sequence's weight; strata of the base rates (0.3, 0.9 -> 2, 7). Nothing counted:
+    zeros. (Planted: the rate row's weight used for the base row fails it.)"""
+    micro = micro_batch([1.0, 2.0, 3.0, 5.0, 4.0, 7.0, 1.0, 2.0], [0, 0, 1, 1, 2, 3, 4, 5],
+                        [0.3, 0.9, 0.3, 0.9, 0.5, 0.1], [2.0, 0.5, 2.0, 0.5, 3.0, 1.0])
+    got = online_variance.probe_sums(micro, 2, lambda u: u.double())
+    base, anti, mask, rate = (2.0, 1.5), (4.0, 2.5), (8.0, 3.5), (3.0, 2.0)  # weighted
+    items = []
+    for b, stratum in ((0, 2), (1, 7)):
+        items += [("cov_pair", stratum, base[b] * anti[b], base[b] + anti[b]),
+                  ("cov_mask", stratum, base[b] * mask[b], base[b] + mask[b]),
+                  ("cov_rate", stratum, base[b] * rate[b], base[b] + rate[b]),
+                  ("B", stratum, base[b] * (mask[b] - rate[b]), mask[b] - rate[b])]
+    assert torch.allclose(got, expected_sums(items, [], []), rtol=1e-12, atol=0)
+    assert not online_variance.probe_sums(micro, 0, lambda u: u.double()).any()
+
+
+def hand_v(blocks: list[list[list[float]]], decay: float) -> tuple[float, float, float]:
+    """V pooled by hand, its SE and n_eff: each step's rows (singleton units) centred on m = the previous step's
+    mean (0 at first) less c = the mean of (L_i - m)(L_j - m) over pairs i != j; the items of block k of K
+    weighted w = decay^(K - 1 - k); sigma^2 = sum w (z - zbar)^2 / (W - W2 / W), SE = sigma / sqrt(n_eff),
+    n_eff = W^2 / W2 (W = sum w, W2 = sum w^2)."""
+    weighted, m = [], 0.0
+    for k, block in enumerate(blocks):
+        for rows in block:
+            pairs = [(a - m) * (b - m) for a, b in itertools.permutations(rows, 2)]
+            c = sum(pairs) / len(pairs)
+            weighted += [(decay ** (len(blocks) - 1 - k), (x - m) ** 2 - c) for x in rows]
+            m = sum(rows) / len(rows)
+    total, squares = sum(w for w, _ in weighted), sum(w * w for w, _ in weighted)
+    mean = sum(w * z for w, z in weighted) / total
+    sigma2 = sum(w * (z - mean) ** 2 for w, z in weighted) / (total - squares / total)
+    n_eff = total**2 / squares
+    return mean, (sigma2 / n_eff) ** 0.5, n_eff
+
+
+def observe_rows(monitor: VarianceMonitor, rows: list[float]) -> None:
+    """One step's rows as two micro-batches (singleton units, t in stratum 0, weight 1)."""
+    for half in (rows[:1], rows[1:]):
+        monitor.observe(micro_batch(half, list(range(len(half))), [0.01] * len(half), [1.0] * len(half)))
+
+
+def test_monitor_centres_each_step_on_the_previous_mean_and_pools_with_decay():
+    """Two poolings of two steps of three rows each (one stratum: the stratified mean is the weighted mean),
+    decay 0.5: V, its SE and its n_eff equal the hand computation, and nothing is pooled between poolings. A
+    monitor restored mid-block pools exactly what the first one pools. (Planted: m = the step's own mean (V's
+    value does not move with m for singleton units, its SE does); every step of a block summed into one slot;
+    the restored position reset to 0: each fails.)"""
+    settings = MonitorSettings(every=2, decay=0.5)
+    blocks = [[[1.0, 2.0, 4.0], [2.0, 3.5, 3.0]], [[0.5, 1.0, 2.0], [0.0, 1.5, 0.5]]]
+    monitor = VarianceMonitor(settings)
+    for step, rows in enumerate([rows for block in blocks for rows in block], start=1):
+        observe_rows(monitor, rows)
+        monitor.on_optimizer_step(step)
+        assert (monitor.report is not None) == (step % 2 == 0) and monitor.position == step % 2
+        if step == 2:
+            value, se, _ = hand_v(blocks[:1], 0.5)
+            assert (monitor.report["V"].value, monitor.report["V"].se) == (pytest.approx(value, rel=1e-12),
+                                                                           pytest.approx(se, rel=1e-12))
+            assert monitor.report["V"].n_eff == 6
+            monitor.report = None
+        if step == 3:  # mid-block: a resume from here must pool the same
+            restored = VarianceMonitor(settings)
+            restored.load_state_dict(monitor.state_dict())
+    value, se, n_eff = hand_v(blocks, 0.5)
+    v = monitor.report["V"]
+    assert (v.value, v.se, v.n_eff) == (pytest.approx(value, rel=1e-12), pytest.approx(se, rel=1e-12),
+                                        pytest.approx(n_eff, rel=1e-12))
+    assert n_eff == pytest.approx(10.8)
+    observe_rows(restored, blocks[1][1])
+    restored.on_optimizer_step(4)
+    assert restored.report["V"].value == pytest.approx(v.value, rel=1e-12)
+    assert torch.equal(restored.pooled, monitor.pooled) and restored.previous_mean == monitor.previous_mean
+
+
+def falling_loss(runs: int, steps: int, units: int, slope: float, seed: int, shared: float = 0.3) -> torch.Tensor:
+    """Rows of MIRROR-like units of two rows, L = mu_s + a + b_r with a shared by the unit (variance ``shared``)
+    and b per row (variance 1 - shared, skewed): V = 1, Cov within a unit ``shared``. mu_s falls by ``slope`` per
+    step. Returns (runs, steps, 2 units) losses."""
+    g = torch.Generator().manual_seed(seed)
+    mu = 3.0 - slope * torch.arange(steps, dtype=torch.float64)
+    common = torch.randn(runs, steps, units, 1, generator=g, dtype=torch.float64) * shared**0.5
+    own = (torch.empty(runs, steps, units, 2, dtype=torch.float64).exponential_(generator=g) - 1) * (1 - shared)**0.5
+    return (mu[None, :, None, None] + common + own).reshape(runs, steps, 2 * units)
+
+
+def monitor_v(losses: torch.Tensor, every: int, decay: float) -> ve.Estimate:
+    """The monitor's V over one run's (steps, 2 units) rows, units of two rows, rates spread over all strata."""
+    monitor = VarianceMonitor(MonitorSettings(every=every, decay=decay))
+    units = losses.shape[1] // 2
+    t = ((torch.arange(units) + 0.5) / units).tolist()
+    for step, rows in enumerate(losses, start=1):
+        monitor.observe(micro_batch(rows.tolist(), [u for u in range(units) for _ in (0, 1)], t, [1.0] * units))
+        monitor.on_optimizer_step(step)
+    return ve.decomposition(monitor.quantities())["V"]
+
+
+def pooled_raw_v(losses: torch.Tensor, every: int, decay: float) -> float:
+    """The estimator before issue 26: sums of L and L^2 over all rows, decayed at each pooling,
+    V = E[L^2] - E[L]^2."""
+    sums = torch.zeros(3, dtype=torch.float64)
+    for start in range(0, len(losses), every):
+        block = losses[start:start + every].reshape(-1)
+        sums = decay * sums + torch.stack([torch.tensor(float(len(block)), dtype=torch.float64), block.sum(),
+                                           (block**2).sum()])
+    mean = sums[1] / sums[0]
+    return float(sums[2] / sums[0] - mean**2)
+
+
+def test_v_is_unbiased_while_the_loss_falls_and_pooled_raw_sums_are_not():
+    """A loss falling by r = 0.008 per step over 200 steps, pooled every 50 steps with half-life 200 (decay
+    0.84), MIRROR-like units of two rows with covariance 0.3: the raw sums add the weighted variance of the step
+    means, r^2 Var_w(step) ~ 0.2 here, to V = 1. Over 16 runs the monitor's mean is within 4.5 standard errors
+    of 1 (SE about 0.011), the raw sums' is not. (Planted: the centring c left out, so that V's items carry the
+    noise of m, the previous step's mean (+0.08), fails it.)"""
+    losses = falling_loss(runs=16, steps=200, units=8, slope=0.008, seed=1)
+    decay = 0.5 ** (50 / 200)
+    new = torch.tensor([monitor_v(run, 50, decay).value for run in losses])
+    old = torch.tensor([pooled_raw_v(run, 50, decay) for run in losses])
+    for values, unbiased in ((new, True), (old, False)):
+        error = float(values.mean()) - 1.0
+        se = float(values.std()) / len(values) ** 0.5
+        assert (abs(error) <= Z * se) is unbiased, (error, se)
+    assert float(old.mean()) - 1.0 > 0.1  # the drift's share, not a fluctuation
+
+
+@pytest.mark.parametrize("mirror_on", [False, True])
+def test_mirror_auto_switches_only_past_the_margin(mirror_on):
+    """The gain with standard error 2.5: the margin is SWITCH_Z x 2.5 = 5: a gain of exactly 5 keeps the setting,
+    5.125 switches MIRROR on, -5.125 off; an exact gain switches at any sign; fewer than 8 effective pair (or,
+    under SyRM, partner) items keep the setting whatever the gain; a NaN gain keeps it."""
+    monitor = VarianceMonitor(MonitorSettings(mirror_auto=True))
+    monitor.mirror_on = mirror_on
+
+    def report(gain, se=2.5, pairs=8.0, partners=float("inf")):
+        return {"gain": ve.Estimate(gain, se), "cov_pair": ve.Estimate(-gain, se, pairs),
+                "cov_syrm": ve.Estimate(0.0, 0.0, partners)}
+
+    assert monitor._decide(report(5.0)) is mirror_on
+    assert monitor._decide(report(5.125)) is True
+    assert monitor._decide(report(-5.125)) is False
+    assert monitor._decide(report(0.5, se=0.0)) is True and monitor._decide(report(-0.5, se=0.0)) is False
+    assert monitor._decide(report(0.0, se=0.0)) is mirror_on
+    assert monitor._decide(report(100.0, pairs=7.9)) is mirror_on
+    assert monitor._decide(report(100.0, partners=7.9)) is mirror_on
+    assert monitor._decide(report(float("nan"))) is mirror_on and monitor._decide(report(9.0, float("nan"))) is \
+        mirror_on
+
+
+def test_monitor_logs_every_estimate_with_its_interval_and_decides_at_poolings():
+    """At a pooling the log holds each estimate with its 95% interval (``_lo``, ``_hi``: value -+ 1.96 SE), the
+    effective pairs and, under ``masks: auto``, the setting; nothing between poolings. A decision calls ``switch``
+    with the rule's numbers and is replayed quietly on restore; the console shows ``X=value [lo, hi]``."""
+    from mdm_scale.training.metrics import _console_items
+
+    switched = []
+    monitor = VarianceMonitor(MonitorSettings(every=2, mirror_auto=True),
+                              switch=lambda on, step, why: switched.append((on, step, why[:27])))
+    assert monitor.log(0, True) == {}
+    g = torch.Generator().manual_seed(0)
+    for step in range(1, 5):
+        base = torch.randn(32, generator=g, dtype=torch.float64)  # MIRROR pairs with covariance -1: it pays
+        rows = torch.stack([base, -base + 0.1 * torch.randn(32, generator=g, dtype=torch.float64)], 1).reshape(-1)
+        monitor.observe(micro_batch(rows.tolist(), [b for b in range(32) for _ in (0, 1)],
+                                    ((torch.arange(32) + 0.5) / 32).tolist(), [1.0] * 32))
+        monitor.on_optimizer_step(step)
+        logged = monitor.log(step, True)
+        if step % 2:
+            assert logged == {}
+            continue
+        expected = {f"{name}{end}" for name in online_variance.LOGGED_ESTIMATES for end in ("", "_lo", "_hi")}
+        assert set(logged) == expected | {"pairs", "mirror"}
+        assert logged["V_hi"] - logged["V"] == pytest.approx(logged["V"] - logged["V_lo"])
+        assert logged["gain_lo"] > 0 and logged["mirror"] == 1.0 and logged["pairs"] == 32 * step
+    assert monitor.decisions == [(2, True)] and switched == [(True, 2, "gain -(cov_pair + cov_syrm)")]
+    replayed = []
+    restored = VarianceMonitor(MonitorSettings(every=2, mirror_auto=True),
+                               switch=lambda on, step, why: replayed.append((on, step, why)))
+    restored.load_state_dict(monitor.state_dict())
+    assert restored.mirror_on and replayed == [(True, 2, "")]
+    line = " ".join(_console_items({"V": 1.0, "V_lo": 0.5, "V_hi": 1.5, "mirror": 1.0}))
+    assert line == "V=1 [0.5, 1.5] mirror=1"
+
+
+def test_a_checkpoint_of_the_old_estimators_keeps_its_decisions_and_starts_the_sums_empty():
+    """A monitor state written before issue 26 (raw sums of 14 columns) resumes with its decisions replayed and
+    empty statistics, on its own rank as after a change of the world size."""
+    old = {"statistics": torch.ones(14, dtype=torch.float64), "pending": torch.ones(14, dtype=torch.float64),
+           "mirror_on": True, "decisions": [(4, True)]}
+    for load in (lambda m: m.load_state_dict(old), lambda m: m.load_rank_states([old, old], old)):
+        replayed: list[tuple[bool, int]] = []
+        monitor = VarianceMonitor(MonitorSettings(every=2, mirror_auto=True),
+                                  switch=lambda on, step, why, seen=replayed: seen.append((on, step)))
+        load(monitor)
+        assert monitor.mirror_on and monitor.decisions == [(4, True)] and replayed == [(True, 4)]
+        assert not monitor.pooled.any() and not monitor.pending.host().any() and monitor.position == 0
+
+
+def test_monitor_settings_follow_the_variance_config():
+    """The monitor runs on its own cadence (``variance.monitor``), not P-POTS's: a refit interval of 7 under P-POTS
+    leaves it at 10; SyRM's coupling makes its units pairs of sequences."""
+    cfg = load_config(None, ["variance.masks=auto", "variance.monitor.every=10", "variance.monitor.half_life=20",
+                             "variance.probe.every=4", "variance.probe.fraction=0.25", "train.micro_batch_size=4",
+                             "variance.t_sampler={name: ppots, refit_every: 7, half_life: 5}",
+                             "variance.t_coupling=symmetric"])
+    assert MonitorSettings.from_config(cfg.variance) == MonitorSettings(
+        every=10, decay=0.5**0.5, probe_every=4, probe_fraction=0.25, mirror_auto=True, syrm=True)
+    assert not MonitorSettings.from_config(load_config(None, []).variance).mirror_auto
 
 
 def test_online_estimates_agree_with_the_variance_tool_on_the_same_checkpoint(synth_dir, tmp_path, dist_env):
@@ -99,8 +395,8 @@ def test_online_estimates_agree_with_the_variance_tool_on_the_same_checkpoint(sy
     cfg = load_config(["configs/quickstart.yaml"], overrides)
     trainer = Trainer(cfg, dist_env)
     summary = trainer.fit()
-    online = estimates(trainer.service(VarianceMonitor).statistics)
-    assert online["rows"] == steps * 8 and online["probes"] == steps * 8
+    online = ve.decomposition(trainer.service(VarianceMonitor).quantities())
+    assert online["V"].n_eff == steps * 8 and online["cov_mask"].n_eff == steps * 8
     report = run_variance(cfg, ToolSettings(methods=["standard"], num_x0=48, num_t=3, num_masks=2, grad_dim=0),
                           tmp_path / "tool" / "report.json", checkpoint=summary["checkpoint"], env=dist_env)
     tool = report["methods"]["standard"]["loss"]
@@ -109,11 +405,22 @@ def test_online_estimates_agree_with_the_variance_tool_on_the_same_checkpoint(sy
         lo, hi = tool[f"{term}_ci95"]
         return (hi - lo) / (2 * 1.959964)
 
-    pairs = {"A": ("A", online["A_se"]), "total": ("V", online["V_se"]),
-             "C": ("C", (online["V_se"] ** 2 + online["A+B_se"] ** 2) ** 0.5)}
-    for term, (name, se) in pairs.items():
-        error = (se**2 + tool_se(term) ** 2) ** 0.5
-        assert abs(online[name] - tool[term]) <= Z * error, (term, online[name], tool[term], error)
+    for term, name in (("A", "A"), ("total", "V"), ("C", "C")):
+        error = (online[name].se ** 2 + tool_se(term) ** 2) ** 0.5
+        assert abs(online[name].value - tool[term]) <= Z * error, (term, online[name], tool[term], error)
+
+
+def test_mirror_auto_can_switch_only_at_the_steps_it_names():
+    """The trainer corrupts the next step's first micro-batch early except after the steps at which
+    ``changes_after`` is true; a decision at any other step would train on a stale micro-batch."""
+    auto = VarianceMonitor(MonitorSettings(every=5, mirror_auto=True))
+    assert [s for s in range(1, 16) if auto.changes_after(s)] == [5, 10, 15]
+    assert not any(VarianceMonitor(MonitorSettings(every=5)).changes_after(s) for s in range(1, 16))
+    for step in range(1, 16):  # estimates (and so decisions) come from on_optimizer_step only where changes_after
+        observe_rows(auto, [1.0, 2.0, 4.0])
+        auto.on_optimizer_step(step)
+        assert (auto.report is not None) == auto.changes_after(step)
+        auto.report = None
 
 
 def test_loss_and_gradient_stay_unbiased_through_mirror_switches():
@@ -174,122 +481,6 @@ def test_mirror_auto_run_logs_decisions_and_resumes_exactly(synth_dir, tmp_path,
         assert b[step] == pytest.approx(a[step], rel=1e-6, abs=1e-7), step
 
 
-def pooled_sums(rows: list[float], mask: list[float], rate: list[float], pair: list[float]) -> torch.Tensor:
-    """The statistics columns of given training-row losses and half squared differences, summed by hand."""
-    stats = torch.zeros(online_variance.COLUMNS, dtype=torch.float64)
-    loss = torch.tensor(rows, dtype=torch.float64)
-    stats[online_variance.ROWS] = len(rows)
-    for power, column in enumerate((online_variance.SUM_L, online_variance.SUM_L2, online_variance.SUM_L3,
-                                    online_variance.SUM_L4), start=1):
-        stats[column] = (loss**power).sum()
-    for half, columns in ((mask, (online_variance.MASK_N, online_variance.MASK_SUM, online_variance.MASK_SQ)),
-                          (rate, (online_variance.RATE_N, online_variance.RATE_SUM, online_variance.RATE_SQ)),
-                          (pair, (online_variance.PAIR_N, online_variance.PAIR_SUM, online_variance.PAIR_SQ))):
-        h = torch.tensor(half, dtype=torch.float64)
-        stats[columns[0]], stats[columns[1]], stats[columns[2]] = len(half), h.sum(), (h * h).sum()
-    return stats
-
-
-def test_estimates_from_pooled_sums_equal_the_sample_formulas():
-    """V is the (1/n) sample variance of the rows with the delta-method SE sqrt((mu4 - V^2) / n); A, A + B and
-    the pair statistic are means of their half squared differences with SE sd / sqrt(n); B and C are the
-    differences. Columns without data, or a single row, give NaN; one difference gives SE 0."""
-    rows, mask, rate = [1.0, 2.0, 4.0, 7.0], [0.5, 1.0, 2.0], [1.0, 2.5]
-    r = estimates(pooled_sums(rows, mask, rate, [0.8]))
-    loss = np.array(rows)
-    v = loss.var()
-    assert r["V"] == pytest.approx(v, rel=1e-12)
-    assert r["V_se"] == pytest.approx(np.sqrt((np.mean((loss - loss.mean()) ** 4) - v * v) / 4), rel=1e-12)
-    for key, half in (("A", mask), ("A+B", rate)):
-        assert r[key] == pytest.approx(np.mean(half), rel=1e-12)
-        assert r[f"{key}_se"] == pytest.approx(np.std(half) / np.sqrt(len(half)), rel=1e-12)
-    assert (r["pair_half_sq"], r["pair_half_sq_se"]) == (pytest.approx(0.8), 0.0)
-    assert r["B"] == pytest.approx(np.mean(rate) - np.mean(mask), rel=1e-12)
-    assert r["C"] == pytest.approx(v - np.mean(rate), rel=1e-12)
-    assert r["C_share"] == pytest.approx(r["C"] / v, rel=1e-12)
-    assert (r["rows"], r["probes"], r["pairs"]) == (4, 3, 1)
-    two = estimates(pooled_sums([1.0, 3.0], [0.5], [], []))
-    assert two["V"] == 1.0 and two["V_se"] == 0.0 and two["A_share"] == 0.5
-    assert np.isnan([two["A+B"], two["A+B_se"], two["pair_half_sq"], two["pair_half_sq_se"], two["B"]]).all()
-    assert np.isnan(estimates(pooled_sums([2.0, 2.0], [1.0], [], []))["A_share"])  # V = 0: no shares
-    one = estimates(pooled_sums([5.0], [1.0], [], []))
-    assert np.isnan([one["V"], one["V_se"], one["A_share"]]).all()
-
-
-def test_monitor_pools_at_refits_decides_with_a_margin_and_restores():
-    """Refit every 2 steps with decay 0.5; probe steps are multiples of probe_every. ``mirror: auto`` keeps its
-    setting below MIN_PROBES pairs, switches on when the pair statistic clearly exceeds V, and records the step;
-    the state round-trips without sharing tensors with the checkpoint."""
-    settings = online_variance.MonitorSettings(every=2, decay=0.5, probe_every=3, probe_fraction=0.5,
-                                               mirror_auto=True)
-    switched = []
-    monitor = VarianceMonitor(settings, switch=lambda on, step, why: switched.append((on, step, why[:14])))
-    assert monitor.log(0, True) == {}  # nothing to log before the first refit
-    assert [monitor.probe_step(step) for step in range(4)] == [True, False, False, True]
-    for every, fraction, expected in ((1, 0.5, True), (0, 0.5, False), (3, 0.0, False)):
-        other = online_variance.MonitorSettings(probe_every=every, probe_fraction=fraction)
-        assert VarianceMonitor(other).probe_step(1 if every == 1 else 0) is expected
-    fresh = VarianceMonitor(settings).state_dict()["pending"]
-    assert fresh.dtype == torch.float64 and not fresh.any() and len(fresh) == online_variance.COLUMNS
-    rows, pairs = [1.0, 2.0] * 4, [5.0, 6.0] * 4  # V = 0.25, pair statistic 5.5: MIRROR pays
-    monitor.sums.add(pooled_sums(rows[:4], [], [], pairs[:3]))
-    monitor.sums.add(pooled_sums(rows[4:], [], [], pairs[3:7]))
-    assert torch.equal(monitor.state_dict()["pending"], pooled_sums(rows, [], [], pairs[:7]))
-    monitor.on_optimizer_step(1)  # not a refit step
-    assert monitor.report is None
-    monitor.on_optimizer_step(2)  # 8 rows but 7 pairs < MIN_PROBES: keep off
-    assert (monitor.report["rows"], monitor.report["pairs"], monitor.report["mirror"]) == (8, 7, 0.0)
-    assert set(monitor.log(2, False)) == set(online_variance.LOGGED_ESTIMATES) and monitor.log(3, True) == {}
-    first = monitor.statistics.clone()
-    monitor.sums.add(pooled_sums(rows, [], [], pairs))
-    monitor.on_optimizer_step(4)
-    assert torch.allclose(monitor.statistics, 0.5 * first + pooled_sums(rows, [], [], pairs))
-    assert monitor.decisions == [(4, True)] and monitor.mirror_on and monitor.log(4, True)["mirror"] == 1.0
-    assert switched == [(True, 4, "E[(L1-L2)^2]/2")]
-    monitor.on_optimizer_step(6)  # nothing new (no observe): the setting stays
-    assert monitor.decisions == [(4, True)] and len(switched) == 1
-    every_step = VarianceMonitor(online_variance.MonitorSettings(every=1))
-    every_step.on_optimizer_step(1)
-    assert every_step.report is not None and every_step.sums.pending.dtype == torch.float64  # float64 sums
-    state = monitor.state_dict()
-    replayed = []
-    restored = VarianceMonitor(settings, switch=lambda on, step, why: replayed.append((on, step, why)))
-    restored.load_state_dict(state)
-    assert torch.equal(restored.statistics, monitor.statistics) and restored.mirror_on
-    assert restored.decisions == [(4, True)] and replayed == [(True, 4, "")]  # the resume replays, quietly
-    restored.sums.add(pooled_sums(rows, [], [], []))
-    assert torch.equal(state["pending"], torch.zeros(online_variance.COLUMNS, dtype=torch.float64))
-    restored.sums.add(pooled_sums(rows, [], [], []).to("meta"))  # a host checkpoint resumed on an accelerator
-    assert restored.sums.pending.device.type == "meta"
-
-
-def test_monitor_settings_follow_the_variance_config():
-    """The monitor runs on its own cadence (``variance.monitor``), not P-POTS's: a refit interval of 7 under P-POTS
-    leaves it at 10."""
-    cfg = load_config(None, ["variance.masks=auto", "variance.monitor.every=10", "variance.monitor.half_life=20",
-                             "variance.probe.every=4", "variance.probe.fraction=0.25", "train.micro_batch_size=4",
-                             "variance.t_sampler={name: ppots, refit_every: 7, half_life: 5}"])
-    assert online_variance.MonitorSettings.from_config(cfg.variance) == online_variance.MonitorSettings(
-        every=10, decay=0.5**0.5, probe_every=4, probe_fraction=0.25, mirror_auto=True)
-    assert not online_variance.MonitorSettings.from_config(load_config(None, []).variance).mirror_auto
-
-
-@pytest.mark.parametrize("mirror_on", [False, True])
-def test_mirror_auto_switches_only_past_the_margin(mirror_on):
-    """With standard errors 1.5 and 2 (combined 2.5) the margin is SWITCH_Z x 2.5 = 5: a gap of exactly 5 keeps
-    the setting, 5.125 switches MIRROR on; with exact statistics any positive gap switches it on."""
-    monitor = VarianceMonitor(online_variance.MonitorSettings(mirror_auto=True))
-    monitor.mirror_on = mirror_on
-    r = {"pairs": 8, "rows": 8, "pair_half_sq": 5.5, "V": 0.5, "pair_half_sq_se": 1.5, "V_se": 2.0}
-    assert monitor._decide(r) is mirror_on
-    assert monitor._decide({**r, "pair_half_sq": 5.625}) is True
-    assert monitor._decide({**r, "pair_half_sq": -4.625}) is False
-    assert monitor._decide({**r, "pair_half_sq": 1.0, "pair_half_sq_se": 0.0, "V_se": 0.0}) is True
-    assert monitor._decide({**r, "pair_half_sq": 0.0, "pair_half_sq_se": 0.0, "V_se": 0.0}) is False
-    assert monitor._decide({**r, "pairs": 7, "pair_half_sq": 100.0}) is mirror_on
-    assert monitor._decide({**r, "rows": 7, "pair_half_sq": 100.0}) is mirror_on
-
-
 def test_probe_keeps_the_attention_mask_of_the_selected_sequences():
     ids = torch.arange(12).view(3, 4)
     attention = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]], dtype=torch.bool)
@@ -299,34 +490,6 @@ def test_probe_keeps_the_attention_mask_of_the_selected_sequences():
     assert torch.equal(chosen.input_ids, ids[keep]) and torch.equal(chosen.sample_index, torch.tensor([0, 2]))
     assert torch.equal(chosen.attention_mask, attention[keep]) and torch.equal(chosen.loss_mask, attention[keep])
     assert online_variance.select_sequences(Batch(ids, attention, torch.arange(3), None), keep).attention_mask is None
-
-
-def test_training_statistics_weight_rows_and_pairs_and_skip_non_finite_ones():
-    """Weights (2, 0.5) per sequence, rows (1, 3 | NaN): weighted losses 2 and 6 count, the NaN row does not.
-    The pair difference 4 of sequence 0 becomes w^2 * 4 / 2 = 8; sequence 1 has no pair (NaN)."""
-    noisy = SimpleNamespace(weight=torch.tensor([2.0, 0.5]), row_sample=torch.tensor([0, 0, 1]))
-    out = training_statistics(noisy, torch.tensor([1.0, 3.0, float("nan")]), torch.tensor([4.0, float("nan")]))
-    assert out.dtype == torch.float64
-    expected = {online_variance.ROWS: 2, online_variance.SUM_L: 8, online_variance.SUM_L2: 40,
-                online_variance.SUM_L3: 224, online_variance.SUM_L4: 1312, online_variance.PAIR_N: 1,
-                online_variance.PAIR_SUM: 8, online_variance.PAIR_SQ: 64}
-    assert out.tolist() == [expected.get(column, 0) for column in range(online_variance.COLUMNS)]
-    assert not training_statistics(noisy, torch.tensor([1.0, 3.0, 2.0]), None)[online_variance.PAIR_N:].any()
-
-
-def test_probe_statistics_weight_each_row_by_its_own_sequence():
-    """Two probed sequences: rows (base, antithetic) x 2, then the independent-mask and independent-rate rows,
-    with per-sequence weights; the half squared differences are summed by hand. Nothing counted: zeros."""
-    noisy = SimpleNamespace(t=torch.zeros(6), weight=torch.tensor([2.0, 0.5, 1.0, 1.0, 3.0, 1.0]),
-                            row_sample=torch.tensor([0, 0, 1, 1, 2, 3, 4, 5]), row_losses=lambda ce: ce)
-    ce = torch.tensor([1.0, 2.0, 3.0, 5.0, 4.0, 7.0, 1.0, 2.0])  # weighted: base (2, 1.5), anti (4, 2.5),
-    out = Probe.statistics(noisy, ce, counted=1)                  # other mask (4, 7), other rate (3, 2)
-    assert out.dtype == torch.float64
-    expected = {online_variance.MASK_N: 2, online_variance.MASK_SUM: 17.125, online_variance.MASK_SQ: 232.765625,
-                online_variance.RATE_N: 2, online_variance.RATE_SUM: 0.625, online_variance.RATE_SQ: 0.265625,
-                online_variance.PAIR_N: 2, online_variance.PAIR_SUM: 2.5, online_variance.PAIR_SQ: 4.25}
-    assert out.tolist() == [expected.get(column, 0) for column in range(online_variance.COLUMNS)]
-    assert not Probe.statistics(noisy, ce, counted=0).any()
 
 
 def test_probe_rows_share_the_training_t_and_fall_back_to_one_uncounted_sequence():
@@ -351,6 +514,8 @@ def test_probe_rows_share_the_training_t_and_fall_back_to_one_uncounted_sequence
     (["variance.masks=auto", "variance.probe.every=0"], r"'variance.probe.every' = \(0, 0.0625\)"),
     (["variance.masks=auto", "variance.monitor.every=0"], r"'variance.monitor.every' = 0: variance.masks = auto"),
     (["variance.masks=auto", "data.packing=true"], r"'variance.masks' = 'auto': .*packed rows"),
+    (["variance.masks=auto", "variance.t_coupling=symmetric", "train.micro_batch_size=6"],
+     r"'train.micro_batch_size' = 6: variance.masks = auto with SyRM .*divisible by 4"),
     (["variance.masks=sometimes"], r"'variance.masks.name' = 'sometimes': choose one of \['bernoulli', 'mirror', "
                                    r"'auto'"),
     (["variance.probe.fraction=2"], r"'variance.probe.fraction' = 2.0: must be in \[0, 1\]"),
@@ -402,18 +567,3 @@ def test_gradient_norm_proxy_brackets_the_true_logit_gradient_norm(mirror):
         true = float(grad.norm())
         assert float(proxy[b]) <= true * (1 + 1e-5) + 1e-7 and true <= 2**0.5 * float(proxy[b]) * (1 + 1e-5) + 1e-7
     assert bool((proxy > 0).any())
-
-
-def test_mirror_auto_can_switch_only_at_the_steps_it_names():
-    """The trainer corrupts the next step's first micro-batch early except after the steps at which
-    ``changes_after`` is true; a decision at any other step would train on a stale micro-batch."""
-    from mdm_scale.diffusion.online_variance import MonitorSettings
-
-    auto = VarianceMonitor(MonitorSettings(every=5, mirror_auto=True))
-    assert [s for s in range(1, 16) if auto.changes_after(s)] == [5, 10, 15]
-    assert not any(VarianceMonitor(MonitorSettings(every=5)).changes_after(s) for s in range(1, 16))
-    for step in range(1, 16):  # a decision comes from on_optimizer_step only where changes_after said so
-        auto.sums.add(torch.ones(online_variance.COLUMNS, dtype=torch.float64))
-        auto.on_optimizer_step(step)
-        assert (auto.report is not None) == auto.changes_after(step)
-        auto.report = None

@@ -124,6 +124,29 @@ def test_the_epoch_mean_of_packed_step_losses_is_the_mean_over_records():
     assert np.mean(step_losses) == pytest.approx(float(record_loss.mean()), rel=1e-6)
 
 
+def test_the_objective_divides_packed_records_by_the_expected_record_count():
+    """The objective's packed loss is sum_b w_b l_b / (rows x N / P) with N / P the records per row of the
+    epoch, N and P counted here from the epoch's own packing, not taken from the batch; the batch's own record
+    count B gives another value (the biased mean that data/packing.py describes), so an objective that ignored
+    ``loss_denominator`` fails. Token losses are arbitrary numbers: the identity is the objective's arithmetic."""
+    data = sft_data(n=61)
+    loader = TrainLoader(data, seed=11, rank=0, world=1, micro_batch=3, grad_accum=1, pad_id=PAD_ID,
+                         pad_to_multiple_of=8, seq_len=SEQ_LEN, packing=True)
+    lengths = (data.offsets[1:] - data.offsets[:-1])[loader.stream.example_ids(list(range(len(data))))]
+    records_per_row = len(data) / len(pack_rows(lengths.tolist(), SEQ_LEN, window=8))
+    objective = MDMObjective(UniformT(11), BernoulliMasks(11, 1e-3), MASK_ID)
+    for step in range(3):
+        batch = loader.micro_batch_at(step, 0)
+        noisy = objective.corrupt(batch)
+        token_ce = torch.rand(noisy.masked_tokens, generator=torch.Generator().manual_seed(step)) + 0.5
+        loss = float((noisy.loss_coef * token_ce).sum())
+        record_losses = noisy.weight * noisy.sample_losses(noisy.row_losses(token_ce))
+        expected = float(record_losses.sum()) / (len(batch.input_ids) * records_per_row)
+        assert loss == pytest.approx(expected, rel=1e-5), step
+        own_count = float(record_losses.sum()) / len(batch.sample_index)
+        assert abs(own_count - expected) > 0.05 * expected, step  # the two normalisations differ here
+
+
 def test_first_fit_packs_tighter_than_one_row_per_record():
     rng = np.random.default_rng(0)
     lengths = np.clip(np.exp(rng.normal(5.0, 1.0, 2000)), 32, 2048).astype(int).tolist()

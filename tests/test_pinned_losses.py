@@ -5,10 +5,10 @@ The expected values were computed with main's code at commit ac45eb8, *before* t
 spelled in the old flat keys (``variance.t_sampler=ppots``, ``variance.mirror=true``, ``variance.ppots_x0=2``,
 ``variance.ppots_bins=8``, ``variance.ppots_masks=2``, ``variance.ppots_refit_every=2``; ``variance.mirror=auto``,
 ``variance.ppots_refit_every=2``, ``variance.probe_every=1``, ``variance.probe_fraction=...``, ``train.grad_accum=2``)
-on the tiny model of ``conftest.tiny_overrides`` for 8 steps: each step's mean micro-batch loss, ``mirror: auto``'s
-decisions and the online monitor's pooled sums after step 8. Here they are spelled in the new keys (P-POTS's old
-cadence was also the monitor's: ``variance.monitor.every=2``). The tolerance, 1e-4 relative, allows another CPU's
-float rounding; a change of the noise or of the estimators moves these values by far more.
+on the tiny model of ``conftest.tiny_overrides`` for 8 steps: each step's mean micro-batch loss and ``mirror: auto``'s
+decisions (the online monitor's pooled sums were pinned too, until issue 26 replaced its estimators). Here they are
+spelled in the new keys (P-POTS's old cadence was also the monitor's: ``variance.monitor.every=2``). The tolerance,
+1e-4 relative, allows another CPU's float rounding; a change of the noise moves these values by far more.
 """
 
 from __future__ import annotations
@@ -23,30 +23,24 @@ from mdm_scale.training.trainer import Trainer
 AUTO = {"variance.masks": "auto", "variance.monitor.every": 2, "train.grad_accum": 2}
 CASES = {
     "uniform": ({}, [4.37919283, 2.72621799, 2.9005537, 3.70296502, 3.37558317, 3.36249661, 2.77444029, 2.69149017],
-                [], [0.0] * 14),
+                []),
     "ppots+mirror": (
         {"variance.t_sampler": {"name": "ppots", "x0": 2, "bins": 8, "masks": 2, "refit_every": 2},
          "variance.masks": "mirror", "variance.monitor.every": 2},
-        [2.19297504, 4.52662277, 2.6533854, 0.0429824367, 3.41544557, 7.25141335, 2.3835609, 2.49515033], [],
-        [63.3399279603, 197.699557342, 1808.69914704, 18297.5976927, 198995.590895, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0,
-         31.6699639801, 66.3419891364, 999.492515123]),
+        [2.19297504, 4.52662277, 2.6533854, 0.0429824367, 3.41544557, 7.25141335, 2.3835609, 2.49515033], []),
     "auto": (
         {**AUTO, "variance.probe": {"every": 1, "fraction": 1.0}},
-        [3.70240712, 3.57221305, 3.67986727, 2.94266391, 3.18336368, 3.47699094, 2.76304948, 3.58573925], [],
-        [63.3399279603, 212.955241171, 783.797732042, 3141.42890239, 14061.5206686, 63.3399279603, 111.062935654,
-         6692.01519328, 63.3399279603, 66.2588470628, 395.160420467, 63.3399279603, 223.514993262, 33531.7565881]),
+        [3.70240712, 3.57221305, 3.67986727, 2.94266391, 3.18336368, 3.47699094, 2.76304948, 3.58573925], []),
     "auto, switching at every refit": (
         {**AUTO, "variance.probe": {"every": 1, "fraction": 0.5}},
         [3.70240712, 3.57221305, 3.44065666, 3.2760303, 2.85067987, 3.11336792, 3.22837257, 3.30933523],
-        [(2, True), (4, False), (6, True), (8, False)],
-        [63.3399279603, 209.677485861, 735.626610503, 2675.27213329, 10046.9163766, 22.7456128646, 3.81736634056,
-         1.47144360302, 22.7456128646, 12.8647176971, 40.0097128951, 38.6354745005, 16.3374744626, 54.6781603639]),
+        [(2, True), (4, False), (6, True), (8, False)]),
 }
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_losses_equal_those_of_the_code_before_the_refactor(case, synth_dir, tmp_path, dist_env, monkeypatch):
-    settings, losses, decisions, monitor_sums = CASES[case]
+    settings, losses, decisions = CASES[case]
     if case.endswith("every refit"):
         monkeypatch.setattr(VarianceMonitor, "_decide", lambda self, report: not self.mirror_on)
     cfg = load_config(["configs/quickstart.yaml"], tiny_overrides(synth_dir, tmp_path, **{
@@ -56,7 +50,5 @@ def test_losses_equal_those_of_the_code_before_the_refactor(case, synth_dir, tmp
     for _ in range(8):
         loss, counts = trainer.train_step()
         got.append(float(loss) / float(counts[0]))
-    monitor = trainer.service(VarianceMonitor)
     assert got == pytest.approx(losses, rel=1e-4)
-    assert monitor.decisions == decisions
-    assert monitor.statistics.tolist() == pytest.approx(monitor_sums, rel=1e-4)
+    assert trainer.service(VarianceMonitor).decisions == decisions

@@ -206,6 +206,24 @@ def fitted_sampler(seed: int = 0, **settings) -> PPOTSSampler:
     return sampler
 
 
+def test_quantile_inverts_every_samplers_draw():
+    """``TSampler.quantile`` (the online variance monitor's strata) is F(t) of the density t was drawn from:
+    quantile(transform(u)) = u up to the float32 rounding of t (|du| <= p(t) 2^-24) for uniform t, Clipped,
+    P-POTS and P-POTS under SyRM; P-POTS's CDF is the exact piecewise quadratic.
+    (Planted: the density's CDF evaluated linearly inside a cell fails it.)"""
+    from mdm_scale.diffusion.clipped_t import ClippedT
+    from mdm_scale.diffusion.coupled_t import SymmetricT
+
+    u = torch.linspace(0.001, 0.999, 997, dtype=torch.float64).float()
+    for sampler in (UniformT(1), ClippedT(1, 0.3, 0.8), fitted_sampler(), SymmetricT(fitted_sampler())):
+        t, weight = sampler.transform(u)
+        slack = 2**-23 / weight.double() + 1e-12  # p(t) times t's float32 spacing near t <= 1
+        assert (sampler.quantile(t) - u.double()).abs().le(slack).all(), sampler.name
+    density = fitted_sampler().density
+    inside = torch.tensor([0.0, 0.013, 0.2, 0.5, 0.77, 1.0], dtype=torch.float64)
+    assert torch.allclose(density.cdf_at(inside), exact_cdf(density, inside), rtol=0, atol=1e-15)
+
+
 def test_sample_is_transform_of_keyed_uniforms():
     sampler = fitted_sampler(seed=3)
     index = torch.arange(100, 164)
@@ -384,7 +402,7 @@ def test_log_statistics_reports_weights_and_draws():
     w = weight.double()
     assert values["weight_max"] == pytest.approx(float(w.max()))
     assert values["weight_ess"] == pytest.approx(float(w.sum() ** 2 / (len(w) * (w * w).sum())))
-    assert len(values["drawn_t"]) == 1000 and values["refits"] == 0.0
+    assert len(values["drawn_t"]) == 1000 and values["refits"] == 0.0 and values["refit_failures"] == 0.0
     figure = values["density"]()
     assert len(figure.axes) == 2
     assert torch.equal(values["drawn_t"], sampler.density.inverse_cdf(sampler.uniforms(torch.arange(1000), Stream.T))

@@ -1,15 +1,20 @@
 """P-POTS + MIRROR on 2 ZeRO-3 CPU ranks (one deepspeed launch, ``ppots_worker.py``), checked against one
 in-process rank: identical p(t) on every rank equal to a fit of the pooled statistics, world-size-independent
-offline estimate and noise, and a resume that restores the sampler."""
+offline estimate and noise, and a resume that restores the sampler. And on 2 gloo processes: a fit that fails on
+rank 0 keeps the current p(t) on every rank."""
 
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
 from ppots_worker import SETTINGS
 
-from conftest import read_scalars, run_deepspeed, tiny_overrides
+from conftest import REPO, free_port, read_scalars, run_deepspeed, tiny_overrides
 from mdm_scale.config.loader import load_config
 from mdm_scale.diffusion.ppots import PPOTSSampler
 from mdm_scale.training.trainer import Trainer
@@ -80,3 +85,46 @@ def test_two_rank_ppots_service_matches_pooled_fit_world_size_and_resume(synth_d
     for r in ranks:
         assert_same(r["restored"], r["final"], keys=(*SHARED, "pending"))
         assert r["final"]["pending"].abs().sum() > 0
+
+
+FAILED_FIT = """
+import datetime, os, sys, numpy as np, torch, torch.distributed as dist
+from mdm_scale.config.variance import PPOTSConfig
+from mdm_scale.diffusion import ppots
+from mdm_scale.diffusion.epr import EPRFit
+rank = int(os.environ["RANK"])
+dist.init_process_group("gloo", rank=rank, world_size=2, timeout=datetime.timedelta(seconds=30))
+fit_epr = ppots.fit_epr
+if rank == 0:  # the fit ends at k = 3000: log w spans 3000, so the density underflows to 0 near t = 0
+    ppots.fit_epr = lambda *args, **kwargs: EPRFit(np.array([0.5, -1.0, 0.2, 1.0, 0.3, 3000.0, 0.8]), 0.0)
+sampler = ppots.PPOTSSampler(3, PPOTSConfig(bins=4, refit_every=1))
+record = {"uniform": sampler.density.values.clone()}
+for step in (1, 2):
+    sampler.add(torch.tensor([0.1, 0.4, 0.6, 0.9]), torch.tensor([1.0, 2.0, 3.0, 4.0]) * (rank + 1), None)
+    sampler.on_optimizer_step(step)
+    record[step] = (sampler.density.values.clone(), sampler.refits)
+    ppots.fit_epr = fit_epr
+torch.save(record, os.path.join(sys.argv[1], f"rank{rank}.pt"))
+"""
+
+
+def test_a_fit_that_fails_on_rank_zero_keeps_the_density_on_every_rank(tmp_path):
+    """Rank 0's refit lands on an EPR curve whose log-range underflows (``PiecewiseLinearDensity`` refuses a zero
+    node): rank 0 says why, every rank keeps the current p(t) and goes on; the next refit succeeds on both.
+    (Planted: without the failure flag, rank 0 raises and rank 1 waits in the broadcast until gloo's 30 s
+    timeout: both exit with errors.)"""
+    env = {**os.environ, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
+           "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, "-c", FAILED_FIT, str(tmp_path)], cwd=REPO, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**env, "RANK": str(rank)})
+             for rank in range(2)]
+    outputs = [proc.communicate(timeout=120) for proc in procs]
+    for proc, (out, err) in zip(procs, outputs):
+        assert proc.returncode == 0, out[-2000:] + err[-2000:]
+    assert "P-POTS refit 1: the fit failed (ValueError: a piecewise-linear density needs >= 2 finite, positive " \
+           "node values); every rank keeps the current p(t)" in outputs[0][0]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    for record in ranks:
+        assert torch.equal(record[1][0], record["uniform"]) and record[1][1] == 0
+        assert record[2][1] == 1 and not torch.equal(record[2][0], record["uniform"])
+    assert torch.equal(ranks[0][2][0], ranks[1][2][0])

@@ -52,6 +52,15 @@ def test_set_profiles_separate_wrong_digits_from_left_out_ones():
     assert (q["no wrong digit"], q["no digit left out"], q["accuracy_by_size"]) == (1.0, 0.0, {4: 0.0})
 
 
+def test_minmax_profile_checks_each_end():
+    records = [_record("minmax 7 3 0 9 3\n", "#### 09", True),
+               _record("minmax 7 3 0 9 3\n", "#### 39", False),   # min wrong
+               _record("minmax 5 1 7\n", "#### 18", False)]       # max wrong (true 17)
+    p = family_profile("minmax", records)
+    assert p["correct"] == 1 / 3 and p["min right"] == 2 / 3 and p["max right"] == 2 / 3
+    assert p["accuracy_by_size"] == {3: 0.0, 5: 0.5}
+
+
 def test_add_profile_counts_digits_from_the_right():
     p = family_profile("add", [_record("4172 - 856 =\n", "#### 3326", False)])  # true 3316
     assert p["length right"] == 1.0 and p["digits right"] == 0.75
@@ -107,19 +116,31 @@ def test_the_commands_print_the_tables_of_the_library(tmp_path, capsys):
     assert rows[2].endswith("| 0.80 |")  # P-POTS / Standard
 
 
-def test_plot_online_draws_a_runs_variance_scalars(tmp_path, capsys):
+def test_plot_online_draws_a_runs_variance_scalars_with_their_intervals(tmp_path, capsys):
+    """A run that logged intervals (``X_lo``, ``X_hi``) gets a band per estimate and a panel for the rule's
+    gain; a run from before the intervals is drawn without them."""
+    from matplotlib.collections import PolyCollection
     from torch.utils.tensorboard import SummaryWriter
 
     from mdm_scale.cli import main
+    from mdm_scale.variance.online_plot import plot, read_variance_scalars
 
-    run = tmp_path / "tensorboard"
-    with SummaryWriter(str(run)) as writer:
-        for step in (10, 20, 30):
-            for name, value in {"A": 0.2, "B": 0.1, "C": 0.7, "V": 1.0, "A_share": 0.2, "B_share": 0.1,
-                                "C_share": 0.7, "pair_half_sq": 0.3, "mirror": float(step == 20)}.items():
-                writer.add_scalar(f"variance/{name}", value, step)
-    assert main(["variance", "plot-online", str(run), "--out", str(tmp_path / "abc.png")]) == 0
-    assert (tmp_path / "abc.png").stat().st_size > 10_000
+    values = {"A": 0.2, "B": 0.1, "C": 0.7, "V": 1.0, "A_share": 0.2, "B_share": 0.1, "C_share": 0.7,
+              "pair_half_sq": 0.3}
+    for name, intervals in (("new", True), ("old", False)):
+        with SummaryWriter(str(tmp_path / name)) as writer:
+            for step in (10, 20, 30):
+                logged = {**values, "gain": -0.7} if intervals else dict(values)
+                if intervals:
+                    logged.update({f"{k}{end}": v + d for k, v in dict(logged).items()
+                                   for end, d in (("_lo", -0.05), ("_hi", 0.05))})
+                for key, value in {**logged, "mirror": float(step == 20)}.items():
+                    writer.add_scalar(f"variance/{key}", value, step)
+        assert main(["variance", "plot-online", str(tmp_path / name), "--out", str(tmp_path / f"{name}.png")]) == 0
+        assert (tmp_path / f"{name}.png").stat().st_size > 10_000
+        figure = plot(read_variance_scalars(tmp_path / name), name)
+        bands = [sum(isinstance(c, PolyCollection) for c in axis.collections) for axis in figure.axes]
+        assert bands == ([3, 5, 1] if intervals else [0, 0])  # shares; A, B, C, V, pair; gain
     empty = tmp_path / "empty"
     empty.mkdir()
     assert main(["variance", "plot-online", str(empty), "--out", str(tmp_path / "none.png")]) == 2

@@ -149,18 +149,38 @@ def test_zero3_with_leaf_blocks_trains_like_plain_data_parallel(synth_dir, tmp_p
         assert losses[0][step] == pytest.approx(losses[3][step], rel=1e-4), step
 
 
+def assert_early_corruption_trains_as_drawing_at_use(synth, tmp_path, env, monkeypatch, settings) -> Trainer:
+    """Train with ``settings`` twice, with the trainer's early corruption (``Trainer._prefetch``) and drawing
+    every micro-batch when it is used: every step's loss must be the same. Returns the first trainer."""
+    early = trainer(synth, tmp_path / "early", env, **settings)
+    early_summary = early.fit()
+    monkeypatch.setattr(Trainer, "_prefetch", lambda self, step, micro: None)
+    at_use = run(synth, tmp_path / "at_use", env, **settings)
+    a, b = (read_scalars(s["tensorboard_dir"], "train/loss") for s in (early_summary, at_use))
+    assert sorted(a) == list(range(1, settings["train.max_steps"] + 1))
+    for step in a:
+        assert a[step] == pytest.approx(b[step], rel=1e-6, abs=1e-7), step
+    return early
+
+
 @pytest.mark.parametrize("accum", [1, 2])
 def test_early_corruption_trains_exactly_as_drawing_at_use(synth_dir, tmp_path, dist_env, monkeypatch, accum):
     """The trainer corrupts the next micro-batch before the optimiser step (``Trainer._prefetch``). Across a
-    P-POTS refit (every 2 steps here) the draw must wait for the new p(t): the losses of every step equal those
-    of a run that draws each micro-batch when it is used."""
+    P-POTS refit (every 2 steps here) the draw must wait for the new p(t)."""
     settings = {"variance.t_sampler": {"name": "ppots", "x0": 2, "bins": 8, "masks": 2, "refit_every": 2},
                 "variance.masks": "mirror",
                 "train.grad_accum": accum, "train.max_steps": 6, "train.warmup_steps": 2}
-    early = run(synth_dir, tmp_path / "early", dist_env, **settings)
-    monkeypatch.setattr(Trainer, "_prefetch", lambda self, step, micro: None)
-    at_use = run(synth_dir, tmp_path / "at_use", dist_env, **settings)
-    a, b = (read_scalars(s["tensorboard_dir"], "train/loss") for s in (early, at_use))
-    assert sorted(a) == list(range(1, 7))
-    for step in a:
-        assert a[step] == pytest.approx(b[step], rel=1e-6, abs=1e-7), step
+    assert_early_corruption_trains_as_drawing_at_use(synth_dir, tmp_path, dist_env, monkeypatch, settings)
+
+
+def test_early_corruption_waits_for_mirror_auto_decisions(synth_dir, tmp_path, dist_env, monkeypatch):
+    """``variance.masks: auto`` with decisions forced to alternate at every pooling (every 2 steps): a switch
+    changes the masks and the sequences per micro-batch of the next step, so the trainer must not corrupt that
+    step's first micro-batch before the decision (``VarianceMonitor.changes_after``)."""
+    from mdm_scale.diffusion.online_variance import VarianceMonitor
+
+    monkeypatch.setattr(VarianceMonitor, "_decide", lambda self, report: not self.mirror_on)
+    settings = {"variance.masks": "auto", "variance.monitor.every": 2, "variance.probe.every": 1,
+                "variance.probe.fraction": 0.5, "train.max_steps": 6, "train.zero_stage": 0}
+    early = assert_early_corruption_trains_as_drawing_at_use(synth_dir, tmp_path, dist_env, monkeypatch, settings)
+    assert early.service(VarianceMonitor).decisions == [(2, True), (4, False), (6, True)]

@@ -221,7 +221,7 @@ def coerce(value: Any, hint: Any, key: str) -> Any:
                 return coerce(value, arg, key)
             except ConfigError as err:
                 errors.append(str(err))
-        raise ConfigError(errors[0])
+        raise ConfigError(_union_error(errors, f"config key '{key}' = {value!r}: "))
     if origin is typing.Literal:
         if value not in args:
             raise ConfigError(f"config key '{key}' = {value!r}: choose one of {list(args)}")
@@ -258,6 +258,16 @@ def coerce(value: Any, hint: Any, key: str) -> Any:
             raise ConfigError(f"config key '{key}' = {value!r}: expected a string")
         return value
     raise TypeError(f"unsupported annotation {hint!r} for {key}")  # a schema bug, not a user error
+
+
+def _union_error(errors: list[str], head: str) -> str:
+    """One message for a value that no alternative of a union accepts: every alternative named
+    (``expected true or false, or one of ['auto']``), unless an alternative failed inside the value (a list
+    item), whose own message is then the most specific."""
+    if not all(e.startswith(head) for e in errors):
+        return next(e for e in errors if not e.startswith(head))
+    reasons = [e[len(head):].removeprefix("expected ").removeprefix("choose ") for e in errors]
+    return head + "expected " + ", or ".join(reasons)
 
 
 def check_batch_arithmetic(config: Config, world_size: int) -> int:

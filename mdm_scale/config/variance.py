@@ -161,9 +161,10 @@ class MirrorMasksConfig(MaskConfig):
 
 @dataclass
 class AutoMasksConfig(MaskConfig):
-    """MIRROR switched on or off at every online-variance refit (``variance.monitor.every``) by the measured rule
-    "MIRROR pays at equal rows iff E[(L1 - L2)^2] / 2 > Var(L)" (``diffusion/online_variance.py``), starting
-    off; while on, a micro-batch holds ``train.micro_batch_size / 2`` sequences, so the rows per step stay fixed."""
+    """MIRROR switched on or off at every pooling of the online estimates (``variance.monitor.every``) by the
+    measured rule "MIRROR pays at equal rows iff Cov(L1, L2) + cov_syrm < 0", i.e. E[(L1 - L2)^2] / 2 > Var(L)
+    (+ the SyRM partners' covariance under SyRM) (``diffusion/online_variance.py``), starting off; while on, a
+    micro-batch holds ``train.micro_batch_size / 2`` sequences, so the rows per step stay fixed."""
 
     name: str = "auto"
     fixed: ClassVar[bool] = False
@@ -181,6 +182,9 @@ class AutoMasksConfig(MaskConfig):
                 "sequences per micro-batch, which packed rows (data.packing) do not have")
         require(config.train.micro_batch_size % 2 == 0, "train.micro_batch_size", config.train.micro_batch_size,
                 "variance.masks = auto halves the micro-batch while MIRROR is on: must be even")
+        require(v.t_coupling != "symmetric" or config.train.micro_batch_size % 4 == 0, "train.micro_batch_size",
+                config.train.micro_batch_size, "variance.masks = auto with SyRM (variance.t_coupling = symmetric) "
+                "pairs the sequences of the halved micro-batch too: must be divisible by 4")
 
 
 # ---- fixed sections -----------------------------------------------------------------------------------------
@@ -219,7 +223,8 @@ class EMAConfig:
 class ProbeConfig:
     """The online A/B/C probe (``diffusion/online_variance.py``): every ``every`` optimiser steps, a no-grad
     forward evaluates four rows (base mask, its antithetic mask, an independent mask, an independent rate and
-    mask) of the selected sequences. Without it (0) V and MIRROR's pair statistic are still measured. At 25 the
+    mask) of the selected sequences. Without it (0) V is still measured, and MIRROR's pair covariance while MIRROR
+    trains. At 25 the
     probe costs 0.86% of the step time at the 1.1B shape (one probe step: 63 ms against 293 ms steps,
     docs/benchmarks.md)."""
 

@@ -1,4 +1,4 @@
-"""Synthetic reasoning tasks, generated locally: the embedded default task and six more families.
+"""Synthetic reasoning tasks, generated locally: the embedded default task and seven more families.
 
 Each record is ``{"prompt": question, "response": [worked steps] + "#### " + answer}``; the answer is what
 ``mdm-scale eval`` scores (the text after the last ``####``). A family's problems have a *size*
@@ -16,6 +16,7 @@ and the accuracy of a model degrades gradually with its capacity instead of jump
 - ``count``: how often one digit occurs among ``size`` digits: ``"count 3 in 3 1 3 9\\n"`` -> ``"#### 2"``;
 - ``common``: the digits two lists of ``size`` digits share: ``"common 1 5 7 ; 5 3 7 9\\n"`` -> ``"#### 57"``;
 - ``missing``: the digits a list of ``size`` digits lacks: ``"missing 7 3 0 9 3 1 2 4 5\\n"`` -> ``"#### 68"``;
+- ``minmax``: the smallest and the largest of ``size`` digits: ``"minmax 7 3 0 9 3\\n"`` -> ``"#### 09"``;
 - ``lookup``: variable binding, follow a chain of ``size`` assignments among as many distractors::
 
       prompt:   "k=42, q=17, c=m, z=q, m=k, y=z. c?\\n"
@@ -131,6 +132,13 @@ def make_missing(rng: random.Random, min_len: int, max_len: int) -> dict[str, st
             "response": "#### " + "".join(str(d) for d in range(10) if d not in digits)}
 
 
+def make_minmax(rng: random.Random, min_len: int, max_len: int) -> dict[str, str]:
+    """The smallest and the largest of min..max digits, as two digits: ``"minmax 7 3 0 9 3\\n"`` -> ``"#### 09"``
+    (the first and last digit of ``sort``'s answer)."""
+    digits = [rng.randint(0, 9) for _ in range(rng.randint(min_len, max_len))]
+    return {"prompt": "minmax " + " ".join(map(str, digits)) + "\n", "response": f"#### {min(digits)}{max(digits)}"}
+
+
 def make_lookup(rng: random.Random, min_hops: int, max_hops: int) -> dict[str, str]:
     """Follow ``hops`` assignments from the queried variable to a number, among a distractor chain as long.
 
@@ -149,8 +157,8 @@ def make_lookup(rng: random.Random, min_hops: int, max_hops: int) -> dict[str, s
 
 
 def solve(family: str, prompt: str) -> str:
-    """The answer of an ``add``, ``sort``, ``count``, ``common``, ``missing`` or ``lookup`` prompt, from the
-    prompt's text alone."""
+    """The answer of an ``add``, ``sort``, ``count``, ``common``, ``missing``, ``minmax`` or ``lookup`` prompt,
+    from the prompt's text alone."""
     text = prompt.rstrip("\n")
     if family == "add":
         a, op, b, _ = text.split(" ")
@@ -165,6 +173,9 @@ def solve(family: str, prompt: str) -> str:
         return "".join(sorted(left & right))
     if family == "missing":
         return "".join(d for d in "0123456789" if d not in text.split(" ")[1:])
+    if family == "minmax":
+        digits = text.split(" ")[1:]
+        return min(digits) + max(digits)
     if family == "lookup":
         bindings, query = text.split(". ")
         value = dict(item.split("=") for item in bindings.split(", "))
@@ -172,12 +183,14 @@ def solve(family: str, prompt: str) -> str:
         while not value[name].isdigit():
             name = value[name]
         return value[name]
-    raise ValueError(f"solve: family {family!r} has no solver (add, sort, count, common, missing, lookup)")
+    raise ValueError(f"solve: family {family!r} has no solver (add, sort, count, common, missing, minmax, "
+                     f"lookup)")
 
 
 FAMILIES: dict[str, tuple[Callable[[random.Random, int, int], dict[str, str]], int]] = {
     "arith": (make_problem, 20), "add": (make_addition, 18), "sort": (make_sort, 40), "count": (make_count, 40),
-    "common": (make_common, 20), "missing": (make_missing, 9), "lookup": (make_lookup, 13),
+    "common": (make_common, 20), "missing": (make_missing, 9), "minmax": (make_minmax, 40),
+    "lookup": (make_lookup, 13),
 }
 """name -> (problem maker(rng, min_size, max_size), largest size it accepts)."""
 

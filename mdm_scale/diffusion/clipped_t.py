@@ -32,3 +32,6 @@ class ClippedT(TSampler, config=ClippedTConfig):
 
     def transform(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.low + (self.high - self.low) * u, torch.ones_like(u)
+
+    def quantile(self, t: torch.Tensor) -> torch.Tensor:
+        return ((t.to(torch.float64) - self.low) / (self.high - self.low)).clamp(0.0, 1.0)

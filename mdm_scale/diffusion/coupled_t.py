@@ -40,6 +40,9 @@ class CoupledT(TSampler):
     def transform(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.inner.transform(u)
 
+    def quantile(self, t: torch.Tensor) -> torch.Tensor:
+        return self.inner.quantile(t)
+
     def observe(self, micro) -> None:
         self.inner.observe(micro)
 
@@ -63,6 +66,9 @@ class CoupledT(TSampler):
 
     def load_state_dict(self, state: dict) -> None:
         self.inner.load_state_dict(state)
+
+    def load_rank_states(self, states: list[dict], main: dict) -> None:
+        self.inner.load_rank_states(states, main)
 
 
 class StratifiedT(CoupledT):

@@ -22,7 +22,9 @@ makes p >= 1 / max_weight everywhere, so capped weights stay exactly unbiased (c
 product: deterministic, no host sync) to its pooled sums (``pooled_sums.py``). Every ``refit_every`` optimiser
 steps ``on_optimizer_step`` pools them over ranks (one all-reduce of 5 x bins floats, decay
 0.5^(refit_every / half_life)), and rank 0 refits from the current parameters (warm start) and broadcasts the
-new density, so every rank samples from bit-identical p(t) from the next step on.
+new density, so every rank samples from bit-identical p(t) from the next step on. A fit that fails on rank 0
+(e.g. an EPR curve whose log-range underflows the density to zero somewhere) keeps the current density on every
+rank: the broadcast's first number says that no new density comes, and rank 0 prints why.
 """
 
 from __future__ import annotations
@@ -58,6 +60,7 @@ class PiecewiseLinearDensity:
         self.values = values / total
         self.cdf = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(area / total, 0)])
         self.cdf[-1] = 1.0
+        self._device_tables: tuple[torch.Tensor, torch.Tensor] | None = None  # (values, cdf) on another device
 
     @classmethod
     def uniform(cls, cells: int = DENSITY_CELLS) -> PiecewiseLinearDensity:
@@ -73,6 +76,22 @@ class PiecewiseLinearDensity:
         if lam == 0.0:
             return self
         return PiecewiseLinearDensity((1.0 - lam) * self.values + lam)
+
+    def cdf_at(self, t: torch.Tensor) -> torch.Tensor:
+        """F(t), float64, on t's device: inside cell k, C_k + p_k x + s x^2 / 2 with x = t - k h and s the cell's
+        slope. The node tables are copied to a device once per density (no copy per call)."""
+        values, cdf = self._tables(t.device)
+        t = t.to(torch.float64).clamp(0.0, 1.0)
+        k = (t / self.h).floor().clamp(max=self.cells - 1).long()
+        x = t - k.to(torch.float64) * self.h
+        p_k = values.index_select(0, k)
+        slope = (values.index_select(0, k + 1) - p_k) / self.h
+        return (cdf.index_select(0, k) + p_k * x + 0.5 * slope * x * x).clamp(0.0, 1.0)
+
+    def _tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._device_tables is None or self._device_tables[0].device != device:
+            self._device_tables = (self.values.to(device), self.cdf.to(device))
+        return self._device_tables
 
     def pdf(self, t: torch.Tensor) -> torch.Tensor:
         t = t.to(torch.float64).clamp(0.0, 1.0)
@@ -158,6 +177,7 @@ class PPOTSSampler(TSampler, config=PPOTSConfig):
         self.z: np.ndarray | None = None
         self.sums = PooledSums((settings.bins, STAT_COLUMNS), settings.refit_every, settings.decay)
         self.refits = 0
+        self.failures = 0  # fits that raised on rank 0 (the density was kept); counted on rank 0 only
         self._drawn: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._drawn_count = 0
         self._plotted_refits = -1
@@ -168,6 +188,10 @@ class PPOTSSampler(TSampler, config=PPOTSConfig):
         weight = (1.0 / self.density.pdf(t)).to(torch.float32)  # at the float32 t the model sees
         self._record(t, weight)
         return t, weight
+
+    def quantile(self, t: torch.Tensor) -> torch.Tensor:
+        """u = F(t) under the current density (the one that draws until the next refit)."""
+        return self.density.cdf_at(t)
 
     def _record(self, t: torch.Tensor, weight: torch.Tensor) -> None:
         if self._drawn_count < _DRAW_LOG_LIMIT:
@@ -205,7 +229,7 @@ class PPOTSSampler(TSampler, config=PPOTSConfig):
         if not self.sums.due(step):
             return False
         self.sums.pool()
-        self.refit(self.sums.pending.device)
+        self.refit(self.sums.pending_sums.device)
         return True
 
     def update(self, new_statistics: torch.Tensor, device: torch.device | str = "cpu") -> None:
@@ -215,8 +239,10 @@ class PPOTSSampler(TSampler, config=PPOTSConfig):
 
     def refit(self, device: torch.device | str = "cpu") -> None:
         """Refit on rank 0 from the pooled statistics and broadcast the result over ``device`` (where the
-        collectives run)."""
-        z, density = self._fit() if _is_main() else (None, None)
+        collectives run). The payload's first number says whether rank 0 has a new density: without one (too
+        little data, or a fit that failed: rank 0 logs why) every rank keeps the current density, so a fit that
+        raises on rank 0 alone never leaves the other ranks waiting in the broadcast."""
+        z, density = self._fit_or_keep() if _is_main() else (None, None)
         cells = self.density.cells
         payload = torch.zeros(1 + 7 + cells + 1, dtype=torch.float64)
         if density is not None:
@@ -229,6 +255,19 @@ class PPOTSSampler(TSampler, config=PPOTSConfig):
             self.density = PiecewiseLinearDensity(payload[8:])
             self.refits += 1
 
+    def _fit_or_keep(self) -> tuple[np.ndarray, PiecewiseLinearDensity] | tuple[None, None]:
+        """``_fit``'s result, or (None, None) with the reason printed when it raises: e.g. an EPR curve whose
+        log-range exceeds the float range underflows to zero density somewhere, which
+        ``PiecewiseLinearDensity`` refuses. Any exception counts (the other ranks wait in the broadcast for
+        whatever rank 0 sends); the run goes on with the current density and ``refit_failures`` counts it."""
+        try:
+            return self._fit()
+        except Exception as err:  # noqa: BLE001 -- see the docstring: never leave the other ranks waiting
+            self.failures += 1
+            print(f"P-POTS refit {self.refits + 1}: the fit failed ({type(err).__name__}: {err}); every rank keeps "
+                  f"the current p(t)", flush=True)
+            return None, None
+
     def _fit(self) -> tuple[np.ndarray, PiecewiseLinearDensity] | tuple[None, None]:
         t, w = fit_target(self.statistics)
         if len(t) < 2 or not np.any(w > 0):
@@ -239,7 +278,7 @@ class PPOTSSampler(TSampler, config=PPOTSConfig):
 
     # ---- logging and checkpoints ----------------------------------------------------------------------------
     def log_statistics(self) -> dict[str, LogValue]:
-        values: dict[str, LogValue] = {"refits": float(self.refits)}
+        values: dict[str, LogValue] = {"refits": float(self.refits), "refit_failures": float(self.failures)}
         if self._drawn:
             t = torch.cat([d[0] for d in self._drawn])
             w = torch.cat([d[1] for d in self._drawn]).to(torch.float64)
@@ -256,14 +295,21 @@ class PPOTSSampler(TSampler, config=PPOTSConfig):
         return {"bins": self.settings.bins, "z": None if self.z is None else torch.from_numpy(self.z.copy()),
                 "density": self.density.values.clone(), **self.sums.state_dict(), "refits": self.refits}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict, pending_from: list[dict] | None = None) -> None:
+        """Restore; ``pending_from``: the states of the old ranks whose pending statistics this rank takes over
+        after a change of the world size (``NoiseService.load_rank_states``)."""
         if state.get("bins") != self.settings.bins:
             raise ValueError(f"the checkpoint's P-POTS state has {state.get('bins')} bins and "
                              f"variance.t_sampler.bins is {self.settings.bins}")
         self.z = None if state["z"] is None else state["z"].numpy().astype(np.float64)
         self.density = PiecewiseLinearDensity(state["density"])
-        self.sums.load_state_dict(state)
+        self.sums.load_state_dict(state, pending_from)
         self.refits = int(state["refits"])
+
+    def load_rank_states(self, states: list[dict], main: dict) -> None:
+        """The pooled statistics and the density (the same on every rank) from rank 0's state, the pending
+        statistics summed over the old ranks this rank takes over."""
+        self.load_state_dict(main, pending_from=states)
 
 
 def _is_main() -> bool:

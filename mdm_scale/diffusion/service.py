@@ -16,7 +16,13 @@ variance monitor) and calls every one at the same points of every optimiser step
   mask generator or the sequences per micro-batch). Until such a step the noise of the next micro-batch is a
   function of its keys, so the trainer corrupts it early (``Trainer._prefetch``);
 - ``log(step, interval)``: what to write for this step under ``log_prefix`` (``interval``: the run's log interval);
-- ``state_dict()`` / ``load_state_dict(state)``: everything needed to resume, saved per rank under ``state_key``.
+- ``state_dict()`` / ``load_state_dict(state)``: everything needed to resume, saved per rank under ``state_key``;
+- ``load_rank_states(states, main)``: how a resume restores it (``training/checkpoint.py``). ``states`` are the
+  states that the old ranks this rank takes over saved: rank r of W takes the old ranks r, r + W, r + 2W, ...,
+  i.e. its own state when the world size is unchanged, several when it shrank, none on a rank that the old run
+  did not have; ``main`` is rank 0's. By default the first of ``states``, else rank 0's; a service with
+  ``PooledSums`` takes its pooled (shared) part from ``main`` and sums the pending parts of ``states``, so that
+  no rank's pending statistics are lost or counted twice.
 
 Every hook has a no-op default, so a service implements only what it uses. Services that pool statistics over
 ranks share :class:`~mdm_scale.diffusion.pooled_sums.PooledSums`.
@@ -73,3 +79,7 @@ class NoiseService:
     def load_state_dict(self, state: dict) -> None:
         if state:
             raise ValueError(f"{type(self).__name__} has no state, got keys {sorted(state)}")
+
+    def load_rank_states(self, states: list[dict], main: dict) -> None:
+        """Restore from the states of the old ranks this rank takes over, or rank 0's (module docstring)."""
+        self.load_state_dict(states[0] if states else main)

@@ -52,6 +52,11 @@ class TSampler(NoiseService, Component, family=True, config=UniformTConfig):
         """(t, weight) from u: t = F^-1(u) and weight = 1 / p(t), float32 (B,). Uniform: (u, 1)."""
         return u, torch.ones_like(u)
 
+    def quantile(self, t: torch.Tensor) -> torch.Tensor:
+        """u = F(t), the inverse of ``transform``'s t (float64): where t lies in the distribution it was drawn
+        from (the online variance monitor's strata of equal probability). Uniform: t itself."""
+        return t.to(torch.float64)
+
     def sample(self, sample_index: torch.Tensor, stream: int = Stream.T) -> tuple[torch.Tensor, torch.Tensor]:
         """(t, weight), both float32 of shape (B,)."""
         return self.transform(self.uniforms(sample_index, stream))

@@ -29,6 +29,7 @@ hops, operand digits), and the family's partial credits:
   answer is the number of digits, not of the queried one's occurrences);
 - ``lookup``: **chain valid** (every ``x=y`` of the worked chain is an assignment of the prompt, from the queried
   variable on) and **answer = chain end** (the answer is the value the written chain reaches);
+- ``minmax``: **min right** and **max right** (the answer's first / second digit);
 - ``common``, ``missing`` (set answers): **no wrong digit** (every digit of the answer belongs to the true set)
   and **no digit left out** (every digit of the true set is in the answer);
 - ``add``: **length right** (as many digits as the true result) and **digits right** (share of the true result's
@@ -85,7 +86,7 @@ def arith_profile(records: list[dict]) -> dict:
 
 def _size(family: str, prompt: str) -> int:
     text = prompt.rstrip("\n")
-    if family in ("sort", "missing"):
+    if family in ("sort", "missing", "minmax"):
         return len(text.split(" ")) - 1
     if family == "common":
         return max(len(part.split()) for part in text.removeprefix("common ").split(" ; "))
@@ -104,6 +105,9 @@ def _credits(family: str, prompt: str, prediction: str, answer: str | None, gold
         got = answer or ""
         return {"multiset kept": sorted(got) == sorted(given),
                 "ordered": bool(got) and got.isdigit() and list(got) == sorted(got)}
+    if family == "minmax":
+        got = answer or ""
+        return {"min right": got[:1] == gold[:1], "max right": got[1:2] == gold[1:2]}
     if family in ("common", "missing"):
         got = set(answer or "")
         return {"no wrong digit": got <= set(gold), "no digit left out": set(gold) <= got}

@@ -25,8 +25,10 @@ from pathlib import Path
 
 import numpy as np
 
-LOG_LINE = re.compile(r"^\[(train|eval) step (\d+)\] (.*)$", re.MULTILINE)
-LOG_VALUE = re.compile(r"(\w+)=([0-9.eE+-]+|nan|inf)")
+LOG_LINE = re.compile(r"^\[(train|eval|variance) step (\d+)\] (.*)$", re.MULTILINE)
+NUMBER = r"-?(?:[0-9.eE+-]+|nan|inf)"
+LOG_VALUE = re.compile(rf"(\w+)=({NUMBER})(?: \[({NUMBER}), ({NUMBER})\])?")
+"""``key=value``, or ``key=value [lo, hi]`` for an estimate with its interval (``training/metrics.py``)."""
 CSV_FIELDS = ["label", "method", "micro_batch", "protocols", "seed", "accuracy", "correct", "total", "no_answer",
               "eval_loss", "steps", "rows", "tokens", "flops", "train_seconds", "wall_seconds"]
 
@@ -130,8 +132,10 @@ def run_scalars(result: dict, run_dir: Path) -> dict[str, dict[int, float]]:
     log = run_dir / "train.log"
     scalars: dict[str, dict[int, float]] = {}
     for prefix, step, values in LOG_LINE.findall(log.read_text() if log.is_file() else ""):
-        for name, value in LOG_VALUE.findall(values):
-            scalars.setdefault(f"{prefix}/{name}", {})[int(step)] = float(value)
+        for name, value, low, high in LOG_VALUE.findall(values):
+            items = [(name, value), *(((f"{name}_lo", low), (f"{name}_hi", high)) if low else ())]
+            for key, number in items:
+                scalars.setdefault(f"{prefix}/{key}", {})[int(step)] = float(number)
     return scalars
 
 

@@ -28,8 +28,9 @@ is the one this run configured (DeepSpeed's stage-3 universal load gives every g
 optimizer's step counts have the type its own step expects. The data stream and the noise are keyed by the global
 sample index (``data/loader.py``, ``core/noise.py``), so with the same global batch the run continues on the same
 samples with the same noise; a different global batch is refused, naming the ``train.grad_accum`` that keeps
-it. The t-sampler state is saved per rank (``rank_state<r>.pt``): after a world-size change rank r takes rank
-r's state, or rank 0's where the old run had fewer ranks.
+it. The noise services' state is saved per rank (``rank_state<r>.pt``): after a world-size change each rank
+takes over the states of some old ranks (``load_rank_parts``), so that the statistics pending on the old ranks
+since their last pooling are all pooled, each once.
 """
 
 from __future__ import annotations
@@ -308,9 +309,22 @@ def file_crc(path: Path, sync: bool = False) -> int:
 def rank_state(path: Path, rank: int) -> dict:
     """What ``save(rank_state=...)`` stored for ``rank`` in checkpoint ``path`` ({} if nothing)."""
     file = path / f"rank_state{rank}.pt"
-    if not file.is_file():  # a rank the writing run did not have (elastic resume on more ranks)
-        file = path / "rank_state0.pt"
     return torch.load(file, weights_only=True) if file.is_file() else {}
+
+
+def load_rank_parts(parts: dict, path: Path, rank: int, world_size: int) -> None:
+    """Restore every per-rank part (a noise service, ``diffusion/service.py``) of this rank from checkpoint ``path``.
+
+    Rank r of ``world_size`` takes over the old ranks r, r + world_size, r + 2 world_size, ... of the run that
+    wrote it: its own state when the world size is unchanged; on fewer ranks, those of the dropped ranks too; on
+    more ranks, none for the new ones. Each part gets those states and rank 0's (``load_rank_states``): its
+    parts that are the same on every rank come from rank 0, its pending per-rank sums are the sum over the old
+    ranks it takes over, so every old rank's pending statistics are pooled exactly once."""
+    written_by = json.loads((path / MANIFEST).read_text())["world_size"]
+    own = [rank_state(path, old) for old in range(rank, written_by, world_size)]
+    main = rank_state(path, 0)
+    for name, part in parts.items():
+        part.load_rank_states([state.get(name, {}) for state in own], main.get(name, {}))
 
 
 def check_shapes(path: Path, saved: dict[str, list[int]], current: dict[str, list[int]]) -> None:

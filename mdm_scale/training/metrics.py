@@ -1,7 +1,8 @@
 """Console and TensorBoard output, written by rank 0 only.
 
 Scalars go to ``<output_dir>/tensorboard`` (or ``logging.tensorboard_dir``) under ``train/*`` and ``eval/*``;
-the console gets one line per log interval, or a progress bar with the same numbers on a terminal.
+the console gets one line per log interval, or a progress bar with the same numbers on a terminal (an estimate
+logged with its interval as ``X``, ``X_lo``, ``X_hi`` reads ``X=value [lo, hi]`` there).
 Tensorboard's own ``EventAccumulator`` reads the files back (``tests/test_training.py``).
 """
 
@@ -47,7 +48,7 @@ class MetricLogger:
         if self.writer is not None:
             for name, value in values.items():
                 self.writer.add_scalar(f"{prefix}/{name}", value, step)
-        line = " ".join(f"{k}={_fmt(v)}" for k, v in values.items())
+        line = " ".join(_console_items(values))
         if self.bar is not None and prefix == "train":
             self.bar.set_postfix_str(line, refresh=False)
         else:
@@ -88,6 +89,20 @@ class MetricLogger:
             self.bar.close()
         if self.writer is not None:
             self.writer.close()
+
+
+def _console_items(values: dict[str, float]) -> list[str]:
+    """``key=value`` items of a console line; an estimate logged with its interval (``X``, ``X_lo``, ``X_hi``)
+    is one item, ``X=value [lo, hi]``."""
+    items = []
+    for key, value in values.items():
+        if key[-3:] in ("_lo", "_hi") and key[:-3] in values:
+            continue
+        if f"{key}_lo" in values and f"{key}_hi" in values:
+            items.append(f"{key}={_fmt(value)} [{_fmt(values[f'{key}_lo'])}, {_fmt(values[f'{key}_hi'])}]")
+        else:
+            items.append(f"{key}={_fmt(value)}")
+    return items
 
 
 def _fmt(value: float) -> str:

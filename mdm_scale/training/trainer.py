@@ -51,7 +51,7 @@ from mdm_scale.distributed.env import (
 )
 from mdm_scale.models.flops import flops_per_token
 from mdm_scale.models.loading import build_model, load_hf_config, parameter_shapes, resolve_mask_token_id
-from mdm_scale.training.checkpoint import CheckpointManager, rank_state, write_atomic
+from mdm_scale.training.checkpoint import CheckpointManager, load_rank_parts, write_atomic
 from mdm_scale.training.faults import NonFiniteGuard
 from mdm_scale.training.memory_plan import (
     MemoryPlan,
@@ -226,7 +226,8 @@ class Trainer:
         if self.cfg.train.objective != "mdm":
             return []
         ema = [EMABaseline(v.ema.bins, v.ema.rate, self.env.device)] if v.ema.bins else []
-        monitor = VarianceMonitor(MonitorSettings.from_config(v), self._probe(), switch=self._set_mirror)
+        monitor = VarianceMonitor(MonitorSettings.from_config(v), self.objective.t_sampler.quantile, self._probe(),
+                                  switch=self._set_mirror)
         return [self.objective.t_sampler, *ema, monitor]
 
     def _probe(self) -> Probe | None:
@@ -268,10 +269,9 @@ class Trainer:
         client = self.checkpoints.load(self.engine, path, self.shapes, self.global_batch)
         self.step = int(client["step"])
         self.seen = torch.tensor([client.get("rows_seen", 0.0), client.get("tokens_seen", 0.0)], dtype=torch.float64)
-        ranked = rank_state(path, self.env.rank)
-        for parts, state in ((self.client_parts, client), (self.rank_parts, ranked)):
-            for name, part in parts.items():
-                part.load_state_dict(state.get(name, {}))
+        for name, part in self.client_parts.items():
+            part.load_state_dict(client.get(name, {}))
+        load_rank_parts(self.rank_parts, path, self.env.rank, self.env.world_size)
         self.info(f"resumed from {path} at step {self.step}")
 
     # ---- the loop -----------------------------------------------------------------------------------------
