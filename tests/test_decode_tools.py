@@ -29,6 +29,29 @@ def test_decode_speed_counts_the_forwards_of_each_subject(tmp_path):
     assert (tmp_path / "decode_speed.md").read_text().count("\n") == 2 + len(rows)
 
 
+def test_decode_speed_records_a_subject_that_runs_out_of_memory_and_goes_on(tmp_path, monkeypatch):
+    """One subject whose decoding raises the GPU's out-of-memory error (planted: threshold+prefix) is a failed row;
+    the subjects after it are still measured, and the exit status says that one failed."""
+    timed = decode_speed.timed_decoding
+
+    def out_of_memory_with_prefix_threshold(model, prompts, cfg, device, seconds):
+        if cfg.cache == "prefix" and cfg.threshold is not None:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore detail")
+        return timed(model, prompts, cfg, device, seconds)
+
+    monkeypatch.setattr(decode_speed, "timed_decoding", out_of_memory_with_prefix_threshold)
+    assert decode_speed.main(["--preset", "tiny", "--batches", "1", "--gen-lengths", "8", "--prompt", "2", "--block",
+                              "4", "--tokens-per-step", "2", "--seconds", "600", "--out", str(tmp_path)]) == 1
+    rows = [json.loads(line) for line in (tmp_path / "decode_speed.jsonl").read_text().splitlines()]
+    assert [r["subject"] for r in rows] == ["current", "threshold", "threshold+prefix", "threshold+dual", "2/step",
+                                            "2/step+prefix", "2/step+dual"]
+    failed = rows[2]
+    assert failed["failed"] == "out of memory: CUDA out of memory. Tried to allocate 2.00 GiB"
+    assert "tokens_per_s" not in failed and failed["vs_current"] is None
+    assert all("failed" not in r and r["blocks"] == "2/2" for r in rows[:2] + rows[3:])
+    assert "| threshold+prefix | failed: out of memory" in (tmp_path / "decode_speed.md").read_text()
+
+
 def test_decode_accuracy_scores_what_mdm_scale_eval_scores(synth_dir, tmp_path, capsys):
     """A study of one checkpoint (a random model) whose gold answers are, for half the prompts, what the checkpoint
     decodes (the whole text, --answer-regex '(?s).+'): ``current`` must score what ``mdm-scale eval`` scores with

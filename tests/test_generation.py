@@ -277,6 +277,28 @@ def test_each_block_records_the_cache_once_and_then_forwards_only_the_positions_
     assert calls == expected
 
 
+@pytest.mark.parametrize("cache", ["none", "prefix", "dual"])
+def test_decoding_saves_nothing_for_backward_whoever_calls_it(cache):
+    """``eval``, the lm-eval model and ``tools/bench/decode_speed.py`` call ``Decoding`` with autograd on and a model
+    whose parameters require grad: no forward of it may save a tensor for backward. (With the cache, each cached
+    step's in-place write into the cache hung that step's graph, with all its activations, on the cache until the
+    block ended: issue 28's out-of-memory at batch 32.)"""
+    model = random_model()
+    assert torch.is_grad_enabled() and all(p.requires_grad for p in model.parameters())
+    cfg = SamplingConfig(gen_length=8, steps=8, block_length=4, cache=cache)
+    decoding = sampler.Decoding(model, PROMPTS, [0, 1, 2], MASK, PAD, cfg, CPU)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.nbytes) or t, lambda t: t):
+        forwards = decoding.decode_block(0) + decoding.decode_block(1)
+    assert forwards == 8 and saved == []
+
+
+def test_the_kv_cache_refuses_a_forward_with_autograd():
+    """A cached forward that records a graph would keep it alive through the cache: a clear error instead."""
+    with pytest.raises(ValueError, match=r"forwards without autograd: run them under torch.no_grad\(\)"):
+        random_model()(input_ids=torch.full((1, 6), MASK), kv_cache=KVCache())
+
+
 def test_transfer_counts_split_each_block_evenly():
     assert sampler.transfer_counts(10, 4) == [3, 3, 2, 2] and sampler.transfer_counts(7, 7) == [1] * 7
     assert sampler.transfer_counts(3, 5) == [1, 1, 1, 0, 0]

@@ -172,8 +172,12 @@ class Decoding:
             self.decode_block(block)
         return self.x.cpu()
 
+    @torch.no_grad()
     def decode_block(self, block: int) -> int:
-        """Fill block ``block`` (every mask of it); returns the number of model forwards it took."""
+        """Fill block ``block`` (every mask of it); returns the number of model forwards it took. Without
+        autograd whoever calls it (``eval``, the lm-eval model and the benchmarks call ``run`` or this directly):
+        with it, every forward would record its graph, and the cached steps' in-place writes into the cache
+        would chain each step's graph, with all its activations, onto the cache until the block ends."""
         cfg = self.cfg
         start = self.width + block * cfg.block_length
         current = self.x[:, start:start + cfg.block_length]  # a view: writing into it writes into x

@@ -15,6 +15,12 @@ was there is never read again), which costs no copy of the cached part.
 
 The sampler picks the slice: the *prefix cache* forwards [a, L) (the block from a and everything after it,
 reusing the prefix [0, a)); the *dual cache* forwards only the block [a, b) and reuses the suffix [b, L) too.
+The refresh also keeps the rotary tables of the recorded positions, which the slices' forwards cut instead of
+building them again.
+
+The cache serves forwards without autograd (``torch.no_grad()``): with it, each slice's in-place write would hang
+that forward's graph, with every activation it saved, on the recorded tensors until the cache is dropped, so the
+memory of a block's steps would add up. ``exchange`` refuses keys or values that require grad.
 
 The cache is approximate: in a bidirectional model the hidden state of a prefix position, hence its keys and
 values from the second layer on, depends on every position, including the block that the steps change. It is
@@ -40,6 +46,8 @@ class KVCache:
     def __init__(self):
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
+        self.rotary: tuple[torch.Tensor, torch.Tensor] | None = None
+        """cos/sin tables of the recorded positions (set by the recording forward, ``MDMModel.forward``)."""
         self.query_start = 0
         self.recording = True
 
@@ -62,6 +70,8 @@ class KVCache:
 
     def exchange(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The keys and values that layer ``layer``'s queries attend to, given the forwarded positions' own."""
+        if k.requires_grad or v.requires_grad:
+            raise ValueError("the decoding KV cache serves forwards without autograd: run them under torch.no_grad()")
         if self.recording:
             self.keys.append(k.contiguous())
             self.values.append(v.contiguous())

@@ -214,9 +214,14 @@ class MDMModel(MDMPreTrainedModel):
                 raise ValueError("the decoding KV cache serves bidirectional, unpacked forwards only")
             kv_cache.begin(query_start, input_ids.shape[1])
         x = self.embed_tokens(input_ids)
-        cos, sin = rotary_tables(query_start + input_ids.shape[1], self.config.head_dim, self.config.rope_theta,
-                                 x.device, x.dtype)
-        cos, sin = cos[query_start:], sin[query_start:]
+        end = query_start + input_ids.shape[1]
+        if kv_cache is None or kv_cache.rotary is None:
+            cos, sin = rotary_tables(end, self.config.head_dim, self.config.rope_theta, x.device, x.dtype)
+            if kv_cache is not None:  # the recording forward: the tables of every recorded position
+                kv_cache.rotary = cos, sin
+        else:
+            cos, sin = kv_cache.rotary
+        cos, sin = cos[query_start:end], sin[query_start:end]
         if position_ids is not None:
             cos, sin = cos[position_ids][:, None], sin[position_ids][:, None]
         key_mask = None if attention_mask is None else attention_mask.bool()  # callers pass None when unpadded

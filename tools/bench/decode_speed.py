@@ -24,13 +24,16 @@ Each subject decodes block by block until its blocks are done or ``--seconds`` h
 tokens/s counts the answer tokens of the blocks decoded. ``blocks`` says how many of how many were decoded: for
 the uncached and dual-cache subjects every block costs the same, so a partial run gives the full run's rate; with
 the prefix cache the first blocks, which forward the longest slices, are the slowest, so a partial rate is a lower
-bound. Each (batch, length) first decodes once untimed (kernel selection, allocator). Results: one JSON line per
-subject in ``OUT/decode_speed.jsonl``, and ``OUT/decode_speed.md``, rewritten after every subject.
+bound. Each (batch, length) first decodes once untimed (kernel selection, allocator). ``peak_gib`` is the most GPU
+memory the subject's decoding held at once (weights included). A subject that runs out of GPU memory is recorded as
+failed (``failed``: the error's first line) and the others still run; the exit status is then 1. Results: one JSON
+line per subject in ``OUT/decode_speed.jsonl``, and ``OUT/decode_speed.md``, rewritten after every subject.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import sys
 import time
@@ -98,13 +101,36 @@ def timed_decoding(model, prompts: list[list[int]], cfg: SamplingConfig, device:
             "seconds": elapsed}
 
 
+def guarded_decoding(model, prompts: list[list[int]], cfg: SamplingConfig, device: torch.device, seconds: float
+                     ) -> dict:
+    """``timed_decoding``'s result and ``peak_gib``, or ``{"failed": ...}`` when the GPU runs out of memory; either
+    way the memory the decoding held is given back before the next subject."""
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    try:
+        result = timed_decoding(model, prompts, cfg, device, seconds)
+    except torch.OutOfMemoryError as error:  # the frames holding the tensors go when this block ends
+        result = {"failed": "out of memory: " + str(error).strip().splitlines()[0]}
+    gc.collect()
+    if torch.cuda.is_available():
+        result["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        torch.cuda.empty_cache()
+    return result
+
+
 def write_table(rows: list[dict], path: Path) -> None:
-    lines = ["| batch | gen | subject | tokens/s | vs current | forwards | tokens/forward | ms/forward | blocks |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| batch | gen | subject | tokens/s | vs current | forwards | tokens/forward | ms/forward | blocks | "
+             "peak GiB |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        peak = "-" if r.get("peak_gib") is None else f"{r['peak_gib']:.1f}"
+        if "failed" in r:
+            lines.append(f"| {r['batch']} | {r['gen_length']} | {r['subject']} | failed: {r['failed']} | - | - | - | "
+                         f"- | - | {peak} |")
+            continue
         ratio = "-" if r["vs_current"] is None else f"{r['vs_current']:.2f}x"
         lines.append(f"| {r['batch']} | {r['gen_length']} | {r['subject']} | {r['tokens_per_s']:.1f} | {ratio} | "
-                     f"{r['forwards']} | {r['tokens_per_forward']:.2f} | {r['ms_per_forward']:.2f} | {r['blocks']} |")
+                     f"{r['forwards']} | {r['tokens_per_forward']:.2f} | {r['ms_per_forward']:.2f} | {r['blocks']} | "
+                     f"{peak} |")
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -121,22 +147,25 @@ def main(argv=None) -> int:
     wanted = None if args.subjects is None else set(args.subjects.split(","))
     generator = torch.Generator().manual_seed(0)
     rows: list[dict] = []
+    failed = 0
     for batch in map(int, args.batches.split(",")):
         prompts = torch.randint(4, model.config.vocab_size, (batch, args.prompt), generator=generator).tolist()
         for gen_length in map(int, args.gen_lengths.split(",")):
             configs = subjects(gen_length, args.block, args.threshold, args.tokens_per_step)
             warm = SamplingConfig(gen_length=gen_length, steps=2 * gen_length // args.block, block_length=args.block)
             for cache in ("none", "prefix", "dual"):  # untimed: the first block's refresh and one cached step
-                Decoding(model, prompts, list(range(batch)), MASK_ID, 0, replace(warm, cache=cache), device
-                         ).decode_block(0)
+                guarded_decoding(model, prompts, replace(warm, cache=cache), device, 0.0)  # block 0 only
             current = None
             for name, cfg in configs.items():
                 if wanted is not None and name not in wanted:
                     continue
-                result = timed_decoding(model, prompts, cfg, device, args.seconds)
-                current = result["tokens_per_s"] if name == "current" else current
+                result = guarded_decoding(model, prompts, cfg, device, args.seconds)
+                failed += "failed" in result
+                if name == "current":
+                    current = result.get("tokens_per_s")
                 row = {"batch": batch, "gen_length": gen_length, "subject": name, **result,
-                       "vs_current": None if current is None else result["tokens_per_s"] / current,
+                       "vs_current": None if current is None or "failed" in result
+                       else result["tokens_per_s"] / current,
                        "preset": args.preset, "prompt": args.prompt, "block": args.block,
                        "threshold": cfg.threshold, "cache": cfg.cache, "steps": cfg.steps,
                        "device": torch.cuda.get_device_name() if on_gpu else "cpu",
@@ -145,9 +174,12 @@ def main(argv=None) -> int:
                 with open(out / "decode_speed.jsonl", "a") as f:
                     f.write(json.dumps(row) + "\n")
                 write_table(rows, out / "decode_speed.md")
-                print(json.dumps({k: row[k] for k in ("batch", "gen_length", "subject", "tokens_per_s", "vs_current",
-                                                      "forwards", "ms_per_forward", "blocks")}), flush=True)
-    return 0
+                print(json.dumps({k: row[k] for k in ("batch", "gen_length", "subject", "tokens_per_s",
+                                                          "vs_current", "forwards", "ms_per_forward", "blocks",
+                                                          "peak_gib", "failed") if k in row}), flush=True)
+    if failed:
+        print(f"{failed} subject(s) failed (out of memory); see {out / 'decode_speed.md'}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
