@@ -44,11 +44,17 @@ def _train(args: argparse.Namespace) -> int:
     from mdm_scale.training.metrics import quiet_third_party_logs
 
     quiet_third_party_logs()
+    import torch.distributed as dist
+
+    from mdm_scale.distributed.env import shutdown_distributed
     from mdm_scale.training.trainer import train
 
+    starts_the_group = not dist.is_initialized()  # in-process callers (tests, notebooks) may hold one already
     summary = train(config)
     if summary["stopped_by"] is not None:
         ignore()  # the checkpoint is complete; exit 75 even when a launcher now SIGTERMs this rank
+    elif starts_the_group:
+        shutdown_distributed()  # every rank finished the run (a stopped one leaves as its launcher kills it)
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps({"final": summary}), flush=True)
     return 0 if summary["stopped_by"] is None else EXIT_PREEMPTED

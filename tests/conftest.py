@@ -72,10 +72,20 @@ def run_deepspeed(args: list[str], ranks: int = 2, timeout: int = 600, env: dict
     deepspeed = Path(sys.executable).with_name("deepspeed")
     target = [script] if script else ["--module", "mdm_scale.cli"]
     cmd = [str(deepspeed), "--num_gpus", str(ranks), "--master_port", str(free_port()), *target, *args]
-    full_env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", **(env or {})}
-    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        full_env.pop(key, None)  # the launcher sets these per rank
+    full_env = process_env(**(env or {}))
     return subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+LAUNCH_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def process_env(**extra: str) -> dict[str, str]:
+    """The environment for a child process of its own: this one's on CPU, one thread, this interpreter's scripts
+    first on PATH, and without the rank variables that ``dist_env`` sets here (a child would try to join this
+    process's world on its port; a launcher sets its own); plus ``extra`` (which may set some of them)."""
+    env = {key: value for key, value in os.environ.items() if key not in LAUNCH_VARS}
+    path = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    return {**env, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PATH": path, **extra}
 
 
 def final_summary(stdout: str) -> dict:

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from conftest import tiny_overrides
 from mdm_scale.config.loader import load_config
-from mdm_scale.distributed.env import init_distributed
+from mdm_scale.distributed.env import init_distributed, shutdown_distributed
 from mdm_scale.models.safetensors_dir import SafetensorsDir
 from mdm_scale.training.metrics import quiet_third_party_logs
 from mdm_scale.training.trainer import Trainer
@@ -47,6 +47,7 @@ def main(out: Path, synth: Path, fixture: Path) -> None:
     loss, _ = trainer.train_step()
     torch.save({"reads": reads, "partitions": partitions, "weights": weights, "logits": logits,
                 "loss": float(loss)}, out / f"rank{env.rank}.pt")
+    shutdown_distributed()
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import torch
 
 from conftest import tiny_overrides
 from mdm_scale.config.loader import load_config
-from mdm_scale.distributed.env import init_distributed
+from mdm_scale.distributed.env import init_distributed, shutdown_distributed
 from mdm_scale.training.metrics import quiet_third_party_logs
 from mdm_scale.training.trainer import Trainer
 
@@ -63,6 +63,7 @@ def main(out: Path, synth: Path) -> None:
     resumed.fit()
     record["resumed_final"] = resumed.objective.t_sampler.state_dict()
     torch.save(record, out / f"rank{env.rank}.pt")
+    shutdown_distributed()
 
 
 if __name__ == "__main__":

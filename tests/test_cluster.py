@@ -23,7 +23,16 @@ from pathlib import Path
 import psutil
 import pytest
 
-from conftest import REPO, final_summary, free_port, read_scalars, run_deepspeed, skip_cluster_test, tiny_overrides
+from conftest import (
+    REPO,
+    final_summary,
+    free_port,
+    process_env,
+    read_scalars,
+    run_deepspeed,
+    skip_cluster_test,
+    tiny_overrides,
+)
 from mdm_scale.config.loader import load_config
 from mdm_scale.training.checkpoint import MANIFEST, CheckpointError
 from mdm_scale.training.trainer import Trainer
@@ -32,7 +41,6 @@ pytestmark = pytest.mark.distributed
 
 STEPS = 100
 RUN = {"train.max_steps": STEPS, "train.save_every": 25, "train.keep_last": 4, "train.lr_schedule": "cosine"}
-LAUNCH_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
 def train_args(synth: Path, out: Path, **extra) -> list[str]:
@@ -40,13 +48,6 @@ def train_args(synth: Path, out: Path, **extra) -> list[str]:
     for item in tiny_overrides(synth, out, **RUN, **extra):
         args += ["--set", item]
     return args
-
-
-def child_env(**extra) -> dict[str, str]:
-    """This environment without the launch variables set for this pytest process (one in-process rank; each
-    launch sets its own), plus ``extra`` (which may set some of them, e.g. MASTER_PORT)."""
-    env = {key: value for key, value in os.environ.items() if key not in LAUNCH_VARS}
-    return {**env, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", **extra}
 
 
 def end_point(summary: dict) -> tuple[float, float]:
@@ -99,7 +100,7 @@ def wait_for(condition, timeout: float, what: str):
 
 
 def submit(mode: str, log: Path, args: list[str], *sbatch_options: str) -> str:
-    env = child_env(MDM_LAUNCH=mode, MDM_RANKS_PER_NODE="2")
+    env = process_env(MDM_LAUNCH=mode, MDM_RANKS_PER_NODE="2")
     proc = subprocess.run(["sbatch", "--parsable", "--oversubscribe", f"--output={log}", *sbatch_options,
                            "launch/slurm/train.sbatch", *args], cwd=REPO, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
@@ -154,7 +155,7 @@ def mpirun() -> Path:
 def test_mpirun_discovery_and_kill_9_of_a_rank_then_resume(mpirun, synth_dir, tmp_path, reference):
     out = tmp_path / "run"
     cmd = [str(mpirun), "-np", "2", sys.executable, "-m", "mdm_scale.cli", "train", *train_args(synth_dir, out)]
-    env = child_env(MASTER_PORT=str(free_port()))
+    env = process_env(MASTER_PORT=str(free_port()))
     with (tmp_path / "killed.log").open("w") as log:
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
         first = out / "checkpoints" / "step_00000025" / MANIFEST
@@ -168,7 +169,7 @@ def test_mpirun_discovery_and_kill_9_of_a_rank_then_resume(mpirun, synth_dir, tm
     latest = (out / "checkpoints" / "latest").read_text().strip()
     assert int(latest.split("_")[1]) < STEPS, "the run finished before the kill"
 
-    proc = subprocess.run(cmd, cwd=REPO, env=child_env(MASTER_PORT=str(free_port())), capture_output=True,
+    proc = subprocess.run(cmd, cwd=REPO, env=process_env(MASTER_PORT=str(free_port())), capture_output=True,
                           text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert re.search(r"resumed from \S+step_000000\d\d at step \d+", proc.stdout), proc.stdout[-3000:]

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -14,18 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, final_summary, free_port, read_scalars, tiny_overrides
+from conftest import REPO, final_summary, free_port, process_env, read_scalars, tiny_overrides
 from mdm_scale.cli import main
-
-LAUNCH_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-
-
-def child_env(**extra) -> dict[str, str]:
-    """This environment for a fresh process (the pytest process is a one-rank world; a child sets up its own),
-    with this interpreter's scripts first on PATH."""
-    env = {key: value for key, value in os.environ.items() if key not in LAUNCH_VARS}
-    path = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    return {**env, "OMP_NUM_THREADS": "1", "PATH": path, **extra}
 
 
 @pytest.fixture
@@ -133,7 +122,7 @@ def test_train_exits_3_after_too_many_non_finite_steps(synth_dir, tmp_path, dist
 def test_sigterm_checkpoints_and_exits_75_then_the_same_command_resumes(synth_dir, tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "mdm_scale.cli", *train_argv(synth_dir, out, **{"train.max_steps": 500})]
-    env = child_env(MASTER_PORT=str(free_port()))
+    env = process_env(MASTER_PORT=str(free_port()))
     log = tmp_path / "train.log"
     with log.open("w") as sink:
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=sink, stderr=subprocess.STDOUT)
@@ -151,7 +140,7 @@ def test_sigterm_checkpoints_and_exits_75_then_the_same_command_resumes(synth_di
     assert (out / "checkpoints" / "latest").read_text().strip() == f"step_{step:08d}"
 
     cmd = [sys.executable, "-m", "mdm_scale.cli", *train_argv(synth_dir, out, **{"train.max_steps": step + 2})]
-    again = subprocess.run(cmd, cwd=REPO, env=child_env(MASTER_PORT=str(free_port())), capture_output=True,
+    again = subprocess.run(cmd, cwd=REPO, env=process_env(MASTER_PORT=str(free_port())), capture_output=True,
                            text=True, timeout=300)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert f"resumed from {out / 'checkpoints' / f'step_{step:08d}'} at step {step}" in again.stdout
@@ -163,7 +152,7 @@ def test_quickstart_script_trains_two_ranks_and_reports_the_held_out_loss(tmp_pa
     """``bash launch/quickstart.sh`` with its knobs for a test: the task in a temporary directory, setup skipped
     (this environment is set up), 3 steps, the usual quickstart model and 2 ZeRO-3 ranks."""
     data, out = tmp_path / "synth", tmp_path / "run"
-    env = child_env(QUICKSTART_DATA=str(data), QUICKSTART_SETUP="0", MASTER_PORT=str(free_port()))
+    env = process_env(QUICKSTART_DATA=str(data), QUICKSTART_SETUP="0", MASTER_PORT=str(free_port()))
     knobs = [f"train.output_dir={out}", "train.max_steps=3", "train.warmup_steps=0", "train.micro_batch_size=4",
              "train.eval_samples=16", "logging.progress_bar=never"]
     proc = subprocess.run(["bash", "launch/quickstart.sh", *[a for k in knobs for a in ("--set", k)]], cwd=REPO,

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, process_env
 from mdm_scale.experiments import harness as experiment_run
 from mdm_scale.experiments import methods as experiment_methods
 from mdm_scale.experiments import report
@@ -133,7 +133,7 @@ def test_micro_experiment_runs_end_to_end_and_resumes(synth_dir, tmp_path):
            "standard,standard 2x,mirror,Nonsense", "--seeds", "1,2", "--eval-data", str(eval_data), "--out",
            str(out), "--budget", "batch,rows", "--parallel", "2", "--eval-arg=--gen-length=40",
            "--eval-arg=--steps=4", "--eval-arg=--block-length=20"]
-    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
+    done = subprocess.run(cmd, cwd=REPO, env=process_env(), capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "Nonsense: not available (unknown method" in done.stdout
     assert "6 runs, 0 already finished, 6 to do" in done.stdout  # Standard 2x and MIRROR serve both protocols
@@ -174,7 +174,7 @@ def test_micro_experiment_runs_end_to_end_and_resumes(synth_dir, tmp_path):
     assert (out / "results.png").stat().st_size > 1000
     assert len((out / "runs" / "mirror" / "mb_4" / "seed_2" / "pred.jsonl").read_text().splitlines()) == 4
 
-    again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    again = subprocess.run(cmd, cwd=REPO, env=process_env(), capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and "6 runs, 6 already finished, 0 to do" in again.stdout
 
 
@@ -268,7 +268,8 @@ def test_init_fine_tunes_every_run_from_a_pretrained_directory(synth_dir, tmp_pa
                            "--methods",
                            "standard,arm", "--seeds", "5", "--init", str(init), "--eval-data", str(eval_data),
                            "--out", str(out), "--set", "train.max_steps=1", "--set", "train.lr=1e-6",
-                           "--eval-arg=--gen-length=8"], cwd=REPO, capture_output=True, text=True, timeout=600)
+                           "--eval-arg=--gen-length=8"], cwd=REPO, env=process_env(), capture_output=True,
+                          text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert f"arm: not available (--init {init} holds a bidirectional model; ARM needs a causal one" in done.stdout
     run = out / "runs" / "standard" / "mb_4" / "seed_5"  # micro_experiment: micro-batch 4

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import tiny_overrides
+from conftest import process_env, tiny_overrides
 from mdm_scale.config.loader import load_config
 from mdm_scale.models.loading import builtin_config
 from mdm_scale.models.lora import add_lora
@@ -129,8 +129,8 @@ def test_8b_config_is_refused_in_seconds_by_the_command_line(tmp_path):
     the data step (its data file does not exist, so a later stop would name that file instead)."""
     start = time.monotonic()
     proc = subprocess.run([sys.executable, "-m", "mdm_scale.cli", "train", "--config", "configs/pretrain_8b.yaml",
-                           "--set", f"train.output_dir={tmp_path / 'run'}"], cwd=REPO, capture_output=True,
-                          text=True, timeout=300)
+                           "--set", f"train.output_dir={tmp_path / 'run'}"], cwd=REPO, env=process_env(),
+                          capture_output=True, text=True, timeout=300)
     elapsed = time.monotonic() - start
     errors = [line for line in proc.stderr.splitlines() if line.startswith("mdm-scale: error:")]
     assert proc.returncode == 2, proc.stderr[-2000:]

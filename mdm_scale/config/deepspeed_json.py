@@ -102,8 +102,12 @@ def _zero_section(config: Config) -> dict[str, Any]:
     if t.zero_stage >= 1:
         zero.update(overlap_comm=True, contiguous_gradients=True, reduce_bucket_size=int(5e8))
     if t.zero_stage == 3:
+        # memory_efficient_linear (DeepSpeed's default: on) replaces torch.nn.functional.linear for the whole
+        # process with a function that keeps every linear layer's input for backward, also where the weight is
+        # frozen (LoRA's base layers), which torch's own linear does not: off, the activations are the ones the
+        # memory plan counts (tests/test_memory_plan.py) and nothing outside the engine is patched.
         zero.update(stage3_prefetch_bucket_size=int(5e8), stage3_param_persistence_threshold=int(1e5),
-                    stage3_gather_16bit_weights_on_model_save=False)
+                    stage3_gather_16bit_weights_on_model_save=False, memory_efficient_linear=False)
     if t.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
     if t.offload_params:

@@ -66,6 +66,14 @@ def init_distributed() -> DistEnv:
     return DistEnv(rank, world, local_rank, device)
 
 
+def shutdown_distributed() -> None:
+    """Wait for every rank, then tear the process group down: a process that exits with it alive can abort in
+    the backend's threads ("terminate called without an active exception") after its work is done."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)

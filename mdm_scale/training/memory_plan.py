@@ -266,8 +266,8 @@ def model_shape(cfg: Config, vocab_size: int, hf_config) -> ModelShape:
         if cfg.model.lora.rank:
             add_lora(model, cfg.model.lora, cfg.seed)
     config = model.config
-    d = config.hidden_size
-    heads = config.num_attention_heads
+    d = _config_value(config, "hidden_size", "d_model", "n_embd")
+    heads = _config_value(config, "num_attention_heads", "n_heads", "n_head")
     kv = getattr(config, "num_key_value_heads", None) or heads
     blocks = [m for m in model.modules() if isinstance(m, Block)] or _repeated_blocks(model)
     block = blocks[0] if blocks else model
@@ -281,7 +281,7 @@ def model_shape(cfg: Config, vocab_size: int, hf_config) -> ModelShape:
     return ModelShape(
         parameters=sum(p.numel() for p in model.parameters()),
         trainable=sum(p.numel() for p in model.parameters() if p.requires_grad),
-        layers=config.num_hidden_layers, hidden=d,
+        layers=_config_value(config, "num_hidden_layers", "n_layers", "n_layer"), hidden=d,
         intermediate=getattr(config, "intermediate_size", None) or 4 * d,
         kv_width=kv * (d // heads), heads=heads, vocab=config.vocab_size,
         largest_unit=max(units) if units else 0,
@@ -321,6 +321,16 @@ def _meta_model(cfg: Config, vocab_size: int, hf_config) -> nn.Module:
             return AutoModel.from_config(hf_config, trust_remote_code=remote)
     except Exception as err:  # any failure of another project's modelling code: no plan, not a failed run
         raise ModelNotCountable(f"{type(err).__name__}: {err}") from err
+
+
+def _config_value(config, *names: str) -> int:
+    """The first of ``names`` that ``config`` has (another project's config may name its width ``d_model``);
+    ModelNotCountable if it has none."""
+    for name in names:
+        value = getattr(config, name, None)
+        if isinstance(value, int):
+            return value
+    raise ModelNotCountable(f"its config ({type(config).__name__}) has none of {', '.join(names)}")
 
 
 def _repeated_blocks(model: nn.Module) -> list[nn.Module]:
