@@ -75,6 +75,10 @@ def test_activation_formula_equals_what_autograd_keeps(dtype, sets):
 H200 = Machine(int(140.4 * GIB), 125 * GIB, 1, "NVIDIA H200")
 
 
+LORA_8B = ["model.preset=8b", "model.overrides.head_chunk_tokens=4096", "model.lora.rank=16", "model.lora.alpha=32",
+           "model.lora.target_modules=[qkv_proj,o_proj,gate_up_proj,down_proj]"]
+
+
 @pytest.mark.parametrize("vocab, sets, measured_gib", [
     (32000, ["model.preset=1b", "train.micro_batch_size=8"], 43.9),
     (32000, ["model.preset=1b", "train.micro_batch_size=8", "train.zero_stage=2"], 40.8),
@@ -84,6 +88,8 @@ H200 = Machine(int(140.4 * GIB), 125 * GIB, 1, "NVIDIA H200")
     (32000, ["model.preset=1b", "train.micro_batch_size=16", "model.activation_checkpointing=true"], 24.7),
     (126464, ["model.preset=1b", "train.micro_batch_size=8"], 57.6),
     (126464, ["model.preset=8b", "train.micro_batch_size=2", "model.activation_checkpointing=true"], 128.2),
+    (126464, [*LORA_8B, "train.micro_batch_size=4"], 59.4),  # configs/llada_8b_lora.yaml at ZeRO-3, 2026-12-06
+    (126464, [*LORA_8B, "train.micro_batch_size=4", "model.activation_checkpointing=true"], 23.4),
 ])
 def test_plan_reproduces_the_measured_gpu_peaks(vocab, sets, measured_gib):
     """Peak allocated memory of docs/benchmarks.md (one H200 or H100, bf16, seq 2048, fused kernels, ZeRO-3
