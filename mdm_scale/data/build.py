@@ -15,13 +15,22 @@ from pathlib import Path
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from mdm_scale.config.schema import ConfigError, DataConfig, SourceConfig
-from mdm_scale.data.cache import ONE_PROCESS, Ranks, build_store, cache_root, cached_store, char_tokenizer, pretokenized
+from mdm_scale.data.cache import (
+    ONE_PROCESS,
+    Ranks,
+    build_store,
+    cache_root,
+    cached_store,
+    char_tokenizer,
+    pretokenized,
+    token_options,
+)
 from mdm_scale.data.examples import Concatenation, Examples, TokenBlocks, TokenizedData
 from mdm_scale.data.records import DataError, first_record, record_task
 from mdm_scale.data.sources import Source, resolve_source, resolve_sources
 from mdm_scale.data.store import Store
 from mdm_scale.data.stream import MixtureStream, largest_remainder
-from mdm_scale.data.tokenizer import load_tokenizer
+from mdm_scale.data.tokenizer import fingerprint, load_tokenizer
 
 
 @dataclass
@@ -58,12 +67,14 @@ def build_data(cfg: DataConfig, seed: int, tokenizer_dir: Path, ranks: Ranks = O
                           f"template")
     heldout = cfg.eval_fraction if not eval_sources else 0.0
     notes: list[str] = []
+    tokenizer_key = fingerprint(tokenizer)
 
     def store(source: Source, fraction: float) -> Store:
+        options = token_options(cfg, task, tokenizer_key, seed, fraction)
         if source.store is not None:
             notes.append(f"{source.name}: token store")
-            return pretokenized(source, task, tokenizer, cfg, seed, fraction)
-        found, note = cached_store(source, task, tokenizer, cfg, seed, fraction, ranks, root)
+            return pretokenized(source, options)
+        found, note = cached_store(source, task, tokenizer, cfg, seed, fraction, options, ranks, root)
         notes.append(note)
         return found
 
@@ -93,7 +104,8 @@ def tokenize_source(cfg: DataConfig, seed: int, path: str, out: Path, ranks: Ran
     tokenizer = char_tokenizer([source], task, cfg, ranks, None) if cfg.tokenizer == "char" else \
         load_tokenizer(cfg.tokenizer)
     start = time.perf_counter()
-    build_store(source, task, tokenizer, cfg, seed, cfg.eval_fraction, ranks, out)
+    options = token_options(cfg, task, fingerprint(tokenizer), seed, cfg.eval_fraction)
+    build_store(source, task, tokenizer, cfg, seed, cfg.eval_fraction, options, ranks, out)
     store = Store(out)
     return {"store": str(out), "task": task, "seconds": round(time.perf_counter() - start, 1),
             **{split: {k: store.index["splits"][split][k] for k in ("examples", "tokens")}

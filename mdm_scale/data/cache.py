@@ -63,7 +63,7 @@ from mdm_scale.data.records import (
 )
 from mdm_scale.data.sources import Source
 from mdm_scale.data.store import FORMAT, SPLITS, VERSION, ShardWriter, Store, publish, token_dtype
-from mdm_scale.data.tokenizer import build_char_tokenizer, fingerprint
+from mdm_scale.data.tokenizer import build_char_tokenizer
 from mdm_scale.distributed.env import DistEnv, all_gather_objects, barrier
 
 CACHE_ENV = "MDM_SCALE_DATA_CACHE"
@@ -97,10 +97,11 @@ def cache_root(cfg: DataConfig) -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mdm-scale" / "data"
 
 
-def token_options(cfg: DataConfig, task: str, tokenizer: PreTrainedTokenizerBase, seed: int, heldout: float
-                  ) -> dict:
-    """Everything besides the source that decides a store's tokens (see the module's docstring)."""
-    options = {"version": VERSION, "task": task, "tokenizer": fingerprint(tokenizer),
+def token_options(cfg: DataConfig, task: str, tokenizer_key: str, seed: int, heldout: float) -> dict:
+    """Everything besides the source that decides a store's tokens (see the module's docstring);
+    ``tokenizer_key``: ``tokenizer.fingerprint`` of the tokenizer (computed once per run: it hashes the whole
+    tokenizer)."""
+    options = {"version": VERSION, "task": task, "tokenizer": tokenizer_key,
                "data.on_bad_record": cfg.on_bad_record}
     if task == "sft":
         options.update({f"data.{k}": getattr(cfg, k) for k in ("seq_len", "response_eos_pad", "overlong",
@@ -116,21 +117,22 @@ def store_name(source: Source, options: dict) -> str:
 
 
 def cached_store(source: Source, task: str, tokenizer: PreTrainedTokenizerBase, cfg: DataConfig, seed: int,
-                 heldout: float, ranks: Ranks, root: Path) -> tuple[Store, str]:
-    """The source's store in the cache, built first if any rank lacks it; and a line saying which happened."""
-    target = root / store_name(source, token_options(cfg, task, tokenizer, seed, heldout))
+                 heldout: float, options: dict, ranks: Ranks, root: Path) -> tuple[Store, str]:
+    """The source's store in the cache (its name from ``options``, ``token_options``), built first if any rank
+    lacks it; and a line saying which happened."""
+    target = root / store_name(source, options)
     if not any(ranks.gather(not (target / "index.json").is_file())):
         return Store(target), f"{source.name}: cached {target}"
     start = time.perf_counter()
-    build_store(source, task, tokenizer, cfg, seed, heldout, ranks, target)
+    build_store(source, task, tokenizer, cfg, seed, heldout, options, ranks, target)
     return Store(target), f"{source.name}: tokenized into {target} in {time.perf_counter() - start:.1f} s"
 
 
-def pretokenized(source: Source, task: str, tokenizer: PreTrainedTokenizerBase, cfg: DataConfig, seed: int,
-                 heldout: float) -> Store:
-    """A source that is a token store, checked against the run: same task, tokenizer and token options."""
+def pretokenized(source: Source, wanted: dict) -> Store:
+    """A source that is a token store, checked against the run's ``token_options``: same task, tokenizer and
+    token options."""
     store = Store(source.store)
-    wanted, theirs = token_options(cfg, task, tokenizer, seed, heldout), store.index.get("options", {})
+    theirs = store.index.get("options", {})
     for key in sorted(set(wanted) | set(theirs)):
         if wanted.get(key) != theirs.get(key):
             raise DataError(f"{source.name}: the token store was made with {key} = {theirs.get(key)!r}, this run "
@@ -181,8 +183,9 @@ def held_out(seed: int, file: int, positions: list[int], fraction: float) -> np.
 
 
 def build_store(source: Source, task: str, tokenizer: PreTrainedTokenizerBase, cfg: DataConfig, seed: int,
-                heldout: float, ranks: Ranks, target: Path) -> None:
-    """Tokenize ``source`` into a store at ``target``, the work split over ``ranks`` (every rank calls this)."""
+                heldout: float, options: dict, ranks: Ranks, target: Path) -> None:
+    """Tokenize ``source`` into a store at ``target``, the work split over ``ranks`` (every rank calls this);
+    ``options``: ``token_options`` of these arguments, recorded in the store's index."""
     probe = target.parent / f".{target.name}.build-{ranks.gather(secrets.token_hex(8))[0]}"
     group = _file_system_group(probe, ranks)
     build = probe / f"group-{group[0]}"
@@ -205,7 +208,6 @@ def build_store(source: Source, task: str, tokenizer: PreTrainedTokenizerBase, c
     if leader:
         if cfg.tokenizer == "char":
             tokenizer.save_pretrained(str(build / "tokenizer"))
-        options = token_options(cfg, task, tokenizer, seed, heldout)
         index = {"format": FORMAT, "version": VERSION, "task": task, "dtype": token_dtype(len(tokenizer)),
                  "tokenizer": options["tokenizer"], "options": options, "key": store_name(source, options),
                  "source": [str(p) for p in source.files],

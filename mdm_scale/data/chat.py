@@ -66,7 +66,8 @@ class ChatRenderer:
                 [k for k, m in enumerate(messages) if m["role"] == "assistant"]
             spans = []
             for k in turns:
-                start, end = self.render(messages[:k], True), self.render(messages[:k + 1])
+                start = self.render(messages[:k], True)
+                end = text if k + 1 == len(messages) else self.render(messages[:k + 1])  # the whole: rendered
                 if not (text.startswith(start) and text.startswith(end) and len(start) <= len(end)):
                     return DataProblem(f"chat template not prefix-stable (the conversation up to message {k + 1} "
                                        f"does not render as the beginning of the whole; try data.chat_turns="

@@ -27,7 +27,6 @@ from pathlib import Path
 SFT_FIELDS = ("prompt", "response")
 PRETRAIN_FIELDS = ("text",)
 ROLES = ("system", "user", "assistant", "tool")
-FORMATS = ("jsonl", "parquet", "arrow")
 _BATCH_ROWS = 1024  # rows per pyarrow batch
 
 

@@ -137,12 +137,6 @@ class Store:
         self.task: str = self.index["task"]
         self.counts = Counter(self.index.get("counts", {}))
 
-    def has(self, split: str) -> bool:
-        return split in self.index["splits"]
-
-    def examples(self, split: str) -> int:
-        return self.index["splits"][split]["examples"]
-
     def split(self, split: str, seq_len: int) -> TokenizedData | TokenBlocks:
         shards = self.index["splits"][split]["shards"]
 

@@ -47,6 +47,7 @@ from mdm_scale.generation.sampler import Decoding, SamplingConfig
 from mdm_scale.models.configuration_mdm import MDMConfig
 from mdm_scale.models.modeling_mdm import MDMForMaskedDiffusion
 from tools.bench.common import sync_device
+from tools.bench.decode_accuracy import options
 
 MASK_ID = 3
 """[MASK] of the random model: one of the 4 special ids, which the random prompts never hold."""
@@ -68,12 +69,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def subjects(gen_length: int, block: int, threshold: float, k: int) -> dict[str, SamplingConfig]:
-    base = SamplingConfig(gen_length=gen_length, steps=gen_length, block_length=block)
-    fixed = replace(base, steps=gen_length // k)
-    fast = replace(base, threshold=threshold)
-    return {"current": base, "threshold": fast, "threshold+prefix": replace(fast, cache="prefix"),
-            "threshold+dual": replace(fast, cache="dual"), f"{k}/step": fixed,
-            f"{k}/step+prefix": replace(fixed, cache="prefix"), f"{k}/step+dual": replace(fixed, cache="dual")}
+    """``decode_accuracy.options`` (the fixed schedule, the threshold alone and with each cache), then the fixed
+    schedule at k tokens per forward, alone and with each cache."""
+    measured = options(gen_length, block, threshold)
+    fixed = replace(measured["current"], steps=gen_length // k)
+    return {**measured, f"{k}/step": fixed, f"{k}/step+prefix": replace(fixed, cache="prefix"),
+            f"{k}/step+dual": replace(fixed, cache="dual")}
 
 
 def random_model(preset: str, device: torch.device, dtype: torch.dtype) -> MDMForMaskedDiffusion:
