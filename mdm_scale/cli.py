@@ -79,12 +79,9 @@ def _tokenize(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.set)
     from mdm_scale.data.build import tokenize_source
     from mdm_scale.data.cache import Ranks
+    from mdm_scale.distributed.env import launched_or_single
 
-    ranks = Ranks()
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        from mdm_scale.distributed.env import init_distributed
-
-        ranks = Ranks.of(init_distributed())
+    ranks = Ranks.of(launched_or_single())
     summary = tokenize_source(config.data, config.seed, args.input, Path(args.out), ranks)
     if ranks.rank == 0:
         print(json.dumps(summary), flush=True)
@@ -111,8 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     data = commands.add_parser("data", help="data utilities").add_subparsers(dest="data_command", required=True)
     synth = data.add_parser("synth", help="write a synthetic reasoning task (train/eval JSONL)")
     synth.add_argument("--out", default="data/synth")
-    synth.add_argument("--family", default="arith",
-                       choices=["arith", "add", "sort", "count", "common", "missing", "minmax", "lookup"],
+    from mdm_scale.data.synthetic import FAMILIES  # no torch: the parser stays light
+
+    synth.add_argument("--family", default="arith", choices=list(FAMILIES),
                        help="arith: word problems; add: multi-digit +/-; sort: digits; count: a digit's "
                             "occurrences; common: the digits two lists share; missing: the digits a list lacks; "
                             "minmax: a list's smallest and largest digit; lookup: variable chains")

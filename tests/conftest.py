@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from mdm_scale.data.cache import CACHE_ENV
+from mdm_scale.distributed.discovery import LAUNCHER_VARS, free_port
 
 CLUSTER_SKIP_OPT_OUT = "MDM_ALLOW_CLUSTER_SKIP"
 """Set to 1 to let CI pass while a cluster test (SLURM, mpirun) cannot run; without it such a skip fails in CI."""
@@ -23,7 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 def data_cache(tmp_path_factory) -> Path:
     """The data cache (``data/cache.py``) of every test, and of the runs they launch: a temporary directory."""
     path = tmp_path_factory.mktemp("data_cache")
-    os.environ["MDM_SCALE_DATA_CACHE"] = str(path)
+    os.environ[CACHE_ENV] = str(path)
     return path
 
 
@@ -59,12 +61,6 @@ def tiny_overrides(synth: Path, out: Path, **extra) -> list[str]:
     return [f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in items.items()]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_deepspeed(args: list[str], ranks: int = 2, timeout: int = 600, env: dict | None = None,
                   script: str | None = None) -> subprocess.CompletedProcess:
     """``deepspeed --num_gpus N --module mdm_scale.cli ARGS`` (or ``SCRIPT ARGS``) on CPU; returns the finished
@@ -76,14 +72,11 @@ def run_deepspeed(args: list[str], ranks: int = 2, timeout: int = 600, env: dict
     return subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
 
 
-LAUNCH_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-
-
 def process_env(**extra: str) -> dict[str, str]:
     """The environment for a child process of its own: this one's on CPU, one thread, this interpreter's scripts
     first on PATH, and without the rank variables that ``dist_env`` sets here (a child would try to join this
     process's world on its port; a launcher sets its own); plus ``extra`` (which may set some of them)."""
-    env = {key: value for key, value in os.environ.items() if key not in LAUNCH_VARS}
+    env = {key: value for key, value in os.environ.items() if key not in LAUNCHER_VARS}
     path = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     return {**env, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PATH": path, **extra}
 

@@ -3,14 +3,13 @@ one-process runs that pick their own rendezvous port."""
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import sys
 
 import pytest
 
-from conftest import REPO, final_summary, tiny_overrides
+from conftest import REPO, final_summary, process_env, tiny_overrides
 from mdm_scale.cli import build_parser, main
 from mdm_scale.config.loader import load_config
 
@@ -47,9 +46,7 @@ def test_master_port_keeps_a_given_port_and_the_default_for_launched_jobs():
 def test_two_plain_runs_at_once_pick_their_own_free_ports(synth_dir, tmp_path):
     """Without a launcher and without MASTER_PORT, each one-process run rendezvous on a free port (no two runs
     on one machine fight over 29500)."""
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
-    env["OMP_NUM_THREADS"] = "1"
+    env = process_env()
     runs = [subprocess.Popen(
         [sys.executable, "-m", "mdm_scale.cli", "train", "--config", "configs/quickstart.yaml", "--set",
          *tiny_overrides(synth_dir, tmp_path / f"run{i}", **{"train.max_steps": 2, "train.save_every": 0})],

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from mdm_scale.training.checkpoint import MANIFEST, CheckpointError
-from mdm_scale.training.run_reader import MODULE_FILE, consolidated_state_dict, read_run
+from mdm_scale.training.optimizer.universal import MODEL_STATES
+from mdm_scale.training.run_reader import consolidated_state_dict, read_run
 
 
 def test_every_source_kind_gives_the_same_configuration_step_tokenizer_and_weights(tiny_export):
@@ -62,7 +63,7 @@ class _NotATensor:  # a pickled class: torch.load(weights_only=True) must refuse
 
 def _stage_0_checkpoint(step: Path, module: dict, **extra) -> None:
     step.mkdir(parents=True)
-    torch.save({"module": module, **extra}, step / MODULE_FILE)
+    torch.save({"module": module, **extra}, step / MODEL_STATES)
     (step / MANIFEST).write_text(json.dumps({"step": 1, "zero_stage": 0, "files": {}, "shapes": {}}))
 
 

@@ -54,11 +54,11 @@ def new_names(old: str) -> list[str]:
 
 class LegacyKeys:
     """Reads the old keys of one configuration's sources, in order (``upgrade`` for each source), and places the
-    kind fields once the kinds are known (``finish``). ``notes`` lists one line per old key read."""
+    kind fields once the kinds are known (``finish``). ``olds`` lists the old keys read, each once."""
 
     def __init__(self):
         self.kind_fields: dict[tuple[str, str], dict[str, Any]] = {}
-        self.notes: list[str] = []
+        self.olds: list[str] = []
 
     def upgrade(self, tree: dict[str, Any]) -> dict[str, Any]:
         """A copy of one source's mapping with its old ``variance`` keys replaced (the kind fields kept aside)."""
@@ -69,9 +69,8 @@ class LegacyKeys:
         variance = tree["variance"]
         for old in [key for key in variance if key in OLD_KEYS]:
             value = variance.pop(old)
-            note = f"config key 'variance.{old}' is deprecated: use {' and '.join(new_names(old))}"
-            if note not in self.notes:
-                self.notes.append(note)
+            if old not in self.olds:
+                self.olds.append(old)
             if old == "mirror":
                 if not (isinstance(value, bool) or value == "auto"):
                     raise ConfigError(f"config key 'variance.mirror' = {value!r}: expected true, false or auto "
@@ -104,13 +103,14 @@ class LegacyKeys:
 
     def warn(self, where: str | None = None) -> None:
         """One warning per old key; with ``where`` (a stored configuration), one line for all of them."""
-        if where is not None and self.notes:
-            olds = ", ".join(note.split("'")[1] for note in self.notes)
+        if where is not None and self.olds:
+            olds = ", ".join(f"variance.{old}" for old in self.olds)
             warnings.warn(f"{where}: read the deprecated keys {olds} under their new names (config/legacy.py)",
                           ConfigDeprecation, stacklevel=3)
             return
-        for note in self.notes:
-            warnings.warn(note, ConfigDeprecation, stacklevel=3)
+        for old in self.olds:
+            warnings.warn(f"config key 'variance.{old}' is deprecated: use {' and '.join(new_names(old))}",
+                          ConfigDeprecation, stacklevel=3)
 
 
 def upgrade_config(raw: dict[str, Any], where: str) -> dict[str, Any]:

@@ -81,9 +81,7 @@ class PiecewiseLinearDensity:
         """F(t), float64, on t's device: inside cell k, C_k + p_k x + s x^2 / 2 with x = t - k h and s the cell's
         slope. The node tables are copied to a device once per density (no copy per call)."""
         values, cdf = self._tables(t.device)
-        t = t.to(torch.float64).clamp(0.0, 1.0)
-        k = (t / self.h).floor().clamp(max=self.cells - 1).long()
-        x = t - k.to(torch.float64) * self.h
+        k, x = self._cell(t)
         p_k = values.index_select(0, k)
         slope = (values.index_select(0, k + 1) - p_k) / self.h
         return (cdf.index_select(0, k) + p_k * x + 0.5 * slope * x * x).clamp(0.0, 1.0)
@@ -93,10 +91,14 @@ class PiecewiseLinearDensity:
             self._device_tables = (self.values.to(device), self.cdf.to(device))
         return self._device_tables
 
-    def pdf(self, t: torch.Tensor) -> torch.Tensor:
+    def _cell(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The cell k of each t (clamped to [0, 1]; t = 1 in the last cell) and x = t - k h, float64."""
         t = t.to(torch.float64).clamp(0.0, 1.0)
         k = (t / self.h).floor().clamp(max=self.cells - 1).long()
-        x = t - k.to(torch.float64) * self.h
+        return k, t - k.to(torch.float64) * self.h
+
+    def pdf(self, t: torch.Tensor) -> torch.Tensor:
+        k, x = self._cell(t)
         left, right = self.values.index_select(0, k), self.values.index_select(0, k + 1)
         return left + (right - left) * (x / self.h)
 

@@ -66,6 +66,15 @@ def init_distributed() -> DistEnv:
     return DistEnv(rank, world, local_rank, device)
 
 
+def launched_or_single() -> DistEnv:
+    """A process group when launched with several ranks (``init_distributed``); one plain process otherwise, on
+    the first GPU if there is one (commands that also run without a launcher: eval, generate, tokenize)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return init_distributed()
+    device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    return DistEnv(0, 1, 0, device)
+
+
 def shutdown_distributed() -> None:
     """Wait for every rank, then tear the process group down: a process that exits with it alive can abort in
     the backend's threads ("terminate called without an active exception") after its work is done."""

@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -44,6 +43,7 @@ from pathlib import Path
 
 from mdm_scale.config.loader import load_config
 from mdm_scale.config.schema import ConfigError
+from mdm_scale.distributed.discovery import free_port
 from mdm_scale.experiments.methods import DOUBLED, availability, display, known, overrides, rows_per_sequence, slug
 from mdm_scale.experiments.report import write_report
 from mdm_scale.training.checkpoint import write_atomic
@@ -107,12 +107,6 @@ def pending(runs: list[Run], seeds: list[int]) -> list[Run]:
     """The unfinished runs, seed-major (every row's first seed, then every row's second, ...): an invocation cut
     short by a time limit leaves every row with some seeds rather than some rows with none."""
     return sorted((r for r in runs if not r.result_file.is_file()), key=lambda r: seeds.index(r.seed))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_env(threads: int) -> dict[str, str]:

@@ -18,7 +18,6 @@ still had a mask (``Decoding.row_forwards``): ``gen_length`` divided by it is th
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +26,7 @@ import torch.distributed as dist
 
 from mdm_scale.data.chat import split_for_eval
 from mdm_scale.data.records import DataError, check_messages
-from mdm_scale.distributed.env import DistEnv
+from mdm_scale.distributed.env import DistEnv, launched_or_single
 from mdm_scale.generation.answers import AnswerPattern, Score, normalize
 from mdm_scale.generation.model_source import GenerationModel, load_generation_model
 from mdm_scale.generation.sampler import Decoding, SamplingConfig, greedy_generate
@@ -87,16 +86,6 @@ def _prompt_and_response(record, where: str) -> tuple[str | list[dict], str | No
         raise DataError(f"{where}: expected an object with a non-empty string 'prompt', or 'messages'")
     response = record.get("response")
     return record["prompt"], response if isinstance(response, str) else None
-
-
-def generation_env() -> DistEnv:
-    """A process group when launched with several ranks; one plain process otherwise."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        from mdm_scale.distributed.env import init_distributed
-
-        return init_distributed()
-    device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
-    return DistEnv(0, 1, 0, device)
 
 
 def generate_predictions(gm: GenerationModel, prompts: list[str | list[dict]], sampling: SamplingConfig,
@@ -177,7 +166,7 @@ def run_generation(checkpoint: str, records: list[PromptRecord], out: str | None
                    ) -> dict | None:
     """Decode every record; with ``answers`` also score them. Rank 0 returns the summary line."""
     sampling.check()
-    env = generation_env()
+    env = launched_or_single()
     gm = load_generation_model(checkpoint, env.device, resolve_dtype(dtype, env.on_gpu), trust_remote_code)
     decoded = generate_predictions(gm, [r.prompt for r in records], sampling, batch_size, env)
     if decoded is None:

@@ -230,6 +230,3 @@ def enable_activation_checkpointing(model: nn.Module, blocks: int | None = None)
         model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
-def parameter_shapes(model: nn.Module) -> dict[str, list[int]]:
-    """Full (unpartitioned) shape of every parameter; identifies a model for checkpoint compatibility."""
-    return {name: list(getattr(p, "ds_shape", p.shape)) for name, p in model.named_parameters()}

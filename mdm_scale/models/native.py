@@ -36,7 +36,7 @@ from mdm_scale.models.formats import (
 )
 from mdm_scale.models.modeling_mdm import MDMForMaskedDiffusion
 from mdm_scale.models.safetensors_dir import SafetensorsDir
-from mdm_scale.models.zero3 import gathered_modules
+from mdm_scale.models.zero3 import gathered_modules, parameter_shapes
 
 GROWABLE = ("model.embed_tokens.weight", "lm_head.weight")
 """Parameters that may have more rows than the checkpoint's tensor (a [MASK] token added to the vocabulary)."""
@@ -91,7 +91,7 @@ def load_native(path: str | Path, config: MDMConfig, ds_config: dict | None = No
             model = MDMForMaskedDiffusion(config)
         model.to_empty(device="cpu")
         model.tie_weights()  # to_empty gives every parameter new storage, which unties a tied head
-    shapes = {name: list(getattr(p, "ds_shape", p.shape)) for name, p in model.named_parameters()}
+    shapes = parameter_shapes(model)
     _check_tensors(checkpoint, config, shapes)
     reads = not zero3 or not dist.is_initialized() or dist.get_rank() == 0
     with torch.no_grad():
@@ -106,10 +106,10 @@ def _check_tensors(checkpoint: SafetensorsDir, config: MDMConfig, shapes: dict[s
     """Every parameter's source tensors exist with fitting shapes, and no tensor of the checkpoint is left over
     (a tensor with nowhere to go means the config describes another network)."""
     fmt, where = config.source_format, checkpoint.directory
-    used = set()
+    used, names = set(), checkpoint.names()
     for name, shape in shapes.items():
         sources = source_names(fmt, name)
-        missing = [s for s in sources if s not in checkpoint.names()]
+        missing = [s for s in sources if s not in names]
         if missing:
             raise ConfigError(f"{where}: tensor {missing[0]!r} is missing (config.json describes a {fmt} model "
                               f"that needs it for {name})")
@@ -121,7 +121,7 @@ def _check_tensors(checkpoint: SafetensorsDir, config: MDMConfig, shapes: dict[s
             raise ConfigError(f"{checkpoint.file_of(sources[0])}: tensor shapes {got} of {list(sources)} do not fit "
                               f"{name} {shape} of the network config.json describes")
         used.update(sources)
-    extra = sorted(n for n in checkpoint.names() - used if not ignorable(fmt, n, config.tie_word_embeddings))
+    extra = sorted(n for n in names - used if not ignorable(fmt, n, config.tie_word_embeddings))
     if extra:
         raise ConfigError(f"{checkpoint.file_of(extra[0])}: tensor {extra[0]!r} (and {len(extra) - 1} more) has no "
                           f"place in the {fmt} network config.json describes")

@@ -16,6 +16,12 @@ from torch import nn
 from mdm_scale.models.modeling_mdm import Block
 
 
+def parameter_shapes(model: nn.Module) -> dict[str, list[int]]:
+    """Full (unpartitioned: ``ds_shape`` under ZeRO-3) shape of every parameter; identifies a model for
+    checkpoint compatibility."""
+    return {name: list(getattr(p, "ds_shape", p.shape)) for name, p in model.named_parameters()}
+
+
 def gathered_modules(model: nn.Module) -> Iterator[tuple[nn.Module, list[tuple[str, nn.Parameter]]]]:
     """Each module that owns parameters, with ``(name, parameter)`` of those not yielded before (a tied
     parameter comes once), gathered whole for the body of the loop (see the module docstring)."""

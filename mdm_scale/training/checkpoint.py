@@ -45,9 +45,8 @@ import zlib
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
-from mdm_scale.distributed.env import DistEnv, barrier, control_group
+from mdm_scale.distributed.env import DistEnv, all_gather_objects, barrier
 from mdm_scale.training.optimizer.adamw import match_step_types
 from mdm_scale.training.optimizer.groups import param_groups
 from mdm_scale.training.optimizer.universal import write_universal
@@ -219,11 +218,8 @@ class CheckpointManager:
         return sorted(n for n in names if _owner(n, self.env.world_size) == self.env.rank)
 
     def _gather(self, value) -> list:
-        if self.env.world_size == 1:
-            return [value]
-        out = [None] * self.env.world_size
-        dist.all_gather_object(out, value, group=control_group())
-        return out
+        # this manager's world, not the process group's: resolve_checkpoint reads as one rank inside a larger group
+        return [value] if self.env.world_size == 1 else all_gather_objects(value)
 
     # ---- loading ------------------------------------------------------------------------------------------
     def check_compatible(self, path: Path, shapes: dict[str, list[int]], global_batch: int | None) -> None:

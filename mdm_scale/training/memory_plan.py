@@ -75,7 +75,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from mdm_scale.config.deepspeed_json import build_deepspeed_config, choose_zero_stage, resolve_precision
+from mdm_scale.config.deepspeed_json import build_deepspeed_config, resolve_precision
 from mdm_scale.config.schema import Config, ConfigError
 
 GIB = 2**30
@@ -453,10 +453,9 @@ def estimate(cfg: Config, world_size: int, shape: ModelShape, machine: Machine, 
 
 def make_plan(cfg: Config, world_size: int, shape: ModelShape, machine: Machine, vocab_source: str = ""
               ) -> MemoryPlan:
-    """The plan for ``cfg`` (``train.zero_stage: auto`` resolved here, as the trainer runs it)."""
+    """The plan for ``cfg``, whose ``train.zero_stage`` is a number (the trainer resolves ``auto`` first:
+    ``training/zero_stage.py``)."""
     stage = cfg.train.zero_stage
-    if stage == "auto":
-        stage, _ = choose_zero_stage(shape.parameters, world_size, machine.device_bytes)
     return MemoryPlan(cfg, world_size, shape, machine, stage, estimate(cfg, world_size, shape, machine, stage),
                       vocab_source)
 

@@ -42,11 +42,11 @@ from mdm_scale.config.loader import from_dict
 from mdm_scale.config.schema import Config, ConfigError
 from mdm_scale.distributed.env import DistEnv, control_group
 from mdm_scale.training.checkpoint import MANIFEST, CheckpointError, check_shapes, rank_state, resolve_checkpoint
+from mdm_scale.training.optimizer.universal import MODEL_STATES
 
 EXPORT_INFO = "mdm_scale_export.json"
 """Written by ``mdm-scale export`` next to the weights: how prompts are encoded, the run's configuration and
 step, and the checkpoint the weights came from."""
-MODULE_FILE = "mp_rank_00_model_states.pt"
 
 
 def is_hf_dir(path: Path) -> bool:
@@ -182,7 +182,7 @@ def consolidated_state_dict(step_dir: Path) -> dict[str, torch.Tensor]:
     """Every parameter of checkpoint ``step_dir``, full size, fp32 (the rule of the module docstring)."""
     manifest = json.loads((step_dir / MANIFEST).read_text())
     if manifest.get("zero_stage", 0) == 0:
-        states = step_dir / MODULE_FILE
+        states = step_dir / MODEL_STATES
         if not states.is_file():
             raise CheckpointError(f"{step_dir}: {states.name} is missing")
         try:  # tensors and plain containers only: a checkpoint directory is never trusted to run code
@@ -205,9 +205,7 @@ def load_weights(model: nn.Module, state: dict[str, torch.Tensor] | None, source
     whole one is set on rank 0 and broadcast by ``deepspeed.initialize`` (the engine copies rank 0's parameters
     to every rank). Parameter names and shapes must match the model's exactly (checked on rank 0, raised on every
     rank). Buffers are left as built: those of the supported models are constants of their configuration."""
-    import deepspeed
-
-    from mdm_scale.models.loading import parameter_shapes
+    from mdm_scale.models.zero3 import gathered_modules, parameter_shapes
 
     problem = None
     if env.is_main:
@@ -223,9 +221,8 @@ def load_weights(model: nn.Module, state: dict[str, torch.Tensor] | None, source
         problem = box[0]
     if problem is not None:
         raise CheckpointError(problem)
-    for prefix, module in model.named_modules():
-        params = dict(module.named_parameters(prefix=prefix, recurse=False))
-        with deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=0), torch.no_grad():
+    with torch.no_grad():
+        for _, own in gathered_modules(model):
             if env.is_main:
-                for name, param in params.items():
+                for name, param in own:
                     param.data.copy_(state[name])

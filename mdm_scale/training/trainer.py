@@ -50,7 +50,8 @@ from mdm_scale.distributed.env import (
     init_distributed,
 )
 from mdm_scale.models.flops import flops_per_token
-from mdm_scale.models.loading import build_model, load_hf_config, parameter_shapes, resolve_mask_token_id
+from mdm_scale.models.loading import build_model, load_hf_config, resolve_mask_token_id
+from mdm_scale.models.zero3 import parameter_shapes
 from mdm_scale.training.checkpoint import CheckpointManager, load_rank_parts, write_atomic
 from mdm_scale.training.faults import NonFiniteGuard
 from mdm_scale.training.memory_plan import (

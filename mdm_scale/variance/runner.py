@@ -27,7 +27,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from mdm_scale.config.deepspeed_json import build_deepspeed_config
 from mdm_scale.config.methods import VARIANCE_DEFAULT
@@ -38,7 +37,7 @@ from mdm_scale.data.cache import Ranks
 from mdm_scale.data.examples import Examples
 from mdm_scale.data.loader import collate
 from mdm_scale.data.tokenizer import special_ids
-from mdm_scale.distributed.env import DistEnv, barrier, init_distributed
+from mdm_scale.distributed.env import DistEnv, all_gather_objects, barrier, init_distributed
 from mdm_scale.models.loading import build_model, load_hf_config, resolve_mask_token_id
 from mdm_scale.training.memory_plan import counted_parameters
 from mdm_scale.training.run_reader import RunSource, load_weights, read_run
@@ -195,11 +194,7 @@ class VarianceRun:
 
 def gather(result: MethodResult) -> MethodResult:
     """Every rank's units, sorted by unit, on every rank."""
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        parts = [None] * dist.get_world_size()
-        dist.all_gather_object(parts, result)
-    else:
-        parts = [result]
+    parts = all_gather_objects(result)
     return MethodResult(sorted((x for p in parts for x in p.loss), key=lambda x: x[0]),
                         sorted((x for p in parts for x in p.grad), key=lambda x: x[0]),
                         sorted(x for p in parts for x in p.curve), sorted(x for p in parts for x in p.samples))

@@ -23,7 +23,6 @@ import argparse
 import inspect
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -112,13 +111,9 @@ def worker(args: argparse.Namespace) -> dict:
             **{f"{k}_data_mb": (getattr(memory, k) - getattr(base, k)) / 2**20 for k in ("rss", "pss", "uss")}}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch(args: argparse.Namespace, attempt: int) -> list[dict]:
+    from mdm_scale.distributed.discovery import free_port
+
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
            "MDM_SCALE_DATA_CACHE": str(Path(args.work) / "cache"),
            "PYTHONPATH": os.pathsep.join(filter(None, [args.code, os.environ.get("PYTHONPATH")]))}

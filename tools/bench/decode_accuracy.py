@@ -30,10 +30,10 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+from mdm_scale.distributed.env import launched_or_single
 from mdm_scale.generation.answers import AnswerPattern
 from mdm_scale.generation.evaluate import (
     generate_predictions,
-    generation_env,
     read_prompt_records,
     resolve_dtype,
     score_predictions,
@@ -108,7 +108,7 @@ def main(argv=None) -> int:
             for cfg in options(gen, block, args.threshold).values():
                 cfg.check()
         plans.append((study, records, checkpoints))
-    env = generation_env()
+    env = launched_or_single()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "decode_accuracy.jsonl").write_text("")

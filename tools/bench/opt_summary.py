@@ -12,14 +12,14 @@ import sys
 from pathlib import Path
 
 from tools.bench.opt_profile import describe
+from tools.bench.throughput import parse_subject
 
 TARGET_OPT_MS, TARGET_MFU, TARGET_ZERO3 = 20.0, 0.63, 1.25
 
 
 def settings(subject: str) -> dict[str, str]:
     """``uniform[train.zero_stage=0;train.optimizer=fused]`` -> {"train.zero_stage": "0", ...}."""
-    _, _, rest = subject.partition("[")
-    return dict(item.split("=", 1) for item in rest.rstrip("]").split(";") if item)
+    return dict(item.split("=", 1) for item in parse_subject(subject)[1])
 
 
 def summarize(out: Path) -> str:

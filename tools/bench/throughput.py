@@ -354,11 +354,10 @@ def _unavailable(subject: str, args) -> str | None:
 
 def _launch(subject: str, args, timeout: float | None = None) -> dict:
     import signal
-    import socket
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    from mdm_scale.distributed.discovery import free_port
+
+    port = free_port()
     result = Path(tempfile.mkdtemp()) / "result.json"
     launcher = shutil.which("deepspeed") or str(Path(sys.executable).with_name("deepspeed"))
     cmd = [launcher, "--num_gpus", str(args.gpus), "--master_port",

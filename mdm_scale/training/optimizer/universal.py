@@ -26,6 +26,7 @@ import torch
 from mdm_scale.training.optimizer.flat_adamw import CLIP, INNER_STATE, MASTERS
 
 MODEL_STATES = "mp_rank_00_model_states.pt"
+"""DeepSpeed's file of the module's weights (whole at stage 0; ``training/run_reader.py`` reads it too)."""
 ZERO3_MODEL_STATES = "zero_pp_rank_0_mp_rank_00_model_states.pt"
 MOMENTS = ("exp_avg", "exp_avg_sq")
 
