@@ -92,6 +92,7 @@ import datetime, os, sys, numpy as np, torch, torch.distributed as dist
 from mdm_scale.config.variance import PPOTSConfig
 from mdm_scale.diffusion import ppots
 from mdm_scale.diffusion.epr import EPRFit
+from mdm_scale.distributed.env import shutdown_distributed
 rank = int(os.environ["RANK"])
 dist.init_process_group("gloo", rank=rank, world_size=2, timeout=datetime.timedelta(seconds=30))
 fit_epr = ppots.fit_epr
@@ -105,6 +106,7 @@ for step in (1, 2):
     record[step] = (sampler.density.values.clone(), sampler.refits)
     ppots.fit_epr = fit_epr
 torch.save(record, os.path.join(sys.argv[1], f"rank{rank}.pt"))
+shutdown_distributed()  # exiting with the group alive can abort in gloo's threads after the work is done
 """
 
 
