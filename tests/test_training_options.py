@@ -10,10 +10,12 @@ import pytest
 import torch
 
 from conftest import read_scalars, tiny_overrides
+from mdm_scale.config.errors import ConfigError
 from mdm_scale.config.loader import load_config
 from mdm_scale.models.configuration_mdm import MDMConfig
 from mdm_scale.models.loading import HFMaskedLMAdapter, enable_activation_checkpointing
 from mdm_scale.models.modeling_mdm import Block, MDMForMaskedDiffusion
+from mdm_scale.training.optimizer.engine import require_cpu_adam
 from mdm_scale.training.trainer import Trainer
 
 QUICKSTART = "configs/quickstart.yaml"
@@ -80,18 +82,51 @@ def test_activation_checkpointing_of_a_hugging_face_masked_lm(synth_dir):
 
 def test_cpu_offload_of_optimizer_and_parameters_trains_like_no_offload(synth_dir, tmp_path, dist_env):
     """ZeRO-3 with optimizer and parameter offload to CPU (DeepSpeed's CPU Adam) takes the same steps as the
-    plain run (torch AdamW) and the same path with activation checkpointing on."""
+    plain run (torch AdamW) and the same path with activation checkpointing on. Skipped, saying why, on a host
+    where DeepSpeed cannot compile its CPU Adam op (the next test covers the run's message there)."""
+    offload = {"train.offload_optimizer": True, "train.offload_params": True, "model.activation_checkpointing": True}
+    configs = {name: load_config([QUICKSTART], tiny_overrides(synth_dir, tmp_path / name, **extra,
+                                                              **{"train.max_steps": 4}))
+               for name, extra in (("plain", {}), ("offload", offload))}
+    try:
+        require_cpu_adam(configs["offload"])
+    except ConfigError as err:
+        pytest.skip(str(err))
     losses = {}
-    for name, extra in (("plain", {}), ("offload", {"train.offload_optimizer": True, "train.offload_params": True,
-                                                    "model.activation_checkpointing": True})):
-        trainer = Trainer(load_config([QUICKSTART], tiny_overrides(synth_dir, tmp_path / name, **extra,
-                                                                   **{"train.max_steps": 4})), dist_env)
+    for name, cfg in configs.items():
+        trainer = Trainer(cfg, dist_env)
         zero = trainer.engine.zero_optimization_stage(), trainer.engine.zero_cpu_offload()
         assert zero == (3, name == "offload")
         losses[name] = read_scalars(trainer.fit()["tensorboard_dir"], "train/loss")
     for step in range(1, 5):
         assert losses["offload"][step] == pytest.approx(losses["plain"][step], rel=1e-5), step
     assert losses["plain"][4] != pytest.approx(losses["plain"][1], rel=1e-2)  # the steps did change the model
+
+
+def test_optimizer_offload_stops_before_any_build_when_cpu_adam_does_not_compile(synth_dir, tmp_path, dist_env,
+                                                                               monkeypatch):
+    """A host where DeepSpeed's CPU Adam op does not compile (here a planted compiler error, as DeepSpeed issue
+    7556 reports for AVX-512 on some AMD hosts) stops an offloaded run before its data and model are built, with
+    one message naming the key and the compiler's error."""
+    from deepspeed.ops.op_builder import CPUAdamBuilder
+
+    compiler_output = ("Error building extension 'cpu_adam': [1/3] c++ -O3 -march=native -D__AVX512__ ...\n"
+                       "simd.h:51:34: error: inlining failed in call to 'always_inline' '_mm512_slli_epi32': "
+                       "target specific option mismatch\nninja: build stopped: subcommand failed.")
+
+    def does_not_compile(self, verbose=True):
+        raise RuntimeError(compiler_output)
+
+    def built_anyway(*args, **kwargs):
+        raise AssertionError("the data was built before the optimizer check")
+
+    monkeypatch.setattr(CPUAdamBuilder, "load", does_not_compile)
+    monkeypatch.setattr("mdm_scale.training.trainer.build_data", built_anyway)
+    cfg = load_config([QUICKSTART], tiny_overrides(synth_dir, tmp_path / "run", **{"train.offload_optimizer": True}))
+    with pytest.raises(ConfigError, match=r"^config key 'train.offload_optimizer' = True: DeepSpeed's CPU Adam op "
+                                          r"\(cpu_adam\) does not build on this host \(simd.h:51:34: error: inlining "
+                                          r"failed .* target specific option mismatch\)"):
+        Trainer(cfg, dist_env)
 
 
 def test_arm_baseline_trains_evaluates_and_has_only_data_variance(synth_dir, tmp_path, dist_env, capsys):

@@ -14,4 +14,4 @@ if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   bash tools/slurm_local.sh start || echo "test.sh: could not start SLURM; the SLURM test will skip"
 fi
 # pytest exits non-zero (5) when it collects no test, so an empty run fails too.
-python -m pytest -q -p no:cacheprovider "$@"
+python -m pytest -q -rs -p no:cacheprovider "$@"

@@ -11,6 +11,7 @@ import hashlib
 import os
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -53,6 +54,8 @@ def init_distributed() -> DistEnv:
     deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo", auto_mpi_discovery=True,
                                distributed_port=port, verbose=False)
     rank, world = dist.get_rank(), dist.get_world_size()
+    if not on_gpu:
+        release_cpu_allreduce_buffer(rank)
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
     if on_gpu:
         local_rank %= torch.cuda.device_count()  # srun --gpus-per-task=1 shows each task only its own GPU
@@ -64,6 +67,20 @@ def init_distributed() -> DistEnv:
         if "OMP_NUM_THREADS" not in os.environ:
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(local_world, 1)))
     return DistEnv(rank, world, local_rank, device)
+
+
+CPU_ALLREDUCE_BUFFER = "/dev/shm/deepspeed_allreduce_buffer_{uid}_{addr}_{port}_{rank}"
+"""The shared-memory buffer (~66 MB) that DeepSpeed's CPU accelerator maps for each rank when all ranks share one
+host (the ``deepspeed`` launcher sets LOCAL_SIZE); DeepSpeed never unlinks it."""
+
+
+def release_cpu_allreduce_buffer(rank: int) -> None:
+    """Unlink this rank's CPU all-reduce buffer once every rank has mapped its peers' (each has when DeepSpeed's
+    set-up returns; the barrier waits for all of them). The mappings stay valid and the memory is freed when the
+    processes exit; left linked, every CPU launch would keep its ranks' buffers in RAM (tmpfs) for good."""
+    barrier()
+    Path(CPU_ALLREDUCE_BUFFER.format(uid=os.getuid(), addr=os.environ.get("MASTER_ADDR", ""),
+                                     port=os.environ.get("MASTER_PORT", ""), rank=rank)).unlink(missing_ok=True)
 
 
 def launched_or_single() -> DistEnv:

@@ -65,7 +65,7 @@ from mdm_scale.training.memory_plan import (
     vocab_for_plan,
 )
 from mdm_scale.training.metrics import MetricLogger, Throughput
-from mdm_scale.training.optimizer.engine import initialize_engine
+from mdm_scale.training.optimizer.engine import initialize_engine, require_cpu_adam
 from mdm_scale.training.ppots_estimate import initial_fit
 from mdm_scale.training.preemption import StopRequest
 from mdm_scale.training.step_timer import NoTimer
@@ -94,6 +94,7 @@ class Trainer:
         self.cfg = cfg = resolve_zero_stage(cfg, None if counted is None else counted[0].parameters, self.env,
                                             self.info, self.checkpoints.saved_zero_stage(self.resume_from))
         self.plan = self._memory_plan(cfg, counted)
+        require_cpu_adam(cfg)
 
         self.data = data or build_data(cfg.data, cfg.seed, self.out / "tokenizer", Ranks.of(self.env))
         self.info(f"data: {self.data.summary()}")

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from mdm_scale.config.deepspeed_json import resolve_precision, uses_flat_adamw
+from mdm_scale.config.errors import ConfigError
 from mdm_scale.config.schema import Config
 from mdm_scale.training.lr_schedule import scheduler_factory
 from mdm_scale.training.optimizer.flat_adamw import FlatAdamW
@@ -22,6 +23,25 @@ from mdm_scale.training.optimizer.groups import param_groups
 from mdm_scale.training.optimizer.zero import use_fused_step
 
 PRECISION = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def require_cpu_adam(cfg: Config) -> None:
+    """With ``train.offload_optimizer`` the ZeRO optimizer steps on the host with DeepSpeed's CPU Adam, an op
+    DeepSpeed compiles on first use (about a minute, then cached). Load it now, before the data and the model are
+    built, so a host where it does not compile (no C++ compiler; CPU flags the compiler rejects, as in DeepSpeed
+    issue 7556) stops the run at once, with the compiler's first error, instead of when the engine is built."""
+    if not cfg.train.offload_optimizer:
+        return
+    from deepspeed.ops.op_builder import CPUAdamBuilder
+
+    try:
+        CPUAdamBuilder().load(verbose=False)
+    except Exception as err:  # torch's extension build raises RuntimeError with the compiler's output
+        lines = str(err).splitlines() or [repr(err)]
+        first = next((line.strip() for line in lines if "error:" in line), lines[0][:200])
+        raise ConfigError(f"config key 'train.offload_optimizer' = True: DeepSpeed's CPU Adam op (cpu_adam) does not "
+                          f"build on this host ({first}); fix the compiler set-up (`ds_report` lists the ops), or "
+                          f"train without optimizer offload (LoRA, more GPUs)") from err
 
 
 def initialize_engine(model: nn.Module, cfg: Config, ds_config: dict, on_gpu: bool):
