@@ -81,6 +81,13 @@ def process_env(**extra: str) -> dict[str, str]:
     return {**env, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PATH": path, **extra}
 
 
+def write_jsonl(path: str | Path, records: list) -> str:
+    """``records`` (mappings, or lines written as they are) as a JSON-lines file at ``path``; returns the path
+    as a string, as config values hold it."""
+    Path(path).write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records))
+    return str(path)
+
+
 def final_summary(stdout: str) -> dict:
     lines = [line for line in stdout.splitlines() if line.startswith('{"final"')]
     assert lines, f"no final summary in output:\n{stdout[-3000:]}"

@@ -3,13 +3,12 @@ names the problem and where it is (key, file and line, parameter), and leaves no
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
 import pytest
 
-from conftest import tiny_overrides
+from conftest import tiny_overrides, write_jsonl
 from mdm_scale.cli import main
 
 
@@ -26,11 +25,6 @@ def cli(overrides: list[str]) -> int:
     for item in overrides:
         argv += ["--set", item]
     return main(argv)
-
-
-def jsonl(path: Path, records: list) -> str:
-    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records))
-    return str(path)
 
 
 def no_mask_tokenizer(path: Path, synth: Path) -> str:
@@ -54,21 +48,20 @@ CASES = {
                          r"train.grad_accum \(1\) x world size \(1\) = 4"),
     "missing file": (lambda tmp, synth: {"data.train_file": str(tmp / "nope.jsonl")},
                      r"config key 'data.train_file': file not found: .*nope.jsonl"),
-    "malformed line": (lambda tmp, synth: {"data.train_file": jsonl(tmp / "t.jsonl", [GOOD, GOOD, '{"prompt": "x",'])},
-                       r"t.jsonl:3: not valid JSON"),
-    "empty response": (lambda tmp, synth: {"data.train_file": jsonl(tmp / "t.jsonl", [GOOD, {"prompt": "a",
-                                                                                          "response": " "}])},
-                       r"t.jsonl:2: empty response"),
-    "over-long prompt": (lambda tmp, synth: {"data.train_file": jsonl(tmp / "t.jsonl", [GOOD, {"prompt": "7" * 300,
-                                                                                            "response": "1"}])},
+    "malformed line": (lambda tmp, synth: {"data.train_file": write_jsonl(tmp / "t.jsonl", [
+        GOOD, GOOD, '{"prompt": "x",'])}, r"t.jsonl:3: not valid JSON"),
+    "empty response": (lambda tmp, synth: {"data.train_file": write_jsonl(tmp / "t.jsonl", [
+        GOOD, {"prompt": "a", "response": " "}])}, r"t.jsonl:2: empty response"),
+    "over-long prompt": (lambda tmp, synth: {"data.train_file": write_jsonl(tmp / "t.jsonl", [
+        GOOD, {"prompt": "7" * 300, "response": "1"}])},
                          r"t.jsonl:2: over-long prompt \(\d+ tokens leave no room for a response in "
                          r"data.seq_len=192\)"),
-    "chat without assistant turn": (lambda tmp, synth: {"data.train_file": jsonl(tmp / "t.jsonl", [CHAT, {
+    "chat without assistant turn": (lambda tmp, synth: {"data.train_file": write_jsonl(tmp / "t.jsonl", [CHAT, {
         "messages": [{"role": "user", "content": "1 + 1 ="}]}])}, r"t.jsonl:2: no assistant turn \(nothing to score\)"),
-    "chat with unknown role": (lambda tmp, synth: {"data.train_file": jsonl(tmp / "t.jsonl", [CHAT, {
+    "chat with unknown role": (lambda tmp, synth: {"data.train_file": write_jsonl(tmp / "t.jsonl", [CHAT, {
         "messages": [{"role": "human", "content": "1 + 1 ="}, {"role": "assistant", "content": "2"}]}])},
         r"t.jsonl:2: unknown role \(message 1: 'human'; roles are system, user, assistant, tool\)"),
-    "chat with non-string content": (lambda tmp, synth: {"data.train_file": jsonl(tmp / "t.jsonl", [CHAT, {
+    "chat with non-string content": (lambda tmp, synth: {"data.train_file": write_jsonl(tmp / "t.jsonl", [CHAT, {
         "messages": [{"role": "user", "content": ["1 + 1 ="]}, {"role": "assistant", "content": "2"}]}])},
         r"t.jsonl:2: content not a string \(message 1, user: list\)"),
     "mixture without every weight": (lambda tmp, synth: {"data.train_files": [

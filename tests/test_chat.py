@@ -4,7 +4,6 @@ file and line; evaluation prompts with the conversation up to its last assistant
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +12,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models
 from transformers import PreTrainedTokenizerFast
 
+from conftest import write_jsonl
 from mdm_scale.config.schema import DataConfig
 from mdm_scale.data.build import build_data
 from mdm_scale.data.dataset import encode_prompts
@@ -43,11 +43,6 @@ def chatml_tokenizer(path: Path, template: str = CHATML) -> str:
                                         mask_token="<|mask|>", unk_token="<|unk|>")
     tokenizer.chat_template = template
     tokenizer.save_pretrained(str(path))
-    return str(path)
-
-
-def write_jsonl(path: Path, records: list) -> str:
-    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records))
     return str(path)
 
 

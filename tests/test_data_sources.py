@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import write_jsonl
 from mdm_scale.config.loader import load_config
 from mdm_scale.config.schema import ConfigError, DataConfig, SourceConfig
 from mdm_scale.data import cache as data_cache
@@ -29,11 +30,6 @@ from mdm_scale.data.stream import MixtureStream, largest_remainder
 
 def records_of(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
-
-
-def write_jsonl(path: Path, records: list) -> Path:
-    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records))
-    return path
 
 
 def all_examples(data) -> list[tuple[list[int], list[bool]]]:

@@ -99,16 +99,15 @@ def test_export_merges_adapters_with_the_adapted_models_logits(synth_dir, tmp_pa
     run = tmp_path / "run"
     trainer(synth_dir, run, dist_env, **LORA, **{"train.max_steps": 4, "model.lora.modules_to_save": ["lm_head"]}
             ).fit()
-    adapted = load_generation_model(run, torch.device("cpu"), torch.float32).model
-    ids = torch.randint(4, len(load_generation_model(run, torch.device("cpu"), torch.float32).tokenizer), (2, 40))
+    loaded = load_generation_model(run, torch.device("cpu"), torch.float32)
+    ids = torch.randint(4, len(loaded.tokenizer), (2, 40))
     merged = MDMForMaskedDiffusion.from_pretrained(str(export_checkpoint(run, tmp_path / "hf")), dtype=torch.float32)
     assert not any("lora" in n or "base_layer" in n for n, _ in merged.named_parameters())
-    expected = _logits(adapted, ids)
-    base = load_generation_model(run, torch.device("cpu"), torch.float32).model
-    for module in base.modules():  # the adapters did move: without them the logits differ
+    expected = _logits(loaded.model, ids)
+    for module in loaded.model.modules():  # the adapters did move: without them the logits differ
         if hasattr(module, "lora_B"):
             module.lora_B["default"].weight.data.zero_()
-    assert not torch.allclose(_logits(base, ids), expected, atol=1e-3)
+    assert not torch.allclose(_logits(loaded.model, ids), expected, atol=1e-3)
     torch.testing.assert_close(_logits(merged.eval(), ids), expected, rtol=1e-5, atol=1e-5)
 
 

@@ -23,7 +23,7 @@ from analytic_mdm import MASK, PARAMS, W0, AnalyticMDM, exact_abc, midpoints, mo
 from mdm_scale.config.loader import load_config
 from mdm_scale.data.examples import TokenArray, TokenBlocks
 from mdm_scale.distributed.env import DistEnv
-from mdm_scale.variance.decomposition import Z_95, decompose, summarize_unit
+from mdm_scale.variance.decomposition import Z95, decompose, summarize_unit
 from mdm_scale.variance.methods import build_method
 from mdm_scale.variance.runner import Subject, ToolSettings, VarianceRun
 from mdm_scale.variance.sketch import GradientSketch
@@ -62,7 +62,7 @@ def assert_recovered(measured: dict, exact: dict, terms=("A", "B", "C", "total")
     """Every term within Z of the tool's SE; each ``powered`` term's tolerance below its exact value."""
     for term in terms:
         lo, hi = measured[f"{term}_ci95"] if term != "mean" else measured["mean_ci95"]
-        tolerance = Z * (hi - lo) / (2 * Z_95)
+        tolerance = Z * (hi - lo) / (2 * Z95)
         assert abs(measured[term] - exact[term]) <= tolerance + 1e-9, (term, measured[term], exact[term], tolerance)
         if term in powered:
             assert tolerance < abs(exact[term]), ("no power", term, exact[term], tolerance)
@@ -111,7 +111,7 @@ def test_tool_recovers_exact_loss_decomposition(tool_cfg, name):
     if name == "mirror":  # independent pairs would have half one mask's A: far outside the tolerance
         independent = exact_abc(exact_moments(False, False, t))["A"] / 2
         lo, hi = measured["A_ci95"]
-        assert abs(independent - exact["A"]) > 2 * Z * (hi - lo) / (2 * Z_95), (independent, exact["A"])
+        assert abs(independent - exact["A"]) > 2 * Z * (hi - lo) / (2 * Z95), (independent, exact["A"])
 
 
 def test_unbiased_methods_share_the_standard_mean_and_the_biased_ones_do_not():

@@ -176,9 +176,7 @@ def from_dict(cls: type, raw: Any, prefix: str = "") -> Any:
         key = prefix + name
         if _is_family(hint):
             values[name] = _choice(hint, raw[name], key, fields[name].default_factory().name)
-        elif dataclasses.is_dataclass(hint):
-            values[name] = from_dict(hint, raw[name], key + ".")
-        else:
+        else:  # a section, a list of sections or a plain value (``coerce``)
             values[name] = coerce(raw[name], hint, key)
     return cls(**values)
 

@@ -112,7 +112,7 @@ def token_options(cfg: DataConfig, task: str, tokenizer_key: str, seed: int, hel
 
 
 def store_name(source: Source, options: dict) -> str:
-    key = hashlib.sha256(json.dumps({"source": source.fingerprint(), "options": options}, sort_keys=True).encode())
+    key = hashlib.sha256(json.dumps({"source": source.fingerprint, "options": options}, sort_keys=True).encode())
     return f"{re.sub(r'[^A-Za-z0-9._-]', '_', Path(source.path).name)[:40]}-{key.hexdigest()[:20]}"
 
 
@@ -296,7 +296,7 @@ def char_tokenizer(sources: list[Source], task: str, cfg: DataConfig, ranks: Ran
                    ) -> PreTrainedTokenizerBase:
     """The character tokenizer of ``sources``' records (``tokenizer.build_char_tokenizer``): from the cache
     (``root``, keyed by the sources' fingerprints), or from one pass over the records split over the ranks."""
-    key = hashlib.sha256(json.dumps(["char", task, VERSION, [s.fingerprint() for s in sources]]).encode())
+    key = hashlib.sha256(json.dumps(["char", task, VERSION, [s.fingerprint for s in sources]]).encode())
     target = None if root is None else root / f"char-tokenizer-{key.hexdigest()[:20]}"
     if target is not None and all(ranks.gather((target / "tokenizer.json").is_file())):
         return AutoTokenizer.from_pretrained(str(target))

@@ -103,20 +103,17 @@ class RecordEncoder:
             if len(prompt) >= cfg.seq_len:
                 out.append(_overlong_prompt(len(prompt), cfg.seq_len))
                 continue
-            if cfg.response_eos_pad and len(response) > cfg.response_eos_pad:
-                if cfg.overlong == "drop":
-                    self.counts["dropped (response over data.response_eos_pad)"] += 1
+            if cfg.response_eos_pad:
+                kept = self._limit(len(response), cfg.response_eos_pad, "response over data.response_eos_pad")
+                if kept is None:
                     out.append([])
                     continue
-                self.counts["truncated (response over data.response_eos_pad)"] += 1
-                response = response[:cfg.response_eos_pad]
-            if len(prompt) + len(response) > cfg.seq_len:
-                if cfg.overlong == "drop":
-                    self.counts["dropped (over-long)"] += 1
-                    out.append([])
-                    continue
-                self.counts["truncated (over-long)"] += 1
-                response = response[:cfg.seq_len - len(prompt)]
+                response = response[:kept]
+            kept = self._limit(len(prompt) + len(response), cfg.seq_len, "over-long")
+            if kept is None:
+                out.append([])
+                continue
+            response = response[:kept - len(prompt)]
             scored = np.zeros(len(prompt) + len(response), dtype=bool)
             scored[len(prompt):] = True
             out.append([Encoded(prompt + response, scored)])
@@ -164,13 +161,17 @@ class RecordEncoder:
         first = int(np.argmax(scored)) if scored.any() else len(ids)
         if first >= cfg.seq_len:
             return _overlong_prompt(first, cfg.seq_len)
-        if len(ids) > cfg.seq_len:
-            if cfg.overlong == "drop":
-                self.counts["dropped (over-long)"] += 1
-                return None
-            self.counts["truncated (over-long)"] += 1
-            ids, scored = ids[:cfg.seq_len], scored[:cfg.seq_len]
-        return Encoded(ids, scored)
+        kept = self._limit(len(ids), cfg.seq_len, "over-long")
+        return None if kept is None else Encoded(ids[:kept], scored[:kept])
+
+    def _limit(self, length: int, limit: int, what: str) -> int | None:
+        """How many of ``length`` tokens to keep under ``limit``: all when they fit, else ``limit`` or none (the
+        sequence dropped) by ``data.overlong``; a cut or a drop is counted under ``what``."""
+        if length <= limit:
+            return length
+        drop = self.cfg.overlong == "drop"
+        self.counts[f"{'dropped' if drop else 'truncated'} ({what})"] += 1
+        return None if drop else limit
 
 
 def _overlong_prompt(tokens: int, seq_len: int) -> DataProblem:

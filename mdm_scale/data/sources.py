@@ -22,6 +22,7 @@ import glob
 import hashlib
 import json
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 from mdm_scale.config.schema import SourceConfig
@@ -48,7 +49,9 @@ class Source:
     def name(self) -> str:
         return f"{self.key} ({self.path})"
 
+    @cached_property
     def fingerprint(self) -> str:
+        """The files' formats, sizes, times and edge bytes, hashed once per resolved source (cache keys)."""
         h = hashlib.sha256()
         for path, fmt in zip(self.files, self.formats):
             h.update(json.dumps([fmt, *_file_fingerprint(path)]).encode())

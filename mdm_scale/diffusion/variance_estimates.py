@@ -71,7 +71,7 @@ import torch
 
 STRATA = 8
 MIN_EFFECTIVE = 2.0  # effective items a stratum needs (a variance needs two); fewer: merged with the next
-Z95 = 1.959964
+Z95 = 1.959963984540054  # the standard normal's 97.5% quantile: 95% two-sided intervals
 
 # Per-step sums of the training rows (``row_sums``): rows n, sum L, sum over units of (sum of the unit's L)^2,
 # sum over units of k_u (sum of the unit's L), sum over units of k_u^2 (k_u: rows of unit u).

@@ -169,10 +169,13 @@ class MemoryPlan:
     world_size: int
     shape: ModelShape
     machine: Machine
-    zero_stage: int
     estimate: Estimate
     vocab_source: str = ""
     """Where the vocabulary size came from (the tokenizer may be built only after the plan)."""
+
+    @property
+    def zero_stage(self) -> int:
+        return self.cfg.train.zero_stage
 
     @property
     def device_budget(self) -> int | None:
@@ -382,12 +385,12 @@ def activation_bytes_per_token(shape: ModelShape, e: int, on_gpu: bool, fused: b
     return bytes_
 
 
-def estimate(cfg: Config, world_size: int, shape: ModelShape, machine: Machine, zero_stage: int) -> Estimate:
+def estimate(cfg: Config, world_size: int, shape: ModelShape, machine: Machine) -> Estimate:
     on_gpu = machine.device_bytes is not None
     e = 2 if resolve_precision(cfg, on_gpu) == "bf16" else 4
     t = cfg.train
-    P, T, W, stage = shape.parameters, shape.trainable, world_size, zero_stage
-    zero = build_deepspeed_config(replace(cfg, train=replace(t, zero_stage=stage)), W, on_gpu)["zero_optimization"]
+    P, T, W, stage = shape.parameters, shape.trainable, world_size, t.zero_stage
+    zero = build_deepspeed_config(cfg, W, on_gpu)["zero_optimization"]
     offload_opt, offload_params = t.offload_optimizer and stage >= 1, t.offload_params and stage == 3
 
     weights = e * P // (W if stage == 3 else 1)
@@ -455,9 +458,7 @@ def make_plan(cfg: Config, world_size: int, shape: ModelShape, machine: Machine,
               ) -> MemoryPlan:
     """The plan for ``cfg``, whose ``train.zero_stage`` is a number (the trainer resolves ``auto`` first:
     ``training/zero_stage.py``)."""
-    stage = cfg.train.zero_stage
-    return MemoryPlan(cfg, world_size, shape, machine, stage, estimate(cfg, world_size, shape, machine, stage),
-                      vocab_source)
+    return MemoryPlan(cfg, world_size, shape, machine, estimate(cfg, world_size, shape, machine), vocab_source)
 
 
 # ---- fixes --------------------------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-Z_95 = 1.959963984540054
+from mdm_scale.diffusion.variance_estimates import Z95
 
 
 @dataclass
@@ -76,7 +76,7 @@ def decompose(units: list[UnitSummary], num_t: int, num_masks: int, group: int =
     for name, per_unit in terms.items():
         estimate, se = per_unit.mean() * group, per_unit.std(ddof=1) / np.sqrt(u) * group
         out[name] = float(estimate)
-        out[f"{name}_ci95"] = [float(estimate - Z_95 * se), float(estimate + Z_95 * se)]
+        out[f"{name}_ci95"] = [float(estimate - Z95 * se), float(estimate + Z95 * se)]
     gap = (terms["total"] - terms["direct"]) * group
     gap_se = gap.std(ddof=1) / np.sqrt(u)
     out["check"] = {"total_minus_direct": float(gap.mean()), "se": float(gap_se),
@@ -85,7 +85,7 @@ def decompose(units: list[UnitSummary], num_t: int, num_masks: int, group: int =
     if means.shape[1] == 1:  # a scalar (the loss): the estimator's mean, which shows a method's bias
         se = means[:, 0].std(ddof=1) / np.sqrt(u)
         out["mean"] = float(means[:, 0].mean())
-        out["mean_ci95"] = [out["mean"] - Z_95 * se, out["mean"] + Z_95 * se]
+        out["mean_ci95"] = [out["mean"] - Z95 * se, out["mean"] + Z95 * se]
     else:  # a vector (the sketched gradient): unbiased |E G|^2, the signal against which the noise counts
         out["mean_sq_norm"] = float((means.mean(0) ** 2).sum() - spread.mean() / u)
     return out

@@ -119,7 +119,7 @@ def build_subject(cfg: Config, env: DistEnv, source: RunSource | None) -> Subjec
     pad_id, _ = special_ids(data.tokenizer)
     hf_config = load_hf_config(cfg)
     mask_token_id = resolve_mask_token_id(cfg, data.tokenizer, hf_config)
-    parameters = counted_parameters(cfg, len(data.tokenizer), hf_config)
+    parameters = counted_parameters(cfg, len(data.tokenizer), hf_config) if cfg.train.zero_stage == "auto" else None
     cfg = resolve_zero_stage(cfg, parameters, env, lambda text: _info(env, text))
     ds_config = build_deepspeed_config(cfg, env.world_size, env.on_gpu)
     model = build_model(cfg, data.tokenizer, mask_token_id, hf_config, ds_config, cfg.seed)

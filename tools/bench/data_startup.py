@@ -82,13 +82,9 @@ def worker(args: argparse.Namespace) -> dict:
     extra = []
     if "ranks" in inspect.signature(build_data).parameters:  # this checkout: the ranks build together
         from mdm_scale.data.cache import Ranks
+        from mdm_scale.distributed.env import DistEnv
 
-        def gather(obj):
-            out = [None] * args.ranks
-            dist.all_gather_object(out, obj)
-            return out
-
-        extra = [Ranks(args.worker, args.ranks, gather, dist.barrier)]
+        extra = [Ranks.of(DistEnv(args.worker, args.ranks, args.worker, torch.device("cpu")))]
     dist.barrier()
     base = psutil.Process().memory_full_info()  # the process before any data: Python, torch, tokenizers
     start = time.perf_counter()

@@ -148,7 +148,6 @@ def main(argv=None) -> int:
     wanted = None if args.subjects is None else set(args.subjects.split(","))
     generator = torch.Generator().manual_seed(0)
     rows: list[dict] = []
-    failed = 0
     for batch in map(int, args.batches.split(",")):
         prompts = torch.randint(4, model.config.vocab_size, (batch, args.prompt), generator=generator).tolist()
         for gen_length in map(int, args.gen_lengths.split(",")):
@@ -161,7 +160,6 @@ def main(argv=None) -> int:
                 if wanted is not None and name not in wanted:
                     continue
                 result = guarded_decoding(model, prompts, cfg, device, args.seconds)
-                failed += "failed" in result
                 if name == "current":
                     current = result.get("tokens_per_s")
                 row = {"batch": batch, "gen_length": gen_length, "subject": name, **result,
@@ -178,6 +176,7 @@ def main(argv=None) -> int:
                 print(json.dumps({k: row[k] for k in ("batch", "gen_length", "subject", "tokens_per_s",
                                                           "vs_current", "forwards", "ms_per_forward", "blocks",
                                                           "peak_gib", "failed") if k in row}), flush=True)
+    failed = sum("failed" in row for row in rows)
     if failed:
         print(f"{failed} subject(s) failed (out of memory); see {out / 'decode_speed.md'}", file=sys.stderr)
     return 1 if failed else 0

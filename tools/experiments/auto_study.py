@@ -45,10 +45,10 @@ from pathlib import Path
 from mdm_scale.cli import build_parser
 from mdm_scale.config.schema import ConfigError
 from mdm_scale.data.synthetic import write_synthetic_task
+from mdm_scale.diffusion.variance_estimates import Z95
 from mdm_scale.experiments.harness import Run, execute, pending, plan, resolve_arguments
 from mdm_scale.experiments.methods import BASELINES
 from mdm_scale.experiments.report import run_scalars, write_report
-from mdm_scale.variance.decomposition import Z_95
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
 METHODS = ("standard", "standard 2x", "mirror", "auto")
@@ -110,7 +110,7 @@ def decisions(run: Run) -> list[dict]:
                                                    for tag in tags}}
         for name in RULE:
             if row.get(f"{name}_lo") is not None and row.get(f"{name}_hi") is not None:
-                row[f"{name}_se"] = (row[f"{name}_hi"] - row[f"{name}_lo"]) / (2 * Z_95)
+                row[f"{name}_se"] = (row[f"{name}_hi"] - row[f"{name}_lo"]) / (2 * Z95)
         rows.append(row)
     return rows
 
@@ -148,9 +148,9 @@ def plot_first_auto_run(out: Path, runs: list[Run], title: str) -> list[Path]:
     from mdm_scale.data.records import DataError
     from mdm_scale.variance.online_plot import plot_online_abc
 
-    for run in runs:
-        tensorboard = run.directory / "train" / "tensorboard"
-        if run.result_file.is_file() and tensorboard.is_dir():
+    for run in (run for run in runs if run.result_file.is_file()):
+        tensorboard = json.loads(run.result_file.read_text()).get("tensorboard_dir")
+        if tensorboard and Path(tensorboard).is_dir():
             try:
                 return [plot_online_abc(tensorboard, out / "online_abc.png", f"{title}, seed {run.seed}")]
             except (DataError, ImportError) as err:
