@@ -188,16 +188,13 @@ def test_auto_study_plans_equal_rows_first_and_collects_the_decisions(tmp_path):
 
     options = argparse.Namespace(seeds="7,8", rows=None, set=[], equal_batch=["minmax"], synth_train=40,
                                  synth_eval=8, eval_batch=8)
-    labels = {}
-    jobs = []
-    for name in ("sort", "minmax"):
-        args = auto_study.family_args(name, tmp_path, options)
-        entries = experiment_run.plan(args.methods, args.budget, args.micro, args.rows)
-        labels[name] = {(e.label, e.micro, e.rows) for e in entries}
-        jobs += [(run, args, "rows" not in e.protocols) for e in entries for run in e.runs(tmp_path / name, [7, 8])]
+    plans = {name: auto_study.family_args(name, tmp_path, options) for name in ("sort", "minmax")}
+    entries, todo = auto_study.study_jobs(plans, tmp_path, [7, 8])
+    labels = {name: {(e.label, e.micro, e.rows) for e in family} for name, family in entries.items()}
     equal_rows = {("Standard", 64, 64), ("auto", 64, 64), ("MIRROR 0.5x", 32, 64)}
     assert labels == {"sort": equal_rows, "minmax": equal_rows | {("MIRROR", 64, 128), ("Standard 2x", 128, 128)}}
-    order = [(run.method, run.micro, run.seed) for run, _, _ in auto_study.schedule(jobs, [7, 8])]
+    assert len(todo) == 2 * (3 + 5)  # every run of both seeds (none finished)
+    order = [(run.method, run.micro, run.seed) for run, _, _ in todo]
     assert order[-4:] == [("standard", 128, 7), ("mirror", 64, 7), ("standard", 128, 8), ("mirror", 64, 8)]
     assert (tmp_path / "minmax" / "data" / "eval.jsonl").is_file()
 

@@ -293,6 +293,26 @@ def test_decoding_saves_nothing_for_backward_whoever_calls_it(cache):
     assert forwards == 8 and saved == []
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+@pytest.mark.parametrize("options", [{"steps": 12}, {"threshold": 0.5}], ids=["fixed", "threshold"])
+def test_cuda_graph_decoding_replays_one_recorded_forward_and_decodes_what_eager_decoding_decodes(options):
+    """Padded prompts (an attention mask), sampled noise: the graphed sampler runs the model's Python forward
+    twice per batch (the warm-up and the recording) however many steps it takes, and its output equals the eager
+    sampler's exactly (a replay runs the recorded kernels on the buffers as they are at that step)."""
+    model = random_model(sharp=True).cuda()
+    calls = []
+    model.register_forward_pre_hook(lambda *_: calls.append(1))
+    cfg = SamplingConfig(gen_length=12, steps=12, block_length=4, temperature=1.0, seed=3)
+    cfg = replace(cfg, **options)
+    cuda = torch.device("cuda")
+    eager = sampler.diffusion_generate(model, PROMPTS, [4, 5, 6], MASK, PAD, cfg, cuda)
+    eager_forwards = len(calls)
+    calls.clear()
+    graphed = sampler.diffusion_generate(model, PROMPTS, [4, 5, 6], MASK, PAD, replace(cfg, cuda_graph=True), cuda)
+    assert eager_forwards >= 3 and len(calls) == 2
+    assert torch.equal(graphed, eager)
+
+
 def test_the_kv_cache_refuses_a_forward_with_autograd():
     """A cached forward that records a graph would keep it alive through the cache: a clear error instead."""
     with pytest.raises(ValueError, match=r"forwards without autograd: run them under torch.no_grad\(\)"):
@@ -317,6 +337,10 @@ def test_sampling_settings_are_checked():
         SamplingConfig(cache="full").check()
     with pytest.raises(GenerationError, match="--cache dual: KnownLogits has no cache-aware forward"):
         sampler.diffusion_generate(KnownLogits(1, [], []), [[5]], [0], MASK, PAD, SamplingConfig(cache="dual"), CPU)
+    with pytest.raises(GenerationError, match="--cuda-graph with --cache prefix: .* give one of them"):
+        SamplingConfig(cuda_graph=True, cache="prefix").check()
+    with pytest.raises(GenerationError, match="--cuda-graph needs a CUDA device; decoding runs on cpu"):
+        sampler.diffusion_generate(random_model(), [[5]], [0], MASK, PAD, SamplingConfig(cuda_graph=True), CPU)
 
 
 def test_generate_and_eval_read_the_fast_decoding_options(capsys):
@@ -329,6 +353,8 @@ def test_generate_and_eval_read_the_fast_decoding_options(capsys):
     assert _sampling(args) == SamplingConfig(gen_length=16, steps=16, block_length=4, threshold=0.9, cache="dual")
     args = build_parser().parse_args(["generate", *common, "--prompt", "a", "--cache", "prefix"])
     assert _sampling(args) == SamplingConfig(gen_length=16, steps=16, block_length=4, cache="prefix")
+    args = build_parser().parse_args(["generate", *common, "--prompt", "a", "--threshold", "0.9", "--cuda-graph"])
+    assert _sampling(args) == SamplingConfig(gen_length=16, steps=16, block_length=4, threshold=0.9, cuda_graph=True)
     capsys.readouterr()
     assert main(["generate", *common, "--prompt", "a", "--steps", "8", "--threshold", "0.9"]) == 2
     assert "--steps 8 and --threshold 0.9: give one" in capsys.readouterr().err  # before any model is loaded

@@ -111,6 +111,7 @@ def test_fast_decoding_model_args_reach_the_sampler(random_model_dir):
     lm = random_lm(random_model_dir, block_length=2, threshold=0.9, cache="dual")
     assert (lm.sampling.threshold, lm.sampling.cache, lm.sampling.block_length) == (0.9, "dual", 2)
     assert random_lm(random_model_dir, cache=None).sampling.cache == "none"  # lm-eval reads cache=none as None
+    assert random_lm(random_model_dir, threshold=0.9, cuda_graph=True).sampling.cuda_graph
     with pytest.raises(GenerationError, match="--steps 4 and --threshold 0.9: give one"):
         random_lm(random_model_dir, steps=4, threshold=0.9)
 

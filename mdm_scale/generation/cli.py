@@ -22,7 +22,7 @@ def _sampling(args: argparse.Namespace):
     from mdm_scale.generation.sampler import sampling_config
 
     return sampling_config(args.gen_length, args.steps, args.block_length, args.temperature, args.remasking,
-                           args.seed, args.threshold, args.cache)
+                           args.seed, args.threshold, args.cache, args.cuda_graph)
 
 
 def _answers(args: argparse.Namespace):
@@ -111,6 +111,10 @@ def _decoding(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cache", choices=["none", "prefix", "dual"], default="none",
                         help="fast decoding: approximate key/value cache of the positions before the block (prefix), "
                         "or before and after it (dual), refreshed at each block (built-in model only)")
+    parser.add_argument("--cuda-graph", action="store_true",
+                        help="fast decoding on a GPU: record each batch's forward once in a CUDA graph and replay it "
+                        "at every step (the same result without the per-kernel launch cost that bounds small "
+                        "batches; with --cache none)")
     parser.add_argument("--batch-size", type=int, default=64, help="prompts per forward on each rank")
     parser.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto",
                         help="auto: bf16 on GPU, fp32 on CPU")

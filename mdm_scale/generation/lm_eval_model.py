@@ -13,8 +13,9 @@ generating, Monte Carlo draws when scoring) and ``--device`` (its default ``cuda
 there is no GPU).
 
 - ``generate_until``: the project's LLaDA sampler (``sampler.py``) with ``gen_length``, ``steps``,
-  ``block_length``, ``temperature``, ``remasking``, ``seed`` and the fast-decoding options ``threshold`` and
-  ``cache`` (as ``--threshold`` and ``--cache`` of ``mdm-scale generate``), decoding exactly what ``mdm-scale generate``
+  ``block_length``, ``temperature``, ``remasking``, ``seed`` and the fast-decoding options ``threshold``,
+  ``cache`` and ``cuda_graph`` (as ``--threshold``, ``--cache`` and ``--cuda-graph`` of ``mdm-scale generate``),
+  decoding exactly what ``mdm-scale generate``
   decodes for the same prompts in the same order (the noise is keyed by the request's position), cut before the
   first of the task's ``until`` strings. The answer window is ``gen_length`` whatever the task's
   ``max_gen_toks``. ARM checkpoints decode greedily left to right.
@@ -94,7 +95,8 @@ class MDMScaleLM(LM):
 
     def __init__(self, pretrained: str, gen_length: int = 128, steps: int | None = None,
                  block_length: int | None = None, temperature: float = 0.0, remasking: str = "low_confidence",
-                 seed: int = 0, threshold: float | None = None, cache: str | None = "none", mc_num: int = 128,
+                 seed: int = 0, threshold: float | None = None, cache: str | None = "none",
+                 cuda_graph: bool = False, mc_num: int = 128,
                  check_greedy: bool = False, batch_size: int | str = 16, dtype: str = "auto",
                  trust_remote_code: bool = False, device: str | None = None):
         super().__init__()
@@ -105,7 +107,8 @@ class MDMScaleLM(LM):
         self.sampling = sampling_config(int(gen_length), int(steps) if steps else None,
                                         int(block_length) if block_length else None, float(temperature), remasking,
                                         int(seed), None if threshold is None else float(threshold),
-                                        cache or "none")  # lm-eval reads cache=none as None
+                                        cache or "none",  # lm-eval reads cache=none as None
+                                        bool(cuda_graph))
         self.mc_num, self.seed, self.check_greedy = int(mc_num), int(seed), bool(check_greedy)
         self.batch_size = int(batch_size)
         self._device = torch.device(device or "cuda")

@@ -25,7 +25,14 @@ Fast decoding (Fast-dLLM, Wu et al. 2025, arXiv 2505.22618), two options that co
   attending to the recorded keys and values elsewhere. For a model with a logit shift (``logit_shift``: logits at
   i come from the hidden state at i - 1) the slice starts one position earlier, at a - 1.
 
-With neither option the sampler is the fixed schedule above, bit for bit.
+and one that computes exactly the same thing faster, on a GPU:
+
+- ``cuda_graph``: the whole-sequence forward of every step is recorded once per batch in a CUDA graph and
+  replayed (``generation/cuda_graph.py``); at small batches a forward is bound by launching its kernels, which a
+  replay does in one launch. It needs a CUDA device and ``cache: none`` (the cached forwards change shape
+  at every block).
+
+With none of them the sampler is the fixed schedule above, bit for bit.
 
 Random numbers (Gumbel noise, random confidences) are keyed by (seed, sample index, step) with the counter hash
 of ``core/noise.py``, so a prompt decodes the same in any batch, on any rank and any number of ranks. The step of
@@ -47,6 +54,7 @@ from typing import Literal
 import torch
 
 from mdm_scale.core.noise import keyed_uniform
+from mdm_scale.generation.cuda_graph import GraphedCall
 from mdm_scale.models.kv_cache import KVCache
 from mdm_scale.models.modeling_mdm import MDMForMaskedDiffusion
 
@@ -78,6 +86,9 @@ class SamplingConfig:
     cache: Literal["none", "prefix", "dual"] = "none"
     """Block-wise approximate KV cache (``models/kv_cache.py``): ``prefix`` reuses the keys and values of the
     positions before the block, ``dual`` also those after it; both are recorded by each block's first forward."""
+    cuda_graph: bool = False
+    """Replay each step's forward from a CUDA graph recorded at the batch's first forward (``cuda_graph.py``): the
+    same kernels on the same buffers, without their launch cost. CUDA devices, ``cache: none`` only."""
 
     def check(self) -> None:
         if self.gen_length < 1:
@@ -100,18 +111,22 @@ class SamplingConfig:
                                       f"confidence), got {self.remasking}")
         if self.cache not in ("none", "prefix", "dual"):
             raise GenerationError(f"--cache {self.cache!r}: choose none, prefix or dual")
+        if self.cuda_graph and self.cache != "none":
+            raise GenerationError(f"--cuda-graph with --cache {self.cache}: a graph replays one forward of fixed "
+                                  f"shape and the cached forwards change shape at every block; give one of them")
 
 
 def sampling_config(gen_length: int, steps: int | None, block_length: int | None, temperature: float = 0.0,
                     remasking: str = "low_confidence", seed: int = 0, threshold: float | None = None,
-                    cache: str = "none") -> SamplingConfig:
+                    cache: str = "none", cuda_graph: bool = False) -> SamplingConfig:
     """The settings of ``generate``, ``eval`` and the lm-eval model, where unset ``steps`` and ``block_length``
     mean ``gen_length`` (one token per step, one block); ``steps`` and ``threshold`` exclude each other."""
     if steps is not None and threshold is not None:
         raise GenerationError(f"--steps {steps} and --threshold {threshold}: give one (the threshold decides how "
                               f"many steps a block takes)")
     cfg = SamplingConfig(gen_length=gen_length, steps=steps or gen_length, block_length=block_length or gen_length,
-                         temperature=temperature, remasking=remasking, seed=seed, threshold=threshold, cache=cache)
+                         temperature=temperature, remasking=remasking, seed=seed, threshold=threshold, cache=cache,
+                         cuda_graph=cuda_graph)
     cfg.check()
     return cfg
 
@@ -133,7 +148,6 @@ def left_pad(prompts: list[list[int]], width: int, pad_id: int) -> tuple[torch.T
     return ids, real
 
 
-@torch.no_grad()
 def diffusion_generate(model, prompts: list[list[int]], sample_index: list[int], mask_id: int, pad_id: int,
                        cfg: SamplingConfig, device: torch.device) -> torch.Tensor:
     """``(B, P + gen_length)``: the left-padded prompts (P = the longest prompt) followed by the decoded answer
@@ -153,6 +167,8 @@ class Decoding:
         if cfg.cache != "none" and not isinstance(model, MDMForMaskedDiffusion):
             raise GenerationError(f"--cache {cfg.cache}: {type(model).__name__} has no cache-aware forward (only the "
                                   f"built-in model class has one); use --cache none")
+        if cfg.cuda_graph and device.type != "cuda":
+            raise GenerationError(f"--cuda-graph needs a CUDA device; decoding runs on {device}")
         self.model, self.mask_id, self.cfg = model, mask_id, cfg
         self.width = max(len(p) for p in prompts)
         prompt_ids, real = left_pad(prompts, self.width, pad_id)
@@ -165,6 +181,9 @@ class Decoding:
         self.steps_per_block = cfg.steps // self.blocks
         self.shift = logit_shift(model)
         self.row_forwards = torch.zeros(batch, dtype=torch.int64, device=device)
+        self.full_logits = self._full_logits
+        if cfg.cuda_graph:  # reads self.x and self.attention_mask, which stay in place: x is written in place
+            self.full_logits = GraphedCall(self._full_logits, f"{type(model).__name__}'s forward")
 
     def run(self) -> torch.Tensor:
         """Decode every block; ``(B, P + gen_length)`` on the CPU, as ``diffusion_generate``."""
@@ -211,7 +230,7 @@ class Decoding:
         position earlier for a model whose logits at i come from its hidden state at i - 1 (``logit_shift``)."""
         end = start + self.cfg.block_length
         if cache is None:  # the fixed schedule's call as it always was; fp32 only for the block (B x block x V)
-            return self.model(input_ids=self.x, attention_mask=self.attention_mask).logits[:, start:end]
+            return self.full_logits()[:, start:end]
         if refresh:
             return self.model(input_ids=self.x, attention_mask=self.attention_mask, kv_cache=cache).logits[:, start:end]
         s = max(start - self.shift, 0)
@@ -219,6 +238,10 @@ class Decoding:
         logits = self.model(input_ids=self.x[:, s:e], attention_mask=self.attention_mask, kv_cache=cache,
                             query_start=s).logits
         return logits[:, start - s:end - s]
+
+    def _full_logits(self) -> torch.Tensor:
+        """``(B, L, V)`` logits of a forward of the whole buffer (eager, or recorded by ``GraphedCall``)."""
+        return self.model(input_ids=self.x, attention_mask=self.attention_mask).logits
 
 
 def threshold_choice(confidence: torch.Tensor, masked: torch.Tensor, threshold: float) -> torch.Tensor:

@@ -12,7 +12,9 @@ subject (all with blocks of ``--block``):
 - ``threshold``, ``threshold+prefix``, ``threshold+dual``: ``--threshold`` (0.9) without a cache, with the prefix
   cache, with the dual cache;
 - ``k/step``, ``k/step+prefix``, ``k/step+dual``: the fixed schedule with k = ``--tokens-per-step`` tokens per
-  forward (steps = gen length / k), without and with each cache.
+  forward (steps = gen length / k), without and with each cache;
+- on a GPU, ``current+graph``, ``threshold+graph``, ``k/step+graph``: the uncached subjects with ``cuda_graph``
+  (each batch's forward recorded once in a CUDA graph and replayed; the recording is inside the timed decoding).
 
 A random model is unsure of everything (its confidences are about 1/V), so the threshold subjects unmask one
 token per forward here: they measure what the caches save per forward, at the worst case of parallelism. A trained
@@ -68,13 +70,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def subjects(gen_length: int, block: int, threshold: float, k: int) -> dict[str, SamplingConfig]:
+def subjects(gen_length: int, block: int, threshold: float, k: int, graphs: bool) -> dict[str, SamplingConfig]:
     """``decode_accuracy.options`` (the fixed schedule, the threshold alone and with each cache), then the fixed
-    schedule at k tokens per forward, alone and with each cache."""
+    schedule at k tokens per forward, alone and with each cache; with ``graphs``, each uncached one of them
+    again with ``cuda_graph``."""
     measured = options(gen_length, block, threshold)
     fixed = replace(measured["current"], steps=gen_length // k)
-    return {**measured, f"{k}/step": fixed, f"{k}/step+prefix": replace(fixed, cache="prefix"),
-            f"{k}/step+dual": replace(fixed, cache="dual")}
+    chosen = {**measured, f"{k}/step": fixed, f"{k}/step+prefix": replace(fixed, cache="prefix"),
+              f"{k}/step+dual": replace(fixed, cache="dual")}
+    if graphs:
+        chosen |= {f"{name}+graph": replace(cfg, cuda_graph=True) for name, cfg in list(chosen.items())
+                   if cfg.cache == "none"}
+    return chosen
 
 
 def random_model(preset: str, device: torch.device, dtype: torch.dtype) -> MDMForMaskedDiffusion:
@@ -151,7 +158,7 @@ def main(argv=None) -> int:
     for batch in map(int, args.batches.split(",")):
         prompts = torch.randint(4, model.config.vocab_size, (batch, args.prompt), generator=generator).tolist()
         for gen_length in map(int, args.gen_lengths.split(",")):
-            configs = subjects(gen_length, args.block, args.threshold, args.tokens_per_step)
+            configs = subjects(gen_length, args.block, args.threshold, args.tokens_per_step, on_gpu)
             warm = SamplingConfig(gen_length=gen_length, steps=2 * gen_length // args.block, block_length=args.block)
             for cache in ("none", "prefix", "dual"):  # untimed: the first block's refresh and one cached step
                 guarded_decoding(model, prompts, replace(warm, cache=cache), device, 0.0)  # block 0 only
@@ -167,6 +174,7 @@ def main(argv=None) -> int:
                        else result["tokens_per_s"] / current,
                        "preset": args.preset, "prompt": args.prompt, "block": args.block,
                        "threshold": cfg.threshold, "cache": cfg.cache, "steps": cfg.steps,
+                       "cuda_graph": cfg.cuda_graph,
                        "device": torch.cuda.get_device_name() if on_gpu else "cpu",
                        "dtype": str(next(model.parameters()).dtype), "command": " ".join(sys.argv)}
                 rows.append(row)

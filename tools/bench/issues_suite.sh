@@ -14,6 +14,7 @@
 #           the threshold and the prefix / dual caches, and k tokens per forward, at batch 1 and 32 and answer
 #           lengths 256 and 1,024 (issue 28).
 #   PARTS=opt,decode bash tools/bench/run_gpu.sh bash tools/bench/issues_suite.sh OUT_DIR
+# OPT_SUBJECTS replaces part opt's subjects (throughput.py --subjects); DECODE_ARGS adds to decode_speed.py's.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 out=${1:-issues_out}
@@ -24,11 +25,12 @@ bench="python3 -m tools.bench.throughput --gpus 1"
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv > "$out/gpu.txt" 2>&1
 free -g >> "$out/gpu.txt" 2>&1
 z() { echo "$1[train.zero_stage=$2;train.optimizer=$3]"; }
+opt_subjects="plain,$(z uniform 0 fused),$(z uniform 3 fused),$(z uniform 0 deepspeed),$(z uniform 3 deepspeed)"
+opt_subjects+=",$(z llada 0 fused)"
 if [[ ",$parts," == *,opt,* ]]; then
   timeout "${OPT_S:-420}" $bench --preset 1b --seq-len 2048 --micro-batch 8 --warmup 3 --steps 6 --breakdown-steps 1 \
     --opt-profile-steps 2 --subject-timeout 100 --budget "${OPT_BUDGET:-300}" --jsonl "$out/results.jsonl" \
-    --checkpoint-dir "$ckpt/1b" --out "$out/opt" > "$out/log_opt.txt" 2>&1 --subjects \
-    "plain,$(z uniform 0 fused),$(z uniform 3 fused),$(z uniform 0 deepspeed),$(z uniform 3 deepspeed),$(z llada 0 fused)"
+    --checkpoint-dir "$ckpt/1b" --out "$out/opt" > "$out/log_opt.txt" 2>&1 --subjects "${OPT_SUBJECTS:-$opt_subjects}"
 fi
 if [[ ",$parts," == *,fit8b,* ]]; then
   timeout "${FIT_S:-400}" $bench --preset 8b --seq-len 2048 --micro-batch 4 --warmup 2 --steps 4 --breakdown-steps 0 \
@@ -36,7 +38,7 @@ if [[ ",$parts," == *,fit8b,* ]]; then
     --subjects "uniform,llada,uniform[model.activation_checkpointing=true]" > "$out/log_fit8b.txt" 2>&1
 fi
 if [[ ",$parts," == *,decode,* ]]; then
-  timeout "${DECODE_S:-200}" python3 -m tools.bench.decode_speed --seconds 4 --out "$out/decode" \
+  timeout "${DECODE_S:-200}" python3 -m tools.bench.decode_speed --seconds 4 --out "$out/decode" ${DECODE_ARGS:-} \
     > "$out/log_decode.txt" 2>&1
 fi
 cat "$out/gpu.txt"

@@ -158,11 +158,15 @@ def plot_first_auto_run(out: Path, runs: list[Run], title: str) -> list[Path]:
     return []
 
 
-def schedule(jobs: list[tuple[Run, argparse.Namespace, bool]], seeds: list[int]
-             ) -> list[tuple[Run, argparse.Namespace, bool]]:
-    """Equal-rows runs before equal-batch-only ones, then seed by seed, then the most rows first (``jobs``:
-    (run, its family's arguments, whether only the equal-batch protocol asks for it))."""
-    return sorted(jobs, key=lambda job: (job[2], seeds.index(job[0].seed), -job[0].micro))
+def study_jobs(plans: dict[str, argparse.Namespace], out: Path, seeds: list[int]
+               ) -> tuple[dict[str, list], list[tuple[Run, argparse.Namespace, bool]]]:
+    """Each family's planned rows (``plans``: its arguments) and the runs still to do, in order: equal-rows runs
+    before equal-batch-only ones, then seed by seed, then the most rows first (a job: the run, its family's
+    arguments, whether only the equal-batch protocol asks for it)."""
+    entries = {name: plan(args.methods, args.budget, args.micro, args.rows) for name, args in plans.items()}
+    jobs = [(run, plans[name], "rows" not in entry.protocols) for name in plans for entry in entries[name]
+            for run in pending(entry.runs(out / name, seeds), seeds)]
+    return entries, sorted(jobs, key=lambda job: (job[2], seeds.index(job[0].seed), -job[0].micro))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -191,11 +195,8 @@ def main(argv: list[str] | None = None) -> int:
         plans = {name: family_args(name, options.out, options) for name in names}
     except ConfigError as err:  # a bad --set or config: one line, before any run
         parser.error(str(err))
-    entries = {name: plan(args.methods, args.budget, args.micro, args.rows) for name, args in plans.items()}
     seeds = plans[names[0]].seeds
-    jobs = [(run, plans[name], "rows" not in entry.protocols) for name in names for entry in entries[name]
-            for run in pending(entry.runs(options.out / name, seeds), seeds)]
-    todo = schedule(jobs, seeds)
+    entries, todo = study_jobs(plans, options.out, seeds)
     print(f"{len(todo)} runs to do over {', '.join(names)} ({options.parallel} at a time)", flush=True)
     threads = max(1, (os.cpu_count() or 1) // options.parallel)
     failures, skipped = [], []
