@@ -103,6 +103,18 @@ def test_deepspeed_json_is_generated_and_passthrough_wins():
     assert gpu["bf16"]["enabled"] is True and gpu["optimizer"]["params"]["torch_adam"] is False
 
 
+def test_zero3_on_one_rank_keeps_every_parameter_gathered():
+    """One rank: every parameter persistent (its gathered form views its partition, so no memory is added); several
+    ranks or offloaded parameters: DeepSpeed's small-parameter threshold, so that the others are partitioned."""
+    def threshold(world_size: int, *sets: str) -> int:
+        cfg = load_config([QUICKSTART], ["train.zero_stage=3", *sets])
+        return build_deepspeed_config(cfg, world_size, on_gpu=True)["zero_optimization"][
+            "stage3_param_persistence_threshold"]
+
+    assert threshold(1) >= 2**62
+    assert threshold(2) == threshold(1, "train.offload_params=true") == 10**5
+
+
 def test_fused_optimizer_at_stage_0_runs_the_engine_in_fp32_mode_without_its_optimizer():
     """``FlatAdamW`` casts, clips and updates itself: the engine must neither wrap it (bf16 section off) nor
     clip (gradient_clipping 0) nor build its own (no optimizer section); at stages 1-3 the JSON is DeepSpeed's."""

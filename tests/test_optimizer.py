@@ -101,6 +101,28 @@ def test_fused_step_updates_parameters_as_torch_adamw(stage, dist_env):
     assert moved.pop("frozen.weight") == 0 and min(moved.values()) > 1e-3, moved  # the others moved
 
 
+def test_fused_stage3_step_on_one_rank_updates_the_gathered_parameters_in_place(dist_env):
+    """On one rank at ZeRO-3 every parameter is persistent (``config/deepspeed_json.py``) and, gathered, views its
+    own partition, so the fused step writes the parameters the next forward reads: from the second step on (the
+    first forward, which records DeepSpeed's module trace, releases some) it releases none before the update
+    (DeepSpeed's step releases all and gathers them again after it). The stage-3 case of the equivalence with
+    torch's AdamW above shows that the forwards read the new values."""
+    cfg = load_config([QUICKSTART], [f"{k}={v}" for k, v in {**TRAIN, "train.zero_stage": 3}.items()])
+    torch.manual_seed(0)
+    engine = initialize_engine(Toy(), cfg, build_deepspeed_config(cfg, world_size=1, on_gpu=False), on_gpu=False)
+    offload = engine.optimizer.parameter_offload
+    releases = []
+    release_all = offload.partition_all_parameters
+    offload.partition_all_parameters = lambda: (releases.append(engine.global_steps), release_all())
+    for x, y, scale in batches():
+        engine.backward(scale * engine(x, y))
+        engine.step()
+        assert engine.was_step_applied()
+        for p in engine.module.parameters():
+            assert p.ds_persist and p.data_ptr() == p.ds_tensor.data_ptr()
+    assert releases == [0]
+
+
 @pytest.mark.parametrize("stage", [2, 3])
 def test_fused_step_in_bf16_leaves_the_same_parameters_as_deepspeeds_step(stage, dist_env):
     """With bf16 parameters and gradients (DeepSpeed's bf16 mode, on CPU), the fused ZeRO step keeps fp32 master

@@ -9,6 +9,7 @@ cannot decay linearly to a floor). A ``scheduler`` section in ``deepspeed:`` rep
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 from mdm_scale.config.loader import deep_merge
@@ -33,9 +34,9 @@ def choose_zero_stage(parameters: int, world_size: int, device_bytes: int | None
     """``train.zero_stage: auto``: the fastest stage whose model states fit within half of the GPU's memory (the
     other half for activations and buffers), and the reason, for a model of ``parameters`` parameters.
 
-    On one GPU that is stage 0: stages 1-3 partition over one rank, which saves no memory and costs work (ZeRO-3
-    gathers every block's parameters around its forward and backward through per-module hooks; stages 1-2 add
-    gradient buckets; one H200, docs/benchmarks.md: stage 0 ahead of 2 by 3%, of 3 by 4%). On several GPUs it is
+    On one GPU that is stage 0: stages 1-3 partition over one rank, which saves no memory and costs work (gradient
+    buckets and, at ZeRO-3, per-parameter gradient hooks; one H100, docs/benchmarks.md: stage 0 ahead of 3 by 3%;
+    one H200: ahead of 2 by 3%). On several GPUs it is
     stage 2, which keeps the bf16 parameters whole on every rank (2 bytes each) and partitions gradients, fp32
     master weights and the two moments (16 bytes in all) over the ranks, N (2 + 16 / W) bytes per rank: it divides
     the optimizer step over the ranks for the communication of stage 0's all-reduce (reduce-scatter plus
@@ -75,7 +76,7 @@ def build_deepspeed_config(config: Config, world_size: int, on_gpu: bool) -> dic
         "steps_per_print": 10**9,  # mdm-scale logs itself
         "wall_clock_breakdown": False,
         "bf16": {"enabled": resolve_precision(config, on_gpu) == "bf16"},
-        "zero_optimization": _zero_section(config),
+        "zero_optimization": _zero_section(config, world_size),
         "optimizer": {
             "type": "AdamW",
             "params": {
@@ -96,7 +97,7 @@ def build_deepspeed_config(config: Config, world_size: int, on_gpu: bool) -> dic
     return deep_merge(ds, config.deepspeed)
 
 
-def _zero_section(config: Config) -> dict[str, Any]:
+def _zero_section(config: Config, world_size: int) -> dict[str, Any]:
     t = config.train
     zero: dict[str, Any] = {"stage": t.zero_stage}
     if t.zero_stage >= 1:
@@ -108,6 +109,12 @@ def _zero_section(config: Config) -> dict[str, Any]:
         # memory plan counts (tests/test_memory_plan.py) and nothing outside the engine is patched.
         zero.update(stage3_prefetch_bucket_size=int(5e8), stage3_param_persistence_threshold=int(1e5),
                     stage3_gather_16bit_weights_on_model_save=False, memory_efficient_linear=False)
+        if world_size == 1 and not t.offload_params:
+            # On one rank a gathered parameter is a view of its own partition (DeepSpeed's no-gather path), so
+            # keeping every parameter gathered ("persistent") costs no memory and skips the fetch and release
+            # bookkeeping of every block in forward and backward; the fused step then also skips releasing and
+            # re-gathering them around the update (training/optimizer/zero.py). docs/benchmarks.md measures it.
+            zero["stage3_param_persistence_threshold"] = sys.maxsize
     if t.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
     if t.offload_params:

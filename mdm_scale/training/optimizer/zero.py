@@ -19,8 +19,13 @@ partition is concatenated once (DeepSpeed keeps it as a list of views); at stage
 and is read in place.
 
 Stages 1-2 get a new ``step`` (the parts to fuse are inline in DeepSpeed's); stage 3 keeps DeepSpeed's ``step`` and
-gets five of the methods it calls, active only while that step runs. Offloaded optimizers and parameters, fp16 loss
-scaling, MoE and Muon are not covered (the schema refuses ``train.optimizer: fused`` with offload).
+gets five of the methods it calls, active only while that step runs. On one rank, where every parameter is
+persistent and views its own partition (``config/deepspeed_json.py``), the stage-3 step also skips DeepSpeed's
+release of every parameter before the update and its gather of the persistent ones after it: the update writes
+what the parameters view (10 ms of host time per step for the 1.1B model, docs/benchmarks.md).
+
+Offloaded optimizers and parameters, fp16 loss scaling, MoE and Muon are not covered (the schema refuses
+``train.optimizer: fused`` with offload).
 """
 
 from __future__ import annotations
@@ -95,7 +100,8 @@ def _fuse_stage3(opt) -> None:
     clip: list[float] = []
     original = {name: getattr(opt, name) for name in ("step", "_get_norm_groups", "_prepare_sub_group",
                                                       "unscale_and_clip_grads", "_optimizer_step",
-                                                      "_reassign_or_swap_out_partitioned_parameters")}
+                                                      "_reassign_or_swap_out_partitioned_parameters",
+                                                      "_partition_all_parameters", "persistent_parameters")}
 
     def norm_groups():
         grads.clear()
@@ -124,15 +130,32 @@ def _fuse_stage3(opt) -> None:
              "unscale_and_clip_grads": unscale_and_clip_grads, "_optimizer_step": optimizer_step,
              "_reassign_or_swap_out_partitioned_parameters": reassign}
 
+    one_rank = dist.get_world_size(group=opt.dp_process_group) == 1
+
     @wraps(original["step"])
     def step(closure=None):
-        for name, fn in fused.items():
-            setattr(opt, name, fn)
+        patches = dict(fused)
+        if one_rank and _updated_in_place(opt.module):
+            # DeepSpeed releases every parameter before the update and gathers the persistent ones after it; here
+            # each one views the partition that the update writes, so both would only cost host time.
+            patches.update(_partition_all_parameters=lambda: None, persistent_parameters=[])
+        for name, value in patches.items():
+            setattr(opt, name, value)
         try:
             return original["step"](closure)
         finally:
-            for name in fused:
+            for name in patches:
                 setattr(opt, name, original[name])
             grads.clear()
 
     opt.step = step
+
+
+def _updated_in_place(module: torch.nn.Module) -> bool:
+    """Whether every parameter of ``module`` is gathered, persistent and a view of its own partition: the case of
+    one rank with every parameter persistent (``config/deepspeed_json.py``), where DeepSpeed's gather is a view
+    (``NoGatherHandle``) and the update's write to the partition is the parameter's new value."""
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    return all(p.ds_persist and p.ds_status == ZeroParamStatus.AVAILABLE and p.data_ptr() == p.ds_tensor.data_ptr()
+               and p.numel() == p.ds_tensor.numel() for p in module.parameters())
