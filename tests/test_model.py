@@ -1,4 +1,4 @@
-"""The built-in model: Hugging Face save/load round trip, attention direction, padding, presets."""
+"""The built-in model: Hugging Face save/load round trip, attention direction, padding, presets, initial weights."""
 
 from __future__ import annotations
 
@@ -6,8 +6,13 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForMaskedLM
 
+from conftest import tiny_overrides
+from mdm_scale.config.deepspeed_json import build_deepspeed_config
+from mdm_scale.config.loader import load_config
 from mdm_scale.config.presets import PRESETS
+from mdm_scale.data.tokenizer import build_char_tokenizer
 from mdm_scale.models.configuration_mdm import MDMConfig
+from mdm_scale.models.loading import build_model
 from mdm_scale.models.modeling_mdm import MDMForMaskedDiffusion
 
 
@@ -114,3 +119,26 @@ def test_selective_checkpointing_recomputes_only_the_chosen_blocks_and_keeps_the
         calls.append(counts)
     assert calls == [[2, 2], [1, 1], [2, 1]]  # a recomputed block runs its forward twice
     assert torch.allclose(grads[0], grads[1], atol=1e-6) and torch.allclose(grads[2], grads[1], atol=1e-6)
+
+
+def test_a_zero3_build_has_the_initial_weights_of_a_stage0_build(synth_dir, dist_env):
+    """The initial weights come from the seed alone: ZeRO-3 builds the parameters partitioned on the accelerator
+    (on a GPU, in bf16; CUDA's generator would draw other numbers from the same seed) and initialises them there
+    module by module, yet gets the stage-0 build's values (built on the CPU), as the trainer builds both. On a CPU
+    host both are drawn on the CPU; the GPU run of this test is the one that sees the device (docs/testing.md)."""
+    import deepspeed
+
+    cfg = load_config(["configs/quickstart.yaml"], tiny_overrides(synth_dir, synth_dir / "unused"))
+    tokenizer = build_char_tokenizer(["abc"])
+
+    def build(stage: int) -> torch.nn.Module:
+        ds_config = build_deepspeed_config(cfg, dist_env.world_size, dist_env.on_gpu)
+        ds_config["zero_optimization"]["stage"] = stage
+        return build_model(cfg, tokenizer, tokenizer.mask_token_id, None, ds_config, seed=7)
+
+    zero3, stage0 = build(3), build(0)
+    assert all(hasattr(p, "ds_id") for p in zero3.parameters())
+    for (name, a), (_, b) in zip(zero3.named_parameters(), stage0.named_parameters(), strict=True):
+        with deepspeed.zero.GatheredParameters([a]):
+            assert a.device.type == ("cuda" if dist_env.on_gpu else "cpu"), name
+            assert torch.equal(a.detach().cpu(), b.detach().to(a.dtype)), name

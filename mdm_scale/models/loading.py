@@ -11,7 +11,8 @@ Four sources:
 
 Under ZeRO-3 the built-in model is constructed inside ``deepspeed.zero.Init`` and initialised (or, for a
 native checkpoint, loaded) module by module through ``GatheredParameters`` (rank 0's values are broadcast, so
-initial weights do not depend on the world size; ``zero3.py``); other Hugging Face models load through
+initial weights do not depend on the world size, ``zero3.py``; they are drawn on the CPU, so they do not depend on
+the ZeRO stage either, ``MDMPreTrainedModel._init_weights``); other Hugging Face models load through
 ``HfDeepSpeedConfig``, which makes ``from_pretrained`` partition as it loads. No process ever holds the whole
 model.
 """

@@ -182,9 +182,13 @@ class MDMPreTrainedModel(PreTrainedModel):
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
+        """N(0, initializer_range^2) weights, zero biases, unit norms. The normal draws are made on the CPU from
+        torch's default generator and copied to the parameter, wherever it lives: a seed then gives the same
+        weights at every ZeRO stage (ZeRO-3 builds the parameters on the GPU, whose generator draws other
+        numbers from the same seed)."""
         std = self.config.initializer_range
         if isinstance(module, (nn.Linear, nn.Embedding, MaskedLMHead)):
-            module.weight.data.normal_(0.0, std)
+            module.weight.data.copy_(torch.randn(module.weight.shape).mul_(std))
             if getattr(module, "bias", None) is not None:
                 module.bias.data.zero_()
         elif isinstance(module, RMSNorm):
