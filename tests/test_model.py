@@ -125,7 +125,8 @@ def test_a_zero3_build_has_the_initial_weights_of_a_stage0_build(synth_dir, dist
     """The initial weights come from the seed alone: ZeRO-3 builds the parameters partitioned on the accelerator
     (on a GPU, in bf16; CUDA's generator would draw other numbers from the same seed) and initialises them there
     module by module, yet gets the stage-0 build's values (built on the CPU), as the trainer builds both. On a CPU
-    host both are drawn on the CPU; the GPU run of this test is the one that sees the device (docs/testing.md)."""
+    host both are drawn on the CPU; the GPU run of this test (``DS_ACCELERATOR=cuda``, docs/testing.md) is the one
+    that sees the device."""
     import deepspeed
 
     cfg = load_config(["configs/quickstart.yaml"], tiny_overrides(synth_dir, synth_dir / "unused"))

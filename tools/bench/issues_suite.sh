@@ -29,7 +29,7 @@ opt_subjects="plain,$(z uniform 0 fused),$(z uniform 3 fused),$(z uniform 0 deep
 opt_subjects+=",$(z llada 0 fused)"
 if [[ ",$parts," == *,opt,* ]]; then
   timeout "${OPT_S:-420}" $bench --preset 1b --seq-len 2048 --micro-batch 8 --warmup 3 --steps 6 --breakdown-steps 1 \
-    --opt-profile-steps 2 --subject-timeout 100 --budget "${OPT_BUDGET:-300}" --jsonl "$out/results.jsonl" \
+    --opt-profile-steps 2 --subject-timeout 160 --budget "${OPT_BUDGET:-300}" --jsonl "$out/results.jsonl" \
     --checkpoint-dir "$ckpt/1b" --out "$out/opt" > "$out/log_opt.txt" 2>&1 --subjects "${OPT_SUBJECTS:-$opt_subjects}"
 fi
 if [[ ",$parts," == *,fit8b,* ]]; then

@@ -27,7 +27,7 @@ subjects=${SUBJECTS:-plain,$(z 0 fused),$(z 3 fused),$(z 0 deepspeed),$(z 3 deep
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv > "$out/gpu.txt" 2>&1
 timeout 60 python3 -m tools.bench.opt_check --preset "$preset" --out "$out/check.json" > "$out/log_check.txt" 2>&1
 timeout $((budget + 105)) python3 -m tools.bench.throughput --gpus 1 --preset "$preset" --seq-len "$seq" \
-  --micro-batch "$micro" --warmup 3 --steps 6 --breakdown-steps 1 --opt-profile-steps 2 --subject-timeout 100 \
+  --micro-batch "$micro" --warmup 3 --steps 6 --breakdown-steps 1 --opt-profile-steps 2 --subject-timeout 160 \
   --budget "$budget" --jsonl "$out/results.jsonl" --out "$out/b1" --subjects "$subjects" \
   > "$out/log_throughput.txt" 2>&1
 timeout 20 python3 -m tools.bench.opt_summary "$out"
