@@ -36,13 +36,12 @@ def choose_zero_stage(parameters: int, world_size: int, device_bytes: int | None
 
     On one GPU that is stage 0: stages 1-3 partition over one rank, which saves no memory and costs work (gradient
     buckets and, at ZeRO-3, per-parameter gradient hooks; one H100, docs/benchmarks.md: stage 0 ahead of 3 by 3%;
-    one H200: ahead of 2 by 3%). On several GPUs it is
-    stage 2, which keeps the bf16 parameters whole on every rank (2 bytes each) and partitions gradients, fp32
-    master weights and the two moments (16 bytes in all) over the ranks, N (2 + 16 / W) bytes per rank: it divides
-    the optimizer step over the ranks for the communication of stage 0's all-reduce (reduce-scatter plus
-    all-gather). When that does not fit, and on CPU (``device_bytes`` None), stage 3. A run resuming a checkpoint of
-    stage ``resumed_stage`` >= 1 does not move to stage 0, which cannot load ZeRO partitions (stage 2 instead when
-    it fits).
+    one H200: ahead of 2 by 3%). On several GPUs it is stage 2, which keeps the bf16 parameters whole on every rank
+    (2 bytes each) and partitions gradients, fp32 master weights and the two moments (16 bytes in all) over the
+    ranks, N (2 + 16 / W) bytes per rank: it divides the optimizer step over the ranks for the communication of
+    stage 0's all-reduce (reduce-scatter plus all-gather). When that does not fit, and on CPU (``device_bytes``
+    None), stage 3. A run resuming a checkpoint of stage ``resumed_stage`` >= 1 does not move to stage 0, which
+    cannot load ZeRO partitions (stage 2 instead when it fits).
     """
     if device_bytes is None:
         return 3, "no GPU: the CPU path uses stage 3"
